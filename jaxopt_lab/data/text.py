@@ -1,0 +1,268 @@
+"""Byte-level language-model corpus: Python's own documentation by default."""
+
+import ast
+import dataclasses
+import functools
+import importlib.util
+import os
+import tokenize
+from collections.abc import Iterator
+
+import numpy as np
+
+from jaxopt_lab.data._checks import check_choice, check_fraction, check_int
+
+# Pure-Python standard-library modules whose docstrings join the default
+# corpus (sorted; each must have a .py source file, or corpus building fails).
+CORPUS_MODULES = (
+    "base64", "bdb", "bisect", "calendar", "cmd", "code", "codeop", "colorsys",
+    "contextlib", "copy", "difflib", "fileinput", "fnmatch", "fractions", "getopt",
+    "gettext", "graphlib", "heapq", "hmac", "ipaddress", "json", "keyword",
+    "linecache", "mimetypes", "numbers", "pprint", "py_compile", "queue", "re",
+    "sched", "secrets", "shelve", "shlex", "statistics", "string", "textwrap",
+    "timeit", "traceback", "uuid", "wave",
+)  # fmt: skip
+
+TEXT_SPLITS = ("train", "val")
+_DEFS = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+def module_source_path(name: str) -> str:
+    """Path of a module's ``.py`` source, found without importing the module.
+
+    Args:
+      name: a top-level module name.
+
+    Returns:
+      The source file path; raises ``FileNotFoundError`` if there is none.
+    """
+    spec = importlib.util.find_spec(name)
+    origin = None if spec is None else spec.origin
+    if origin is None or not origin.endswith(".py") or not os.path.isfile(origin):
+        raise FileNotFoundError(
+            f"corpus module {name!r} has no Python source file (spec origin: {origin!r})"
+        )
+    return origin
+
+
+def _collect_docstrings(node: ast.AST, out: list[str]) -> None:
+    """Appends the docstrings of ``node`` and every def/class nested in its body."""
+    doc = ast.get_docstring(node)
+    if doc:
+        out.append(doc)
+    _collect_from_statements(node.body, out)
+
+
+def _collect_from_statements(statements: list[ast.stmt], out: list[str]) -> None:
+    # Defs can sit inside if/try/with/for/while/match blocks; walking only
+    # statement bodies (never expressions) is far cheaper than ast.walk.
+    for stmt in statements:
+        if isinstance(stmt, _DEFS):
+            _collect_docstrings(stmt, out)
+            continue
+        for field in ("body", "orelse", "finalbody"):
+            block = getattr(stmt, field, None)
+            if isinstance(block, list):
+                _collect_from_statements(block, out)
+        for part in [*getattr(stmt, "handlers", ()), *getattr(stmt, "cases", ())]:
+            _collect_from_statements(part.body, out)
+
+
+def source_docstrings(path: str) -> list[str]:
+    """Module, class and function docstrings of a Python source file, via ``ast``.
+
+    Args:
+      path: a ``.py`` file (it is parsed, never imported).
+
+    Returns:
+      The docstrings in source order (outer before nested), cleaned by
+      ``ast.get_docstring``.
+    """
+    with tokenize.open(path) as f:
+        tree = ast.parse(f.read(), filename=path)
+    out: list[str] = []
+    _collect_docstrings(tree, out)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def default_corpus_text() -> str:
+    """The default corpus: documentation text that ships with Python itself.
+
+    All ``pydoc_data.topics.topics`` entries in sorted-key order, then the
+    docstrings of every module in ``CORPUS_MODULES`` (in that sorted order),
+    read from their source files with ``ast``. Pieces are separated by blank
+    lines. Deterministic for a given Python installation.
+
+    Returns:
+      The corpus as one string.
+    """
+    from pydoc_data.topics import topics
+
+    pieces = [topics[key] for key in sorted(topics)]
+    for name in CORPUS_MODULES:
+        pieces.extend(source_docstrings(module_source_path(name)))
+    return "\n\n".join(pieces)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TextCorpus:
+    """A byte-level corpus split into contiguous train and validation bytes.
+
+    Attributes:
+      train: uint8 training bytes.
+      val: uint8 validation bytes.
+      context: window length (tokens per example).
+      name: a short name for logs and run directories.
+    """
+
+    train: np.ndarray
+    val: np.ndarray
+    context: int
+    name: str
+
+    def __post_init__(self):
+        check_int("context", self.context, 1)
+        for split in TEXT_SPLITS:
+            data = getattr(self, split)
+            if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 1:
+                raise ValueError(
+                    f"{split} must be a 1-D uint8 numpy array, got "
+                    f"{getattr(data, 'shape', None)} {getattr(data, 'dtype', type(data).__name__)}"
+                )
+            if data.shape[0] < self.context + 1:
+                raise ValueError(
+                    f"the {split} split has {data.shape[0]} bytes; one window of context="
+                    f"{self.context} needs at least {self.context + 1}"
+                )
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of distinct tokens: one per byte value."""
+        return 256
+
+    @property
+    def num_classes(self) -> int:
+        """Number of output classes of the next-byte prediction (= vocab size)."""
+        return 256
+
+    @property
+    def task(self) -> str:
+        """The task kind, ``"lm"`` (next-token prediction)."""
+        return "lm"
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one input example: ``(context,)`` token ids."""
+        return (self.context,)
+
+    def batch(self, step: int, batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """Random training windows for ``step``: a pure function of ``(seed, step)``.
+
+        Window starts are drawn uniformly (with replacement) from every start
+        ``s`` with ``s + context + 1 <= len(train)``, using
+        ``np.random.default_rng([seed, step])``.
+
+        Args:
+          step: non-negative batch number.
+          batch_size: windows per batch, at least 1.
+          seed: non-negative seed.
+
+        Returns:
+          ``(tokens, targets)``, int32 of shape ``(batch_size, context)``, with
+          ``targets[:, i] == train[start + i + 1]``, the byte after ``tokens[:, i]``.
+        """
+        step = check_int("step", step, 0)
+        batch_size = check_int("batch_size", batch_size, 1)
+        seed = check_int("seed", seed, 0)
+        num_starts = self.train.shape[0] - self.context
+        starts = np.random.default_rng([seed, step]).integers(0, num_starts, size=batch_size)
+        return self._windows(self.train, starts)
+
+    def _windows(self, data: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        idx = starts[:, None] + np.arange(self.context + 1)[None, :]
+        seq = data[idx].astype(np.int32)
+        return seq[:, :-1], seq[:, 1:]
+
+    def num_eval_windows(self, split: str = "val") -> int:
+        """Number of non-overlapping windows that ``eval_batches`` walks over.
+
+        Args:
+          split: ``"train"`` or ``"val"``.
+
+        Returns:
+          ``(len(split) - 1) // context``; the trailing bytes that do not fill a
+          window are not evaluated.
+        """
+        check_choice("split", split, TEXT_SPLITS)
+        return (getattr(self, split).shape[0] - 1) // self.context
+
+    def eval_batches(
+        self, batch_size: int, split: str = "val", max_batches: int | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Consecutive non-overlapping windows from the start of a split, in order.
+
+        Window ``w`` has tokens ``data[w*context : (w+1)*context]`` and targets
+        shifted by one byte. No randomness; the last batch may be smaller.
+
+        Args:
+          batch_size: windows per batch, at least 1.
+          split: ``"train"`` or ``"val"``.
+          max_batches: stop after this many batches (at least 1), or None for
+            every window.
+
+        Returns:
+          An iterator of int32 ``(tokens, targets)`` pairs. Arguments are
+          checked on the call, not on the first ``next``.
+        """
+        batch_size = check_int("batch_size", batch_size, 1)
+        num_windows = self.num_eval_windows(split)
+        if max_batches is not None:
+            max_batches = check_int("max_batches", max_batches, 1)
+        return self._eval_iter(getattr(self, split), num_windows, batch_size, max_batches)
+
+    def _eval_iter(self, data, num_windows, batch_size, max_batches):
+        num_batches = -(-num_windows // batch_size)
+        if max_batches is not None:
+            num_batches = min(num_batches, max_batches)
+        for b in range(num_batches):
+            first = b * batch_size
+            windows = np.arange(first, min(first + batch_size, num_windows))
+            yield self._windows(data, windows * self.context)
+
+
+def load_text(path: str | None = None, context: int = 64, val_fraction: float = 0.1) -> TextCorpus:
+    """A byte-level corpus: Python's bundled docs, or the bytes of a user's file.
+
+    Args:
+      path: optional text file; its raw bytes are the corpus. None uses
+        ``default_corpus_text()`` encoded as UTF-8.
+      context: window length, at least 1.
+      val_fraction: fraction of the bytes, taken from the END of the corpus
+        as one contiguous block, used for validation; in (0, 1). The split
+        point is ``len - round(val_fraction * len)``.
+
+    Returns:
+      A ``TextCorpus`` named ``"python_docs"`` or after the file.
+    """
+    context = check_int("context", context, 1)
+    val_fraction = check_fraction("val_fraction", val_fraction)
+    if path is None:
+        raw = default_corpus_text().encode("utf-8")
+        name = "python_docs"
+    else:
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"text file not found: {path!r}")
+        with open(path, "rb") as f:
+            raw = f.read()
+        name = os.path.splitext(os.path.basename(path))[0]
+    data = np.frombuffer(raw, dtype=np.uint8)
+    num_val = round(val_fraction * data.shape[0])
+    num_train = data.shape[0] - num_val
+    if min(num_train, num_val) < context + 1:
+        raise ValueError(
+            f"corpus of {data.shape[0]} bytes with val_fraction={val_fraction} gives {num_train} "
+            f"train and {num_val} val bytes; context={context} needs at least {context + 1} in each"
+        )
+    return TextCorpus(train=data[:num_train], val=data[num_train:], context=context, name=name)

@@ -1,0 +1,69 @@
+"""The ``jaxopt-lab`` command: run, resume, sweep and plot experiments."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jaxopt_lab.experiment.config import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaxopt-lab", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run an experiment config into RUN.out_dir/RUN.name")
+    r.add_argument("config", help="a TOML file (see experiments/)")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set method.learning_rate=1e-3 (repeatable)")
+    r.add_argument("--run-dir", default=None, help="write here instead of run.out_dir/run.name")
+
+    s = sub.add_parser("resume", help="continue a run from its last checkpoint")
+    s.add_argument("run_dir")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="only logging.* and checkpoint.* may change on resume")
+
+    w = sub.add_parser("sweep", help="run every point of a grid")
+    w.add_argument("config")
+    w.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
+                   help="a grid axis (repeatable; the grid is their Cartesian product)")
+    w.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    pl = sub.add_parser("plot", help="plot runs side by side")
+    pl.add_argument("run_dirs", nargs="+")
+    pl.add_argument("-o", "--out", required=True, help="output PNG path")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from jaxopt_lab.experiment import trainer
+
+    try:
+        if args.command == "run":
+            result = trainer.run(args.config, args.overrides, run_dir=args.run_dir)
+            _report(result)
+        elif args.command == "resume":
+            _report(trainer.resume(args.run_dir, args.overrides))
+        elif args.command == "sweep":
+            from jaxopt_lab.experiment.sweep import format_table, sweep
+
+            print(format_table(sweep(args.config, args.grid, args.overrides)))
+        elif args.command == "plot":
+            from jaxopt_lab.experiment.plot import plot_runs
+
+            print(plot_runs(args.run_dirs, args.out))
+    except (ConfigError, trainer.NonFiniteLossError, trainer.RunDirError, ValueError) as e:
+        print(f"jaxopt-lab {args.command}: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, (ConfigError, trainer.RunDirError)) else 1
+    return 0
+
+
+def _report(result) -> None:
+    final = result.final
+    shown = ", ".join(f"{k} {final[k]:.4f}" for k in ("loss", "eval_loss", "eval_accuracy") if k in final)
+    print(f"{result.run_dir}: step {final.get('step')}: {shown}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""Experiment configuration: a TOML file, validated before any compute.
+
+A config has seven sections::
+
+    [run]         name, seed, out_dir
+    [data]        name = a loader of ``jaxopt_lab.data.DATASETS`` + its keyword args
+    [model]       name = a model of ``jaxopt_lab.models.MODELS`` + its keyword args
+                  (``preset`` where the model has presets)
+    [method]      name = any jaxopt_lab transform or optax alias + its keyword args;
+                  a hyperparameter may be a schedule table
+                  ``{schedule = "cosine_decay_schedule", init_value = 1e-3, decay_steps = 500}``
+    [train]       steps, batch_size, grad_accum, eval_every, eval_batches
+    [checkpoint]  every, keep
+    [logging]     tensorboard, progress
+
+The fixed sections (run, train, checkpoint, logging) are typed dataclasses; the
+free sections (data, model, method) are checked against the signature of the
+callable they name. Any unknown section or key is a :class:`ConfigError` naming
+it (with the closest valid spelling).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import inspect
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import tomli_w
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be used; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    seed: int = 0
+    out_dir: str = "runs"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 32
+    grad_accum: int = 1  # micro-batches per optimizer step (optax.MultiSteps)
+    eval_every: int = 50  # 0: evaluate only after the last step
+    eval_batches: int = 0  # held-out batches per evaluation; 0: the whole split
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 100  # optimizer steps between checkpoints; 0: only the last step
+    keep: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    tensorboard: bool = True
+    progress: bool = True
+
+
+FIXED_SECTIONS: dict[str, type] = {
+    "run": RunConfig,
+    "train": TrainConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+}
+FREE_SECTIONS = ("data", "model", "method")
+SECTIONS = ("run", "data", "model", "method", "train", "checkpoint", "logging")
+
+# Keys whose change does not change the numbers a run produces: a resume may differ in these.
+RESUME_MAY_DIFFER = ("run.name", "run.out_dir", "checkpoint", "logging")
+
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+_POSITIVE = {
+    "train.steps", "train.batch_size", "train.grad_accum", "checkpoint.keep",
+}
+_NON_NEGATIVE = {"train.eval_every", "train.eval_batches", "checkpoint.every", "run.seed"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """A validated experiment config (see the module docstring for the schema)."""
+
+    run: RunConfig
+    data: dict[str, Any]
+    model: dict[str, Any]
+    method: dict[str, Any]
+    train: TrainConfig
+    checkpoint: CheckpointConfig
+    logging: LoggingConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for section in SECTIONS:
+            value = getattr(self, section)
+            out[section] = (
+                dataclasses.asdict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+            )
+        return out
+
+    def dumps(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+
+def _suggest(name: str, valid: Iterable[str]) -> str:
+    valid = sorted(valid)
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{hint}; valid: {', '.join(valid)}"
+
+
+def _check_type(key: str, value: Any, expected: type) -> Any:
+    if expected is bool:
+        ok = isinstance(value, bool)
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif expected is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, expected)
+    if not ok:
+        raise ConfigError(f"{key} must be {expected.__name__}, got {value!r}")
+    if key in _POSITIVE and value < 1:
+        raise ConfigError(f"{key} must be >= 1, got {value!r}")
+    if key in _NON_NEGATIVE and value < 0:
+        raise ConfigError(f"{key} must be >= 0, got {value!r}")
+    return value
+
+
+def _fixed_section(section: str, raw: Mapping[str, Any]) -> Any:
+    cls = FIXED_SECTIONS[section]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ConfigError(f"unknown config key {section}.{key}{_suggest(key, fields)}")
+        values[key] = _check_type(f"{section}.{key}", value, _TYPES[fields[key].type])
+    return cls(**values)
+
+
+def signature_params(fn: Callable) -> dict[str, inspect.Parameter]:
+    """Keyword parameters a config may set for ``fn`` (no *args, **kwargs or rngs)."""
+    params = inspect.signature(fn).parameters
+    return {
+        n: p
+        for n, p in params.items()
+        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and n not in ("self", "rngs")
+    }
+
+
+def check_kwargs(section: str, fn: Callable, kwargs: Mapping[str, Any], extra: Iterable[str] = ()) -> None:
+    """Raise ConfigError for a key of ``kwargs`` that ``fn`` does not take."""
+    valid = set(signature_params(fn)) | set(extra)
+    for key in kwargs:
+        if key not in valid:
+            raise ConfigError(
+                f"unknown config key {section}.{key} for {getattr(fn, '__name__', fn)}"
+                f"{_suggest(key, valid)}"
+            )
+
+
+def from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
+    """Validate a nested dict (as read from TOML) into an ExperimentConfig.
+
+    Checks sections, keys and types. The free sections are checked against
+    their callables by :func:`jaxopt_lab.experiment.build.resolve` (which the
+    trainer calls before any compute).
+    """
+    for section in raw:
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section [{section}]{_suggest(section, SECTIONS)}")
+    values: dict[str, Any] = {}
+    for section in FIXED_SECTIONS:
+        body = raw.get(section, {})
+        if not isinstance(body, Mapping):
+            raise ConfigError(f"[{section}] must be a table, got {body!r}")
+        values[section] = _fixed_section(section, body)
+    for section in FREE_SECTIONS:
+        body = raw.get(section)
+        if not isinstance(body, Mapping):
+            raise ConfigError(f"config needs a [{section}] table with a name")
+        if not isinstance(body.get("name"), str):
+            raise ConfigError(f"{section}.name must be a string, got {body.get('name')!r}")
+        values[section] = copy.deepcopy(dict(body))
+    cfg = ExperimentConfig(**values)
+    if cfg.train.batch_size % cfg.train.grad_accum:
+        raise ConfigError(
+            f"train.batch_size ({cfg.train.batch_size}) must be divisible by "
+            f"train.grad_accum ({cfg.train.grad_accum})"
+        )
+    return cfg
+
+
+def parse_value(text: str) -> Any:
+    """Parse a command-line value as TOML (``3e-4``, ``true``, ``[1, 2]``), else a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` (or ``section.key.sub=value``) overrides to a raw config."""
+    out = copy.deepcopy(dict(raw))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        path, text = item.split("=", 1)
+        keys = path.strip().split(".")
+        if len(keys) < 2 or not all(keys):
+            raise ConfigError(f"override key {path!r} must look like section.key")
+        node = out
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {path!r}: {key} is not a table")
+        node[keys[-1]] = parse_value(text.strip())
+    return out
+
+
+def load(path: str, overrides: Iterable[str] = ()) -> ExperimentConfig:
+    """Read a TOML config file, apply overrides, validate."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    return from_dict(apply_overrides(raw, overrides))
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def differing_keys(a: Mapping[str, Any], b: Mapping[str, Any], ignore: Iterable[str] = ()) -> list[str]:
+    """Dotted keys whose values differ between two nested configs (``ignore``: key prefixes)."""
+    fa, fb = flatten(a), flatten(b)
+    ignore = tuple(ignore)
+
+    def ignored(key: str) -> bool:
+        return any(key == p or key.startswith(p + ".") for p in ignore)
+
+    return sorted(k for k in set(fa) | set(fb) if not ignored(k) and fa.get(k, "<absent>") != fb.get(k, "<absent>"))

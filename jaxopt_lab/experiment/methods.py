@@ -1,0 +1,95 @@
+"""The method registry: ``method.name`` is any jaxopt_lab transform or optax alias.
+
+Lookup order: the flat ``jaxopt_lab`` namespace (our transforms), then
+``optax`` (``adamw``, ``sgd``, ``lion``, ...), then ``optax.contrib``
+(``muon``, ``galore``, ...). Any hyperparameter may be given as a schedule
+table ``{schedule = "<optax schedule>", ...its args}``; it is built with the
+same optax function and checked against its signature.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import optax
+from optax import contrib as optax_contrib
+
+from jaxopt_lab.experiment.config import ConfigError, check_kwargs
+
+def _namespaces() -> list[tuple[str, Any]]:
+    import jaxopt_lab
+
+    return [("jaxopt_lab", jaxopt_lab), ("optax", optax), ("optax.contrib", optax_contrib)]
+
+
+def _is_transform_factory(obj: Any) -> bool:
+    return callable(obj) and inspect.isfunction(obj) and not inspect.isclass(obj)
+
+
+def available_methods() -> dict[str, str]:
+    """Every name ``method.name`` accepts, mapped to the namespace it comes from."""
+    out: dict[str, str] = {}
+    for label, module in _namespaces():
+        for name in dir(module):
+            if name.startswith("_") or name in out:
+                continue
+            if _is_transform_factory(getattr(module, name)):
+                out[name] = label
+    return out
+
+
+def resolve_method(name: str) -> Callable[..., optax.GradientTransformation]:
+    """The factory that ``method.name = name`` refers to (see module docstring)."""
+    for _, module in _namespaces():
+        obj = getattr(module, name, None)
+        if obj is not None and _is_transform_factory(obj) and not name.startswith("_"):
+            return obj
+    close = difflib.get_close_matches(name, list(available_methods()), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ConfigError(
+        f"unknown method.name {name!r}: not a jaxopt_lab transform nor an optax alias{hint}"
+    )
+
+
+def build_schedule(key: str, spec: Mapping[str, Any]) -> optax.Schedule:
+    """Build ``{schedule = "warmup_cosine_decay_schedule", ...}`` into an optax schedule."""
+    kwargs = dict(spec)
+    name = kwargs.pop("schedule")
+    fn = getattr(optax, name, None) if isinstance(name, str) else None
+    if fn is None or not (name.endswith("_schedule") or name in ("constant_schedule",)):
+        raise ConfigError(f"{key}.schedule {name!r} is not an optax schedule (e.g. 'cosine_decay_schedule')")
+    check_kwargs(key, fn, kwargs)
+    try:
+        return fn(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
+def build_method(method: Mapping[str, Any]) -> optax.GradientTransformation:
+    """Build the transformation a ``[method]`` table describes."""
+    kwargs = dict(method)
+    name = kwargs.pop("name")
+    fn = resolve_method(name)
+    check_kwargs("method", fn, kwargs)
+    for key, value in list(kwargs.items()):
+        if isinstance(value, Mapping) and "schedule" in value:
+            kwargs[key] = build_schedule(f"method.{key}", value)
+        elif key == "learning_rate" and isinstance(value, (int, float)) and not value > 0:
+            raise ConfigError(f"method.learning_rate must be > 0, got {value!r}")
+    try:
+        return fn(**kwargs)
+    except TypeError as e:  # e.g. a required argument missing
+        raise ConfigError(f"method {name!r}: {e}") from None
+
+
+def learning_rate_schedule(method: Mapping[str, Any]) -> Callable[[int], float] | None:
+    """The learning rate as a function of step, for logging (None if the method has none)."""
+    value = method.get("learning_rate")
+    if isinstance(value, Mapping) and "schedule" in value:
+        return build_schedule("method.learning_rate", value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return lambda step: value
+    return None

@@ -1,0 +1,68 @@
+"""Grid sweeps: one run per point of the Cartesian product of ``key=v1,v2`` axes."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from jaxopt_lab.experiment import config as config_lib
+from jaxopt_lab.experiment.trainer import RunResult, run
+
+
+def parse_grid(items: Iterable[str]) -> list[tuple[str, list[str]]]:
+    """``["method.learning_rate=1e-3,3e-3", ...]`` -> ``[("method.learning_rate", ["1e-3", "3e-3"]), ...]``."""
+    axes = []
+    for item in items:
+        if "=" not in item:
+            raise config_lib.ConfigError(f"grid axis {item!r} must look like section.key=v1,v2")
+        key, values = item.split("=", 1)
+        vals = [v.strip() for v in values.split(",") if v.strip()]
+        if not vals:
+            raise config_lib.ConfigError(f"grid axis {key!r} has no values")
+        axes.append((key.strip(), vals))
+    return axes
+
+
+def grid_points(axes: Sequence[tuple[str, list[str]]]) -> list[list[str]]:
+    """Every combination as a list of ``key=value`` overrides."""
+    keys = [k for k, _ in axes]
+    return [[f"{k}={v}" for k, v in zip(keys, combo)] for combo in itertools.product(*(v for _, v in axes))]
+
+
+def sweep(
+    config_path: str, grid: Iterable[str], overrides: Iterable[str] = ()
+) -> list[tuple[list[str], RunResult]]:
+    """Run every grid point into ``out_dir/name/<key=value,...>``; return the results.
+
+    Every point's config is validated before the first run starts, so a bad
+    value in the last point does not waste the runs before it.
+    """
+    overrides = list(overrides)
+    points = grid_points(parse_grid(grid))
+    configs = []
+    for point in points:
+        cfg = config_lib.load(config_path, overrides + point)
+        label = ",".join(key.split(".")[-1] + "=" + value for key, value in (p.split("=", 1) for p in point))
+        label = label.replace("/", "_")
+        configs.append((point, cfg, os.path.join(cfg.run.out_dir, cfg.run.name, label)))
+    from jaxopt_lab.experiment.build import build
+
+    for _, cfg, _ in configs:  # check data/model/method of every point first
+        build(cfg)
+    return [(point, run(cfg, run_dir=run_dir)) for point, cfg, run_dir in configs]
+
+
+def format_table(results: Sequence[tuple[list[str], RunResult]], keys: Sequence[str] = ("loss", "eval_loss", "eval_accuracy")) -> str:
+    """A plain-text table of each grid point's final metrics."""
+    present = [k for k in keys if any(k in r.final for _, r in results)]
+    header = ["point", *present, "run_dir"]
+    rows = [[" ".join(p), *(_fmt(r.final.get(k)) for k in present), r.run_dir] for p, r in results]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)

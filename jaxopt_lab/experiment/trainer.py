@@ -1,0 +1,238 @@
+"""One training loop for every method: jitted step, accumulation, evaluation, checkpoints.
+
+A run is a pure function of its resolved config: the batch at step ``t`` is
+drawn from ``(run.seed, t)`` alone and the whole optimizer state is in the
+checkpoint, so a run killed at any point and resumed from its last checkpoint
+writes the same metrics, step for step, as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxopt_lab.experiment import config as config_lib
+from jaxopt_lab.experiment.build import Experiment, build, per_example
+from jaxopt_lab.experiment.checkpoint import Checkpointer
+from jaxopt_lab.experiment.methods import learning_rate_schedule
+from jaxopt_lab.experiment.metrics import MetricsLog
+
+CONFIG_FILE = "config.toml"
+SUMMARY_FILE = "summary.json"
+
+
+class TrainState(NamedTuple):
+    """Everything that changes during training (what a checkpoint holds)."""
+
+    step: jax.Array  # optimizer steps completed
+    params: Any  # nnx.State of the model's nnx.Param variables
+    opt_state: optax.OptState
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or inf; the message names the step and last good checkpoint."""
+
+
+class RunDirError(RuntimeError):
+    """A run directory that cannot be used as asked (exists already, holds nothing to resume)."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    run_dir: str
+    final: dict[str, Any]  # the last metrics record
+
+
+def make_train_step(graphdef: Any, rest: Any, tx: optax.GradientTransformation, task: str):
+    """A jitted ``(state, xs, ys) -> (state, metrics)`` over ``k`` micro-batches.
+
+    ``xs``/``ys`` have a leading axis of ``train.grad_accum`` micro-batches; the
+    transformation (wrapped in ``optax.MultiSteps`` when k > 1) sees each
+    micro-batch gradient in turn and applies one update after the k-th.
+    """
+
+    def loss_fn(params, x, y):
+        outputs = nnx.merge(graphdef, params, rest)(x)
+        metrics = {k: v.mean() for k, v in per_example(task, outputs, y).items()}
+        return metrics["loss"], metrics
+
+    def micro_step(carry, batch):
+        params, opt_state = carry
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(params, *batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        return (optax.apply_updates(params, updates), opt_state), metrics
+
+    def train_step(state: TrainState, xs, ys):
+        (params, opt_state), metrics = jax.lax.scan(micro_step, (state.params, state.opt_state), (xs, ys))
+        metrics = jax.tree.map(lambda m: m.mean(axis=0), metrics)
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    return jax.jit(train_step)
+
+
+def make_eval_step(graphdef: Any, rest: Any, task: str):
+    """A jitted ``(params, x, y, weight) -> sums of weighted per-example metrics``."""
+
+    def eval_step(params, x, y, weight):
+        outputs = nnx.merge(graphdef, params, rest)(x)
+        sums = {k: (v * weight).sum() for k, v in per_example(task, outputs, y).items()}
+        return sums, weight.sum()
+
+    return jax.jit(eval_step)
+
+
+def _pad(array: np.ndarray, size: int) -> np.ndarray:
+    extra = size - array.shape[0]
+    return array if extra == 0 else np.concatenate([array, np.zeros((extra,) + array.shape[1:], array.dtype)])
+
+
+def evaluate(eval_step, params, data, batch_size: int, max_batches: int) -> dict[str, float]:
+    """Mean per-example metrics over the held-out split (ragged last batch padded, masked)."""
+    totals: dict[str, float] = {}
+    count = 0.0
+    for x, y in data.eval_batches(batch_size, max_batches=max_batches or None):
+        weight = _pad(np.ones(x.shape[0], np.float32), batch_size)
+        sums, n = eval_step(params, _pad(x, batch_size), _pad(y, batch_size), weight)
+        for k, v in sums.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+        count += float(n)
+    return {f"eval_{k}": v / count for k, v in totals.items()}
+
+
+class Trainer:
+    """Runs one built experiment in ``run_dir`` (fresh, or from its last checkpoint)."""
+
+    def __init__(self, experiment: Experiment, run_dir: str):
+        self.exp = experiment
+        self.cfg = experiment.config
+        self.run_dir = run_dir
+        graphdef, params, rest = nnx.split(experiment.model, nnx.Param, ...)
+        self.train_step = make_train_step(graphdef, rest, experiment.tx, experiment.task)
+        self.eval_step = make_eval_step(graphdef, rest, experiment.task)
+        self.initial = TrainState(jnp.zeros((), jnp.int32), params, experiment.tx.init(params))
+        self.checkpoints = Checkpointer(run_dir, keep=self.cfg.checkpoint.keep)
+        self.lr = learning_rate_schedule(self.cfg.method)
+
+    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        t = self.cfg.train
+        x, y = self.exp.data.batch(step, t.batch_size, self.cfg.run.seed)
+        k = t.grad_accum
+        return x.reshape((k, -1) + x.shape[1:]), y.reshape((k, -1) + y.shape[1:])
+
+    def evaluate(self, params) -> dict[str, float]:
+        t = self.cfg.train
+        return evaluate(self.eval_step, params, self.exp.data, t.batch_size, t.eval_batches)
+
+    def restore(self) -> TrainState:
+        """The state of the last checkpoint, after checking it was made with this config."""
+        step = self.checkpoints.latest_step()
+        state, saved = self.checkpoints.restore(step, self.initial)
+        differ = config_lib.differing_keys(saved, self.cfg.to_dict(), ignore=config_lib.RESUME_MAY_DIFFER)
+        if differ:
+            fa, fb = config_lib.flatten(saved), config_lib.flatten(self.cfg.to_dict())
+            detail = "; ".join(f"{k}: checkpoint {fa.get(k, '<absent>')!r} vs now {fb.get(k, '<absent>')!r}" for k in differ)
+            raise config_lib.ConfigError(
+                f"cannot resume {self.run_dir}: the config differs from the checkpoint's in {', '.join(differ)} ({detail})"
+            )
+        return state
+
+    def fit(self, resume: bool = False) -> RunResult:
+        cfg = self.cfg
+        t = cfg.train
+        start = self.checkpoints.latest_step() if resume else None
+        state = self.restore() if start is not None else self.initial
+        start = start or 0
+        log = MetricsLog(self.run_dir, start_step=start, tensorboard=cfg.logging.tensorboard)
+        elapsed = (log.last or {}).get("wall_time", 0.0)
+        if start == 0:
+            log.write({"step": 0, **self.evaluate(state.params), "wall_time": 0.0})
+        bar = _progress(cfg.logging.progress, total=t.steps, initial=start, desc=cfg.run.name)
+        t0 = time.perf_counter() - elapsed
+        try:
+            for step in range(start, t.steps):
+                state, metrics = self.train_step(state, *self.batch(step))
+                record = {"step": step + 1, **{k: float(v) for k, v in metrics.items()}}
+                if not math.isfinite(record["loss"]):
+                    self.checkpoints.wait()
+                    last = self.checkpoints.latest_step()
+                    where = f"{self.checkpoints.path(last)} (step {last})" if last is not None else "none (no checkpoint saved yet)"
+                    raise NonFiniteLossError(
+                        f"training loss is {record['loss']} at step {step + 1}; last good checkpoint: {where}"
+                    )
+                if self.lr is not None:
+                    record["learning_rate"] = float(self.lr(step))
+                done = step + 1
+                if done == t.steps or (t.eval_every and done % t.eval_every == 0):
+                    record.update(self.evaluate(state.params))
+                record["wall_time"] = time.perf_counter() - t0
+                log.write(record)
+                if done == t.steps or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
+                    self.checkpoints.save(done, state, cfg.to_dict())
+                bar.update(1)
+                bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "eval_loss") if k in record}, refresh=False)
+        finally:
+            bar.close()
+            log.close()
+            self.checkpoints.wait()
+        final = log.last or {}
+        with open(os.path.join(self.run_dir, SUMMARY_FILE), "w") as f:
+            json.dump(final, f, indent=1)
+        return RunResult(self.run_dir, final)
+
+
+def _progress(enabled: bool, total: int, initial: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled, dynamic_ncols=True)
+
+
+def run_dir_of(cfg: config_lib.ExperimentConfig) -> str:
+    return os.path.join(cfg.run.out_dir, cfg.run.name)
+
+
+def run(config: str | config_lib.ExperimentConfig, overrides: Iterable[str] = (), run_dir: str | None = None) -> RunResult:
+    """Run an experiment from a config (file path or validated config) into a fresh run directory.
+
+    The resolved config is written to ``RUN_DIR/config.toml`` before training.
+    A directory that already holds checkpoints is an error (resume it instead).
+    """
+    cfg = config_lib.load(config, overrides) if isinstance(config, str) else config
+    if not isinstance(config, str) and overrides:
+        cfg = config_lib.from_dict(config_lib.apply_overrides(cfg.to_dict(), overrides))
+    experiment = build(cfg)
+    run_dir = run_dir or run_dir_of(cfg)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir)):
+        raise RunDirError(
+            f"{run_dir} already holds checkpoints: `jaxopt-lab resume {run_dir}` to continue it, "
+            f"or choose another run.name"
+        )
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, CONFIG_FILE), "w") as f:
+        f.write(experiment.config.dumps())
+    return Trainer(experiment, run_dir).fit(resume=False)
+
+
+def resume(run_dir: str, overrides: Iterable[str] = ()) -> RunResult:
+    """Continue the run in ``run_dir`` from its last checkpoint, with its own config.
+
+    ``overrides`` may only change keys that do not change the numbers
+    (``logging``, ``checkpoint``); anything else is an error naming the keys.
+    """
+    path = os.path.join(run_dir, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise RunDirError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
+    experiment = build(config_lib.load(path, overrides))
+    return Trainer(experiment, run_dir).fit(resume=True)

@@ -1,0 +1,124 @@
+"""Config validation and the method registry: errors name the bad key or value."""
+
+import glob
+import os
+
+import jax.numpy as jnp
+import optax
+import pytest
+
+import jaxopt_lab
+from jaxopt_lab.experiment import build as build_lib
+from jaxopt_lab.experiment import config as config_lib
+from jaxopt_lab.experiment.methods import build_method, resolve_method
+
+
+def base():
+    return {
+        "run": {"name": "t", "seed": 0},
+        "data": {"name": "digits"},
+        "model": {"name": "mlp", "hidden": [8]},
+        "method": {"name": "sgd", "learning_rate": 0.1},
+        "train": {"steps": 2, "batch_size": 8},
+    }
+
+
+def with_(section, **kv):
+    raw = base()
+    raw.setdefault(section, {}).update(kv)
+    return raw
+
+
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        (with_("train", stepz=3), r"train\.stepz.*did you mean 'steps'"),
+        (with_("train", steps="ten"), r"train\.steps must be int, got 'ten'"),
+        (with_("train", steps=0), r"train\.steps must be >= 1, got 0"),
+        (with_("train", batch_size=10, grad_accum=3), r"batch_size \(10\).*grad_accum \(3\)"),
+        (with_("logging", progress="yes"), r"logging\.progress must be bool"),
+        ({**base(), "optimiser": {}}, r"unknown config section \[optimiser\]"),
+        ({k: v for k, v in base().items() if k != "method"}, r"needs a \[method\] table"),
+    ],
+)
+def test_fixed_sections_reject_bad_keys_and_values(raw, match):
+    with pytest.raises(config_lib.ConfigError, match=match):
+        config_lib.from_dict(raw)
+
+
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        (with_("method", name="adamww"), r"unknown method\.name 'adamww'.*adamw"),
+        (with_("method", learnin_rate=0.1), r"method\.learnin_rate.*did you mean 'learning_rate'"),
+        (with_("method", learning_rate=-1.0), r"learning_rate must be > 0, got -1\.0"),
+        (with_("method", learning_rate={"schedule": "cosine_decay", "init_value": 1.0}), r"'cosine_decay' is not an optax schedule"),
+        (with_("method", learning_rate={"schedule": "cosine_decay_schedule", "init_value": 1.0, "steps": 3}), r"learning_rate\.steps"),
+        (with_("data", name="mnist"), r"unknown data\.name 'mnist'"),
+        (with_("data", test_frac=0.3), r"data\.test_frac"),
+        (with_("model", name="gpt"), r"model 'gpt' does not fit data task 'classification'"),
+        (with_("model", hiden=[3]), r"model\.hiden.*did you mean 'hidden'"),
+        (with_("model", preset="nano"), r"model\.preset.*no presets"),
+    ],
+)
+def test_free_sections_checked_against_their_callables(raw, match):
+    cfg = config_lib.from_dict(raw)
+    with pytest.raises(config_lib.ConfigError, match=match):
+        build_lib.build(cfg)
+
+
+def test_overrides_parse_values_as_toml():
+    raw = config_lib.apply_overrides(
+        base(), ["method.learning_rate=3e-4", "method.name=adamw", "model.hidden=[4, 4]", "logging.progress=false"]
+    )
+    assert raw["method"] == {"name": "adamw", "learning_rate": 3e-4}
+    assert raw["model"]["hidden"] == [4, 4]
+    assert raw["logging"]["progress"] is False
+    with pytest.raises(config_lib.ConfigError, match="section.key=value"):
+        config_lib.apply_overrides(base(), ["method.learning_rate"])
+
+
+def test_registry_looks_in_jaxopt_lab_then_optax_then_contrib(monkeypatch):
+    assert resolve_method("adamw") is optax.adamw
+    assert resolve_method("muon") is optax.contrib.muon
+
+    def adamw(learning_rate):  # a package transform shadows the optax alias of the same name
+        return optax.sgd(learning_rate)
+
+    monkeypatch.setattr(jaxopt_lab, "adamw", adamw, raising=False)
+    assert resolve_method("adamw") is adamw
+
+
+def test_schedule_tables_build_the_optax_schedule():
+    spec = {"schedule": "linear_schedule", "init_value": 1.0, "end_value": 0.0, "transition_steps": 4}
+    tx = build_method({"name": "sgd", "learning_rate": spec})
+    params = {"w": jnp.zeros(())}
+    state = tx.init(params)
+    steps = []
+    for _ in range(3):
+        updates, state = tx.update({"w": jnp.ones(())}, state)
+        steps.append(float(-updates["w"]))
+    assert steps == pytest.approx([1.0, 0.75, 0.5])
+
+
+def test_resolved_config_fills_defaults_and_derived_sizes():
+    exp = build_lib.build(config_lib.from_dict(base()))
+    cfg = exp.config
+    assert cfg.model["in_features"] == 64 and cfg.model["out_features"] == 10
+    assert "momentum" not in cfg.method  # a None default is not written
+    assert cfg.method["nesterov"] is False  # optax.sgd's default, recorded
+    assert cfg.data["test_fraction"] == pytest.approx(0.2)
+    # the written TOML reads back to the same config
+    again = config_lib.from_dict(__import__("tomllib").loads(cfg.dumps()))
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_differing_keys():
+    a = {"method": {"learning_rate": 1.0, "b1": 0.9}, "logging": {"progress": True}}
+    b = {"method": {"learning_rate": 2.0}, "logging": {"progress": False}}
+    assert config_lib.differing_keys(a, b, ignore=["logging"]) == ["method.b1", "method.learning_rate"]
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "*.toml"))))
+def test_every_shipped_experiment_validates(path):
+    build_lib.build(config_lib.load(path))

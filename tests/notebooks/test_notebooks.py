@@ -1,0 +1,33 @@
+"""Every notebook runs top to bottom (on a tiny setting)."""
+
+import os
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+
+
+def execute(name, env):
+    path = os.path.join(ROOT, "notebooks", name)
+    nb = nbformat.read(path, as_version=4)
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the kernel inherits this process's environment
+    try:
+        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": ROOT}}).execute()
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    return nb
+
+
+def outputs(nb):
+    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+
+
+def test_quickstart_trains_and_plots():
+    nb = execute("00_quickstart.ipynb", {"QUICKSTART_STEPS": "60", "MPLBACKEND": "Agg"})
+    text = outputs(nb)
+    before, after = text.split("validation loss ")[1].split(" after")[0].split(" -> ")
+    assert float(after) < float(before) - 0.5, text  # bytes: ln 256 = 5.5 at start
