@@ -97,8 +97,8 @@ class TransformerBlock(nnx.Module):
 
 # Architecture presets (vocab_size comes from the data; pass it as an override).
 # "nano" (~0.47M parameters at vocab 256) trains on 2 CPU cores in about a
-# minute: 0.13-0.14 s per jitted adamw step at batch 32 x 64 tokens (after
-# warm-up), so 300 steps take ~40 s. "micro" is for tests.
+# minute: 0.11-0.14 s per jitted adamw step at batch 32 x 64 tokens (after
+# warm-up, idle machine), so 300 steps take 32-42 s. "micro" is for tests.
 GPT_PRESETS: dict[str, dict[str, Any]] = {
     "micro": dict(layers=1, width=32, heads=2, context=16),
     "nano": dict(layers=2, width=128, heads=4, context=64),
