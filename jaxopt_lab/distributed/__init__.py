@@ -1,0 +1,19 @@
+"""Multi-worker training: methods written once over a named worker axis, and the runner."""
+
+from jaxopt_lab.distributed.accounting import ByteCount, communicated_bytes, tree_bytes
+from jaxopt_lab.distributed.data_parallel import DataParallelState, data_parallel
+from jaxopt_lab.distributed.diloco import DiLoCoState, diloco, diloco_inner, diloco_outer
+from jaxopt_lab.distributed.workers import WorkerRunner
+
+__all__ = [
+    "ByteCount",
+    "DataParallelState",
+    "DiLoCoState",
+    "WorkerRunner",
+    "communicated_bytes",
+    "data_parallel",
+    "diloco",
+    "diloco_inner",
+    "diloco_outer",
+    "tree_bytes",
+]

@@ -1,0 +1,127 @@
+"""The worker runner: one per-worker step, run over W workers in any of three modes.
+
+Methods are written for ONE worker with collectives over a named axis; the
+runner decides how the W workers are laid out:
+
+* ``"vmap"``: all workers on one device, ``jax.vmap(step, axis_name="workers")``
+  (laptop, CI, notebooks, research sweeps);
+* ``"shard_map"``: workers spread over a device ``Mesh`` with ``shard_map``;
+  k = W / n_devices workers per device run as a vmap inside each device. The
+  same mode spans several processes after ``jax.distributed.initialize()``,
+  since the mesh is built from the global device list.
+
+Every argument and result of the mapped step carries a leading worker axis of
+size W. With k > 1 workers per device the collectives run over two names,
+``("devices", "workers")``; build the methods with ``axis_name=runner.axis_name``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxopt_lab._compat import shard_map
+
+MODES = ("vmap", "shard_map")
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerRunner:
+    """Runs per-worker functions over ``num_workers`` workers (see the module docstring).
+
+    Args:
+      num_workers: W.
+      mode: ``"vmap"`` or ``"shard_map"``.
+      devices: devices for ``shard_map`` (default: all global devices, or the
+        first W of them when W is smaller and there is one process).
+    """
+
+    num_workers: int
+    mode: str = "vmap"
+    devices: Sequence[Any] | None = None
+
+    def __post_init__(self):
+        w = self.num_workers
+        if not isinstance(w, int) or isinstance(w, bool) or w < 1:
+            raise ValueError(f"num_workers must be an int >= 1, got {w!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode == "shard_map":
+            devices = list(self.devices) if self.devices is not None else jax.devices()
+            if w < len(devices) and self.devices is None and jax.process_count() == 1 and len(devices) % w == 0:
+                devices = devices[:w]
+            if w % len(devices):
+                raise ValueError(
+                    f"num_workers={w} does not fit {len(devices)} devices: in shard_map mode it must be "
+                    f"a multiple of the device count (or divide it, in one process)"
+                )
+            object.__setattr__(self, "devices", tuple(devices))
+
+    @property
+    def workers_per_device(self) -> int:
+        return 1 if self.mode == "vmap" else self.num_workers // len(self.devices)
+
+    @property
+    def axis_name(self) -> str | tuple[str, str]:
+        """The axis name(s) the methods' collectives must use under this runner."""
+        if self.mode == "shard_map" and self.workers_per_device > 1:
+            return ("devices", "workers")
+        return "workers"
+
+    @property
+    def mesh(self) -> Mesh | None:
+        if self.mode == "vmap":
+            return None
+        name = "devices" if self.workers_per_device > 1 else "workers"
+        return Mesh(np.asarray(self.devices), (name,))
+
+    def map(self, step: Callable[..., Any]) -> Callable[..., Any]:
+        """Jit ``step`` (written for one worker) over the worker axis of its arguments."""
+        if self.mode == "vmap":
+            return jax.jit(jax.vmap(step, axis_name="workers"))
+        mesh = self.mesh
+        spec = PartitionSpec(mesh.axis_names[0])
+        if self.workers_per_device == 1:
+
+            def per_device(*args):
+                out = step(*jax.tree.map(lambda a: a[0], args))
+                return jax.tree.map(lambda o: o[None], out)
+
+        else:
+            per_device = jax.vmap(step, axis_name="workers")
+        return jax.jit(shard_map(per_device, mesh=mesh, in_specs=spec, out_specs=spec))
+
+    def put(self, tree: Any) -> Any:
+        """Place a host tree whose leaves have a leading worker axis of size W.
+
+        vmap: on the default device. shard_map: split over the mesh; in several
+        processes each process passes the same full tree (e.g. generated from a
+        seed) and contributes its own devices' slices.
+        """
+        if self.mode == "vmap":
+            return jax.device_put(tree)
+        sharding = NamedSharding(self.mesh, PartitionSpec(self.mesh.axis_names[0]))
+
+        def place(x):
+            x = np.asarray(x)
+            if x.shape[:1] != (self.num_workers,):
+                raise ValueError(f"leading axis must be the {self.num_workers} workers, got shape {x.shape}")
+            return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+        return jax.tree.map(place, tree)
+
+    def get(self, tree: Any) -> Any:
+        """Bring a worker-stacked tree back to host numpy arrays (all processes get all of it)."""
+        if self.mode == "vmap" or jax.process_count() == 1:
+            return jax.tree.map(np.asarray, tree)
+        return multihost_utils.process_allgather(tree, tiled=True)
+
+    def replicate(self, tree: Any) -> Any:
+        """Stack W copies of a single-worker tree (host side) along a new leading axis."""
+        return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (self.num_workers,) + np.shape(x)).copy(), tree)
