@@ -5,8 +5,19 @@ models and the experiment runner live in their subpackages
 (``jaxopt_lab.data``, ``jaxopt_lab.models``, ``jaxopt_lab.experiment``).
 """
 
+from jaxopt_lab.distributed.data_parallel import DataParallelState, data_parallel
+from jaxopt_lab.distributed.diloco import DiLoCoState, diloco, diloco_inner, diloco_outer
 from jaxopt_lab.transforms.orthogonal_grad import OrthogonalGradState, orthogonal_grad
 
 __version__ = "0.1.0"
 
-__all__ = ["OrthogonalGradState", "orthogonal_grad"]
+__all__ = [
+    "DataParallelState",
+    "DiLoCoState",
+    "OrthogonalGradState",
+    "data_parallel",
+    "diloco",
+    "diloco_inner",
+    "diloco_outer",
+    "orthogonal_grad",
+]

@@ -26,7 +26,8 @@ from jaxopt_lab.experiment.config import (
     check_kwargs,
     signature_params,
 )
-from jaxopt_lab.experiment.methods import build_method, resolve_method
+from jaxopt_lab.distributed.workers import WorkerRunner
+from jaxopt_lab.experiment.methods import _is_method_table, build_method, resolve_method, takes_axis_name
 from jaxopt_lab.models import MODELS
 
 # What each model needs to know about the data, filled in unless the config sets it.
@@ -55,6 +56,7 @@ class Experiment:
     data: Any
     model: nnx.Module
     tx: optax.GradientTransformation
+    runner: WorkerRunner | None = None  # set for multi-worker methods
 
     @property
     def task(self) -> str:
@@ -128,22 +130,41 @@ def _build_model(model: Mapping[str, Any], dataset: Any, seed: int) -> tuple[nnx
     return module, resolved
 
 
-def _build_method(method: Mapping[str, Any], grad_accum: int) -> tuple[optax.GradientTransformation, dict]:
-    tx = build_method(method)
-    if grad_accum > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=grad_accum)
+def _resolve_method_table(method: Mapping[str, Any]) -> dict[str, Any]:
+    """The method table with every default filled in, nested transformation tables included."""
     fn = resolve_method(method["name"])
     kwargs = {k: v for k, v in method.items() if k != "name"}
-    return tx, {"name": method["name"], **_with_defaults(fn, kwargs)}
+    kwargs = {k: _resolve_method_table(v) if _is_method_table(v) else v for k, v in kwargs.items()}
+    return {"name": method["name"], **_with_defaults(fn, kwargs)}
+
+
+def _build_method(config: ExperimentConfig) -> tuple[optax.GradientTransformation, dict, WorkerRunner | None]:
+    method, workers = config.method, config.workers
+    multi_worker = takes_axis_name(resolve_method(method["name"]))
+    if workers.count > 1 and not multi_worker:
+        raise ConfigError(
+            f"method {method['name']!r} is a single-worker transformation but workers.count = {workers.count}: "
+            f"use a multi-worker method (data_parallel with inner = {{name = {method['name']!r}, ...}}, diloco, ...)"
+        )
+    runner = None
+    if multi_worker:
+        try:
+            runner = WorkerRunner(workers.count, workers.mode)
+        except ValueError as e:
+            raise ConfigError(f"workers: {e}") from None
+    tx = build_method(method, axis_name=runner.axis_name if runner else None)
+    if config.train.grad_accum > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=config.train.grad_accum)
+    return tx, _resolve_method_table(method), runner
 
 
 def build(config: ExperimentConfig) -> Experiment:
     """Build data, model and optimizer; return them with the resolved config."""
     dataset, data = _build_data(config.data)
     model, model_cfg = _build_model(config.model, dataset, config.run.seed)
-    tx, method = _build_method(config.method, config.train.grad_accum)
+    tx, method, runner = _build_method(config)
     resolved = dataclasses.replace(config, data=data, model=model_cfg, method=method)
-    return Experiment(config=resolved, data=dataset, model=model, tx=tx)
+    return Experiment(config=resolved, data=dataset, model=model, tx=tx, runner=runner)
 
 
 # ---- losses and metrics per task -------------------------------------------------

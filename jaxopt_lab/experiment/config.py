@@ -10,10 +10,11 @@ A config has seven sections::
                   a hyperparameter may be a schedule table
                   ``{schedule = "cosine_decay_schedule", init_value = 1e-3, decay_steps = 500}``
     [train]       steps, batch_size, grad_accum, eval_every, eval_batches
+    [workers]     count, mode ("vmap" | "shard_map"); batch_size is per worker
     [checkpoint]  every, keep
     [logging]     tensorboard, progress
 
-The fixed sections (run, train, checkpoint, logging) are typed dataclasses; the
+The fixed sections (run, train, workers, checkpoint, logging) are typed dataclasses; the
 free sections (data, model, method) are checked against the signature of the
 callable they name. Any unknown section or key is a :class:`ConfigError` naming
 it (with the closest valid spelling).
@@ -53,6 +54,12 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class WorkersConfig:
+    count: int = 1  # W; > 1 needs a multi-worker method (data_parallel, diloco, gossip, ...)
+    mode: str = "vmap"  # "vmap" (one device) or "shard_map" (over the devices)
+
+
+@dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     every: int = 100  # optimizer steps between checkpoints; 0: only the last step
     keep: int = 3
@@ -67,18 +74,19 @@ class LoggingConfig:
 FIXED_SECTIONS: dict[str, type] = {
     "run": RunConfig,
     "train": TrainConfig,
+    "workers": WorkersConfig,
     "checkpoint": CheckpointConfig,
     "logging": LoggingConfig,
 }
 FREE_SECTIONS = ("data", "model", "method")
-SECTIONS = ("run", "data", "model", "method", "train", "checkpoint", "logging")
+SECTIONS = ("run", "data", "model", "method", "train", "workers", "checkpoint", "logging")
 
 # Keys whose change does not change the numbers a run produces: a resume may differ in these.
 RESUME_MAY_DIFFER = ("run.name", "run.out_dir", "checkpoint", "logging")
 
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 _POSITIVE = {
-    "train.steps", "train.batch_size", "train.grad_accum", "checkpoint.keep",
+    "train.steps", "train.batch_size", "train.grad_accum", "checkpoint.keep", "workers.count",
 }
 _NON_NEGATIVE = {"train.eval_every", "train.eval_batches", "checkpoint.every", "run.seed"}
 
@@ -92,6 +100,7 @@ class ExperimentConfig:
     model: dict[str, Any]
     method: dict[str, Any]
     train: TrainConfig
+    workers: WorkersConfig
     checkpoint: CheckpointConfig
     logging: LoggingConfig
 
@@ -145,13 +154,17 @@ def _fixed_section(section: str, raw: Mapping[str, Any]) -> Any:
     return cls(**values)
 
 
+# Arguments the runner supplies, never the config: the worker axis comes from [workers].
+RUNNER_OWNED = ("self", "rngs", "axis_name")
+
+
 def signature_params(fn: Callable) -> dict[str, inspect.Parameter]:
     """Keyword parameters a config may set for ``fn`` (no *args, **kwargs or rngs)."""
     params = inspect.signature(fn).parameters
     return {
         n: p
         for n, p in params.items()
-        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and n not in ("self", "rngs")
+        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and n not in RUNNER_OWNED
     }
 
 
@@ -190,6 +203,8 @@ def from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
             raise ConfigError(f"{section}.name must be a string, got {body.get('name')!r}")
         values[section] = copy.deepcopy(dict(body))
     cfg = ExperimentConfig(**values)
+    if cfg.workers.mode not in ("vmap", "shard_map"):
+        raise ConfigError(f"workers.mode must be 'vmap' or 'shard_map', got {cfg.workers.mode!r}")
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise ConfigError(
             f"train.batch_size ({cfg.train.batch_size}) must be divisible by "

@@ -68,21 +68,40 @@ def build_schedule(key: str, spec: Mapping[str, Any]) -> optax.Schedule:
         raise ConfigError(f"{key}: {e}") from None
 
 
-def build_method(method: Mapping[str, Any]) -> optax.GradientTransformation:
-    """Build the transformation a ``[method]`` table describes."""
+def _is_method_table(value: Any) -> bool:
+    return isinstance(value, Mapping) and "name" in value and "schedule" not in value
+
+
+def build_method(method: Mapping[str, Any], axis_name: Any = None, key: str = "method") -> optax.GradientTransformation:
+    """Build the transformation a ``[method]`` table describes.
+
+    A hyperparameter that is itself a table with a ``name`` (``inner = {name =
+    "adamw", ...}``) is built as a transformation the same way; one with a
+    ``schedule`` becomes an optax schedule. ``axis_name`` is passed to every
+    transformation that takes one (the multi-worker methods).
+    """
     kwargs = dict(method)
     name = kwargs.pop("name")
     fn = resolve_method(name)
-    check_kwargs("method", fn, kwargs)
-    for key, value in list(kwargs.items()):
-        if isinstance(value, Mapping) and "schedule" in value:
-            kwargs[key] = build_schedule(f"method.{key}", value)
-        elif key == "learning_rate" and isinstance(value, (int, float)) and not value > 0:
-            raise ConfigError(f"method.learning_rate must be > 0, got {value!r}")
+    check_kwargs(key, fn, kwargs)
+    for arg, value in list(kwargs.items()):
+        if _is_method_table(value):
+            kwargs[arg] = build_method(value, axis_name, f"{key}.{arg}")
+        elif isinstance(value, Mapping) and "schedule" in value:
+            kwargs[arg] = build_schedule(f"{key}.{arg}", value)
+        elif arg == "learning_rate" and isinstance(value, (int, float)) and not value > 0:
+            raise ConfigError(f"{key}.learning_rate must be > 0, got {value!r}")
+    if takes_axis_name(fn) and axis_name is not None:
+        kwargs["axis_name"] = axis_name
     try:
         return fn(**kwargs)
-    except TypeError as e:  # e.g. a required argument missing
-        raise ConfigError(f"method {name!r}: {e}") from None
+    except (TypeError, ValueError) as e:  # a required argument missing, a bad value
+        raise ConfigError(f"{key} {name!r}: {e}") from None
+
+
+def takes_axis_name(fn: Callable) -> bool:
+    """Whether ``fn`` builds a multi-worker transformation (it takes ``axis_name``)."""
+    return "axis_name" in inspect.signature(fn).parameters
 
 
 def learning_rate_schedule(method: Mapping[str, Any]) -> Callable[[int], float] | None:

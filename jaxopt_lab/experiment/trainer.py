@@ -22,6 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxopt_lab.distributed.accounting import ByteCount, communicated_bytes
 from jaxopt_lab.experiment import config as config_lib
 from jaxopt_lab.experiment.build import Experiment, build, per_example
 from jaxopt_lab.experiment.checkpoint import Checkpointer
@@ -30,6 +31,10 @@ from jaxopt_lab.experiment.metrics import MetricsLog
 
 CONFIG_FILE = "config.toml"
 SUMMARY_FILE = "summary.json"
+
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, ByteCount)
 
 
 class TrainState(NamedTuple):
@@ -55,7 +60,7 @@ class RunResult:
 
 
 def make_train_step(graphdef: Any, rest: Any, tx: optax.GradientTransformation, task: str):
-    """A jitted ``(state, xs, ys) -> (state, metrics)`` over ``k`` micro-batches.
+    """``(state, xs, ys) -> (state, metrics)`` for one worker, over ``k`` micro-batches.
 
     ``xs``/``ys`` have a leading axis of ``train.grad_accum`` micro-batches; the
     transformation (wrapped in ``optax.MultiSteps`` when k > 1) sees each
@@ -79,7 +84,7 @@ def make_train_step(graphdef: Any, rest: Any, tx: optax.GradientTransformation, 
         metrics = jax.tree.map(lambda m: m.mean(axis=0), metrics)
         return TrainState(state.step + 1, params, opt_state), metrics
 
-    return jax.jit(train_step)
+    return train_step
 
 
 def make_eval_step(graphdef: Any, rest: Any, task: str):
@@ -119,21 +124,47 @@ class Trainer:
         self.cfg = experiment.config
         self.run_dir = run_dir
         graphdef, params, rest = nnx.split(experiment.model, nnx.Param, ...)
-        self.train_step = make_train_step(graphdef, rest, experiment.tx, experiment.task)
+        step = make_train_step(graphdef, rest, experiment.tx, experiment.task)
         self.eval_step = make_eval_step(graphdef, rest, experiment.task)
-        self.initial = TrainState(jnp.zeros((), jnp.int32), params, experiment.tx.init(params))
+        initial = TrainState(jnp.zeros((), jnp.int32), params, experiment.tx.init(params))
+        self.runner = experiment.runner
+        if self.runner is None:
+            self.train_step = jax.jit(step)
+            self.initial = initial
+        else:  # every leaf gains a leading worker axis
+            self.train_step = self.runner.map(step)
+            self.initial = self.runner.put(self.runner.replicate(initial))
+            self._mean_params = jax.jit(lambda p: jax.tree.map(lambda x: x.mean(axis=0), p))
         self.checkpoints = Checkpointer(run_dir, keep=self.cfg.checkpoint.keep)
         self.lr = learning_rate_schedule(self.cfg.method)
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        t = self.cfg.train
-        x, y = self.exp.data.batch(step, t.batch_size, self.cfg.run.seed)
-        k = t.grad_accum
-        return x.reshape((k, -1) + x.shape[1:]), y.reshape((k, -1) + y.shape[1:])
+        """The batch of optimizer step ``step``; with W workers, worker w gets stream index step·W + w."""
+        t, k = self.cfg.train, self.cfg.train.grad_accum
+        if self.runner is None:
+            x, y = self.exp.data.batch(step, t.batch_size, self.cfg.run.seed)
+            return x.reshape((k, -1) + x.shape[1:]), y.reshape((k, -1) + y.shape[1:])
+        w = self.runner.num_workers
+        xs, ys = zip(*(self.exp.data.batch(step * w + i, t.batch_size, self.cfg.run.seed) for i in range(w)))
+        x, y = np.stack(xs), np.stack(ys)
+        return self.runner.put((x.reshape((w, k, -1) + x.shape[2:]), y.reshape((w, k, -1) + y.shape[2:])))
 
     def evaluate(self, params) -> dict[str, float]:
+        """Held-out metrics; with several workers, of the workers' average parameters."""
         t = self.cfg.train
+        if self.runner is not None:
+            params = self._mean_params(params)
         return evaluate(self.eval_step, params, self.exp.data, t.batch_size, t.eval_batches)
+
+    def step_metrics(self, state: TrainState, metrics: dict) -> dict[str, float]:
+        """Host-side metrics of one step (averaged over workers; bytes each worker sent)."""
+        if self.runner is None:
+            return {k: float(v) for k, v in metrics.items()}
+        counts = [n for n in jax.tree.leaves(state.opt_state, is_leaf=_is_count) if _is_count(n)]
+        metrics, counts = self.runner.get((metrics, counts))
+        out = {k: float(np.mean(v)) for k, v in metrics.items()}
+        out["bytes_communicated"] = float(np.mean(communicated_bytes(counts)))
+        return out
 
     def restore(self) -> TrainState:
         """The state of the last checkpoint, after checking it was made with this config."""
@@ -163,7 +194,7 @@ class Trainer:
         try:
             for step in range(start, t.steps):
                 state, metrics = self.train_step(state, *self.batch(step))
-                record = {"step": step + 1, **{k: float(v) for k, v in metrics.items()}}
+                record = {"step": step + 1, **self.step_metrics(state, metrics)}
                 if not math.isfinite(record["loss"]):
                     self.checkpoints.wait()
                     last = self.checkpoints.latest_step()

@@ -1,0 +1,71 @@
+"""Multi-worker methods through the experiment trainer (config [workers])."""
+
+
+import pytest
+
+from jaxopt_lab.experiment import build as build_lib
+from jaxopt_lab.experiment import config as config_lib
+from jaxopt_lab.experiment import trainer
+from jaxopt_lab.experiment.metrics import read_metrics
+
+STEPS = 6
+MLP_PARAMS = 64 * 8 + 8 + 8 * 10 + 10
+
+
+def cfg(method, workers=None, batch_size=8, steps=STEPS):
+    raw = {
+        "run": {"name": "w", "seed": 0},
+        "data": {"name": "digits"},
+        "model": {"name": "mlp", "hidden": [8]},
+        "method": method,
+        "train": {"steps": steps, "batch_size": batch_size, "eval_every": 3},
+        "checkpoint": {"every": 0},
+        "logging": {"progress": False, "tensorboard": False},
+    }
+    if workers:
+        raw["workers"] = workers
+    return config_lib.from_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def single_sgd(tmp_path_factory):
+    return read_metrics(trainer.run(cfg({"name": "sgd", "learning_rate": 0.3}, batch_size=32),
+                                    run_dir=str(tmp_path_factory.mktemp("single"))).run_dir)
+
+
+@pytest.mark.parametrize("mode", ["vmap", "shard_map"])
+def test_data_parallel_on_4_workers_equals_one_worker_on_their_union(single_sgd, tmp_path, mode):
+    """4 workers x 8 examples see exactly the 32 examples of the single run's step."""
+    method = {"name": "data_parallel", "inner": {"name": "sgd", "learning_rate": 0.3}}
+    records = read_metrics(trainer.run(cfg(method, {"count": 4, "mode": mode}), run_dir=str(tmp_path)).run_dir)
+    for r, s in zip(records, single_sgd):
+        for key in ("loss", "eval_loss"):
+            if key in s:
+                assert r[key] == pytest.approx(s[key], rel=1e-5), (r["step"], key)
+    assert [r["bytes_communicated"] for r in records[1:]] == [4 * MLP_PARAMS * t for t in range(1, STEPS + 1)]
+
+
+def test_diloco_config_with_nested_optimizers(tmp_path):
+    method = {
+        "name": "diloco",
+        "sync_every": 3,
+        "inner": {"name": "adamw", "learning_rate": 1e-3},
+        "outer": {"name": "sgd", "learning_rate": 0.7, "momentum": 0.9, "nesterov": True},
+    }
+    result = trainer.run(cfg(method, {"count": 4}), run_dir=str(tmp_path))
+    records = read_metrics(result.run_dir)
+    assert [r["bytes_communicated"] for r in records[1:]] == [4 * MLP_PARAMS * (t // 3) for t in range(1, STEPS + 1)]
+    assert records[-1]["eval_loss"] < records[0]["eval_loss"]
+    resolved = build_lib.build(cfg(method, {"count": 4})).config.method
+    assert resolved["inner"]["b1"] == 0.9 and resolved["outer"]["nesterov"] is True  # defaults recorded
+
+
+def test_single_worker_method_with_workers_is_an_error():
+    with pytest.raises(config_lib.ConfigError, match=r"'adamw' is a single-worker.*workers.count = 4"):
+        build_lib.build(cfg({"name": "adamw", "learning_rate": 1e-3}, {"count": 4}))
+    with pytest.raises(config_lib.ConfigError, match=r"num_workers=3 does not fit 8 devices"):
+        build_lib.build(cfg({"name": "data_parallel", "inner": {"name": "sgd", "learning_rate": 0.1}}, {"count": 3, "mode": "shard_map"}))
+    with pytest.raises(config_lib.ConfigError, match=r"method\.inner\.learnin_rate"):
+        build_lib.build(cfg({"name": "data_parallel", "inner": {"name": "sgd", "learnin_rate": 0.1}}, {"count": 2}))
+    with pytest.raises(config_lib.ConfigError, match=r"axis_name"):
+        build_lib.build(cfg({"name": "data_parallel", "axis_name": "x", "inner": {"name": "sgd", "learning_rate": 0.1}}, {"count": 2}))
