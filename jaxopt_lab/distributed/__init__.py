@@ -2,10 +2,13 @@
 
 from jaxopt_lab.distributed.accounting import ByteCount, communicated_bytes, tree_bytes
 from jaxopt_lab.distributed.data_parallel import DataParallelState, data_parallel
+from jaxopt_lab.distributed.local_sgd import LocalSGDState, local_sgd, qsr_period
 from jaxopt_lab.distributed.diloco import DiLoCoState, diloco, diloco_inner, diloco_outer
 from jaxopt_lab.distributed.workers import WorkerRunner
 
 __all__ = [
+    "LocalSGDState",
+    "local_sgd",
     "ByteCount",
     "DataParallelState",
     "DiLoCoState",

@@ -1,0 +1,103 @@
+"""Local SGD with parameter averaging, and the Quadratic Synchronization Rule (QSR).
+
+Gu, Lyu, Arora, Zhang & Huang, "A Quadratic Synchronization Rule for
+Distributed Deep Learning" (ICLR 2024), https://arxiv.org/abs/2310.14423.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxopt_lab.distributed.accounting import ByteCount, add_bytes, tree_bytes, zero_bytes
+
+AxisName = Any
+
+
+class LocalSGDState(NamedTuple):
+    step: jax.Array  # inner steps taken
+    since_sync: jax.Array  # inner steps since the last averaging
+    period: jax.Array  # H of the current round
+    inner_state: optax.OptState
+    bytes_sent: ByteCount
+
+
+def qsr_period(learning_rate: float | jax.Array, sync_every: int, qsr_beta: float) -> jax.Array:
+    r"""QSR's round length :math:`H = \max(H_\text{base}, \lfloor (\beta/\eta)^2 \rfloor)`."""
+    h = jnp.floor(jnp.square(qsr_beta / jnp.asarray(learning_rate, jnp.float32)))
+    return jnp.maximum(sync_every, jnp.minimum(h, 2**30)).astype(jnp.int32)
+
+
+def local_sgd(
+    inner: optax.GradientTransformation,
+    sync_every: int = 4,
+    qsr_beta: float | None = None,
+    learning_rate: optax.ScalarOrSchedule | None = None,
+    axis_name: AxisName = "workers",
+) -> optax.GradientTransformation:
+    r"""Local SGD: each worker steps on its own, parameters are averaged every H steps.
+
+    Between synchronizations worker :math:`w` applies ``inner`` to its own
+    gradients; at a synchronization every worker's parameters become the worker
+    average :math:`\bar\theta = \frac1W \sum_w \theta_w` (``pmean``). The inner
+    optimizer state stays local.
+
+    With ``qsr_beta`` set, the round length follows the Quadratic
+    Synchronization Rule: a round that starts at step t lasts
+
+    .. math:: H_t = \max\bigl(H_\text{base}, \lfloor (\beta / \eta_t)^2 \rfloor\bigr)
+
+    steps, so synchronization gets rarer as the learning rate :math:`\eta_t`
+    decays (``learning_rate`` must then be the inner optimizer's schedule).
+    Without it, H = ``sync_every`` always (equal to DiLoCo with outer SGD at lr 1).
+
+    Bytes: ``tree_bytes(params)`` per worker per synchronization.
+
+    Args:
+      inner: the local optimizer.
+      sync_every: H, or H_base under QSR.
+      qsr_beta: β of QSR; None for a fixed period.
+      learning_rate: the inner learning rate (float or schedule), needed for QSR.
+      axis_name: the worker axis.
+    """
+    if not isinstance(sync_every, int) or isinstance(sync_every, bool) or sync_every < 1:
+        raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
+    if qsr_beta is not None:
+        if not qsr_beta > 0:
+            raise ValueError(f"qsr_beta must be > 0, got {qsr_beta!r}")
+        if learning_rate is None:
+            raise ValueError("qsr_beta needs learning_rate: the inner optimizer's learning rate or schedule")
+    lr = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
+
+    def period_at(step):
+        if qsr_beta is None:
+            return jnp.asarray(sync_every, jnp.int32)
+        return qsr_period(lr(step), sync_every, qsr_beta)
+
+    def init_fn(params):
+        zero = jnp.zeros((), jnp.int32)
+        return LocalSGDState(zero, zero, period_at(zero), inner.init(params), zero_bytes())
+
+    def update_fn(grads, state, params=None):
+        if params is None:
+            raise ValueError("local_sgd needs params: call update(grads, state, params)")
+        updates, inner_state = inner.update(grads, state.inner_state, params)
+        local = optax.apply_updates(params, updates)
+        step, since = state.step + 1, state.since_sync + 1
+
+        def synchronize(_):
+            mean = jax.lax.pmean(local, axis_name)
+            zero = jnp.zeros((), jnp.int32)
+            return mean, zero, period_at(step), add_bytes(state.bytes_sent, tree_bytes(local))
+
+        def keep_going(_):
+            return local, since, state.period, state.bytes_sent
+
+        new, since, period, sent = jax.lax.cond(since >= state.period, synchronize, keep_going, None)
+        updates = jax.tree.map(lambda n, p: n - p, new, params)
+        return updates, LocalSGDState(step, since, period, inner_state, sent)
+
+    return optax.GradientTransformation(init_fn, update_fn)
