@@ -3,10 +3,13 @@
 from jaxopt_lab.distributed.accounting import ByteCount, communicated_bytes, tree_bytes
 from jaxopt_lab.distributed.data_parallel import DataParallelState, data_parallel
 from jaxopt_lab.distributed.local_sgd import LocalSGDState, local_sgd, qsr_period
+from jaxopt_lab.distributed.streaming_diloco import StreamingDiLoCoState, streaming_diloco
 from jaxopt_lab.distributed.diloco import DiLoCoState, diloco, diloco_inner, diloco_outer
 from jaxopt_lab.distributed.workers import WorkerRunner
 
 __all__ = [
+    "StreamingDiLoCoState",
+    "streaming_diloco",
     "LocalSGDState",
     "local_sgd",
     "ByteCount",

@@ -1,0 +1,81 @@
+"""Streaming DiLoCo: reduces to DiLoCo, staggered fragment schedule, float64 reference with overlap."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from jaxopt_lab.distributed import WorkerRunner, communicated_bytes, diloco
+from jaxopt_lab.distributed.streaming_diloco import balanced_fragments, streaming_diloco
+from tests.distributed.problem import init_params, make_step, run, worker_data
+
+W = 4
+RUNNER = WorkerRunner(W)
+
+
+def test_one_fragment_no_overlap_alpha0_is_diloco():
+    outer = optax.sgd(0.7, momentum=0.9, nesterov=True)
+    a, _ = run(RUNNER, streaming_diloco(optax.adam(0.05), outer, sync_every=3, num_fragments=1, merge_alpha=0.0), 8, W)
+    b, _ = run(RUNNER, diloco(optax.adam(0.05), outer, sync_every=3), 8, W)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7)
+
+
+def per_step_bytes(tx, steps):
+    x, y = worker_data(W)
+    params, state = RUNNER.replicate(init_params()), RUNNER.replicate(tx.init(init_params()))
+    step = RUNNER.map(make_step(tx))
+    out = []
+    for _ in range(steps):
+        params, state = step(params, state, x, y)
+        out.append(communicated_bytes(state)[0])
+    return np.diff([0.0] + out)
+
+
+def test_fragments_sync_on_a_staggered_schedule():
+    # leaves in tree order: b (1 float), w (5 floats) -> fragments [b], [w]; H=4, offsets 0 and 2
+    tx = streaming_diloco(optax.sgd(0.05), optax.sgd(0.7), sync_every=4, num_fragments=2, overlap=1)
+    np.testing.assert_array_equal(per_step_bytes(tx, 8), [0, 20, 0, 4, 0, 20, 0, 4])
+
+
+def test_matches_float64_reference_with_overlap_and_merge():
+    H, P, tau, alpha, lr, olr, mu, steps = 4, 2, 1, 0.5, 0.05, 0.7, 0.9, 11
+    tx = streaming_diloco(optax.sgd(lr), optax.sgd(olr, momentum=mu, nesterov=True), H, P, tau, alpha)
+    params, _ = run(RUNNER, tx, steps, W)
+    x, y = (a.astype(np.float64) for a in worker_data(W))
+    p0 = {k: v.astype(np.float64) for k, v in init_params().items()}
+    local = {k: np.broadcast_to(v, (W,) + v.shape).copy() for k, v in p0.items()}
+    anchor = dict(p0)
+    mom = {k: np.zeros_like(v) for k, v in p0.items()}
+    offsets = {"b": 0, "w": H // P}  # fragment 0 = [b], fragment 1 = [w]
+    for t in range(1, steps + 1):
+        r = np.einsum("wnd,wd->wn", x, local["w"]) + local["b"][:, None] - y
+        g = {"w": np.einsum("wn,wnd->wd", r, x) / x.shape[1], "b": r.mean(axis=1)}
+        local = {k: local[k] - lr * g[k] for k in local}
+        for k, off in offsets.items():
+            if t % H == off % H and t >= max(off, 1):  # send fragment k
+                delta = (anchor[k] - local[k]).mean(axis=0)
+                mom[k] = mu * mom[k] + delta
+                anchor[k] = anchor[k] - olr * (mu * mom[k] + delta)
+            if (t - tau) % H == off % H and t - tau >= max(off, 1):  # its result arrives
+                local[k] = alpha * local[k] + (1 - alpha) * anchor[k]
+    for k in local:
+        np.testing.assert_allclose(params[k], local[k], rtol=2e-5, atol=2e-6)
+
+
+def test_balanced_fragments_cover_every_leaf_once():
+    groups = balanced_fragments([100, 1, 1, 1, 50, 50], 3)
+    assert sorted(i for g in groups for i in g) == list(range(6)) and all(groups)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(sync_every=10, num_fragments=3), r"num_fragments=3 must divide sync_every=10"),
+        (dict(sync_every=8, num_fragments=4, overlap=2), r"overlap must be an int in \[0, H/P = 2\), got 2"),
+        (dict(merge_alpha=1.5), r"merge_alpha must be in \[0, 1\], got 1.5"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        streaming_diloco(**kwargs)
