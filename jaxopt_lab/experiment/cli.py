@@ -41,8 +41,18 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "run":
-            result = trainer.run(args.config, args.overrides, run_dir=args.run_dir)
-            _report(result)
+            from jaxopt_lab.experiment.config import load_variants
+
+            if set(load_variants(args.config)) != {""}:  # a config with [variants.NAME]: run them all
+                from jaxopt_lab.experiment.compare import format_table, run_variants
+
+                if args.run_dir:
+                    raise ConfigError("--run-dir does not apply to a config with variants (each gets run.name/NAME)")
+                results, plot = run_variants(args.config, args.overrides)
+                print(format_table(results))
+                print(f"plot: {plot}")
+            else:
+                _report(trainer.run(args.config, args.overrides, run_dir=args.run_dir))
         elif args.command == "resume":
             _report(trainer.resume(args.run_dir, args.overrides))
         elif args.command == "sweep":

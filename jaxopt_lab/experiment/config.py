@@ -187,6 +187,8 @@ def from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
     trainer calls before any compute).
     """
     for section in raw:
+        if section == "variants":
+            raise ConfigError("a config with [variants.NAME] tables is run with `jaxopt-lab run` (load_variants)")
         if section not in SECTIONS:
             raise ConfigError(f"unknown config section [{section}]{_suggest(section, SECTIONS)}")
     values: dict[str, Any] = {}
@@ -250,6 +252,50 @@ def load(path: str, overrides: Iterable[str] = ()) -> ExperimentConfig:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path} is not valid TOML: {e}") from None
     return from_dict(apply_overrides(raw, overrides))
+
+
+def merge_variant(base: Mapping[str, Any], variant: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``variant`` merged in, key by key; a table that has a ``name``
+    (a model, data set or method) replaces the base's table whole, since its
+    arguments belong to that name."""
+    out = copy.deepcopy(dict(base))
+    for key, value in variant.items():
+        if isinstance(value, Mapping) and "name" not in value and isinstance(out.get(key), Mapping):
+            out[key] = merge_variant(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_variants(path: str, overrides: Iterable[str] = ()) -> dict[str, ExperimentConfig]:
+    """The configs of a file with ``[variants.NAME]`` tables, one per variant.
+
+    Each variant is the file's base config with the variant's tables merged in
+    (see :func:`merge_variant`), run under ``run.name/NAME``; ``overrides``
+    apply to every variant. A file without variants gives ``{"": config}``.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    variants = raw.pop("variants", None)
+    if variants is None:
+        return {"": from_dict(apply_overrides(raw, overrides))}
+    if not isinstance(variants, Mapping) or not variants or not all(isinstance(v, Mapping) for v in variants.values()):
+        raise ConfigError("[variants] must hold one or more tables [variants.NAME]")
+    out = {}
+    for name, variant in variants.items():
+        merged = merge_variant(raw, variant)
+        run = merged.setdefault("run", {})
+        run["name"] = f"{run.get('name', RunConfig.name)}/{name}"
+        try:
+            out[name] = from_dict(apply_overrides(merged, overrides))
+        except ConfigError as e:
+            raise ConfigError(f"variant {name!r}: {e}") from None
+    return out
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -121,4 +121,22 @@ def test_differing_keys():
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "*.toml"))))
 def test_every_shipped_experiment_validates(path):
-    build_lib.build(config_lib.load(path))
+    for cfg in config_lib.load_variants(path).values():
+        build_lib.build(cfg)
+
+
+def test_variants_merge_and_replace_named_tables(tmp_path):
+    path = tmp_path / "v.toml"
+    path.write_text(
+        '[run]\nname = "cmp"\n[data]\nname = "digits"\n[model]\nname = "mlp"\nhidden = [4]\n'
+        '[method]\nname = "sgd"\nlearning_rate = 0.1\n[train]\nsteps = 5\nbatch_size = 8\n'
+        '[variants.a]\ntrain = { steps = 7 }\n'
+        '[variants.b]\nmethod = { name = "adamw", learning_rate = 1e-3 }\n'
+    )
+    cfgs = config_lib.load_variants(str(path), ["train.batch_size=4"])
+    assert list(cfgs) == ["a", "b"]
+    assert (cfgs["a"].train.steps, cfgs["a"].train.batch_size, cfgs["a"].run.name) == (7, 4, "cmp/a")
+    assert cfgs["b"].method == {"name": "adamw", "learning_rate": 1e-3}  # replaced whole, no stray momentum
+    assert cfgs["b"].train.steps == 5
+    with pytest.raises(config_lib.ConfigError, match=r"variant 'a'.*train\.stepz"):
+        config_lib.load_variants(str(path), ["train.stepz=1"])

@@ -1,0 +1,37 @@
+"""Run the ``[variants.NAME]`` of one config side by side: table and plot."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+from jaxopt_lab.experiment import config as config_lib
+from jaxopt_lab.experiment.build import build
+from jaxopt_lab.experiment.plot import plot_runs
+from jaxopt_lab.experiment.trainer import RunResult, run
+
+COLUMNS = (("eval_loss", "final eval loss", "{:.4f}"), ("eval_accuracy", "eval acc", "{:.4f}"),
+           ("bytes_communicated", "bytes/worker", "{:.3e}"), ("wall_time", "wall-clock s", "{:.0f}"))
+
+
+def run_variants(path: str, overrides: Iterable[str] = ()) -> tuple[dict[str, RunResult], str]:
+    """Run every variant of ``path`` (validating all of them first); return results and the plot path."""
+    configs = config_lib.load_variants(path, overrides)
+    for cfg in configs.values():  # every variant's data/model/method is checked before any training
+        build(cfg)
+    results = {name: run(cfg) for name, cfg in configs.items()}
+    base = os.path.dirname(next(iter(results.values())).run_dir)
+    out = plot_runs([r.run_dir for r in results.values()], os.path.join(base, "compare.png"), labels=list(results))
+    with open(os.path.join(base, "compare.md"), "w") as f:
+        f.write(format_table(results) + "\n")
+    return results, out
+
+
+def format_table(results: dict[str, RunResult]) -> str:
+    """A Markdown table of each variant's final metrics."""
+    cols = [c for c in COLUMNS if any(c[0] in r.final for r in results.values())]
+    lines = ["| variant | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
+    for name, r in results.items():
+        cells = [fmt.format(r.final[key]) if key in r.final else "-" for key, _, fmt in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
