@@ -8,12 +8,18 @@ models and the experiment runner live in their subpackages
 from jaxopt_lab.distributed.data_parallel import DataParallelState, data_parallel
 from jaxopt_lab.distributed.local_sgd import LocalSGDState, local_sgd
 from jaxopt_lab.distributed.streaming_diloco import StreamingDiLoCoState, streaming_diloco
+from jaxopt_lab.distributed.gossip import GossipState, gossip
+from jaxopt_lab.distributed.dfedsam import DFedSAMState, dfedsam
 from jaxopt_lab.distributed.diloco import DiLoCoState, diloco, diloco_inner, diloco_outer
 from jaxopt_lab.transforms.orthogonal_grad import OrthogonalGradState, orthogonal_grad
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GossipState",
+    "gossip",
+    "DFedSAMState",
+    "dfedsam",
     "StreamingDiLoCoState",
     "streaming_diloco",
     "LocalSGDState",

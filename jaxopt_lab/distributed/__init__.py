@@ -4,10 +4,25 @@ from jaxopt_lab.distributed.accounting import ByteCount, communicated_bytes, tre
 from jaxopt_lab.distributed.data_parallel import DataParallelState, data_parallel
 from jaxopt_lab.distributed.local_sgd import LocalSGDState, local_sgd, qsr_period
 from jaxopt_lab.distributed.streaming_diloco import StreamingDiLoCoState, streaming_diloco
+from jaxopt_lab.distributed.gossip import GossipState, consensus_distance, gossip, mix
+from jaxopt_lab.distributed.dfedsam import DFedSAMState, dfedsam
+from jaxopt_lab.distributed.topology import TOPOLOGIES, Topology, complete, exponential, ring, torus2d
 from jaxopt_lab.distributed.diloco import DiLoCoState, diloco, diloco_inner, diloco_outer
 from jaxopt_lab.distributed.workers import WorkerRunner
 
 __all__ = [
+    "GossipState",
+    "consensus_distance",
+    "gossip",
+    "mix",
+    "DFedSAMState",
+    "dfedsam",
+    "TOPOLOGIES",
+    "Topology",
+    "complete",
+    "exponential",
+    "ring",
+    "torus2d",
     "StreamingDiLoCoState",
     "streaming_diloco",
     "LocalSGDState",

@@ -261,3 +261,15 @@ def complete(num_workers: int) -> Topology:
     """
     w = _check_num_workers(num_workers)
     return _uniform(f"complete({w})", w, [_shift(w, k) for k in range(1, w)])
+
+
+TOPOLOGIES = {"ring": ring, "torus2d": torus2d, "exponential": exponential, "complete": complete}
+
+
+def topology_for(topology: "Topology | str", num_workers: int) -> Topology:
+    """``topology`` itself, or the named topology (``TOPOLOGIES``) over ``num_workers`` workers."""
+    if isinstance(topology, Topology):
+        return topology
+    if topology not in TOPOLOGIES:
+        raise ValueError(f"topology must be a Topology or one of {sorted(TOPOLOGIES)}, got {topology!r}")
+    return TOPOLOGIES[topology](num_workers)
