@@ -31,3 +31,11 @@ def test_quickstart_trains_and_plots():
     text = outputs(nb)
     before, after = text.split("validation loss ")[1].split(" after")[0].split(" -> ")
     assert float(after) < float(before) - 0.5, text  # bytes: ln 256 = 5.5 at start
+
+
+def test_diloco_notebook_compares_methods():
+    nb = execute("01_diloco.ipynb", {"DILOCO_STEPS": "50", "MPLBACKEND": "Agg"})
+    lines = [line for line in outputs(nb).splitlines() if "final test loss" in line]
+    assert len(lines) == 4
+    sent = {line.split(" final")[0].strip(): float(line.rsplit(" ", 1)[1]) for line in lines}
+    assert sent["data parallel"] == 10 * sent["DiLoCo H=10"] > 0  # 1/H of the bytes
