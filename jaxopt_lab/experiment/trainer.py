@@ -37,6 +37,10 @@ def _is_count(x: Any) -> bool:
     return isinstance(x, ByteCount)
 
 
+def _has_consensus(x: Any) -> bool:
+    return isinstance(x, tuple) and hasattr(x, "_fields") and "consensus" in x._fields
+
+
 class TrainState(NamedTuple):
     """Everything that changes during training (what a checkpoint holds)."""
 
@@ -161,9 +165,12 @@ class Trainer:
         if self.runner is None:
             return {k: float(v) for k, v in metrics.items()}
         counts = [n for n in jax.tree.leaves(state.opt_state, is_leaf=_is_count) if _is_count(n)]
-        metrics, counts = self.runner.get((metrics, counts))
+        consensus = [n.consensus for n in jax.tree.leaves(state.opt_state, is_leaf=_has_consensus) if _has_consensus(n)]
+        metrics, counts, consensus = self.runner.get((metrics, counts, consensus))
         out = {k: float(np.mean(v)) for k, v in metrics.items()}
         out["bytes_communicated"] = float(np.mean(communicated_bytes(counts)))
+        if consensus:  # decentralized methods: distance of the workers from their mean
+            out["consensus_distance"] = float(np.mean(consensus[0]))
         return out
 
     def restore(self) -> TrainState:

@@ -69,3 +69,10 @@ def test_single_worker_method_with_workers_is_an_error():
         build_lib.build(cfg({"name": "data_parallel", "inner": {"name": "sgd", "learnin_rate": 0.1}}, {"count": 2}))
     with pytest.raises(config_lib.ConfigError, match=r"axis_name"):
         build_lib.build(cfg({"name": "data_parallel", "axis_name": "x", "inner": {"name": "sgd", "learning_rate": 0.1}}, {"count": 2}))
+
+
+def test_gossip_logs_consensus_distance(tmp_path):
+    method = {"name": "gossip", "topology": "ring", "inner": {"name": "sgd", "learning_rate": 0.3}}
+    records = read_metrics(trainer.run(cfg(method, {"count": 4}), run_dir=str(tmp_path)).run_dir)
+    assert all(r["consensus_distance"] > 0 for r in records[1:])  # workers see different data
+    assert [r["bytes_communicated"] for r in records[1:]] == [2 * 4 * MLP_PARAMS * t for t in range(1, STEPS + 1)]
