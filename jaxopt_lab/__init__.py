@@ -10,12 +10,17 @@ from jaxopt_lab.distributed.local_sgd import LocalSGDState, local_sgd
 from jaxopt_lab.distributed.streaming_diloco import StreamingDiLoCoState, streaming_diloco
 from jaxopt_lab.distributed.gossip import GossipState, gossip
 from jaxopt_lab.distributed.dfedsam import DFedSAMState, dfedsam
+from jaxopt_lab.distributed.compression import dgc, econtrol, quantize, top_k
 from jaxopt_lab.distributed.diloco import DiLoCoState, diloco, diloco_inner, diloco_outer
 from jaxopt_lab.transforms.orthogonal_grad import OrthogonalGradState, orthogonal_grad
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "dgc",
+    "econtrol",
+    "quantize",
+    "top_k",
     "GossipState",
     "gossip",
     "DFedSAMState",

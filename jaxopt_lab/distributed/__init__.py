@@ -7,10 +7,18 @@ from jaxopt_lab.distributed.streaming_diloco import StreamingDiLoCoState, stream
 from jaxopt_lab.distributed.gossip import GossipState, consensus_distance, gossip, mix
 from jaxopt_lab.distributed.dfedsam import DFedSAMState, dfedsam
 from jaxopt_lab.distributed.topology import TOPOLOGIES, Topology, complete, exponential, ring, torus2d
+from jaxopt_lab.distributed.compression import Compressor, compressed_pmean, dgc, econtrol, identity, quantize, top_k
 from jaxopt_lab.distributed.diloco import DiLoCoState, diloco, diloco_inner, diloco_outer
 from jaxopt_lab.distributed.workers import WorkerRunner
 
 __all__ = [
+    "Compressor",
+    "compressed_pmean",
+    "dgc",
+    "econtrol",
+    "identity",
+    "quantize",
+    "top_k",
     "GossipState",
     "consensus_distance",
     "gossip",

@@ -5,20 +5,28 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxopt_lab.distributed.accounting import ByteCount, add_bytes, tree_bytes, zero_bytes
+from jaxopt_lab.distributed.compression import compressed_pmean
 
 AxisName = Any  # a name, or a tuple of names (several workers per device)
 
 
 class DataParallelState(NamedTuple):
     inner_state: optax.OptState
+    compressor_state: Any  # error-feedback buffers etc. (empty without a compressor)
+    step: jax.Array
+    key: jax.Array  # for stochastic rounding
     bytes_sent: ByteCount
 
 
 def data_parallel(
-    inner: optax.GradientTransformation, axis_name: AxisName = "workers"
+    inner: optax.GradientTransformation,
+    compressor: Any = None,
+    seed: int = 0,
+    axis_name: AxisName = "workers",
 ) -> optax.GradientTransformation:
     r"""Synchronous data parallelism (the baseline every distributed method is measured against).
 
@@ -29,10 +37,14 @@ def data_parallel(
 
     so the workers' parameters stay identical. Each step a worker sends its full
     gradient: ``tree_bytes(grads)`` bytes (4 · n_params in fp32), counted in
-    ``state.bytes_sent``.
+    ``state.bytes_sent``. With a ``compressor`` (``jaxopt_lab.distributed.
+    compression``: top-k with error feedback, DGC, EControl, quantizers) each
+    worker sends its compressed gradient instead, and the payload bytes count.
 
     Args:
       inner: any optax transformation, applied to the averaged gradient.
+      compressor: a compressor applied to each worker's gradient, or None.
+      seed: seed of the stochastic-rounding key (folded with step and worker).
       axis_name: the worker axis the step runs over.
 
     Returns:
@@ -41,11 +53,26 @@ def data_parallel(
     """
 
     def init_fn(params):
-        return DataParallelState(inner.init(params), zero_bytes())
+        return DataParallelState(
+            inner_state=inner.init(params),
+            compressor_state=compressor.init(params) if compressor else (),
+            step=jnp.zeros((), jnp.int32),
+            key=jax.random.key_data(jax.random.key(seed)),
+            bytes_sent=zero_bytes(),
+        )
 
     def update_fn(updates, state, params=None):
-        mean = jax.lax.pmean(updates, axis_name)
+        if compressor is None:
+            mean, comp_state, nbytes = jax.lax.pmean(updates, axis_name), (), tree_bytes(updates)
+        else:
+            key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+            key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+            mean, comp_state, nbytes = compressed_pmean(
+                updates, state.compressor_state, key, state.step, compressor, axis_name
+            )
         updates, inner_state = inner.update(mean, state.inner_state, params)
-        return updates, DataParallelState(inner_state, add_bytes(state.bytes_sent, tree_bytes(mean)))
+        return updates, DataParallelState(
+            inner_state, comp_state, state.step + 1, state.key, add_bytes(state.bytes_sent, nbytes)
+        )
 
     return optax.GradientTransformation(init_fn, update_fn)

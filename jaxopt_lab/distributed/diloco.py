@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxopt_lab.distributed.accounting import ByteCount, add_bytes, tree_bytes, zero_bytes
+from jaxopt_lab.distributed.compression import compressed_pmean
 
 AxisName = Any
 
@@ -22,6 +23,8 @@ class DiLoCoState(NamedTuple):
     anchor: optax.Params  # θ_global: the parameters at the last synchronization
     inner_state: optax.OptState
     outer_state: optax.OptState
+    compressor_state: Any  # empty without a compressor
+    key: jax.Array  # for stochastic rounding
     bytes_sent: ByteCount
 
 
@@ -39,6 +42,8 @@ def diloco(
     inner: optax.GradientTransformation | None = None,
     outer: optax.GradientTransformation | None = None,
     sync_every: int = 500,
+    compressor: Any = None,
+    seed: int = 0,
     axis_name: AxisName = "workers",
 ) -> optax.GradientTransformation:
     r"""DiLoCo for one worker of a named worker axis.
@@ -73,6 +78,10 @@ def diloco(
       outer: optax transformation applied to the averaged outer gradient
         (default :func:`diloco_outer`, Nesterov SGD lr 0.7, momentum 0.9).
       sync_every: H, inner steps between synchronizations.
+      compressor: a ``jaxopt_lab.distributed.compression`` compressor applied to
+        each worker's outer gradient before the all-reduce (bytes: its payload),
+        or None. Not combined with ``present``.
+      seed: seed of the stochastic-rounding key (folded with step and worker).
       axis_name: the worker axis.
 
     Returns:
@@ -81,6 +90,8 @@ def diloco(
     """
     if not isinstance(sync_every, int) or isinstance(sync_every, bool) or sync_every < 1:
         raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
+    if compressor is not None and not hasattr(compressor, "compress"):
+        raise ValueError(f"compressor must be a jaxopt_lab.distributed.compression compressor, got {compressor!r}")
     inner = diloco_inner() if inner is None else inner
     outer = diloco_outer() if outer is None else outer
 
@@ -90,6 +101,8 @@ def diloco(
             anchor=params,
             inner_state=inner.init(params),
             outer_state=outer.init(params),
+            compressor_state=compressor.init(params) if compressor else (),
+            key=jax.random.key_data(jax.random.key(seed)),
             bytes_sent=zero_bytes(),
         )
 
@@ -97,13 +110,22 @@ def diloco(
         del extra_args
         if params is None:
             raise ValueError("diloco needs params: call update(grads, state, params)")
+        if present is not None and compressor is not None:
+            raise ValueError("diloco: present (absent workers) is not supported together with a compressor")
         inner_updates, inner_state = inner.update(grads, state.inner_state, params)
         local = optax.apply_updates(params, inner_updates)
         step = state.step + 1
 
         def synchronize(_):
             outer_grad = jax.tree.map(lambda a, p: a - p, state.anchor, local)
-            if present is None:
+            comp_state, nbytes = state.compressor_state, tree_bytes(outer_grad)
+            if compressor is not None:
+                key = jax.random.fold_in(jax.random.wrap_key_data(state.key), step)
+                key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+                outer_grad, comp_state, nbytes = compressed_pmean(
+                    outer_grad, comp_state, key, step, compressor, axis_name
+                )
+            elif present is None:
                 outer_grad = jax.lax.pmean(outer_grad, axis_name)
             else:  # average over the workers present; none present: a zero outer gradient
                 weight = jnp.asarray(present, jnp.float32)
@@ -114,13 +136,15 @@ def diloco(
                 )
             outer_updates, outer_state = outer.update(outer_grad, state.outer_state, state.anchor)
             anchor = optax.apply_updates(state.anchor, outer_updates)
-            return anchor, anchor, outer_state, add_bytes(state.bytes_sent, tree_bytes(outer_grad))
+            return anchor, anchor, outer_state, comp_state, add_bytes(state.bytes_sent, nbytes)
 
         def keep_going(_):
-            return local, state.anchor, state.outer_state, state.bytes_sent
+            return local, state.anchor, state.outer_state, state.compressor_state, state.bytes_sent
 
-        new_params, anchor, outer_state, sent = jax.lax.cond(step % sync_every == 0, synchronize, keep_going, None)
+        new_params, anchor, outer_state, comp_state, sent = jax.lax.cond(
+            step % sync_every == 0, synchronize, keep_going, None
+        )
         updates = jax.tree.map(lambda n, p: n - p, new_params, params)
-        return updates, DiLoCoState(step, anchor, inner_state, outer_state, sent)
+        return updates, DiLoCoState(step, anchor, inner_state, outer_state, comp_state, state.key, sent)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

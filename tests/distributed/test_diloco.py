@@ -111,3 +111,28 @@ def test_multi_worker_state_checkpoints_and_resumes_bit_identically(tmp_path):
 def test_bad_sync_every():
     with pytest.raises(ValueError, match="sync_every must be an int >= 1, got 0"):
         diloco(sync_every=0)
+
+
+def test_uncompressing_compressors_change_nothing():
+    """top-k with k = all and no error feedback (and bf16-free identity) = the uncompressed method."""
+    from jaxopt_lab.distributed import identity, top_k
+
+    for compressor in (identity(), top_k(1.0, error_feedback=False)):
+        a, sa = run(RUNNER, data_parallel(optax.sgd(0.1), compressor=compressor), 4, W)
+        b, _ = run(RUNNER, data_parallel(optax.sgd(0.1)), 4, W)
+        c, _ = run(RUNNER, diloco(optax.adam(0.05), sync_every=2, compressor=compressor), 4, W)
+        d, _ = run(RUNNER, diloco(optax.adam(0.05), sync_every=2), 4, W)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+            np.testing.assert_array_equal(c[k], d[k])
+
+
+def test_compressed_ddp_counts_payload_bytes():
+    from jaxopt_lab.distributed import quantize, top_k
+
+    _, state = run(RUNNER, data_parallel(optax.sgd(0.1), compressor=top_k(0.5)), 3, W)
+    # per step: w keeps 3 of 5 values, b keeps 1 of 1; each value 4 bytes + a 4-byte index
+    np.testing.assert_array_equal(communicated_bytes(state), [3 * (3 + 1) * 8] * W)
+    _, state = run(RUNNER, diloco(optax.sgd(0.1), sync_every=2, compressor=quantize("int8")), 4, W)
+    # two syncs; int8 payload per tensor: n bytes + a 4-byte fp32 scale
+    np.testing.assert_array_equal(communicated_bytes(state), [2 * ((5 + 4) + (1 + 4))] * W)
