@@ -116,9 +116,9 @@ def _build_model(model: Mapping[str, Any], dataset: Any, seed: int) -> tuple[nnx
     if preset is not None and presets is None:
         raise ConfigError(f"model.preset is not a key of model {name!r} (it has no presets)")
     check_kwargs("model", cls.__init__, kwargs)
-    base = dict(presets[preset]) if preset is not None and preset in presets else {}
     if preset is not None and preset not in presets:
         raise ConfigError(f"unknown model.preset {preset!r}{_suggest(preset, presets)}")
+    base = dict(presets[preset]) if preset is not None else {}
     kwargs = {**base, **_DATA_DERIVED[name](dataset), **kwargs}
     try:
         # one compiled init instead of an eager op-by-op one (seconds faster on CPU)

@@ -242,15 +242,20 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[st
     return out
 
 
-def load(path: str, overrides: Iterable[str] = ()) -> ExperimentConfig:
-    """Read a TOML config file, apply overrides, validate."""
+def read_toml(path: str) -> dict[str, Any]:
+    """A TOML file as a dict; a missing or malformed file is a ConfigError naming it."""
     try:
         with open(path, "rb") as f:
-            raw = tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path} is not valid TOML: {e}") from None
+
+
+def load(path: str, overrides: Iterable[str] = ()) -> ExperimentConfig:
+    """Read a TOML config file, apply overrides, validate."""
+    raw = read_toml(path)
     return from_dict(apply_overrides(raw, overrides))
 
 
@@ -274,13 +279,7 @@ def load_variants(path: str, overrides: Iterable[str] = ()) -> dict[str, Experim
     (see :func:`merge_variant`), run under ``run.name/NAME``; ``overrides``
     apply to every variant. A file without variants gives ``{"": config}``.
     """
-    try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    raw = read_toml(path)
     variants = raw.pop("variants", None)
     if variants is None:
         return {"": from_dict(apply_overrides(raw, overrides))}
