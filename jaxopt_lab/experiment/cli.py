@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="a grid axis (repeatable; the grid is their Cartesian product)")
     w.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
-    pl = sub.add_parser("plot", help="plot runs side by side")
+    pl = sub.add_parser("plot", help="plot runs side by side and print their final metrics")
     pl.add_argument("run_dirs", nargs="+")
     pl.add_argument("-o", "--out", required=True, help="output PNG path")
     return p
@@ -60,9 +60,15 @@ def main(argv: list[str] | None = None) -> int:
 
             print(format_table(sweep(args.config, args.grid, args.overrides)))
         elif args.command == "plot":
+            import os
+
+            from jaxopt_lab.experiment.compare import format_table
+            from jaxopt_lab.experiment.metrics import read_metrics
             from jaxopt_lab.experiment.plot import plot_runs
 
+            finals = {os.path.basename(os.path.normpath(d)): trainer.RunResult(d, read_metrics(d)[-1]) for d in args.run_dirs if read_metrics(d)}
             print(plot_runs(args.run_dirs, args.out))
+            print(format_table(finals))
     except (ConfigError, trainer.NonFiniteLossError, trainer.RunDirError, ValueError) as e:
         print(f"jaxopt-lab {args.command}: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, (ConfigError, trainer.RunDirError)) else 1
