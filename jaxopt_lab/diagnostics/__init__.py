@@ -1,0 +1,14 @@
+"""Loss-landscape diagnostics from Hessian-vector products (pure, jit-able, pytree params)."""
+
+from jaxopt_lab.diagnostics.eigen import top_eigenvalue
+from jaxopt_lab.diagnostics.hvp import hvp
+from jaxopt_lab.diagnostics.sharpness import directional_sharpness, edge_of_stability
+from jaxopt_lab.diagnostics.trace import hutchinson_trace
+
+__all__ = [
+    "directional_sharpness",
+    "edge_of_stability",
+    "hutchinson_trace",
+    "hvp",
+    "top_eigenvalue",
+]
