@@ -12,7 +12,23 @@ from jaxopt_lab.distributed.gossip import GossipState, gossip
 from jaxopt_lab.distributed.dfedsam import DFedSAMState, dfedsam
 from jaxopt_lab.distributed.compression import dgc, econtrol, quantize, top_k
 from jaxopt_lab.distributed.diloco import DiLoCoState, diloco, diloco_inner, diloco_outer
-from jaxopt_lab.transforms.orthogonal_grad import OrthogonalGradState, orthogonal_grad
+from jaxopt_lab.transforms import (
+    AddScaledParamsState,
+    OrthogonalGradState,
+    ScaleByAdamPState,
+    ScaleByDiffGradState,
+    ScaleBySGDPState,
+    adamp,
+    clip_by_coordinate,
+    diffgrad,
+    independent_weight_decay,
+    orthogonal_grad,
+    perp_adamw,
+    scale_by_adamp,
+    scale_by_diffgrad,
+    scale_by_sgdp,
+    sgdp,
+)
 
 __version__ = "0.1.0"
 
@@ -31,7 +47,20 @@ __all__ = [
     "local_sgd",
     "DataParallelState",
     "DiLoCoState",
+    "AddScaledParamsState",
     "OrthogonalGradState",
+    "ScaleByAdamPState",
+    "ScaleByDiffGradState",
+    "ScaleBySGDPState",
+    "adamp",
+    "clip_by_coordinate",
+    "diffgrad",
+    "independent_weight_decay",
+    "perp_adamw",
+    "scale_by_adamp",
+    "scale_by_diffgrad",
+    "scale_by_sgdp",
+    "sgdp",
     "data_parallel",
     "diloco",
     "diloco_inner",

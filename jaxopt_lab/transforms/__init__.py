@@ -1,5 +1,25 @@
 """Single-worker transformations (one method per file)."""
 
+from jaxopt_lab.transforms.adamp import ScaleByAdamPState, ScaleBySGDPState, adamp, scale_by_adamp, scale_by_sgdp, sgdp
+from jaxopt_lab.transforms.diffgrad import ScaleByDiffGradState, diffgrad, scale_by_diffgrad
 from jaxopt_lab.transforms.orthogonal_grad import OrthogonalGradState, orthogonal_grad
+from jaxopt_lab.transforms.perp_adamw import perp_adamw
+from jaxopt_lab.transforms.weight_decay import AddScaledParamsState, clip_by_coordinate, independent_weight_decay
 
-__all__ = ["OrthogonalGradState", "orthogonal_grad"]
+__all__ = [
+    "AddScaledParamsState",
+    "OrthogonalGradState",
+    "ScaleByAdamPState",
+    "ScaleByDiffGradState",
+    "ScaleBySGDPState",
+    "adamp",
+    "clip_by_coordinate",
+    "diffgrad",
+    "independent_weight_decay",
+    "orthogonal_grad",
+    "perp_adamw",
+    "scale_by_adamp",
+    "scale_by_diffgrad",
+    "scale_by_sgdp",
+    "sgdp",
+]

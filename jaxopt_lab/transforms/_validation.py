@@ -1,0 +1,64 @@
+"""Argument checks shared by the single-worker transformations.
+
+The checks run when a transformation is built. Under ``optax.inject_hyperparams``
+the factory is called again inside ``update`` with the hyperparameters as
+arrays, traced when ``update`` is jitted: a traced value cannot be checked and
+is let through (``init``, usually run outside jit, checks the same values).
+Schedules (callables) are let through as well.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def _concrete_float(value: Any) -> float | None:
+    """``value`` as a Python float, or None if it is traced or a schedule."""
+    if value is None or callable(value):
+        return None
+    try:
+        return float(value)
+    except jax.errors.ConcretizationTypeError:
+        return None
+
+
+def require(name: str, value: Any, ok: Callable[[float], bool], requirement: str) -> None:
+    """Raise ``ValueError("<name> must be <requirement>, got <value>")`` if ``not ok(value)``."""
+    v = _concrete_float(value)
+    if v is not None and not ok(v):  # NaN fails every comparison, so it is refused too
+        raise ValueError(f"{name} must be {requirement}, got {value!r}")
+
+
+def non_negative(name: str, value: Any) -> None:
+    require(name, value, lambda v: v >= 0, ">= 0")
+
+
+def positive(name: str, value: Any) -> None:
+    require(name, value, lambda v: v > 0, "> 0")
+
+
+def in_unit_interval(name: str, value: Any) -> None:
+    """``0 <= value < 1`` (decay rates, momentum)."""
+    require(name, value, lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+def static_axis(name: str, value: Any) -> int:
+    """An axis index known when tracing: a Python int or a concrete integer scalar.
+
+    ``optax.inject_hyperparams`` turns every int argument into an array; jitted,
+    that array is a tracer, which cannot index an axis.
+    """
+    if isinstance(value, jax.core.Tracer):
+        raise ValueError(
+            f"{name} must be static; under optax.inject_hyperparams pass static_args=({name!r},)"
+        )
+    if isinstance(value, (bool, jnp.bool_)) or getattr(value, "dtype", None) == jnp.bool_:
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an int, got {value!r}") from None
