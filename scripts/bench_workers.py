@@ -58,7 +58,7 @@ def main():
     model = MLP(64, (128,), 10, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  jax {jax.__version__}  mode {args.mode}")
-    print(f"{'workers':>7} | {'loop w-steps/s':>14} | {'vmap w-steps/s':>14} | {'vmap/loop':>9} | {'diloco(H=1) w-steps/s':>21}")
+    print(f"{'workers':>7} | {'loop w-steps/s':>14} | {'mapped w-steps/s':>16} | {'mapped/loop':>11} | {'diloco(H=1) w-steps/s':>21}")
     for w in args.workers:
         xs, ys = zip(*(data.batch(i, args.batch, 0) for i in range(w)))
         x, y = np.stack(xs), np.stack(ys)
@@ -80,7 +80,7 @@ def main():
         t_loop = timeit(loop)
         t_vmap = timeit(lambda: mapped(*stacked, xw, yw))
         t_dil = timeit(lambda: dmapped(*dstate, xw, yw))
-        print(f"{w:>7} | {w / t_loop:>14.0f} | {w / t_vmap:>14.0f} | {t_loop / t_vmap:>8.1f}x | {w / t_dil:>21.0f}")
+        print(f"{w:>7} | {w / t_loop:>14.0f} | {w / t_vmap:>16.0f} | {t_loop / t_vmap:>10.1f}x | {w / t_dil:>21.0f}")
 
 
 if __name__ == "__main__":

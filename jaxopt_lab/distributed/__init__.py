@@ -35,6 +35,7 @@ __all__ = [
     "streaming_diloco",
     "LocalSGDState",
     "local_sgd",
+    "qsr_period",
     "ByteCount",
     "DataParallelState",
     "DiLoCoState",

@@ -1,6 +1,5 @@
 """Streaming DiLoCo: reduces to DiLoCo, staggered fragment schedule, float64 reference with overlap."""
 
-import jax
 import numpy as np
 import optax
 import pytest

@@ -18,10 +18,11 @@ import inspect
 
 import jax
 import numpy as np
-import optax
+
+from tests.transforms.trajectory import trajectory
 import pytest
 
-from jaxopt_lab.transforms.adamp import adamp, scale_by_adamp, sgdp
+from jaxopt_lab.transforms.adamp import adamp, sgdp
 
 # torch layout: Linear (out=4, in=3), Conv2d (out=4, in=3, kh=2, kw=2)
 TORCH_SHAPES = {"dense": (4, 3), "conv": (4, 3, 2, 2)}
@@ -140,13 +141,7 @@ def run_jax(tx, params, grads):
 
     @jax.jit
     def run(params, grads):
-        def step(carry, g):
-            p, s = carry
-            u, s = tx.update(g, s, p)
-            p = optax.apply_updates(p, u)
-            return (p, s), p
-
-        return jax.lax.scan(step, (params, tx.init(params)), grads)[1]
+        return trajectory(tx, params, grads)
 
     f32 = lambda t: jax.tree.map(lambda x: np.asarray(x, np.float32), t)  # noqa: E731
     return jax.tree.map(np.asarray, run(f32(params), f32(grads)))

@@ -5,7 +5,8 @@ import inspect
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+
+from tests.transforms.trajectory import trajectory
 import pytest
 
 from jaxopt_lab.transforms.diffgrad import diffgrad, scale_by_diffgrad
@@ -55,13 +56,7 @@ def jax_trajectory(problem):
 
     @jax.jit
     def run(params, grads):
-        def step(carry, g):
-            p, s = carry
-            u, s = tx.update(g, s, p)
-            p = optax.apply_updates(p, u)
-            return (p, s), p
-
-        return jax.lax.scan(step, (params, tx.init(params)), grads)[1]
+        return trajectory(tx, params, grads)
 
     return jax.tree.map(np.asarray, run(params, grads))
 

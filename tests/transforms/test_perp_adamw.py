@@ -2,7 +2,8 @@
 
 import jax
 import numpy as np
-import optax
+
+from tests.transforms.trajectory import trajectory
 import pytest
 
 from jaxopt_lab.transforms.perp_adamw import perp_adamw
@@ -35,13 +36,7 @@ def test_matches_numpy_reference_over_several_steps():
 
     @jax.jit
     def run(params, grads):
-        def step(carry, g):
-            p, s = carry
-            u, s = tx.update(g, s, p)
-            p = optax.apply_updates(p, u)
-            return (p, s), p
-
-        return jax.lax.scan(step, (params, tx.init(params)), grads)[1]
+        return trajectory(tx, params, grads)
 
     out = run(params, grads)
     for k in SHAPES:

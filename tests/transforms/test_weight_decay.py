@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from tests.transforms.trajectory import trajectory
 import pytest
 
 from jaxopt_lab.transforms.weight_decay import clip_by_coordinate, independent_weight_decay
@@ -44,13 +46,7 @@ def _trajectory(make_decay):
     def run(params, grads, lr, wd):
         tx = optax.chain(optax.adam(lr), make_decay(wd))
 
-        def step(carry, g):
-            p, s = carry
-            u, s = tx.update(g, s, p)
-            p = optax.apply_updates(p, u)
-            return (p, s), p
-
-        return jax.lax.scan(step, (params, tx.init(params)), grads)[1]
+        return trajectory(tx, params, grads)
 
     return run
 
