@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 
 from jaxopt_lab.data import DATASETS
+from jaxopt_lab.losses import stable_max_cross_entropy
 from jaxopt_lab.experiment.config import (
     ConfigError,
     ExperimentConfig,
@@ -170,10 +171,11 @@ def build(config: ExperimentConfig) -> Experiment:
 # ---- losses and metrics per task -------------------------------------------------
 
 
-def per_example(task: str, outputs: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:
+def per_example(task: str, outputs: jax.Array, targets: jax.Array, loss: str = "cross_entropy") -> dict[str, jax.Array]:
     """Per-example loss (and accuracy where it means something) for a task.
 
-    classification: softmax cross-entropy on integer labels, and accuracy;
+    classification: cross-entropy on integer labels (softmax, or StableMax with
+    ``loss="stable_max"``, Prieto et al. 2025), and accuracy;
     lm: the same per token, averaged over the sequence;
     regression: squared error of the scalar output.
     """
@@ -181,8 +183,11 @@ def per_example(task: str, outputs: jax.Array, targets: jax.Array) -> dict[str, 
         pred = outputs.reshape(targets.shape).astype(jnp.float32)
         return {"loss": jnp.square(pred - targets)}
     logits = outputs.astype(jnp.float32)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    if loss == "stable_max":
+        per = stable_max_cross_entropy(logits, targets)
+    else:
+        per = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     if task == "lm":
-        loss, correct = loss.mean(axis=-1), correct.mean(axis=-1)
-    return {"loss": loss, "accuracy": correct}
+        per, correct = per.mean(axis=-1), correct.mean(axis=-1)
+    return {"loss": per, "accuracy": correct}

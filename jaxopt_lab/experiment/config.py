@@ -9,7 +9,7 @@ A config has seven sections::
     [method]      name = any jaxopt_lab transform or optax alias + its keyword args;
                   a hyperparameter may be a schedule table
                   ``{schedule = "cosine_decay_schedule", init_value = 1e-3, decay_steps = 500}``
-    [train]       steps, batch_size, grad_accum, eval_every, eval_batches
+    [train]       steps, batch_size, grad_accum, eval_every, eval_batches, loss, sharpness_every
     [workers]     count, mode ("vmap" | "shard_map"); batch_size is per worker
     [checkpoint]  every, keep
     [logging]     tensorboard, progress
@@ -51,6 +51,8 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step (optax.MultiSteps)
     eval_every: int = 50  # 0: evaluate only after the last step
     eval_batches: int = 0  # held-out batches per evaluation; 0: the whole split
+    loss: str = "cross_entropy"  # or "stable_max" (classification and lm tasks)
+    sharpness_every: int = 0  # log the Hessian's top eigenvalue against 2/lr every k steps; 0: off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +90,8 @@ _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 _POSITIVE = {
     "train.steps", "train.batch_size", "train.grad_accum", "checkpoint.keep", "workers.count",
 }
-_NON_NEGATIVE = {"train.eval_every", "train.eval_batches", "checkpoint.every", "run.seed"}
+_NON_NEGATIVE = {"train.eval_every", "train.eval_batches", "train.sharpness_every", "checkpoint.every", "run.seed"}
+LOSSES = ("cross_entropy", "stable_max")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +210,10 @@ def from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
     cfg = ExperimentConfig(**values)
     if cfg.workers.mode not in ("vmap", "shard_map"):
         raise ConfigError(f"workers.mode must be 'vmap' or 'shard_map', got {cfg.workers.mode!r}")
+    if cfg.train.loss not in LOSSES:
+        raise ConfigError(f"train.loss must be one of {LOSSES}, got {cfg.train.loss!r}")
+    if cfg.train.sharpness_every and cfg.workers.count > 1:
+        raise ConfigError("train.sharpness_every is for single-worker runs (workers.count = 1)")
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise ConfigError(
             f"train.batch_size ({cfg.train.batch_size}) must be divisible by "

@@ -22,7 +22,9 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxopt_lab.diagnostics import edge_of_stability
 from jaxopt_lab.distributed.accounting import ByteCount, communicated_bytes
+from jaxopt_lab.losses import softmax_collapse_fraction
 from jaxopt_lab.experiment import config as config_lib
 from jaxopt_lab.experiment.build import Experiment, build, per_example
 from jaxopt_lab.experiment.checkpoint import Checkpointer
@@ -63,7 +65,21 @@ class RunResult:
     final: dict[str, Any]  # the last metrics record
 
 
-def make_train_step(graphdef: Any, rest: Any, tx: optax.GradientTransformation, task: str):
+def make_loss_fn(graphdef: Any, rest: Any, task: str, loss: str = "cross_entropy"):
+    """``(params, x, y) -> (mean loss, mean metrics)``; classification also reports the
+    softmax-collapse fraction (examples whose softmax cross-entropy gradient is exactly zero)."""
+
+    def loss_fn(params, x, y):
+        outputs = nnx.merge(graphdef, params, rest)(x)
+        metrics = {k: v.mean() for k, v in per_example(task, outputs, y, loss).items()}
+        if task == "classification":
+            metrics["softmax_collapse"] = softmax_collapse_fraction(outputs.astype(jnp.float32), y)
+        return metrics["loss"], metrics
+
+    return loss_fn
+
+
+def make_train_step(graphdef: Any, rest: Any, tx: optax.GradientTransformation, task: str, loss: str = "cross_entropy"):
     """``(state, xs, ys) -> (state, metrics)`` for one worker, over ``k`` micro-batches.
 
     ``xs``/``ys`` have a leading axis of ``train.grad_accum`` micro-batches; the
@@ -71,10 +87,7 @@ def make_train_step(graphdef: Any, rest: Any, tx: optax.GradientTransformation, 
     micro-batch gradient in turn and applies one update after the k-th.
     """
 
-    def loss_fn(params, x, y):
-        outputs = nnx.merge(graphdef, params, rest)(x)
-        metrics = {k: v.mean() for k, v in per_example(task, outputs, y).items()}
-        return metrics["loss"], metrics
+    loss_fn = make_loss_fn(graphdef, rest, task, loss)
 
     def micro_step(carry, batch):
         params, opt_state = carry
@@ -91,12 +104,12 @@ def make_train_step(graphdef: Any, rest: Any, tx: optax.GradientTransformation, 
     return train_step
 
 
-def make_eval_step(graphdef: Any, rest: Any, task: str):
+def make_eval_step(graphdef: Any, rest: Any, task: str, loss: str = "cross_entropy"):
     """A jitted ``(params, x, y, weight) -> sums of weighted per-example metrics``."""
 
     def eval_step(params, x, y, weight):
         outputs = nnx.merge(graphdef, params, rest)(x)
-        sums = {k: (v * weight).sum() for k, v in per_example(task, outputs, y).items()}
+        sums = {k: (v * weight).sum() for k, v in per_example(task, outputs, y, loss).items()}
         return sums, weight.sum()
 
     return jax.jit(eval_step)
@@ -128,8 +141,15 @@ class Trainer:
         self.cfg = experiment.config
         self.run_dir = run_dir
         graphdef, params, rest = nnx.split(experiment.model, nnx.Param, ...)
-        step = make_train_step(graphdef, rest, experiment.tx, experiment.task)
-        self.eval_step = make_eval_step(graphdef, rest, experiment.task)
+        loss = self.cfg.train.loss
+        step = make_train_step(graphdef, rest, experiment.tx, experiment.task, loss)
+        self.eval_step = make_eval_step(graphdef, rest, experiment.task, loss)
+        self.sharpness = None
+        if self.cfg.train.sharpness_every:
+            loss_fn = make_loss_fn(graphdef, rest, experiment.task, loss)
+            self.sharpness = jax.jit(
+                lambda p, x, y, lr, key: edge_of_stability(lambda q: loss_fn(q, x, y)[0], p, lr, key)
+            )
         initial = TrainState(jnp.zeros((), jnp.int32), params, experiment.tx.init(params))
         self.runner = experiment.runner
         if self.runner is None:
@@ -141,6 +161,8 @@ class Trainer:
             self._mean_params = jax.jit(lambda p: jax.tree.map(lambda x: x.mean(axis=0), p))
         self.checkpoints = Checkpointer(run_dir, keep=self.cfg.checkpoint.keep)
         self.lr = learning_rate_schedule(self.cfg.method)
+        if self.sharpness is not None and self.lr is None:
+            raise config_lib.ConfigError("train.sharpness_every needs a method with a learning_rate (the 2/lr threshold)")
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """The batch of optimizer step ``step``; with W workers, worker w gets stream index step·W + w."""
@@ -159,6 +181,14 @@ class Trainer:
         if self.runner is not None:
             params = self._mean_params(params)
         return evaluate(self.eval_step, params, self.exp.data, t.batch_size, t.eval_batches)
+
+    def edge_of_stability(self, params, step: int) -> dict[str, float]:
+        """Top Hessian eigenvalue on this step's (first micro-)batch against 2/lr (Cohen et al. 2021)."""
+        x, y = self.batch(step)
+        lr = self.lr(step)
+        key = jax.random.fold_in(jax.random.key(self.cfg.run.seed), step)
+        out = self.sharpness(params, x[0], y[0], jnp.float32(lr), key)
+        return {"sharpness": float(out["sharpness"]), "sharpness_ratio": float(out["ratio"])}
 
     def step_metrics(self, state: TrainState, metrics: dict) -> dict[str, float]:
         """Host-side metrics of one step (averaged over workers; bytes each worker sent)."""
@@ -211,6 +241,8 @@ class Trainer:
                     )
                 if self.lr is not None:
                     record["learning_rate"] = float(self.lr(step))
+                if self.sharpness is not None and (step + 1) % t.sharpness_every == 0:
+                    record.update(self.edge_of_stability(state.params, step))
                 done = step + 1
                 if done == t.steps or (t.eval_every and done % t.eval_every == 0):
                     record.update(self.evaluate(state.params))

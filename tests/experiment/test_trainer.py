@@ -133,3 +133,38 @@ def test_cli_run_sweep_plot_and_errors(tmp_path, capsys):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["run", cfg_path, "--set", "train.stepz=3"]) == 2
     assert "train.stepz" in capsys.readouterr().err
+
+
+def test_stable_max_loss_sharpness_and_collapse_are_logged(tmp_path):
+    """train.loss = stable_max trains; sharpness is logged every k steps and matches the
+    diagnostics function on the same params and batch; collapse fraction is a fraction."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from jaxopt_lab.diagnostics import top_eigenvalue
+    from jaxopt_lab.experiment.trainer import Trainer, make_loss_fn
+
+    cfg = tiny(train={"steps": 6, "eval_every": 3, "loss": "stable_max", "sharpness_every": 3},
+               method={"name": "sgd", "learning_rate": 0.1, "momentum": 0.0})
+    exp = build(cfg)
+    records = read_metrics(trainer.run(cfg, run_dir=str(tmp_path / "s")).run_dir)
+    assert [r["step"] for r in records if "sharpness" in r] == [3, 6]
+    assert all(0.0 <= r["softmax_collapse"] <= 1.0 for r in records[1:])
+    assert records[-1]["eval_loss"] < records[0]["eval_loss"]
+    # the logged ratio is sharpness * lr / 2
+    r = records[3]
+    assert r["sharpness_ratio"] == pytest.approx(r["sharpness"] * 0.1 / 2, rel=1e-5)
+    # and the sharpness is the top eigenvalue of the stable-max loss at the step's params/batch
+    t = Trainer(exp, str(tmp_path / "again"))
+    graphdef, _, rest = nnx.split(exp.model, nnx.Param, ...)
+    state = t.initial
+    for step in range(3):
+        state, _ = t.train_step(state, *t.batch(step))
+    x, y = t.batch(2)
+    loss_fn = make_loss_fn(graphdef, rest, "classification", "stable_max")
+    expected = top_eigenvalue(lambda p: loss_fn(p, x[0], y[0])[0], state.params, jax.random.key(0), num_iters=30)
+    assert r["sharpness"] == pytest.approx(float(expected), rel=2e-2)
+    assert np.isfinite(r["sharpness"])
+    with pytest.raises(config_lib.ConfigError, match=r"train\.loss must be one of .* got 'hinge'"):
+        tiny(train={"loss": "hinge"})
