@@ -13,6 +13,9 @@ from jaxopt_lab.distributed.dfedsam import DFedSAMState, dfedsam
 from jaxopt_lab.distributed.compression import dgc, econtrol, quantize, top_k
 from jaxopt_lab.distributed.diloco import DiLoCoState, diloco, diloco_inner, diloco_outer
 from jaxopt_lab.transforms import (
+    EntropySGDState,
+    entropy_sgd,
+    scale_by_entropy_sgd,
     AddScaledParamsState,
     OrthogonalGradState,
     ScaleByAdamPState,
@@ -33,6 +36,9 @@ from jaxopt_lab.transforms import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "EntropySGDState",
+    "entropy_sgd",
+    "scale_by_entropy_sgd",
     "dgc",
     "econtrol",
     "quantize",

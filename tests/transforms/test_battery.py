@@ -33,6 +33,7 @@ import pytest
 import jaxopt_lab.transforms
 from jaxopt_lab.transforms.adamp import adamp, scale_by_adamp, scale_by_sgdp, sgdp
 from jaxopt_lab.transforms.diffgrad import diffgrad, scale_by_diffgrad
+from jaxopt_lab.transforms.entropy_sgd import entropy_sgd, scale_by_entropy_sgd
 from jaxopt_lab.transforms.orthogonal_grad import orthogonal_grad
 from jaxopt_lab.transforms.perp_adamw import perp_adamw
 from jaxopt_lab.transforms.weight_decay import clip_by_coordinate, independent_weight_decay
@@ -55,6 +56,32 @@ def adam_independent_weight_decay(learning_rate, weight_decay):
 
 def clip_by_coordinate_sgd(learning_rate, max_abs):
     return optax.chain(clip_by_coordinate(max_abs), optax.sgd(learning_rate))
+
+
+def entropy_sgd_linearized(learning_rate, inner_steps, inner_lr, gamma, gamma_growth, noise, seed):
+    """entropy_sgd fed the battery's gradient at every inner step.
+
+    Entropy-SGD needs ``grad_fn`` (gradients at the Langevin iterates), which
+    the battery's ``update(grads, state, params)`` cannot give: this wrapper
+    passes ``grad_fn = lambda x, k: grads``, the loss's first-order model
+    around the parameters (exact for a linear loss). The inner loop, the noise,
+    the scoping of gamma and the outer momentum all still run; the step is
+    then a positive multiple of ``grads`` plus the small Langevin noise.
+    """
+    tx = entropy_sgd(
+        learning_rate,
+        inner_steps=inner_steps,
+        inner_lr=inner_lr,
+        gamma=gamma,
+        gamma_growth=gamma_growth,
+        noise=noise,
+        seed=seed,
+    )
+
+    def update_fn(grads, state, params=None):
+        return tx.update(grads, state, params, grad_fn=lambda x, k: grads)
+
+    return optax.GradientTransformation(tx.init, update_fn)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +154,18 @@ TRANSFORMS = [
         dict(learning_rate=0.1, max_abs=1.0),
         solve=dict(quadratic=dict(learning_rate=0.1), rosenbrock=dict(learning_rate=1e-3)),
         covers=(clip_by_coordinate,),
+    ),
+    Case(
+        "entropy_sgd (linearized grad_fn)",
+        entropy_sgd_linearized,
+        dict(learning_rate=0.1, inner_steps=3, inner_lr=0.5, gamma=1.0, gamma_growth=1e-3, noise=1e-4, seed=0),
+        # No scoping in the 20k-step runs: gamma (1 + 1e-3)^20000 would make the inner loop unstable.
+        solve=dict(
+            quadratic=dict(learning_rate=0.1, gamma_growth=0.0),
+            rosenbrock=dict(learning_rate=2e-4, gamma_growth=0.0),
+        ),
+        covers=(entropy_sgd, scale_by_entropy_sgd),
+        static_args=("inner_steps", "seed"),
     ),
 ]
 IDS = [c.name for c in TRANSFORMS]

@@ -1,0 +1,157 @@
+"""Entropy-SGD against a float64 numpy version of Algorithm 1 (Chaudhari et al. 2017)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxopt_lab.transforms.entropy_sgd import (
+    EntropySGDState,
+    entropy_sgd,
+    scale_by_entropy_sgd,
+)
+
+# Tiny programs run a few times: LLVM's optimizations cost more than they save.
+jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+
+# A quadratic whose minibatch k has its own target: f_k(x) = 1/2 (x - c_k)^T A (x - c_k).
+_RNG = np.random.default_rng(0)
+_B = _RNG.normal(size=(4, 4))
+A = _B @ _B.T / 4 + np.eye(4)
+C = _RNG.normal(size=(8, 4))  # one target per inner step k
+X0 = _RNG.normal(size=(4,))
+HP = dict(inner_steps=4, inner_lr=0.2, gamma=0.5, gamma_growth=0.1, alpha=0.75)
+
+
+def grad_k(x, k):
+    return A @ (x - C[k])
+
+
+def jax_grad_fn(p, k):
+    return {"x": (jnp.asarray(A, jnp.float32) @ (p["x"] - jnp.asarray(C, jnp.float32)[k])).astype(p["x"].dtype)}
+
+
+def numpy_entropy_sgd(x, steps, learning_rate, momentum, nesterov, inner_steps, inner_lr, gamma, gamma_growth, alpha):
+    """Algorithm 1 with noise 0, then optax's SGD momentum; float64, parameters after each outer step."""
+    x = x.astype(np.float64)
+    m = np.zeros_like(x)
+    out = []
+    for t in range(steps):
+        g_t = gamma * (1 + gamma_growth) ** t
+        xp, mu = x.copy(), x.copy()
+        for k in range(inner_steps):
+            xp = xp - inner_lr * (grad_k(xp, k) - g_t * (x - xp))
+            mu = (1 - alpha) * mu + alpha * xp
+        u = g_t * (x - mu)
+        m = u + momentum * m
+        x = x - learning_rate * (u + momentum * m if nesterov else m)
+        out.append(x)
+    return np.stack(out)
+
+
+def runner(tx, steps, grad_fn=jax_grad_fn):
+    """A compiled run of ``steps`` outer steps from a given state: parameters after each step."""
+
+    @jit
+    def go(p, s):
+        def step(carry, _):
+            p, s = carry
+            u, s = tx.update(grad_fn(p, 0), s, p, grad_fn=grad_fn)
+            p = optax.apply_updates(p, u)
+            return (p, s), p["x"]
+
+        return jax.lax.scan(step, (p, s), length=steps)[1]
+
+    return lambda state: np.asarray(go({"x": jnp.asarray(X0, jnp.float32)}, state), np.float64)
+
+
+def run(tx, steps, grad_fn=jax_grad_fn):
+    p = {"x": jnp.asarray(X0, jnp.float32)}
+    return runner(tx, steps, grad_fn)(tx.init(p))
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_matches_numpy_algorithm_1_without_noise(nesterov):
+    kw = dict(learning_rate=0.3, momentum=0.5, nesterov=nesterov, **HP)
+    got = run(entropy_sgd(noise=0.0, **kw), 3)
+    want = numpy_entropy_sgd(X0, 3, **kw)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(want[0], X0)
+
+
+def test_scale_by_returns_local_entropy_gradient():
+    # One outer step of the bare transform: u = gamma (x - mu), with k = 0 taken from grads.
+    tx = scale_by_entropy_sgd(noise=0.0, **HP)
+    p = {"x": jnp.asarray(X0, jnp.float32)}
+    u, state = jit(lambda p, s: tx.update(jax_grad_fn(p, 0), s, p, grad_fn=jax_grad_fn))(p, tx.init(p))
+    want = X0 - numpy_entropy_sgd(X0, 1, learning_rate=1.0, momentum=0.0, nesterov=False, **HP)[0]
+    np.testing.assert_allclose(np.asarray(u["x"]), want, rtol=1e-5, atol=1e-6)
+    assert isinstance(state, EntropySGDState) and int(state.count) == 1
+
+
+def test_noise_is_deterministic_per_seed_and_differs_across_seeds():
+    # The seed enters through init only, so one compiled run serves every seed.
+    kw = dict(learning_rate=0.3, noise=0.1, **HP)
+    go = runner(entropy_sgd(**kw), 3)
+    p = {"x": jnp.asarray(X0, jnp.float32)}
+    a, b, c = (go(entropy_sgd(seed=s, **kw).init(p)) for s in (0, 0, 1))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+    clean = numpy_entropy_sgd(X0, 3, momentum=0.9, nesterov=True, **{k: v for k, v in kw.items() if k != "noise"})
+    assert not np.allclose(a, clean, atol=1e-4)  # the noise is there
+    np.testing.assert_allclose(a, clean, atol=0.5)  # and of the size sqrt(inner_lr) * noise
+
+
+def test_reduces_a_quadratic():
+    # One minibatch (k ignored): f(x) = 1/2 (x - c)^T A (x - c), minimum 0.
+    def grad_fn(p, k):
+        return jax_grad_fn(p, 0)
+
+    xs = run(entropy_sgd(0.5, inner_steps=5, inner_lr=0.2, gamma=1.0, noise=1e-3), 60, grad_fn=grad_fn)
+    loss = lambda x: 0.5 * (x - C[0]) @ A @ (x - C[0])
+    assert loss(xs[-1]) < 1e-3 * loss(X0)
+
+
+def test_keeps_dtypes_and_works_with_a_tree():
+    tx = entropy_sgd(0.1, inner_steps=3)
+    p = {"a": jnp.ones((2, 3), jnp.bfloat16), "b": jnp.ones((3,), jnp.float32)}
+    g = jax.tree.map(jnp.ones_like, p)
+    u, _ = jit(lambda g, s, p: tx.update(g, s, p, grad_fn=lambda q, k: q))(g, tx.init(p), p)
+    assert jax.tree.map(lambda x: x.dtype, u) == jax.tree.map(lambda x: x.dtype, p)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(inner_steps=0), "inner_steps"),
+        (dict(inner_steps=2.0), "inner_steps"),
+        (dict(inner_lr=0.0), "inner_lr"),
+        (dict(gamma=-1.0), "gamma"),
+        (dict(gamma_growth=-0.1), "gamma_growth"),
+        (dict(alpha=0.0), "alpha"),
+        (dict(alpha=1.5), "alpha"),
+        (dict(noise=-1e-4), "noise"),
+        (dict(seed=1.5), "seed"),
+        (dict(momentum=1.0), "momentum"),
+        (dict(learning_rate=-0.1), "learning_rate"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, name):
+    kw = {"learning_rate": 0.1, **kwargs}
+    with pytest.raises(ValueError, match=name) as info:
+        entropy_sgd(**kw)
+    assert repr(next(iter(kwargs.values()))) in str(info.value)
+
+
+def test_missing_grad_fn_or_params_raises():
+    tx = entropy_sgd(0.1)
+    p = {"x": jnp.zeros(4)}
+    with pytest.raises(ValueError, match="needs grad_fn"):
+        tx.update(p, tx.init(p), p)
+    with pytest.raises(ValueError, match="needs params"):
+        tx.update(p, tx.init(p), grad_fn=jax_grad_fn)
+    one = entropy_sgd(0.1, inner_steps=1)  # the first inner gradient is grads: no grad_fn needed
+    one.update(p, one.init(p), p)
