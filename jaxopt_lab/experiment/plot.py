@@ -9,7 +9,7 @@ from jaxopt_lab.experiment.metrics import read_metrics
 
 # (x key, x label); a panel row appears only when some run records that key.
 _AXES = (("step", "step"), ("wall_time", "wall-clock (s)"), ("bytes_communicated", "bytes communicated per worker"))
-_METRICS = ("loss", "eval_loss", "eval_accuracy")
+_METRICS = ("loss", "eval_loss", "accuracy", "eval_accuracy", "softmax_collapse", "consensus_distance", "sharpness")
 
 
 def plot_runs(run_dirs: Sequence[str], out: str, labels: Sequence[str] | None = None) -> str:
