@@ -11,6 +11,7 @@ from jaxopt_lab.distributed.streaming_diloco import StreamingDiLoCoState, stream
 from jaxopt_lab.distributed.gossip import GossipState, gossip
 from jaxopt_lab.distributed.dfedsam import DFedSAMState, dfedsam
 from jaxopt_lab.distributed.compression import dgc, econtrol, quantize, top_k
+from jaxopt_lab.distributed.choco_gossip import ChocoGossipState, choco_gossip
 from jaxopt_lab.distributed.diloco import DiLoCoState, diloco, diloco_inner, diloco_outer
 from jaxopt_lab.transforms import (
     EntropySGDState,
@@ -36,6 +37,8 @@ from jaxopt_lab.transforms import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChocoGossipState",
+    "choco_gossip",
     "EntropySGDState",
     "entropy_sgd",
     "scale_by_entropy_sgd",

@@ -8,10 +8,13 @@ from jaxopt_lab.distributed.gossip import GossipState, consensus_distance, gossi
 from jaxopt_lab.distributed.dfedsam import DFedSAMState, dfedsam
 from jaxopt_lab.distributed.topology import TOPOLOGIES, Topology, complete, exponential, ring, torus2d
 from jaxopt_lab.distributed.compression import Compressor, compressed_pmean, dgc, econtrol, identity, quantize, top_k
+from jaxopt_lab.distributed.choco_gossip import ChocoGossipState, choco_gossip
 from jaxopt_lab.distributed.diloco import DiLoCoState, diloco, diloco_inner, diloco_outer
 from jaxopt_lab.distributed.workers import WorkerRunner
 
 __all__ = [
+    "ChocoGossipState",
+    "choco_gossip",
     "Compressor",
     "compressed_pmean",
     "dgc",
