@@ -9,7 +9,8 @@ A config has seven sections::
     [method]      name = any jaxopt_lab transform or optax alias + its keyword args;
                   a hyperparameter may be a schedule table
                   ``{schedule = "cosine_decay_schedule", init_value = 1e-3, decay_steps = 500}``
-    [train]       steps, batch_size, grad_accum, eval_every, eval_batches, loss, sharpness_every
+    [train]       steps, batch_size, grad_accum, eval_every, eval_batches, loss, sharpness_every,
+                  norm_test_eta, max_batch_size
     [workers]     count, mode ("vmap" | "shard_map"); batch_size is per worker
     [checkpoint]  every, keep
     [logging]     tensorboard, progress
@@ -53,6 +54,8 @@ class TrainConfig:
     eval_batches: int = 0  # held-out batches per evaluation; 0: the whole split
     loss: str = "cross_entropy"  # or "stable_max" (classification and lm tasks)
     sharpness_every: int = 0  # log the Hessian's top eigenvalue against 2/lr every k steps; 0: off
+    norm_test_eta: float = 0.0  # > 0: grow the batch by the norm test (AdAdaGrad); 0: fixed batch
+    max_batch_size: int = 1024  # the adaptive batch's ceiling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +91,7 @@ RESUME_MAY_DIFFER = ("run.name", "run.out_dir", "checkpoint", "logging")
 
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 _POSITIVE = {
-    "train.steps", "train.batch_size", "train.grad_accum", "checkpoint.keep", "workers.count",
+    "train.steps", "train.batch_size", "train.grad_accum", "checkpoint.keep", "workers.count", "train.max_batch_size",
 }
 _NON_NEGATIVE = {"train.eval_every", "train.eval_batches", "train.sharpness_every", "checkpoint.every", "run.seed"}
 LOSSES = ("cross_entropy", "stable_max")
@@ -214,6 +217,14 @@ def from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
         raise ConfigError(f"train.loss must be one of {LOSSES}, got {cfg.train.loss!r}")
     if cfg.train.sharpness_every and cfg.workers.count > 1:
         raise ConfigError("train.sharpness_every is for single-worker runs (workers.count = 1)")
+    if cfg.train.norm_test_eta < 0:
+        raise ConfigError(f"train.norm_test_eta must be >= 0, got {cfg.train.norm_test_eta!r}")
+    if cfg.train.norm_test_eta > 0 and (cfg.workers.count > 1 or cfg.train.grad_accum > 1):
+        raise ConfigError("train.norm_test_eta (adaptive batch size) is for one worker without grad_accum")
+    if cfg.train.norm_test_eta > 0 and cfg.train.max_batch_size < cfg.train.batch_size:
+        raise ConfigError(
+            f"train.max_batch_size ({cfg.train.max_batch_size}) is below train.batch_size ({cfg.train.batch_size})"
+        )
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise ConfigError(
             f"train.batch_size ({cfg.train.batch_size}) must be divisible by "

@@ -26,6 +26,7 @@ from jaxopt_lab.diagnostics import edge_of_stability
 from jaxopt_lab.distributed.accounting import ByteCount, communicated_bytes
 from jaxopt_lab.losses import softmax_collapse_fraction
 from jaxopt_lab.experiment import config as config_lib
+from jaxopt_lab.experiment.adaptive_batch import make_norm_test_statistics, next_batch_size
 from jaxopt_lab.experiment.build import Experiment, build, per_example
 from jaxopt_lab.experiment.checkpoint import Checkpointer
 from jaxopt_lab.experiment.methods import learning_rate_schedule
@@ -49,6 +50,7 @@ class TrainState(NamedTuple):
     step: jax.Array  # optimizer steps completed
     params: Any  # nnx.State of the model's nnx.Param variables
     opt_state: optax.OptState
+    batch_size: jax.Array  # of the next step (changes only with train.norm_test_eta)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -99,7 +101,7 @@ def make_train_step(graphdef: Any, rest: Any, tx: optax.GradientTransformation, 
     def train_step(state: TrainState, xs, ys):
         (params, opt_state), metrics = jax.lax.scan(micro_step, (state.params, state.opt_state), (xs, ys))
         metrics = jax.tree.map(lambda m: m.mean(axis=0), metrics)
-        return TrainState(state.step + 1, params, opt_state), metrics
+        return TrainState(state.step + 1, params, opt_state, state.batch_size), metrics
 
     return train_step
 
@@ -150,7 +152,12 @@ class Trainer:
             self.sharpness = jax.jit(
                 lambda p, x, y, lr, key: edge_of_stability(lambda q: loss_fn(q, x, y)[0], p, lr, key)
             )
-        initial = TrainState(jnp.zeros((), jnp.int32), params, experiment.tx.init(params))
+        initial = TrainState(
+            jnp.zeros((), jnp.int32), params, experiment.tx.init(params), jnp.asarray(self.cfg.train.batch_size, jnp.int32)
+        )
+        self.norm_test = None
+        if self.cfg.train.norm_test_eta > 0:
+            self.norm_test = make_norm_test_statistics(lambda p, x, y: make_loss_fn(graphdef, rest, experiment.task, loss)(p, x, y)[0])
         self.runner = experiment.runner
         if self.runner is None:
             self.train_step = jax.jit(step)
@@ -164,11 +171,11 @@ class Trainer:
         if self.sharpness is not None and self.lr is None:
             raise config_lib.ConfigError("train.sharpness_every needs a method with a learning_rate (the 2/lr threshold)")
 
-    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    def batch(self, step: int, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The batch of optimizer step ``step``; with W workers, worker w gets stream index step·W + w."""
         t, k = self.cfg.train, self.cfg.train.grad_accum
         if self.runner is None:
-            x, y = self.exp.data.batch(step, t.batch_size, self.cfg.run.seed)
+            x, y = self.exp.data.batch(step, batch_size or t.batch_size, self.cfg.run.seed)
             return x.reshape((k, -1) + x.shape[1:]), y.reshape((k, -1) + y.shape[1:])
         w = self.runner.num_workers
         xs, ys = zip(*(self.exp.data.batch(step * w + i, t.batch_size, self.cfg.run.seed) for i in range(w)))
@@ -181,6 +188,14 @@ class Trainer:
         if self.runner is not None:
             params = self._mean_params(params)
         return evaluate(self.eval_step, params, self.exp.data, t.batch_size, t.eval_batches)
+
+    def adapt_batch_size(self, state: TrainState, batch) -> int:
+        """The next step's batch size by the norm test on this step's batch (before its update)."""
+        t = self.cfg.train
+        spread, grad_norm_sq = self.norm_test(state.params, batch[0][0], batch[1][0])
+        return next_batch_size(
+            int(state.batch_size), float(spread), float(grad_norm_sq), t.norm_test_eta, t.batch_size, t.max_batch_size
+        )
 
     def edge_of_stability(self, params, step: int) -> dict[str, float]:
         """Top Hessian eigenvalue on this step's (first micro-)batch against 2/lr (Cohen et al. 2021)."""
@@ -230,8 +245,13 @@ class Trainer:
         t0 = time.perf_counter() - elapsed
         try:
             for step in range(start, t.steps):
-                state, metrics = self.train_step(state, *self.batch(step))
+                batch = self.batch(step, int(state.batch_size) if self.norm_test is not None else None)
+                grown = self.adapt_batch_size(state, batch) if self.norm_test is not None else None
+                state, metrics = self.train_step(state, *batch)
                 record = {"step": step + 1, **self.step_metrics(state, metrics)}
+                if grown is not None:
+                    record["batch_size"] = int(state.batch_size)
+                    state = state._replace(batch_size=jnp.asarray(grown, jnp.int32))
                 if not math.isfinite(record["loss"]):
                     self.checkpoints.wait()
                     last = self.checkpoints.latest_step()
