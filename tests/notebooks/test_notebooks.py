@@ -3,6 +3,7 @@
 import os
 
 import nbformat
+import numpy as np
 from nbclient import NotebookClient
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
@@ -38,3 +39,14 @@ def test_diloco_notebook_compares_methods():
     assert len(lines) == 4
     sent = {line.split(" final")[0].strip(): float(line.rsplit(" ", 1)[1]) for line in lines}
     assert sent["data parallel"] == 10 * sent["DiLoCo H=10"] > 0  # 1/H of the bytes
+
+
+def test_05_optimizers_and_sharpness_notebook():
+    nb = execute("05_optimizers_and_sharpness.ipynb", {"NB05_STEPS": "20", "MPLBACKEND": "Agg"})
+    lines = [line for line in outputs(nb).splitlines() if "final test accuracy" in line]
+    assert len(lines) == 5, outputs(nb)
+    for line in lines:
+        acc = float(line.split("final test accuracy ")[1].split()[0])
+        sharp = float(line.split("sharpness ")[1])
+        assert 0.0 <= acc <= 1.0, line
+        assert np.isfinite(sharp) and sharp > 0, line
