@@ -11,12 +11,13 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 INSTALL = '''\
 # Colab / fresh kernel: install jaxopt_lab when it is missing.
-# JAXOPT_LAB_SOURCE: where to install from (a git URL or a local checkout).
-import importlib.util, os, sys
+# SOURCE: where to install it from (a git URL or a local checkout), or set JAXOPT_LAB_SOURCE.
+import importlib.util, os, subprocess, sys
+SOURCE = os.environ.get("JAXOPT_LAB_SOURCE", "")
 if importlib.util.find_spec("jaxopt_lab") is None:
-    source = os.environ.get("JAXOPT_LAB_SOURCE", "git+https://github.com/jaxopt-lab/jaxopt_lab.git")
-    import subprocess
-    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", source])'''
+    if not SOURCE:
+        raise RuntimeError("jaxopt_lab is not installed: set SOURCE above to its git URL or a local checkout")
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", SOURCE])'''
 
 QUICKSTART = [
     new_markdown_cell(
