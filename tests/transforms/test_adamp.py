@@ -263,31 +263,17 @@ def _torch_run(torch_cls, kwargs, weights, grads):
     return out
 
 
+@pytest.mark.parametrize("package", ["torch_optimizer", "adamp"])  # torch-optimizer; clovaai's official code
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
-def test_matches_torch_optimizer(runs, optimizer):
-    """torch_optimizer's AdamP / SGDP (torch layout) against the numpy reference and the JAX run."""
+def test_matches_torch_implementations(runs, optimizer, package):
+    """AdamP / SGDP of a PyTorch package (torch layout) against the numpy reference and the JAX run."""
     pytest.importorskip("torch")
-    torch_optimizer = pytest.importorskip("torch_optimizer")
+    module = pytest.importorskip(package)
     weights, grads, expected, out = runs(optimizer, "torch")
     kw = _numpy_kwargs(OPTIMIZERS[optimizer][0]["torch"][0])
     if optimizer == "adamp":
         kw["betas"] = (kw.pop("b1"), kw.pop("b2"))
-    got = _torch_run(torch_optimizer.AdamP if optimizer == "adamp" else torch_optimizer.SGDP, kw, weights, grads)
-    for k in weights:
-        np.testing.assert_allclose(got[k], expected[k], rtol=1e-10, atol=1e-12, err_msg=k)
-        np.testing.assert_allclose(out[k], got[k], rtol=1e-5, atol=2e-6, err_msg=k)
-
-
-@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
-def test_matches_the_official_adamp_package(runs, optimizer):
-    """clovaai's own AdamP / SGDP (the `adamp` package, torch layout), where installable."""
-    pytest.importorskip("torch")
-    official = pytest.importorskip("adamp")
-    weights, grads, expected, out = runs(optimizer, "torch")
-    kw = _numpy_kwargs(OPTIMIZERS[optimizer][0]["torch"][0])
-    if optimizer == "adamp":
-        kw["betas"] = (kw.pop("b1"), kw.pop("b2"))
-    got = _torch_run(official.AdamP if optimizer == "adamp" else official.SGDP, kw, weights, grads)
+    got = _torch_run(module.AdamP if optimizer == "adamp" else module.SGDP, kw, weights, grads)
     for k in weights:
         np.testing.assert_allclose(got[k], expected[k], rtol=1e-10, atol=1e-12, err_msg=k)
         np.testing.assert_allclose(out[k], got[k], rtol=1e-5, atol=2e-6, err_msg=k)
