@@ -13,6 +13,7 @@ from jaxopt_lab.distributed.dfedsam import DFedSAMState, dfedsam
 from jaxopt_lab.distributed.compression import dgc, econtrol, quantize, top_k
 from jaxopt_lab.distributed.choco_gossip import ChocoGossipState, choco_gossip
 from jaxopt_lab.distributed.diloco import DiLoCoState, diloco, diloco_inner, diloco_outer
+from jaxopt_lab.lowrank import FiraLimiterState, LowRankState, fira, galore, scale_by_fira, scale_by_galore
 from jaxopt_lab.transforms import (
     EntropySGDState,
     entropy_sgd,
@@ -37,6 +38,12 @@ from jaxopt_lab.transforms import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "FiraLimiterState",
+    "LowRankState",
+    "fira",
+    "galore",
+    "scale_by_fira",
+    "scale_by_galore",
     "ChocoGossipState",
     "choco_gossip",
     "EntropySGDState",

@@ -1,0 +1,257 @@
+"""The machinery every low-rank method shares: which leaves are projected,
+on which side, at what rank, when each projector refreshes, and how the
+inner optimizer runs on the low-rank gradients.
+
+A method (GaLore, Fira, APOLLO, ...) is this machinery plus a ``finish`` hook
+that turns, for one projected matrix, the oriented gradient ``G`` (d × k), its
+projection ``R = Pᵀ G`` (r × k) and the inner optimizer's low-rank direction
+``N`` (r × k) into the full-size update (d × k).
+
+Orientation: the projected dimension comes first. ``side="smaller"`` (the
+default, as the official GaLore code) projects the smaller of the matrix's two
+dimensions; ``side="larger"`` projects the larger one (as
+``optax.contrib.galore``). A matrix (m, n) whose projected side is ``n`` is
+transposed to (n, m) before projection and transposed back after.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxopt_lab.lowrank.projectors import Projector, get_projector
+
+Array = jax.Array
+
+DEFAULT_EXCLUDED = ("embed", "head")
+
+
+class LowRankState(NamedTuple):
+    """State of a low-rank method.
+
+    Attributes:
+      count: steps taken (int32).
+      projectors: one projector state per projected matrix (flatten order).
+      next_refresh: (n_projected,) int32, the step at which each projector
+        refreshes next.
+      period: (n_projected,) int32, each projector's refresh period (fixed for
+        GaLore; lazy refresh doubles it).
+      inner: the inner optimizer's state, over the low-rank tree.
+      extra: per projected matrix, the method's own state (e.g. Fira's
+        norm-growth limiter).
+    """
+
+    count: Array
+    projectors: tuple
+    next_refresh: Array
+    period: Array
+    inner: optax.OptState
+    extra: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafSpec:
+    """Static facts about one projected matrix."""
+
+    index: int  # position among all leaves (flatten order)
+    path: str
+    shape: tuple[int, int]
+    transpose: bool  # True when the projected side is the second dimension
+    rank: int
+    offset: int  # first refresh after step 0 (staggering)
+    projector: Projector
+
+    @property
+    def d(self) -> int:
+        return self.shape[1] if self.transpose else self.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.shape[0] if self.transpose else self.shape[1]
+
+    def orient(self, x: Array) -> Array:
+        return x.T if self.transpose else x
+
+    def project(self, pstate, g: Array) -> Array:
+        return self.projector.project(pstate, g, self.rank)
+
+    def project_back(self, pstate, low: Array) -> Array:
+        return self.projector.project_back(pstate, low, self.d)
+
+
+def default_label_fn(params) -> Any:
+    """Projects every 2-D matrix except embeddings and the output head (as the papers).
+
+    A leaf is projected when it is 2-D and its path contains neither
+    ``"embed"`` nor ``"head"``: in :class:`jaxopt_lab.models.GPT` these are the
+    attention (qkv, attn_out) and MLP (mlp_in, mlp_out) kernels.
+    """
+
+    def label(path, leaf):
+        name = jax.tree_util.keystr(path).lower()
+        return getattr(leaf, "ndim", 0) == 2 and not any(word in name for word in DEFAULT_EXCLUDED)
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def resolve_rank(rank, shape, path: str) -> int:
+    """``rank`` as an int in [1, min(shape)]: an int as given, a float as a fraction of min(shape)."""
+    smaller = min(shape)
+    if isinstance(rank, bool) or not isinstance(rank, (int, float)):
+        raise ValueError(f"rank must be an int or a fraction in (0, 1], got {rank!r} for {path}")
+    if isinstance(rank, float):
+        if not 0 < rank <= 1:
+            raise ValueError(f"a fractional rank must be in (0, 1], got {rank!r} for {path}")
+        return max(1, int(round(rank * smaller)))
+    if rank <= 0:
+        raise ValueError(f"rank must be > 0, got {rank} for {path}")
+    if rank > smaller:
+        raise ValueError(f"rank {rank} is larger than the smaller dimension of {path} {tuple(shape)}")
+    return rank
+
+
+def check_common(rank, update_proj_gap, side: str) -> None:
+    """Errors for the arguments every low-rank method takes, raised when it is built."""
+    if isinstance(rank, bool) or not isinstance(rank, (int, float)):
+        raise ValueError(f"rank must be an int or a fraction in (0, 1], got {rank!r}")
+    if isinstance(rank, float) and not 0 < rank <= 1:
+        raise ValueError(f"a fractional rank must be in (0, 1], got {rank!r}")
+    if isinstance(rank, int) and rank <= 0:
+        raise ValueError(f"rank must be > 0, got {rank}")
+    if isinstance(update_proj_gap, bool) or not isinstance(update_proj_gap, int) or update_proj_gap <= 0:
+        raise ValueError(f"update_proj_gap (the refresh period T) must be an int > 0, got {update_proj_gap!r}")
+    if side not in ("smaller", "larger"):
+        raise ValueError(f"side must be 'smaller' or 'larger', got {side!r}")
+
+
+def leaf_specs(updates, *, rank, update_proj_gap: int, side: str, label_fn, projector: Projector, stagger: bool):
+    """The LeafSpec of every projected leaf of ``updates`` (flatten order)."""
+    leaves_with_path, _ = jax.tree_util.tree_flatten_with_path(updates)
+    labels = label_fn if not callable(label_fn) else label_fn(updates)
+    flat_labels = jax.tree_util.tree_structure(updates).flatten_up_to(labels)
+    chosen = []
+    for index, ((path, leaf), label) in enumerate(zip(leaves_with_path, flat_labels)):
+        if label is None or label is False:
+            continue
+        name = jax.tree_util.keystr(path)
+        shape = tuple(leaf.shape)
+        if len(shape) != 2:
+            raise ValueError(f"the label function selected {name} of shape {shape}: only 2-D matrices can be projected")
+        leaf_rank = rank if label is True else label
+        r = resolve_rank(leaf_rank, shape, name)
+        m, n = shape
+        transpose = (m >= n) if side == "smaller" else (m < n)
+        chosen.append((index, name, shape, transpose, r))
+    total = len(chosen)
+    return tuple(
+        LeafSpec(index, name, shape, transpose, r, (i * update_proj_gap) // total if stagger else 0, projector)
+        for i, (index, name, shape, transpose, r) in enumerate(chosen)
+    )
+
+
+def _key(seed: int, spec: LeafSpec, count: Array) -> Array:
+    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), spec.index), count)
+
+
+FinishFn = Callable[[LeafSpec, Any, Array, Array, Array, Any, Array], tuple[Array, Any]]
+RefreshFn = Callable[[LeafSpec, Any, Any, Any, Array], tuple[Array, Any]]
+
+
+def scale_by_projected(
+    *,
+    inner: optax.GradientTransformation,
+    rank,
+    update_proj_gap: int,
+    projector,
+    side: str,
+    label_fn,
+    stagger: bool,
+    seed: int,
+    finish: FinishFn,
+    init_extra: Callable[[LeafSpec], Any] = lambda spec: (),
+    on_refresh: Optional[RefreshFn] = None,
+) -> optax.GradientTransformation:
+    """The shared low-rank transform; see the module docstring.
+
+    ``finish(spec, pstate, G, R, N, extra, count) -> (update, extra)`` builds
+    one matrix's oriented full-size update. ``on_refresh(spec, old_pstate,
+    new_pstate, extra, period) -> (period, extra)`` may change a matrix's
+    refresh period when it refreshes (lazy refresh).
+    """
+    check_common(rank, update_proj_gap, side)
+    projector = get_projector(projector)
+    label_fn = default_label_fn if label_fn is None else label_fn
+    if int(seed) != seed:
+        raise ValueError(f"seed must be an int, got {seed!r}")
+
+    def specs_of(tree):
+        return leaf_specs(tree, rank=rank, update_proj_gap=update_proj_gap, side=side, label_fn=label_fn,
+                          projector=projector, stagger=stagger)
+
+    def low_rank_tree(tree, specs, lows):
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        for spec, low in zip(specs, lows):
+            leaves[spec.index] = low
+        return jax.tree_util.tree_unflatten(treedef, leaves)
+
+    def init_fn(params):
+        specs = specs_of(params)
+        pstates = []
+        for spec in specs:
+            shape = jax.eval_shape(lambda g, key, r=spec.rank: projector.init(g, r, key),
+                                   jax.ShapeDtypeStruct((spec.d, spec.k), jnp.float32), jax.random.PRNGKey(0))
+            pstates.append(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shape))
+        lows = [jnp.zeros((spec.rank, spec.k), jnp.float32) for spec in specs]
+        inner_state = inner.init(low_rank_tree(params, specs, lows))
+        zeros = jnp.zeros((len(specs),), jnp.int32)
+        period = jnp.full((len(specs),), update_proj_gap, jnp.int32)
+        return LowRankState(jnp.zeros([], jnp.int32), tuple(pstates), zeros, period, inner_state,
+                            tuple(init_extra(spec) for spec in specs))
+
+    def update_fn(updates, state, params=None):
+        del params  # the inner optimizer sees low-rank gradients, which have no parameters
+        specs = specs_of(updates)
+        leaves = jax.tree_util.tree_leaves(updates)
+        count = state.count
+        grads, lows, pstates, extras = [], [], [], list(state.extra)
+        next_refresh, period = state.next_refresh, state.period
+        for i, spec in enumerate(specs):
+            g = spec.orient(leaves[spec.index].astype(jnp.float32))
+            old = state.projectors[i]
+            due = count >= next_refresh[i]
+
+            def refresh(g=g, spec=spec, old=old, i=i):
+                new = projector.init(g, spec.rank, _key(seed, spec, count))
+                leaf_period, extra = period[i], extras[i]
+                if on_refresh is not None:
+                    leaf_period, extra = on_refresh(spec, old, new, extra, leaf_period)
+                first = jnp.where(count == 0, spec.offset, 0)  # staggered first period
+                nxt = count + jnp.where(first > 0, first, leaf_period)
+                return new, leaf_period, nxt, extra
+
+            def keep(old=old, i=i):
+                return old, period[i], next_refresh[i], extras[i]
+
+            pstate, leaf_period, nxt, extras[i] = jax.lax.cond(due, refresh, keep)
+            period = period.at[i].set(leaf_period)
+            next_refresh = next_refresh.at[i].set(nxt)
+            grads.append(g)
+            pstates.append(pstate)
+            lows.append(spec.project(pstate, g))
+        directions, inner_state = inner.update(low_rank_tree(updates, specs, lows), state.inner)
+        out = jax.tree_util.tree_leaves(directions)
+        for i, spec in enumerate(specs):
+            full, extras[i] = finish(spec, pstates[i], grads[i], lows[i], out[spec.index], extras[i], count)
+            out[spec.index] = spec.orient(full).astype(leaves[spec.index].dtype)
+        for spec_index, leaf in enumerate(leaves):  # keep every other leaf's dtype as given
+            if spec_index not in {s.index for s in specs}:
+                out[spec_index] = out[spec_index].astype(leaf.dtype)
+        new_updates = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(updates), out)
+        new_state = LowRankState(count + 1, tuple(pstates), next_refresh, period, inner_state, tuple(extras))
+        return new_updates, new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,104 @@
+"""Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank Constraint?
+(Chen et al., 2024).
+
+GaLore's low-rank update plus the residual of the gradient outside the
+projection, rescaled by how much the low-rank optimizer rescales each channel
+(norm-based scaling), with a norm-growth limiter. For a projected matrix
+(oriented d × k, R = PᵀG, N = inner(R)):
+
+    φ_j  = ‖N_{:,j}‖ / (‖R_{:,j}‖ + 1e-8)              (one factor per kept column j)
+    S_t  = (G − α P R) · diag(φ)                     (the scaled residual)
+    S_t ← S_t / (max(‖S_t‖ / ‖S_{t−1}‖, γ) / γ)       (limiter, γ = 1.01, from step 2)
+    ΔW_t = α · P N + S_t
+
+As in the official code, the limiter compares ‖S_t‖ with the previous step's
+limited norm (stored in the state) and the residual uses the same α as the
+projected update (α = 1 by default, the official value). With a full-rank
+projector the residual is zero and Fira equals GaLore.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax.numpy as jnp
+import optax
+
+from jaxopt_lab.lowrank._adam import scale_by_adam_bias_correction, scale_by_adam_moments
+from jaxopt_lab.lowrank._projected import scale_by_projected
+from jaxopt_lab.transforms import _validation as check
+
+
+class FiraLimiterState(NamedTuple):
+    previous_norm: jnp.ndarray  # ‖S_{t−1}‖ after limiting; 0 before the first step
+
+
+def _fira_finish(scale: float, growth_limit: float):
+    def finish(spec, pstate, g, low, direction, extra, count):
+        del count
+        back = spec.project_back(pstate, direction)
+        phi = jnp.linalg.norm(direction, axis=0) / (jnp.linalg.norm(low, axis=0) + 1e-8)
+        residual = (g - scale * spec.project_back(pstate, low)) * phi[None, :]
+        norm = jnp.linalg.norm(residual)
+        previous = extra.previous_norm
+        limiter = jnp.where(previous > 0, jnp.maximum(norm / (previous + 1e-8), growth_limit) / growth_limit, 1.0)
+        return scale * back + residual / limiter, FiraLimiterState(norm / limiter)
+
+    return finish
+
+
+def scale_by_fira(
+    rank: int | float = 128,
+    update_proj_gap: int = 200,
+    scale: float = 1.0,
+    growth_limit: float = 1.01,
+    inner: Optional[optax.GradientTransformation] = None,
+    projector: Any = "svd",
+    side: str = "smaller",
+    label_fn: Any = None,
+    stagger: bool = False,
+    seed: int = 0,
+) -> optax.GradientTransformation:
+    """Fira's direction α·P·N + limited φ-scaled residual; arguments as :func:`scale_by_galore`.
+
+    Args:
+      growth_limit: γ of the norm-growth limiter (> 1; the paper uses 1.01).
+    """
+    check.positive("scale", scale)
+    check.require("growth_limit", growth_limit, lambda v: v > 1, "> 1")
+    return scale_by_projected(
+        inner=optax.scale_by_adam() if inner is None else inner,
+        rank=rank, update_proj_gap=update_proj_gap, projector=projector, side=side,
+        label_fn=label_fn, stagger=stagger, seed=seed, finish=_fira_finish(scale, growth_limit),
+        init_extra=lambda spec: FiraLimiterState(jnp.zeros([], jnp.float32)),
+    )
+
+
+def fira(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: int | float = 128,
+    update_proj_gap: int = 200,
+    scale: float = 1.0,
+    growth_limit: float = 1.01,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    weight_decay: float = 0.0,
+    projector: Any = "svd",
+    side: str = "smaller",
+    label_fn: Any = None,
+    stagger: bool = False,
+    seed: int = 0,
+) -> optax.GradientTransformation:
+    """Fira-AdamW: :func:`scale_by_fira` over Adam, decoupled weight decay, learning rate."""
+    check.in_unit_interval("b1", b1)
+    check.in_unit_interval("b2", b2)
+    check.non_negative("eps", eps)
+    check.non_negative("weight_decay", weight_decay)
+    return optax.chain(
+        scale_by_fira(rank, update_proj_gap, scale, growth_limit, scale_by_adam_moments(b1, b2, eps), projector, side,
+                      label_fn, stagger, seed),
+        scale_by_adam_bias_correction(b1, b2),
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_learning_rate(learning_rate),
+    )

@@ -1,0 +1,71 @@
+"""The projector protocol shared by every low-rank method.
+
+A projector works on an *oriented* gradient ``G`` of shape ``(d, k)``: ``d``
+is the dimension being projected (the low-rank transforms transpose a matrix
+so that the projected side comes first). It is three pure functions:
+
+* ``init(G, rank, key) -> state``: a fresh projection from the current
+  gradient (the "refresh"; e.g. the top-``rank`` left singular vectors);
+* ``project(state, G, rank) -> R``: ``R = Pᵀ G`` of shape ``(rank, k)``;
+* ``project_back(state, N, d) -> P N`` of shape ``(d, k)``.
+
+``rank`` and ``d`` are passed (static ints) because a projector that
+regenerates ``P`` instead of storing it needs its shape.
+
+``state`` is a pytree of arrays (a NamedTuple), so it jits, lives in an optax
+state and checkpoints with orbax. ``P`` itself need not be stored: the DCT
+projector keeps only column indices and the random projector only a key.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+
+Array = jax.Array
+
+
+class Projector(NamedTuple):
+    """A projection ``P`` (d × r) refreshed from a gradient; see the module docstring.
+
+    Attributes:
+      name: short name, used in reports (``"svd"``, ``"dct"``, ...).
+      init: ``(G, rank, key) -> state``.
+      project: ``(state, G, rank) -> Pᵀ G``.
+      project_back: ``(state, N, d) -> P N``.
+      stores_basis: whether ``state`` holds ``P`` as a float matrix (only such
+        a projector can be stored in int4).
+      leading_vector: ``(state, d, rank) -> (d,)``, the first column of ``P``
+        (the leading singular vector for SVD projectors), used by lazy refresh.
+    """
+
+    name: str
+    init: Callable[[Array, int, Array], Any]
+    project: Callable[[Any, Array, int], Array]
+    project_back: Callable[[Any, Array, int], Array]
+    stores_basis: bool
+    leading_vector: Callable[[Any, int, int], Array]
+
+
+class BasisState(NamedTuple):
+    """A projector state that stores ``P`` itself: ``basis`` of shape (d, r)."""
+
+    basis: Array
+
+
+def basis_projector(name: str, compute_basis: Callable[[Array, int, Array], Array]) -> Projector:
+    """A projector whose state is the matrix ``P = compute_basis(G, rank, key)``."""
+
+    def init(grad, rank, key):
+        return BasisState(compute_basis(grad, rank, key).astype(grad.dtype))
+
+    def project(state, grad, rank):
+        del rank
+        return state.basis.T.astype(grad.dtype) @ grad
+
+    def project_back(state, low, d):
+        del d
+        return state.basis.astype(low.dtype) @ low
+
+    return Projector(name, init, project, project_back, True, lambda s, d, r: s.basis[:, 0])

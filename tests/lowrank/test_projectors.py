@@ -1,0 +1,109 @@
+"""Projectors: each against its definition in float64 numpy."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxopt_lab.lowrank.projectors import (
+    dct_matrix,
+    dct_projector,
+    dequantize_int4,
+    get_projector,
+    int4_projector,
+    quantize_int4,
+    random_projector,
+    randomized_svd_projector,
+    svd_projector,
+)
+
+RNG = np.random.default_rng(0)
+G = RNG.standard_normal((24, 40)).astype(np.float32)
+
+
+def test_dct_matrix_is_orthonormal_dct_ii():
+    d = 12
+    D = np.asarray(dct_matrix(d), np.float64)
+    np.testing.assert_allclose(D.T @ D, np.eye(d), atol=1e-5)
+    i, j = np.meshgrid(np.arange(d), np.arange(d), indexing="ij")
+    ref = np.sqrt(2 / d) * np.where(j == 0, np.sqrt(0.5), 1.0) * np.cos(np.pi * (2 * i + 1) * j / (2 * d))
+    np.testing.assert_allclose(D, ref, atol=1e-6)
+
+
+def test_dct_projector_keeps_the_columns_with_largest_projection_norms():
+    p = dct_projector()
+    state = p.init(jnp.asarray(G), 5, None)
+    D = np.asarray(dct_matrix(24), np.float64)
+    scores = np.linalg.norm(D.T @ G, axis=1)
+    assert set(np.asarray(state.indices).tolist()) == set(np.argsort(-scores)[:5].tolist())
+    assert state.indices.dtype == jnp.int32  # only indices are stored
+    P = D[:, np.asarray(state.indices)]
+    np.testing.assert_allclose(P.T @ P, np.eye(5), atol=1e-5)  # selected columns orthonormal
+    np.testing.assert_allclose(np.asarray(p.project(state, jnp.asarray(G), 5)), P.T @ G, rtol=1e-4, atol=1e-4)
+    low = RNG.standard_normal((5, 40)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(p.project_back(state, jnp.asarray(low), 24)), P @ low, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("make", [svd_projector, lambda: randomized_svd_projector(oversample=8, power_iterations=3)],
+                         ids=["svd", "randomized_svd"])
+def test_svd_projectors_span_the_top_singular_subspace(make):
+    # a gradient with a clear spectral gap after rank 4
+    u, _ = np.linalg.qr(RNG.standard_normal((24, 24)))
+    v, _ = np.linalg.qr(RNG.standard_normal((40, 24)))
+    s = np.array([10, 8, 6, 5] + [0.1] * 20)
+    g = (u * s) @ v.T
+    state = make().init(jnp.asarray(g, jnp.float32), 4, jax.random.PRNGKey(1))
+    P = np.asarray(state.basis, np.float64)
+    np.testing.assert_allclose(P.T @ P, np.eye(4), atol=1e-4)
+    # the projector onto span(P) equals the projector onto the top-4 left singular vectors
+    np.testing.assert_allclose(P @ P.T, u[:, :4] @ u[:, :4].T, atol=1e-3)
+
+
+def test_svd_projector_fixes_singular_vector_signs():
+    P = np.asarray(svd_projector().init(jnp.asarray(G), 6, None).basis)
+    rows = np.abs(P).argmax(axis=0)
+    assert (P[rows, np.arange(6)] > 0).all()
+
+
+def test_random_projector_is_regenerated_from_its_key_and_unbiased():
+    p = random_projector()
+    state = p.init(jnp.asarray(G), 8, jax.random.PRNGKey(3))
+    assert state.key.shape == (2,)  # the state is the key, not the matrix
+    a = np.asarray(p.project(state, jnp.asarray(G), 8))
+    b = np.asarray(p.project(state, jnp.asarray(G), 8))
+    np.testing.assert_array_equal(a, b)
+    # E[P Pᵀ] = I: average P Pᵀ over many keys
+    d, r, n = 6, 4, 3000
+    eye = jnp.eye(d)
+    keys = jax.random.split(jax.random.PRNGKey(0), n)
+    mean = jax.vmap(lambda k: p.project_back(p.init(None, r, k), p.project(p.init(None, r, k), eye, r), d))(keys).mean(0)
+    np.testing.assert_allclose(np.asarray(mean), np.eye(d), atol=0.08)
+
+
+@pytest.mark.parametrize("shape", [(24, 5), (7, 3), (512, 2)])
+def test_int4_round_trip_error_within_half_a_step(shape):
+    x = RNG.standard_normal(shape).astype(np.float32)
+    q = quantize_int4(jnp.asarray(x), 256)
+    assert q.packed.dtype == jnp.uint8 and q.packed.shape == (-(-x.size // 2),)
+    back = np.asarray(dequantize_int4(q, shape, 256))
+    flat = np.pad(x.reshape(-1), (0, -x.size % 256)).reshape(-1, 256)
+    step = np.abs(flat).max(axis=1) / 7
+    bound = np.repeat(step / 2, 256)[: x.size].reshape(shape)
+    assert (np.abs(back - x) <= bound + 1e-7).all()
+    assert np.abs(back - x).max() > 0  # it is quantized
+
+
+def test_int4_projector_wraps_basis_projectors_only():
+    p = int4_projector(svd_projector())
+    state = p.init(jnp.asarray(G), 4, None)
+    exact = np.asarray(svd_projector().init(jnp.asarray(G), 4, None).basis)
+    deq = np.asarray(dequantize_int4(state, (24, 4)))
+    np.testing.assert_allclose(np.asarray(p.project(state, jnp.asarray(G), 4)), deq.T @ G, rtol=1e-5, atol=1e-5)
+    assert np.abs(deq - exact).max() <= np.abs(exact).max() / 14 + 1e-7
+    with pytest.raises(ValueError, match="'dct' projector stores no basis"):
+        int4_projector(dct_projector())
+    assert get_projector("int4_svd").name == "int4_svd"
+    with pytest.raises(ValueError, match="'qr'"):
+        get_projector("qr")
