@@ -15,6 +15,9 @@ from jaxopt_lab.distributed.choco_gossip import ChocoGossipState, choco_gossip
 from jaxopt_lab.distributed.diloco import DiLoCoState, diloco, diloco_inner, diloco_outer
 from jaxopt_lab.lowrank import FiraLimiterState, LowRankState, fira, galore, scale_by_fira, scale_by_galore
 from jaxopt_lab.transforms import (
+    DeltaSGDState,
+    delta_sgd,
+    scale_by_delta_sgd,
     EntropySGDState,
     entropy_sgd,
     scale_by_entropy_sgd,
@@ -38,6 +41,9 @@ from jaxopt_lab.transforms import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DeltaSGDState",
+    "delta_sgd",
+    "scale_by_delta_sgd",
     "FiraLimiterState",
     "LowRankState",
     "fira",

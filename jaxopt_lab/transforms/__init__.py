@@ -1,6 +1,7 @@
 """Single-worker transformations (one method per file)."""
 
 from jaxopt_lab.transforms.adamp import ScaleByAdamPState, ScaleBySGDPState, adamp, scale_by_adamp, scale_by_sgdp, sgdp
+from jaxopt_lab.transforms.delta_sgd import DeltaSGDState, delta_sgd, scale_by_delta_sgd
 from jaxopt_lab.transforms.entropy_sgd import EntropySGDState, entropy_sgd, scale_by_entropy_sgd
 from jaxopt_lab.transforms.diffgrad import ScaleByDiffGradState, diffgrad, scale_by_diffgrad
 from jaxopt_lab.transforms.orthogonal_grad import OrthogonalGradState, orthogonal_grad
@@ -8,6 +9,9 @@ from jaxopt_lab.transforms.perp_adamw import perp_adamw
 from jaxopt_lab.transforms.weight_decay import AddScaledParamsState, clip_by_coordinate, independent_weight_decay
 
 __all__ = [
+    "DeltaSGDState",
+    "delta_sgd",
+    "scale_by_delta_sgd",
     "EntropySGDState",
     "entropy_sgd",
     "scale_by_entropy_sgd",
