@@ -253,6 +253,140 @@ SHARPNESS = [
 ]
 
 
+# 04: one section per kernel (a markdown cell, a check against the reference, a timing); a new kernel
+# adds its own *_SECTION list to KERNELS.
+KERNELS_INTRO = [
+    new_markdown_cell(
+        "# Pallas kernels\n\n"
+        "`jaxopt_lab.kernels` holds Pallas kernels for the memory-bound parts, each beside a pure-`jnp` "
+        "reference. Every kernel takes `impl`: `None` (auto: Pallas on GPU with the Triton lowering and on "
+        "TPU with Mosaic, the reference elsewhere), `'pallas'`, `'interpret'` (Pallas interpret mode, any "
+        "platform) or `'reference'`.\n\n"
+        "On a CPU runtime this notebook runs the kernels in interpret mode and compares them with the "
+        "references; on a GPU or TPU runtime it also times the compiled kernels against the XLA-compiled "
+        "references and reports the bandwidth achieved as a fraction of the chip's HBM bandwidth "
+        "(`scripts/bench_kernels.py` prints the same table from the command line)."
+    ),
+    new_code_cell(INSTALL),
+    new_code_cell(
+        "import functools\n"
+        "import jax, jax.numpy as jnp, numpy as np\n"
+        "from jaxopt_lab.kernels import describe, devices\n\n"
+        "DEVICE = jax.devices()[0]\n"
+        "ACCELERATOR = DEVICE.platform in ('gpu', 'tpu')\n"
+        "IMPL = 'pallas' if ACCELERATOR else 'interpret'  # the kernel path to check (and time)\n"
+        "SPEC = devices.device_spec(DEVICE)\n"
+        "print(f'{DEVICE.device_kind}: kernels run as {describe(IMPL)}; '\n"
+        "      f'ceilings: {SPEC or \"n/a (CPU or an unknown device)\"}')\n\n"
+        "def max_rel_err(got, want):\n"
+        "    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)\n"
+        "    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))\n\n"
+        "def report_timing(label, seconds, nbytes, baselines):\n"
+        "    bw = nbytes / seconds\n"
+        "    base = ', '.join(f'{k} {t * 1e3:.3f} ms ({t / seconds:.2f}x)' for k, t in baselines.items())\n"
+        "    print(f'{label:28s} {seconds * 1e3:8.3f} ms  {bw / 1e9:7.1f} GB/s  '\n"
+        "          f'{devices.fraction(bw, SPEC and SPEC.hbm_bytes_per_s):>6s} of HBM  | {base}')"
+    ),
+]
+
+GRKAN_SECTION = [
+    new_markdown_cell(
+        "## GR-KAN: KAT's group-rational activation (FlashKAT-style backward)\n\n"
+        "KAT (Yang & Wang, 2024) replaces a transformer MLP's GELU by learnable rationals shared by each of "
+        "G = 8 channel groups: for channel c of group g,\n\n"
+        "$$y = \\frac{P(x)}{Q(x)},\\quad P(x) = \\sum_{k=0}^{5} a_{g,k}\\,x^k,\\quad "
+        "Q(x) = 1 + \\sum_{j=1}^{4} |b_{g,j}|\\,|x|^j.$$\n\n"
+        "FlashKAT (Raffel & Chen, 2025) traces KAT's slow training to the backward: the gradients of the 80 "
+        "shared coefficients were accumulated with global atomic adds. Our backward kernel writes each block's "
+        "partial sums to its own slot and sums them afterwards: no atomics, deterministic.\n\n"
+        "The coefficients start as in KAT: a least-squares rational fit of a known activation "
+        "(`jaxopt_lab.models.kat.fit_rational`)."
+    ),
+    new_code_cell(
+        "import matplotlib.pyplot as plt\n"
+        "from jaxopt_lab.kernels import grkan, grkan_bwd, grkan_reference\n"
+        "from jaxopt_lab.models.kat import fit_rational\n\n"
+        "xs = np.linspace(-4, 4, 400, dtype=np.float32)\n"
+        "fig, ax = plt.subplots(figsize=(6, 3.5))\n"
+        "for name, ref in [('gelu', jax.nn.gelu(xs, approximate=False)), ('swish', jax.nn.silu(xs))]:\n"
+        "    a, b = fit_rational(name)  # fitted on [-3, 3]\n"
+        "    y = grkan_reference(jnp.tile(xs[:, None], (1, 8)), jnp.tile(a, (8, 1)), jnp.tile(b, (8, 1)))[:, 0]\n"
+        "    ax.plot(xs, ref, 'k:', lw=1)\n"
+        "    ax.plot(xs, y, label=f'rational fit of {name} (max err on [-3,3]: '\n"
+        "            f'{np.abs(y - ref)[np.abs(xs) <= 3].max():.1e})')\n"
+        "ax.legend(fontsize=8); ax.grid(alpha=0.3); ax.set_xlabel('x'); plt.show()"
+    ),
+    new_code_cell(
+        "# The kernel against the reference and against jax autodiff of the reference, on a ragged shape.\n"
+        "shape = (16, 197, 768) if ACCELERATOR else (2, 37, 64)\n"
+        "k = jax.random.split(jax.random.key(0), 4)\n"
+        "a, b = 0.5 * jax.random.normal(k[0], (8, 6)), 0.5 * jax.random.normal(k[1], (8, 4))\n\n"
+        "@functools.partial(jax.jit, static_argnames='impl')\n"
+        "def forward_and_grads(x, a, b, dy, impl):\n"
+        "    y, vjp = jax.vjp(lambda x, a, b: grkan(x, a, b, impl=impl), x, a, b)\n"
+        "    return y, *vjp(dy)\n\n"
+        "for dtype in (jnp.float32, jnp.bfloat16):\n"
+        "    x = (1.5 * jax.random.normal(k[2], shape)).astype(dtype)\n"
+        "    dy = jax.random.normal(k[3], shape).astype(dtype)\n"
+        "    got = forward_and_grads(x, a, b, dy, IMPL)\n"
+        "    # the reference path: jnp forward, plain jax autodiff, in float32 from the same (rounded) inputs\n"
+        "    want = forward_and_grads(x.astype(jnp.float32), a, b, dy.astype(jnp.float32), 'reference')\n"
+        "    errs = '  '.join(f'{n} {max_rel_err(g, w):.1e}' for n, g, w in zip(('y', 'dx', 'da', 'db'), got, want))\n"
+        "    print(f'grkan {jnp.dtype(dtype).name:8s} max rel err vs reference: {errs}')"
+    ),
+    new_code_cell(
+        "# Timing (GPU / TPU only): KAT-B's hidden activation, 128 images x 197 tokens x 3072 channels, bf16.\n"
+        "if not ACCELERATOR:\n"
+        "    print('grkan timing skipped: on CPU the kernel runs in interpret mode (run on a GPU/TPU runtime)')\n"
+        "else:\n"
+        "    shape = (128, 197, 3072)\n"
+        "    x = (1.5 * jax.random.normal(k[2], shape)).astype(jnp.bfloat16)\n"
+        "    dy = jax.random.normal(k[3], shape).astype(jnp.bfloat16)\n"
+        "    nbytes = x.size * x.dtype.itemsize\n"
+        "    fwd = {i: jax.jit(functools.partial(grkan, impl=i)) for i in ('pallas', 'reference')}\n"
+        "    bwd = {i: jax.jit(functools.partial(grkan_bwd, impl=i)) for i in ('pallas', 'reference')}\n"
+        "    autodiff = jax.jit(lambda x, a, b, dy: jax.vjp(grkan_reference, x, a, b)[1](dy))\n"
+        "    t = {i: devices.time_fn(f, x, a, b) for i, f in fwd.items()}\n"
+        "    report_timing('grkan fwd', t['pallas'], 2 * nbytes, {'XLA ref': t['reference']})\n"
+        "    t = {i: devices.time_fn(f, x, a, b, dy) for i, f in bwd.items()}\n"
+        "    report_timing('grkan bwd', t['pallas'], 3 * nbytes,\n"
+        "                  {'XLA ref': t['reference'], 'autodiff': devices.time_fn(autodiff, x, a, b, dy)})"
+    ),
+]
+
+LOWRANK_STEP_SECTION = [
+    new_markdown_cell(
+        "## The fused low-rank step (GaLore / Fira)\n\n"
+        "For a gradient G (d × k), projector P (d × r) and Adam moments in r × k, GaLore's update is "
+        "$\\alpha P N$ with $N = m/(\\sqrt{v}+\\epsilon)$ the Adam direction of $R = P^\\top G$; Fira adds the "
+        "residual $(G - \\alpha P R)$ scaled per column by $\\phi_j = \\|N_j\\|/\\|R_j\\|$ and a norm-growth limiter. "
+        "Unfused, that is about ten d × k passes through memory. `lowrank_step` does it in two: pass 1 reads G "
+        "once for $R$ and the column norms $\\|G_j\\|^2$ (the limiter's $\\|S\\|$ follows from them exactly), the "
+        "r × k math runs in XLA, and pass 2 writes $U = P M + G\\,\\mathrm{diag}(s)$ once. `galore(..., fused=True)` "
+        "and `fira(..., fused=True)` use it."
+    ),
+    new_code_cell(
+        "from jaxopt_lab.kernels.lowrank_step import lowrank_step\n\n"
+        "d, k, r = (4096, 4096, 128) if ACCELERATOR else (96, 80, 8)\n"
+        "key = jax.random.split(jax.random.key(1), 3)\n"
+        "P, _ = jnp.linalg.qr(jax.random.normal(key[0], (d, r)))\n"
+        "mu = 0.1 * jax.random.normal(key[1], (r, k)); nu = mu**2 + 1e-3; prev = jnp.asarray(1.0)\n"
+        "step = {i: jax.jit(functools.partial(lowrank_step, scale=0.25, residual=True, impl=i)) for i in (IMPL, 'reference')}\n"
+        "for dtype in (jnp.float32, jnp.bfloat16):\n"
+        "    G = jax.random.normal(key[2], (d, k)).astype(dtype)\n"
+        "    got, want = step[IMPL](G, P, mu, nu, prev), step['reference'](G, P, mu, nu, prev)\n"
+        "    print(f'fira step {jnp.dtype(dtype).name:8s} max rel err vs reference: update {max_rel_err(got[0], want[0]):.1e}'\n"
+        "          f'  moments {max_rel_err(got[1], want[1]):.1e}  limiter norm {max_rel_err(got[3], want[3]):.1e}')\n"
+        "    if ACCELERATOR:\n"
+        "        t = {i: devices.time_fn(f, G, P, mu, nu, prev) for i, f in step.items()}\n"
+        "        report_timing(f'fira step {jnp.dtype(dtype).name}', t[IMPL], 2 * G.size * G.dtype.itemsize,\n"
+        "                      {'XLA 2-pass': t['reference']})"
+    ),
+]
+
+KERNELS = [*KERNELS_INTRO, *GRKAN_SECTION, *LOWRANK_STEP_SECTION]
+
+
 def write(name, cells):
     nb = new_notebook(cells=cells, metadata={
         "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
@@ -264,7 +398,16 @@ def write(name, cells):
     print(path)
 
 
+NOTEBOOKS = {
+    "00_quickstart.ipynb": lambda: QUICKSTART,
+    "01_diloco.ipynb": lambda: DILOCO,
+    "04_kernels.ipynb": lambda: KERNELS,
+    "05_optimizers_and_sharpness.ipynb": lambda: SHARPNESS,
+}
+
 if __name__ == "__main__":
-    write("00_quickstart.ipynb", QUICKSTART)
-    write("01_diloco.ipynb", DILOCO)
-    write("05_optimizers_and_sharpness.ipynb", SHARPNESS)
+    import sys
+
+    # python scripts/make_notebooks.py [NAME ...]: regenerate only those (all by default)
+    for name in sys.argv[1:] or NOTEBOOKS:
+        write(name, NOTEBOOKS[name]())

@@ -40,12 +40,14 @@ _DATA_DERIVED: dict[str, Callable[[Any], dict[str, Any]]] = {
     "cnn": lambda d: {"num_classes": d.num_classes, "in_channels": d.input_shape[-1]},
     "gpt": lambda d: {"vocab_size": d.num_classes, "context": d.context},
     "modular_transformer": lambda d: {"p": d.num_classes},
+    "kat": lambda d: {"num_classes": d.num_classes, "image_size": d.input_shape[0], "in_channels": d.input_shape[-1]},
 }
 _MODEL_TASKS = {
     "mlp": ("classification", "regression"),
     "cnn": ("classification",),
     "gpt": ("lm",),
     "modular_transformer": ("classification",),
+    "kat": ("classification",),
 }
 
 

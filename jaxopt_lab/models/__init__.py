@@ -6,6 +6,7 @@ only ``nnx.Param`` state (unless built with dropout), and returns logits.
 
 from jaxopt_lab.models.cnn import CNN
 from jaxopt_lab.models.gpt import GPT, GPT_PRESETS, TransformerBlock
+from jaxopt_lab.models.kat import KAT
 from jaxopt_lab.models.mlp import MLP
 from jaxopt_lab.models.modular_transformer import ModularTransformer
 
@@ -14,12 +15,14 @@ MODELS: dict[str, type] = {
     "cnn": CNN,
     "gpt": GPT,
     "modular_transformer": ModularTransformer,
+    "kat": KAT,
 }
 
 __all__ = [
     "CNN",
     "GPT",
     "GPT_PRESETS",
+    "KAT",
     "MLP",
     "MODELS",
     "ModularTransformer",

@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from jaxopt_lab.models import (
+    KAT,
     CNN,
     GPT,
     GPT_PRESETS,
@@ -305,7 +306,7 @@ def test_presets_and_overrides():
 
 
 def test_registry():
-    assert MODELS == {"mlp": MLP, "cnn": CNN, "gpt": GPT, "modular_transformer": ModularTransformer}
+    assert MODELS == {"mlp": MLP, "cnn": CNN, "gpt": GPT, "modular_transformer": ModularTransformer, "kat": KAT}
 
 
 # ----------------------------------------------------------- nnx plumbing

@@ -1,6 +1,7 @@
 """Every notebook runs top to bottom (on a tiny setting)."""
 
 import os
+import re
 
 import nbformat
 import numpy as np
@@ -50,3 +51,21 @@ def test_05_optimizers_and_sharpness_notebook():
         sharp = float(line.split("sharpness ")[1])
         assert 0.0 <= acc <= 1.0, line
         assert np.isfinite(sharp) and sharp > 0, line
+
+
+def test_04_kernels_notebook():
+    nb = execute("04_kernels.ipynb", {"MPLBACKEND": "Agg"})
+    text = outputs(nb)
+    lines = [line for line in text.splitlines() if line.startswith("grkan") and "max rel err vs reference" in line]
+    assert len(lines) == 2, text  # float32 and bfloat16
+    for line in lines:
+        errs = dict(zip(*[iter(line.split("reference: ")[1].split())] * 2))
+        assert set(errs) == {"y", "dx", "da", "db"}, line
+        limit = 1e-5 if "float32" in line else 1e-2
+        assert all(float(v) < limit for v in errs.values()), line
+    assert "timing skipped" in text or "grkan bwd" in text, text
+    fused = [line for line in text.splitlines() if line.startswith("fira step") and "max rel err" in line]
+    assert len(fused) == 2, text  # the fused low-rank step, float32 and bfloat16
+    for line in fused:
+        errs = [float(v) for v in re.findall(r"\d\.\de[-+]\d+", line.split("reference: ")[1])]
+        assert len(errs) == 3 and all(e < (1e-5 if "float32" in line else 1e-2) for e in errs), line

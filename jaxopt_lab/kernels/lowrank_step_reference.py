@@ -1,0 +1,86 @@
+"""Reference (pure ``jnp``) of the fused low-rank step: GaLore's and Fira's
+per-matrix update, split into the two passes over the gradient that the
+Pallas kernels in :mod:`jaxopt_lab.kernels.lowrank_step` implement.
+
+Notation (oriented: the projected side first): G (d × k), P (d × r),
+moments m, v (r × k), α the scale, β₁, β₂, ε Adam's (the official split:
+no bias correction here, it is applied with the learning rate).
+
+Pass 1 (reads G):     R = PᵀG,   g2_j = ‖G_{:,j}‖²
+small (r × k, XLA):   m ← β₁m + (1−β₁)R,  v ← β₂v + (1−β₂)R²,  N = m/(√v+ε)
+  GaLore:             M = αN, s = 0
+  Fira:               φ_j = ‖N_{:,j}‖/(‖R_{:,j}‖+1e-8)
+                      ‖S‖² = Σ_j φ_j² (g2_j − 2α‖R_j‖² + α² R_jᵀ(PᵀP)R_j)   (S = (G − αPR)·diag φ)
+                      c = 1/limiter,  limiter = max(‖S‖/‖S_prev‖, γ)/γ  (1 on the first step)
+                      M = αN − cα φ⊙R,  s = cφ
+Pass 2 (reads G once more for Fira, writes the update once):
+                      U = P M + G·diag(s)  =  αPN + c·S
+
+``‖S‖`` comes from pass 1's column norms by the identity above (exact for any
+P), so the update is written once, by pass 2. A "transposed" matrix (the
+projected side is its second dimension) is handled in place: G is read as
+stored, (k × d), and the update is written in that layout.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def project_reference(g: jax.Array, p: jax.Array, *, transpose: bool) -> tuple[jax.Array, jax.Array]:
+    """Pass 1: ``R = PᵀG`` (r × k, float32) and the squared column norms ``‖G_{:,j}‖²`` (k,).
+
+    ``g`` is (d, k), or (k, d) when ``transpose``; ``p`` is (d, r).
+    """
+    g32 = g.astype(jnp.float32)
+    p32 = p.astype(jnp.float32)
+    if transpose:
+        return (g32 @ p32).T, jnp.sum(g32 * g32, axis=1)
+    return p32.T @ g32, jnp.sum(g32 * g32, axis=0)
+
+
+def apply_reference(g, p: jax.Array, m: jax.Array, col_scale, *, transpose: bool, out_dtype=None) -> jax.Array:
+    """Pass 2: ``U = P M + G·diag(s)`` in G's layout (``g`` and ``col_scale`` may be None: ``U = P M``)."""
+    p32 = p.astype(jnp.float32)
+    out = p32 @ m.astype(jnp.float32)
+    if transpose:
+        out = out.T
+    if g is not None:
+        scale = col_scale[:, None] if transpose else col_scale[None, :]
+        out = out + scale * g.astype(jnp.float32)
+    return out.astype(out_dtype or (g.dtype if g is not None else jnp.float32))
+
+
+def fira_combine(low, n, g2, p, previous_norm, *, scale, growth_limit):
+    """Fira's (M, s) for pass 2 and the new limiter norm, from R, the direction N and ``‖G_{:,j}‖²``."""
+    phi = jnp.linalg.norm(n, axis=0) / (jnp.linalg.norm(low, axis=0) + 1e-8)
+    p32 = p.astype(jnp.float32)
+    rr = jnp.sum(low * low, axis=0)
+    rpr = jnp.sum(low * ((p32.T @ p32) @ low), axis=0)
+    residual_sq = jnp.maximum(g2 - 2 * scale * rr + scale**2 * rpr, 0.0)
+    norm = jnp.sqrt(jnp.sum(phi * phi * residual_sq))
+    limiter = jnp.where(previous_norm > 0, jnp.maximum(norm / (previous_norm + 1e-8), growth_limit) / growth_limit, 1.0)
+    c = 1.0 / limiter
+    return scale * n - (c * scale) * phi[None, :] * low, c * phi, norm / limiter
+
+
+def moments_and_combine(low, g2, p, mu, nu, previous_norm, *, b1, b2, eps, scale, residual, growth_limit):
+    """The small r × k part between the passes: Adam moments, then (M, s) and the new limiter norm."""
+    mu = b1 * mu + (1 - b1) * low
+    nu = b2 * nu + (1 - b2) * low * low
+    n = mu / (jnp.sqrt(nu) + eps)
+    if not residual:
+        return scale * n, None, mu, nu, previous_norm
+    m, s, previous_norm = fira_combine(low, n, g2, p, previous_norm, scale=scale, growth_limit=growth_limit)
+    return m, s, mu, nu, previous_norm
+
+
+def lowrank_step_reference(g, p, mu, nu, previous_norm, *, transpose, b1, b2, eps, scale, residual, growth_limit):
+    """The whole step with the reference passes; returns ``(update, mu, nu, previous_norm)``."""
+    low, g2 = project_reference(g, p, transpose=transpose)
+    m, s, mu, nu, previous_norm = moments_and_combine(
+        low, g2, p, mu, nu, previous_norm, b1=b1, b2=b2, eps=eps, scale=scale, residual=residual,
+        growth_limit=growth_limit)
+    update = apply_reference(g if residual else None, p, m, s, transpose=transpose, out_dtype=g.dtype)
+    return update, mu, nu, previous_norm
