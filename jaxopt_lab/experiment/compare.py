@@ -11,7 +11,10 @@ from jaxopt_lab.experiment.plot import plot_runs
 from jaxopt_lab.experiment.trainer import RunResult, run
 
 COLUMNS = (("eval_loss", "final eval loss", "{:.4f}"), ("eval_accuracy", "eval acc", "{:.4f}"),
-           ("bytes_communicated", "bytes/worker", "{:.3e}"), ("wall_time", "wall-clock s", "{:.0f}"))
+           ("bytes_communicated", "bytes/worker", "{:.3e}"), ("opt_state_bytes", "opt state bytes", "{:.3e}"),
+           ("steps_per_sec", "steps/s", "{:.2f}"), ("wall_time", "wall-clock s", "{:.0f}"))
+# Columns relative to the first variant: (key, header, whether the ratio is of the inverse)
+RELATIVE = (("opt_state_bytes", "opt state × {}", False), ("steps_per_sec", "step time × {}", True))
 
 
 def run_variants(path: str, overrides: Iterable[str] = ()) -> tuple[dict[str, RunResult], str]:
@@ -30,8 +33,14 @@ def run_variants(path: str, overrides: Iterable[str] = ()) -> tuple[dict[str, Ru
 def format_table(results: dict[str, RunResult]) -> str:
     """A Markdown table of each variant's final metrics."""
     cols = [c for c in COLUMNS if any(c[0] in r.final for r in results.values())]
-    lines = ["| variant | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
+    first_name, first = next(iter(results.items()))
+    relative = [c for c in RELATIVE if first.final.get(c[0])] if len(results) > 1 else []
+    headers = [c[1] for c in cols] + [header.format(first_name) for _, header, _ in relative]
+    lines = ["| variant | " + " | ".join(headers) + " |", "|---|" + "---:|" * len(headers)]
     for name, r in results.items():
         cells = [fmt.format(r.final[key]) if key in r.final else "-" for key, _, fmt in cols]
+        for key, _, inverse in relative:
+            ratio = r.final[key] / first.final[key] if r.final.get(key) else None
+            cells.append("-" if ratio is None else f"{1 / ratio if inverse else ratio:.2f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -1,7 +1,8 @@
 """The method registry: ``method.name`` is any jaxopt_lab transform or optax alias.
 
 Lookup order: the flat ``jaxopt_lab`` namespace (our transforms), then
-``optax`` (``adamw``, ``sgd``, ``lion``, ...), then ``optax.contrib``
+``jaxopt_lab.lowrank`` (``q_galore``, ``apollo``, ...), then ``optax`` (``adamw``,
+``sgd``, ``lion``, ...), then ``optax.contrib``
 (``muon``, ``galore``, ...). Any hyperparameter may be given as a schedule
 table ``{schedule = "<optax schedule>", ...its args}``; it is built with the
 same optax function and checked against its signature.
@@ -21,8 +22,10 @@ from jaxopt_lab.experiment.config import ConfigError, check_kwargs
 
 def _namespaces() -> list[tuple[str, Any]]:
     import jaxopt_lab
+    import jaxopt_lab.lowrank
 
-    return [("jaxopt_lab", jaxopt_lab), ("optax", optax), ("optax.contrib", optax_contrib)]
+    return [("jaxopt_lab", jaxopt_lab), ("jaxopt_lab.lowrank", jaxopt_lab.lowrank), ("optax", optax),
+            ("optax.contrib", optax_contrib)]
 
 
 def _is_transform_factory(obj: Any) -> bool:

@@ -25,6 +25,7 @@ from flax import nnx
 from jaxopt_lab.diagnostics import edge_of_stability
 from jaxopt_lab.distributed.accounting import ByteCount, communicated_bytes
 from jaxopt_lab.losses import softmax_collapse_fraction
+from jaxopt_lab.lowrank.memory import optimizer_state_bytes
 from jaxopt_lab.experiment import config as config_lib
 from jaxopt_lab.experiment.adaptive_batch import make_norm_test_statistics, next_batch_size
 from jaxopt_lab.experiment.build import Experiment, build, per_example
@@ -155,6 +156,8 @@ class Trainer:
         initial = TrainState(
             jnp.zeros((), jnp.int32), params, experiment.tx.init(params), jnp.asarray(self.cfg.train.batch_size, jnp.int32)
         )
+        # bytes of one worker's optimizer state, from shapes and dtypes (logged with the final metrics)
+        self.opt_state_bytes = optimizer_state_bytes(jax.eval_shape(experiment.tx.init, params))
         self.norm_test = None
         if self.cfg.train.norm_test_eta > 0:
             self.norm_test = make_norm_test_statistics(lambda p, x, y: make_loss_fn(graphdef, rest, experiment.task, loss)(p, x, y)[0])
@@ -243,12 +246,15 @@ class Trainer:
             log.write({"step": 0, **self.evaluate(state.params), "wall_time": 0.0})
         bar = _progress(cfg.logging.progress, total=t.steps, initial=start, desc=cfg.run.name)
         t0 = time.perf_counter() - elapsed
+        step_times = []  # seconds of each train step (its metrics read back), for the final steps_per_sec
         try:
             for step in range(start, t.steps):
                 batch = self.batch(step, int(state.batch_size) if self.norm_test is not None else None)
                 grown = self.adapt_batch_size(state, batch) if self.norm_test is not None else None
+                t_step = time.perf_counter()
                 state, metrics = self.train_step(state, *batch)
                 record = {"step": step + 1, **self.step_metrics(state, metrics)}
+                step_times.append(time.perf_counter() - t_step)
                 if grown is not None:
                     record["batch_size"] = int(state.batch_size)
                     state = state._replace(batch_size=jnp.asarray(grown, jnp.int32))
@@ -266,6 +272,9 @@ class Trainer:
                 done = step + 1
                 if done == t.steps or (t.eval_every and done % t.eval_every == 0):
                     record.update(self.evaluate(state.params))
+                if done == t.steps:  # median over this process's steps (the first, compiling one, included)
+                    record["opt_state_bytes"] = self.opt_state_bytes
+                    record["steps_per_sec"] = 1.0 / float(np.median(step_times))
                 record["wall_time"] = time.perf_counter() - t0
                 log.write(record)
                 if done == t.steps or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):

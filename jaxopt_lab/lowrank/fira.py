@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxopt_lab.lowrank._adam import scale_by_adam_bias_correction, scale_by_adam_moments
+from jaxopt_lab.lowrank._fused import fira_fused_finish, fused_impl, fused_prepare
 from jaxopt_lab.lowrank._projected import scale_by_projected
 from jaxopt_lab.transforms import _validation as check
 
@@ -58,19 +59,26 @@ def scale_by_fira(
     label_fn: Any = None,
     stagger: bool = False,
     seed: int = 0,
+    fused: bool | str = False,
 ) -> optax.GradientTransformation:
     """Fira's direction α·P·N + limited φ-scaled residual; arguments as :func:`scale_by_galore`.
 
     Args:
       growth_limit: γ of the norm-growth limiter (> 1; the paper uses 1.01).
+      fused: as :func:`~jaxopt_lab.lowrank.scale_by_galore`; the residual and
+        its limiter norm then come from the kernels' two passes over G.
     """
     check.positive("scale", scale)
     check.require("growth_limit", growth_limit, lambda v: v > 1, "> 1")
+    hooks = {"finish": _fira_finish(scale, growth_limit)}
+    if fused is not False:
+        impl = fused_impl(fused)
+        hooks = {"finish": fira_fused_finish(scale, growth_limit, impl, FiraLimiterState), "prepare": fused_prepare(impl)}
     return scale_by_projected(
         inner=optax.scale_by_adam() if inner is None else inner,
         rank=rank, update_proj_gap=update_proj_gap, projector=projector, side=side,
-        label_fn=label_fn, stagger=stagger, seed=seed, finish=_fira_finish(scale, growth_limit),
-        init_extra=lambda spec: FiraLimiterState(jnp.zeros([], jnp.float32)),
+        label_fn=label_fn, stagger=stagger, seed=seed,
+        init_extra=lambda spec: FiraLimiterState(jnp.zeros([], jnp.float32)), **hooks,
     )
 
 
@@ -89,6 +97,7 @@ def fira(
     label_fn: Any = None,
     stagger: bool = False,
     seed: int = 0,
+    fused: bool | str = False,
 ) -> optax.GradientTransformation:
     """Fira-AdamW: :func:`scale_by_fira` over Adam, decoupled weight decay, learning rate."""
     check.in_unit_interval("b1", b1)
@@ -97,7 +106,7 @@ def fira(
     check.non_negative("weight_decay", weight_decay)
     return optax.chain(
         scale_by_fira(rank, update_proj_gap, scale, growth_limit, scale_by_adam_moments(b1, b2, eps), projector, side,
-                      label_fn, stagger, seed),
+                      label_fn, stagger, seed, fused),
         scale_by_adam_bias_correction(b1, b2),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),

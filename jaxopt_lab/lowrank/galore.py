@@ -20,11 +20,12 @@ from typing import Any, Optional
 import optax
 
 from jaxopt_lab.lowrank._adam import scale_by_adam_bias_correction, scale_by_adam_moments
+from jaxopt_lab.lowrank._fused import fused_impl, fused_prepare, galore_fused_finish
 from jaxopt_lab.lowrank._projected import scale_by_projected
 from jaxopt_lab.transforms import _validation as check
 
 
-def _galore_finish(scale):
+def _galore_finish(scale):  # the unfused path: XLA matmuls
     def finish(spec, pstate, g, low, direction, extra, count):
         del g, low, count
         return scale * spec.project_back(pstate, direction), extra
@@ -42,6 +43,7 @@ def scale_by_galore(
     label_fn: Any = None,
     stagger: bool = False,
     seed: int = 0,
+    fused: bool | str = False,
 ) -> optax.GradientTransformation:
     """GaLore's direction α·P·inner(PᵀG) for projected matrices, inner(G) elsewhere.
 
@@ -67,12 +69,19 @@ def scale_by_galore(
         period, so that no step after the first pays every SVD.
       seed: seeds the randomized projectors (a refresh's key is derived from
         the seed, the matrix and the step).
+      fused: project and project back with the Pallas kernels of
+        :mod:`jaxopt_lab.kernels.lowrank_step` (``True``: Pallas on GPU/TPU,
+        XLA elsewhere; or a kernel ``impl`` such as ``"interpret"``).
     """
     check.positive("scale", scale)
+    hooks = {"finish": _galore_finish(scale)}
+    if fused is not False:
+        impl = fused_impl(fused)
+        hooks = {"finish": galore_fused_finish(scale, impl), "prepare": fused_prepare(impl)}
     return scale_by_projected(
         inner=optax.scale_by_adam() if inner is None else inner,
         rank=rank, update_proj_gap=update_proj_gap, projector=projector, side=side,
-        label_fn=label_fn, stagger=stagger, seed=seed, finish=_galore_finish(scale),
+        label_fn=label_fn, stagger=stagger, seed=seed, **hooks,
     )
 
 
@@ -90,6 +99,7 @@ def galore(
     label_fn: Any = None,
     stagger: bool = False,
     seed: int = 0,
+    fused: bool | str = False,
 ) -> optax.GradientTransformation:
     """GaLore-AdamW: :func:`scale_by_galore` over Adam, decoupled weight decay, learning rate.
 
@@ -101,7 +111,7 @@ def galore(
     check.non_negative("weight_decay", weight_decay)
     return optax.chain(
         scale_by_galore(rank, update_proj_gap, scale, scale_by_adam_moments(b1, b2, eps), projector, side, label_fn,
-                        stagger, seed),
+                        stagger, seed, fused),
         scale_by_adam_bias_correction(b1, b2),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),

@@ -42,6 +42,16 @@ def test_diloco_notebook_compares_methods():
     assert sent["data parallel"] == 10 * sent["DiLoCo H=10"] > 0  # 1/H of the bytes
 
 
+def test_03_lowrank_notebook():
+    nb = execute("03_lowrank.ipynb", {"NB03_STEPS": "30", "MPLBACKEND": "Agg"})
+    text = outputs(nb)
+    assert len([line for line in text.splitlines() if "final test accuracy" in line]) == 4, text
+    svd_cos = float(text.split("\nsvd ")[1].split()[0])
+    best = float(text.split("cos(PPᵀG, G) = ")[1].split()[0])
+    assert abs(svd_cos - best) < 1e-3, text  # the SVD projector keeps the best rank-r subspace
+    ratios = [float(line.split()[-1]) for line in text.splitlines() if line.startswith("LLaMA-")]
+    assert len(ratios) == 8 and all(0 < r < 1 for r in ratios), text  # every method holds less than Adam
+
 def test_05_optimizers_and_sharpness_notebook():
     nb = execute("05_optimizers_and_sharpness.ipynb", {"NB05_STEPS": "20", "MPLBACKEND": "Agg"})
     lines = [line for line in outputs(nb).splitlines() if "final test accuracy" in line]

@@ -3,7 +3,7 @@
 See :mod:`jaxopt_lab.lowrank.projectors.base` for the protocol.
 """
 
-from jaxopt_lab.lowrank.projectors.base import BasisState, Projector, basis_projector
+from jaxopt_lab.lowrank.projectors.base import BasisState, Projector, basis_projector, project_onto, transposed
 from jaxopt_lab.lowrank.projectors.dct import DCTState, dct_columns, dct_matrix, dct_projector
 from jaxopt_lab.lowrank.projectors.int4 import Int4State, dequantize_int4, int4_projector, quantize_int4
 from jaxopt_lab.lowrank.projectors.random import RandomState, random_matrix, random_projector
@@ -12,6 +12,8 @@ from jaxopt_lab.lowrank.projectors.svd import canonical_signs, svd_projector
 
 PROJECTORS = {
     "svd": svd_projector,
+    "svd_gram": lambda: svd_projector("gram"),
+    "svd_lapack": lambda: svd_projector("svd"),
     "randomized_svd": randomized_svd_projector,
     "dct": dct_projector,
     "random": random_projector,
@@ -19,8 +21,8 @@ PROJECTORS = {
 
 
 def get_projector(projector) -> Projector:
-    """A Projector from itself or its name (``"svd"``, ``"randomized_svd"``, ``"dct"``,
-    ``"random"``, or ``"int4_<name>"`` for int4 storage)."""
+    """A Projector from itself or its name (``"svd"``, ``"svd_gram"``, ``"svd_lapack"``,
+    ``"randomized_svd"``, ``"dct"``, ``"random"``, or ``"int4_<name>"`` for int4 storage)."""
     if isinstance(projector, Projector):
         return projector
     if isinstance(projector, str):
@@ -37,6 +39,6 @@ def get_projector(projector) -> Projector:
 __all__ = [
     "BasisState", "DCTState", "Int4State", "PROJECTORS", "Projector", "RandomState", "basis_projector",
     "canonical_signs", "dct_columns", "dct_matrix", "dct_projector", "dequantize_int4", "get_projector",
-    "int4_projector", "quantize_int4", "random_matrix", "random_projector", "randomized_svd_projector",
-    "svd_projector",
+    "int4_projector", "project_onto", "quantize_int4", "random_matrix", "random_projector",
+    "randomized_svd_projector", "svd_projector", "transposed",
 ]

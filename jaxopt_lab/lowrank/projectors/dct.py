@@ -16,7 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxopt_lab.lowrank.projectors.base import Projector
+from jaxopt_lab.lowrank.projectors.base import Projector, project_onto
 
 
 class DCTState(NamedTuple):
@@ -48,7 +48,7 @@ def dct_projector() -> Projector:
 
     def project(state, grad, rank):
         del rank
-        return dct_columns(grad.shape[0], state.indices, grad.dtype).T @ grad
+        return project_onto(dct_columns(grad.shape[0], state.indices, grad.dtype), grad)
 
     def project_back(state, low, d):
         return dct_columns(d, state.indices, low.dtype) @ low

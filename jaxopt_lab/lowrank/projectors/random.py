@@ -13,7 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxopt_lab.lowrank.projectors.base import Projector
+from jaxopt_lab.lowrank.projectors.base import Projector, project_onto
 
 
 class RandomState(NamedTuple):
@@ -34,7 +34,7 @@ def random_projector() -> Projector:
         return RandomState(jax.random.key_data(key).astype(jnp.uint32))
 
     def project(state, grad, rank):
-        return random_matrix(state, grad.shape[0], rank, grad.dtype).T @ grad
+        return project_onto(random_matrix(state, grad.shape[0], rank, grad.dtype), grad)
 
     def project_back(state, low, d):
         return random_matrix(state, d, low.shape[0], low.dtype) @ low

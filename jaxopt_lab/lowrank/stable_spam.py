@@ -1,0 +1,164 @@
+"""Stable-SPAM: How to Train in 4-Bit More Stably than 16-Bit Adam
+(Huang et al., 2025, https://arxiv.org/abs/2502.17055).
+
+Adam with three stabilizers, each applied per parameter tensor (every leaf of
+the tree, matrices and vectors alike), at step t = 1, 2, ...:
+
+1. **Adaptive spike clipping (AdaClip).** An EMA of the largest gradient
+   magnitude sets the clipping threshold; spiked entries are scaled down::
+
+       m_max ← θ m_max + (1 − θ) max|g|,        m̂_max = m_max / (1 − θᵗ)
+       g_i   ← g_i · m̂_max / max|g|     where |g_i| > m̂_max
+
+2. **Adaptive gradient-norm scaling (AdaGN).** EMAs of the gradient's norm
+   and squared norm rescale the whole (clipped) gradient::
+
+       m_n ← γ₁ m_n + (1 − γ₁) ‖g‖,   v_n ← γ₂ v_n + (1 − γ₂) ‖g‖²
+       g   ← g / ‖g‖ · m̂_n / (√v̂_n + ε),   m̂_n = m_n / (1 − γ₁ᵗ),  v̂_n = v_n / (1 − γ₂ᵗ)
+
+3. **Momentum reset (MoRet, from SPAM).** Every ΔT steps (t ≡ 0 mod ΔT)
+   Adam's moments are set to zero before the step, and Adam's bias-correction
+   counter restarts (τ = 1 at the reset step)::
+
+       m ← β₁ m + (1 − β₁) g,  v ← β₂ v + (1 − β₂) g²
+       u = (m / (1 − β₁^τ)) / (√(v / (1 − β₂^τ)) + ε)
+
+Defaults are the official code's (``TianjinYellow/StableSPAM``): θ = 0.999,
+γ₁ = 0.7, γ₂ = 0.9, ΔT = 1000, β = (0.9, 0.999), ε = 1e-8 (the same ε in AdaGN
+and Adam), decoupled weight decay.
+
+Where the official code differs from the paper's equations, we follow the
+equations: AdaClip and AdaGN are bias-corrected with the global step t (the
+official code shares Adam's counter, so that right after a reset their
+estimates are divided by 1 − θ² ≈ 0.002, which switches clipping off for a
+while). The official code's optional cosine warm-up of γ₁ and β₁ after a reset
+(``total_T``, off by default) is not implemented.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxopt_lab.transforms import _validation as check
+
+
+class ScaleByStableSpamState(NamedTuple):
+    """State of :func:`scale_by_stable_spam`.
+
+    Attributes:
+      count: steps taken (int32), t − 1.
+      adam_count: steps since the last moment reset (int32), τ − 1.
+      max_ema: per leaf, the EMA m_max of max|g| (float32 scalar).
+      norm_ema: per leaf, the EMA m_n of ‖g‖.
+      norm_sq_ema: per leaf, the EMA v_n of ‖g‖².
+      mu: Adam's first moment.
+      nu: Adam's second moment.
+    """
+
+    count: jax.Array
+    adam_count: jax.Array
+    max_ema: optax.Updates
+    norm_ema: optax.Updates
+    norm_sq_ema: optax.Updates
+    mu: optax.Updates
+    nu: optax.Updates
+
+
+def scale_by_stable_spam(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    gamma1: float = 0.7,
+    gamma2: float = 0.9,
+    theta: float = 0.999,
+    reset_interval: Optional[int] = 1000,
+) -> optax.GradientTransformation:
+    """Stable-SPAM's direction: AdaClip, AdaGN, then Adam with periodic moment reset.
+
+    Args:
+      b1, b2: Adam's decay rates.
+      eps: ε of Adam's denominator and of AdaGN's ``√v̂_n + ε``.
+      gamma1: γ₁, decay of the EMA of the gradient norm (in [0, 1)).
+      gamma2: γ₂, decay of the EMA of the squared gradient norm (in [0, 1)).
+      theta: θ, decay of the EMA of max|g| (in [0, 1)).
+      reset_interval: ΔT, an int > 0: Adam's moments are reset at steps ΔT,
+        2ΔT, ...; None never resets.
+
+    Returns:
+      A transformation whose update is the bias-corrected Adam direction
+      (to be scaled by −lr); the state is :class:`ScaleByStableSpamState`.
+    """
+    for name, value in (("b1", b1), ("b2", b2), ("gamma1", gamma1), ("gamma2", gamma2), ("theta", theta)):
+        check.in_unit_interval(name, value)
+    check.non_negative("eps", eps)
+    if reset_interval is not None and (isinstance(reset_interval, bool) or not isinstance(reset_interval, int)
+                                       or reset_interval <= 0):
+        raise ValueError(f"reset_interval (the momentum-reset period ΔT) must be an int > 0 or None, got {reset_interval!r}")
+
+    def init_fn(params):
+        scalars = jax.tree.map(lambda p: jnp.zeros([], jnp.float32), params)
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        return ScaleByStableSpamState(jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32), scalars, scalars, scalars,
+                                      zeros, zeros)
+
+    def update_fn(updates, state, params=None):
+        del params
+        t = state.count + 1
+        tf = t.astype(jnp.float32)
+
+        def stabilize(g, m_max, m_n, v_n):
+            g = g.astype(jnp.float32)
+            # AdaClip
+            g_max = jnp.max(jnp.abs(g))
+            m_max = theta * m_max + (1 - theta) * g_max
+            threshold = m_max / (1 - theta**tf)
+            g = jnp.where(jnp.abs(g) > threshold, g / jnp.where(g_max > 0, g_max, 1.0) * threshold, g)
+            # AdaGN
+            norm = jnp.linalg.norm(g.reshape(-1))
+            m_n = gamma1 * m_n + (1 - gamma1) * norm
+            v_n = gamma2 * v_n + (1 - gamma2) * norm**2
+            target = (m_n / (1 - gamma1**tf)) / (jnp.sqrt(v_n / (1 - gamma2**tf)) + eps)
+            g = jnp.where(norm > 0, g / jnp.where(norm > 0, norm, 1.0) * target, g)
+            return g, m_max, m_n, v_n
+
+        leaves, treedef = jax.tree_util.tree_flatten(updates)
+        flat = [jax.tree_util.tree_leaves(x) for x in (state.max_ema, state.norm_ema, state.norm_sq_ema)]
+        results = [stabilize(g, a, b, c) for g, a, b, c in zip(leaves, *flat)]
+        grads, m_max, m_n, v_n = (jax.tree_util.tree_unflatten(treedef, list(x)) for x in zip(*results))
+
+        reset = jnp.asarray(False) if reset_interval is None else (t % reset_interval == 0)
+        tau = jnp.where(reset, 1, state.adam_count + 1)
+        keep = jnp.where(reset, 0.0, 1.0)
+        mu = jax.tree.map(lambda m, g: b1 * keep * m + (1 - b1) * g, state.mu, grads)
+        nu = jax.tree.map(lambda v, g: b2 * keep * v + (1 - b2) * g**2, state.nu, grads)
+        tauf = tau.astype(jnp.float32)
+        out = jax.tree.map(
+            lambda m, v, u: ((m / (1 - b1**tauf)) / (jnp.sqrt(v / (1 - b2**tauf)) + eps)).astype(u.dtype),
+            mu, nu, updates)
+        return out, ScaleByStableSpamState(t, tau, m_max, m_n, v_n, mu, nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def stable_spam(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    gamma1: float = 0.7,
+    gamma2: float = 0.9,
+    theta: float = 0.999,
+    reset_interval: Optional[int] = 1000,
+    weight_decay: float = 0.0,
+) -> optax.GradientTransformation:
+    """Stable-SPAM (AdamW form): ``W ← W − lr · (u + λ W)`` with u from :func:`scale_by_stable_spam`."""
+    check.non_negative("weight_decay", weight_decay)
+    return optax.chain(
+        scale_by_stable_spam(b1, b2, eps, gamma1, gamma2, theta, reset_interval),
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_learning_rate(learning_rate),
+    )

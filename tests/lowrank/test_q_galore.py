@@ -1,0 +1,165 @@
+"""Q-GaLore: lazy refresh schedule (hand-computed), int4 projector, GaLore identity, int8 weights, errors."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxopt_lab.lowrank import int8_weights, q_galore, scale_by_q_galore, stochastic_round_int8
+from jaxopt_lab.lowrank.projectors import Int4State, dequantize_int4
+
+RNG = np.random.default_rng(3)
+D, K = 6, 10
+
+
+def _unit(v):
+    return v / np.linalg.norm(v)
+
+
+V1, V2 = _unit(RNG.standard_normal(K)), _unit(RNG.standard_normal(K))
+EYE = np.eye(D)
+
+
+def _grad(i, j):
+    """A rank-2 gradient whose leading left singular vector is e_i (σ = 5 vs 1)."""
+    return {"w": jnp.asarray(5 * np.outer(EYE[i], V1) + np.outer(EYE[j], V2), jnp.float32)}
+
+
+@pytest.fixture(scope="module")
+def lazy_step():
+    tx = scale_by_q_galore(rank=2, update_proj_gap=2, inner=optax.identity(), queue_size=5, cos_threshold=0.4,
+                           gamma_proj=2, label_fn={"w": True})
+    return tx, jax.jit(tx.update)
+
+
+def _refresh_steps(lazy_step, grad_at, steps=40):
+    tx, step = lazy_step
+    state = tx.init({"w": jnp.zeros((D, K))})
+    refreshed = []
+    for t in range(steps):
+        before = int(state.next_refresh[0])
+        updates, state = step(grad_at(t), state)
+        if int(state.next_refresh[0]) != before:  # a refresh at step t sets next = t + period ≠ the old value
+            refreshed.append(t)
+    # the update is GaLore's α P Pᵀ G (identity inner, α = 0.25) with P the stored int4 basis, dequantized
+    basis = np.asarray(dequantize_int4(state.projectors[0], (D, 2)), np.float64)
+    g = np.asarray(grad_at(steps - 1)["w"], np.float64)
+    np.testing.assert_allclose(np.asarray(updates["w"]), 0.25 * basis @ (basis.T @ g), rtol=1e-5, atol=1e-6)
+    return refreshed, state
+
+
+def test_period_doubles_once_the_queue_is_full_of_stable_subspaces(lazy_step):
+    refreshed, state = _refresh_steps(lazy_step, lambda t: _grad(0, 1))
+    # T = 2: refreshes at 0, 2, ..., 10; the 5th similarity (pushed at step 10) fills the queue, whose mean is 1,
+    # so T doubles at every refresh from then on: 10 + 4 = 14, 14 + 8 = 22, 22 + 16 = 38
+    assert refreshed == [0, 2, 4, 6, 8, 10, 14, 22, 38]
+    assert int(state.period[0]) == 32 and int(state.next_refresh[0]) == 70
+    extra = state.extra[0]
+    assert int(extra.filled) == 5 and int(extra.refreshes) == 9
+    np.testing.assert_allclose(np.asarray(extra.queue), 1.0, atol=1e-6)
+    assert isinstance(state.projectors[0], Int4State) and state.projectors[0].packed.dtype == jnp.uint8
+
+
+def test_rotating_subspaces_keep_the_period(lazy_step):
+    # the leading vector moves to the next coordinate axis at every refresh: |cos| = 0
+    refreshed, state = _refresh_steps(lazy_step, lambda t: _grad((t // 2) % D, (t // 2 + 3) % D))
+    assert refreshed == list(range(0, 40, 2))
+    assert int(state.period[0]) == 2
+    np.testing.assert_allclose(np.asarray(state.extra[0].queue), 0.0, atol=1e-6)
+
+
+def test_lazy_state_checkpoints_and_resumes_bit_identically(lazy_step, tmp_path):
+    import orbax.checkpoint as ocp
+
+    tx, step = lazy_step
+    params = {"w": jnp.zeros((D, K))}
+    g = _grad(0, 1)
+
+    def run(state, n):
+        for _ in range(n):
+            _, state = step(g, state)
+        return state
+
+    state = run(tx.init(params), 12)  # the period has grown to 4 (at step 10); next refresh at 14
+    assert int(state.period[0]) == 4 and int(state.next_refresh[0]) == 14
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(tmp_path / "ckpt", state)
+        ckpt.wait_until_finished()
+        template = jax.tree.map(ocp.utils.to_shape_dtype_struct, tx.init(params))  # a fresh process's state
+        restored = ckpt.restore(tmp_path / "ckpt", template)
+    resumed, uninterrupted = run(restored, 12), run(tx.init(params), 24)
+    for u, v in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted), strict=True):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+    assert int(resumed.period[0]) == 16 and int(resumed.next_refresh[0]) == 38
+
+
+def test_stochastic_rounding_is_unbiased_and_lands_on_the_neighbouring_grid_points():
+    x = jnp.asarray(RNG.standard_normal((3, 50)), jnp.float32)  # 150 values: groups of 64, the last one padded
+    keys = jax.random.split(jax.random.PRNGKey(0), 4000)
+    values, scales = jax.jit(jax.vmap(lambda k: stochastic_round_int8(x, k, 64)))(keys)
+    values, scales = np.asarray(values, np.float64), np.asarray(scales[0], np.float64)
+    s = np.repeat(scales, 64)[:150].reshape(3, 50)
+    q = values / s
+    np.testing.assert_allclose(q, np.round(q), atol=1e-4)  # on the grid
+    assert np.abs(np.round(q)).max() <= 127
+    lo = np.floor(np.asarray(x, np.float64) / s - 1e-6)
+    assert ((np.round(q) >= lo) & (np.round(q) <= lo + 2)).all()  # one of the two neighbours (float slack)
+    # E[SR(x)] = x: the mean of 4000 draws is within 5 standard errors (≤ s / (2·√4000)) of x
+    np.testing.assert_array_less(np.abs(values.mean(axis=0) - np.asarray(x)), 5 * s / (2 * np.sqrt(4000)))
+
+
+def test_int8_weights_keep_params_on_the_grid_and_leave_the_rest_alone():
+    params = {"w": jnp.asarray(RNG.standard_normal((D, K)), jnp.float32), "b": jnp.zeros((K,))}
+    grads = [jax.tree.map(lambda p: jnp.asarray(RNG.standard_normal(p.shape), jnp.float32), params) for _ in range(3)]
+    tx = int8_weights(optax.sgd(0.1), group_size=16, seed=1, label_fn={"w": True, "b": False})
+    state, p = tx.init(params), params
+    step = jax.jit(tx.update)
+    keys = [np.asarray(state.key)]
+    b_ref = np.zeros(K)
+    for g in grads:
+        u, state = step(g, state, p)
+        p = optax.apply_updates(p, u)
+        keys.append(np.asarray(state.key))
+        b_ref = b_ref - 0.1 * np.asarray(g["b"])
+        scales = np.asarray(state.scales["w"], np.float64)
+        q = np.asarray(p["w"], np.float64).reshape(-1) / np.repeat(scales, 16)[: D * K]
+        np.testing.assert_allclose(q, np.round(q), atol=1e-4)
+        assert np.abs(q).max() <= 127 + 1e-4 and scales.shape == (4,)
+    np.testing.assert_allclose(np.asarray(p["b"]), b_ref, atol=1e-6)  # not selected: plain SGD
+    assert state.scales["b"].shape == (0,)
+    assert all(not np.array_equal(a, b) for a, b in zip(keys, keys[1:]))  # the key advances every step
+    with pytest.raises(ValueError, match="int8_weights needs params"):
+        tx.update(grads[0], state)
+
+
+PARAMS = {"w": jnp.zeros((8, 12)), "t": jnp.zeros((10, 6)), "b": jnp.zeros((12,))}
+ALL = {"w": True, "t": True, "b": False}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"rank": 7}, r"rank 7 is larger than the smaller dimension of \['t'\] \(10, 6\)"),
+    ({"rank": 0}, "rank must be > 0, got 0"),
+    ({"rank": -1}, "rank must be > 0, got -1"),
+    ({"update_proj_gap": 0}, r"update_proj_gap \(the refresh period T\) must be an int > 0, got 0"),
+    ({"update_proj_gap": -5}, r"update_proj_gap \(the refresh period T\) must be an int > 0, got -5"),
+    ({"label_fn": {"w": True, "t": True, "b": True}}, r"selected \['b'\] of shape \(12,\): only 2-D"),
+    ({"queue_size": 0}, "queue_size must be an int >= 1, got 0"),
+    ({"cos_threshold": 1.5}, r"cos_threshold must be in \[0, 1\], got 1.5"),
+    ({"gamma_proj": 0}, "gamma_proj must be an int >= 1, got 0"),
+    ({"projector": "random"}, "lazy refresh needs a projector with a leading vector"),
+])
+def test_bad_arguments_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        q_galore(1e-2, **{"rank": 2, "label_fn": ALL, **kwargs}).init(PARAMS)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"group_size": 0}, "group_size must be an int > 0, got 0"),
+    ({"label_fn": {"w": True, "i": True}}, r"int8_weights: \['i'\] has dtype int32, not a float"),
+])
+def test_int8_bad_arguments_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        int8_weights(optax.sgd(0.1), **kwargs).init({"w": jnp.zeros((4, 4)), "i": jnp.zeros((3,), jnp.int32)})
