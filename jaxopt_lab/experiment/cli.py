@@ -41,9 +41,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "run":
-            from jaxopt_lab.experiment.config import load_variants
+            from jaxopt_lab.experiment import federated_run
+            from jaxopt_lab.experiment.config import load_variants, read_toml
 
-            if set(load_variants(args.config)) != {""}:  # a config with [variants.NAME]: run them all
+            if federated_run.is_federated(read_toml(args.config)):  # a [federated] simulation config
+                table, _ = federated_run.run(args.config, args.overrides, run_dir=args.run_dir)
+                print(table)
+            elif set(load_variants(args.config)) != {""}:  # a config with [variants.NAME]: run them all
                 from jaxopt_lab.experiment.compare import format_table, run_variants
 
                 if args.run_dir:

@@ -1,0 +1,177 @@
+"""Client data padded to one shape, and the local training function the simulator vmaps.
+
+The simulator only needs a pure function ``local_update(params, client_id,
+num_steps, key) -> new_params`` (``client_id`` and ``num_steps`` are traced
+int32 scalars; it is vmapped over the clients a server step trains, so it must
+not branch in Python on them). :func:`make_local_update` builds one for the
+common case: minibatch SGD (any optax optimizer, fresh state per dispatch) over
+a client's examples, stored padded in a :class:`ClientData`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxopt_lab.distributed.federated import _rng
+from jaxopt_lab.distributed.federated._checks import check_int, check_real
+
+LocalUpdate = Callable[[Any, jax.Array, jax.Array, jax.Array], Any]
+
+
+class ClientData(NamedTuple):
+    """Every client's examples padded to one shape.
+
+    Attributes:
+      x: ``(num_clients, max_size, ...)`` inputs; rows past a client's size are zeros.
+      y: ``(num_clients, max_size, ...)`` targets, padded likewise.
+      sizes: ``(num_clients,)`` int32 example counts.
+    """
+
+    x: jax.Array
+    y: jax.Array
+    sizes: jax.Array
+
+    @property
+    def num_clients(self) -> int:
+        return int(self.sizes.shape[0])
+
+    @property
+    def max_size(self) -> int:
+        return int(self.x.shape[1])
+
+
+def pad_clients(x, y, partition, multiple: int = 1) -> ClientData:
+    """Gathers each client's examples into a padded ``ClientData``.
+
+    Args:
+      x: ``(num_examples, ...)`` inputs.
+      y: ``(num_examples, ...)`` targets.
+      partition: a :class:`jaxopt_lab.data.ClientPartition` or a sequence of
+        per-client index arrays.
+      multiple: pad the per-client length up to a multiple of this (e.g. the batch size).
+
+    Returns:
+      A :class:`ClientData` of jax arrays.
+    """
+    indices: Sequence[np.ndarray] = getattr(partition, "indices", partition)
+    x, y = np.asarray(x), np.asarray(y)
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y must hold the same number of examples, got {x.shape[0]} and {y.shape[0]}")
+    multiple = check_int("multiple", multiple, 1)
+    if len(indices) == 0:
+        raise ValueError("partition must have at least one client")
+    sizes = np.array([len(i) for i in indices], np.int32)
+    max_size = max(int(sizes.max()), 1)
+    max_size = -(-max_size // multiple) * multiple
+    xs = np.zeros((len(indices), max_size) + x.shape[1:], x.dtype)
+    ys = np.zeros((len(indices), max_size) + y.shape[1:], y.dtype)
+    for k, idx in enumerate(indices):
+        idx = np.asarray(idx, np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= x.shape[0]):
+            raise ValueError(f"client {k} has an example index outside [0, {x.shape[0]})")
+        xs[k, : idx.size] = x[idx]
+        ys[k, : idx.size] = y[idx]
+    return ClientData(jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(sizes))
+
+
+def epoch_steps(sizes, batch_size: int, epochs: int = 1) -> np.ndarray:
+    """Local steps for ``epochs`` passes over each client's data: ``epochs * ceil(n_k / batch_size)``
+    (0 for a client without data), int32 of shape ``(num_clients,)``."""
+    batch_size = check_int("batch_size", batch_size, 1)
+    epochs = check_int("epochs", epochs, 1)
+    sizes = np.asarray(sizes, np.int64)
+    return (epochs * (-(-sizes // batch_size))).astype(np.int32)
+
+
+def make_local_update(
+    loss_fn: Callable[[Any, jax.Array, jax.Array], jax.Array],
+    data: ClientData,
+    optimizer: optax.GradientTransformation,
+    batch_size: int,
+    *,
+    prox_mu: float = 0.0,
+    shuffle: bool = True,
+) -> LocalUpdate:
+    r"""Minibatch local training over padded client data, as the simulator wants it.
+
+    ``local_update(params, client_id, num_steps, key)`` runs ``num_steps`` (a
+    traced int) optimizer steps from ``params`` with a fresh ``optimizer`` state.
+    The client's examples are shuffled once per call (a uniformly random order
+    drawn from ``key``; or kept in order with ``shuffle=False``) and walked in batches of ``batch_size``; the
+    last batch of a pass holds the remainder (its loss is the mean over the
+    valid examples only), and a step past the end starts the next pass over the
+    same order. So ``num_steps = ceil(n_k / batch_size)`` is one epoch
+    (:func:`epoch_steps`). Under ``vmap`` the loop runs to the largest
+    ``num_steps`` of the batch; lanes that are done are kept unchanged.
+
+    With ``prox_mu`` :math:`= \mu > 0` each gradient gets the FedProx term
+    :math:`\mu (w - \theta_\text{start})`.
+
+    Args:
+      loss_fn: ``(params, x_batch, y_batch) -> per-example losses`` of shape ``(batch,)``.
+      data: the padded clients (:func:`pad_clients`).
+      optimizer: the client optimizer (e.g. ``optax.sgd(0.1)``).
+      batch_size: local minibatch size.
+      prox_mu: FedProx proximal coefficient (>= 0).
+      shuffle: shuffle each client's examples per dispatch.
+
+    Returns:
+      ``local_update(params, client_id, num_steps, key) -> params``.
+    """
+    batch_size = check_int("batch_size", batch_size, 1)
+    prox_mu = check_real("prox_mu", prox_mu)
+    if prox_mu < 0:
+        raise ValueError(f"prox_mu must be >= 0, got {prox_mu}")
+    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+        raise ValueError(f"optimizer must be an optax GradientTransformation, got {optimizer!r}")
+    num_clients, max_size = int(data.sizes.shape[0]), int(data.x.shape[1])
+    x_flat = data.x.reshape((num_clients * max_size,) + data.x.shape[2:])
+    y_flat = data.y.reshape((num_clients * max_size,) + data.y.shape[2:])
+    sizes = data.sizes
+    offsets = jnp.arange(batch_size)
+
+    def local_update(params, client_id, num_steps, key):
+        n = sizes[client_id]
+        if shuffle:  # padding rows sort last; a counter-based hash, not threefry (a loop on XLA:CPU)
+            u = _rng.uniform(_key_data(key), size=max_size)
+            order = jnp.argsort(u + (jnp.arange(max_size) >= n))
+        else:
+            order = jnp.arange(max_size)
+        rows = client_id * max_size + order
+        per_pass = jnp.maximum((n + batch_size - 1) // batch_size, 1)
+
+        def loss(p, idx, valid):
+            losses = loss_fn(p, x_flat[idx], y_flat[idx])
+            if losses.shape != (batch_size,):
+                raise ValueError(f"loss_fn must return per-example losses of shape ({batch_size},), got {losses.shape}")
+            return jnp.sum(jnp.where(valid, losses, 0.0)) / jnp.maximum(valid.sum(), 1)
+
+        def step(s, carry):
+            p, opt_state = carry
+            pos = (s % per_pass) * batch_size + offsets
+            valid = pos < n
+            idx = rows[jnp.minimum(pos, max_size - 1)]
+            grads = jax.grad(loss)(p, idx, valid)
+            if prox_mu:
+                grads = jax.tree.map(lambda g, w, w0: g + prox_mu * (w - w0), grads, p, params)
+            updates, opt_state = optimizer.update(grads, opt_state, p)
+            return optax.apply_updates(p, updates), opt_state
+
+        out, _ = jax.lax.fori_loop(0, num_steps, step, (params, optimizer.init(params)))
+        return out
+
+    return local_update
+
+
+def _key_data(key):
+    """uint32 key data of a raw or typed PRNG key."""
+    key = jnp.asarray(key) if not hasattr(key, "dtype") else key
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(key)
+    return key

@@ -1,0 +1,415 @@
+"""Run a federated-simulation config: several methods on one client population, side by side.
+
+A federated config (``experiments/fed_digits.toml``) is recognized by its
+``[federated]`` table; ``jaxopt-lab run`` hands it here. Sections:
+
+    [run]              name, seed, out_dir
+    [federated]        the population and the budget, shared by every method:
+                       num_clients, dirichlet_alpha, partition_seed, test_fraction,
+                       hidden, batch_size, local_epochs, client_learning_rate, prox_mu,
+                       speeds, speed_sigma, max_speed_spread, speed_seed, step_time,
+                       time_jitter, dropout, sim_time, target_accuracy, chunk_steps,
+                       num_seeds (simulation seeds run.seed, run.seed + 1, ...: the
+                       client sampling, jitter, shuffles; data split, speeds and the
+                       initial model stay fixed)
+    [methods.NAME]     rule = fedavg | fedprox | fedbuff | fedasync | fedfix | fedcompass,
+                       trigger = sync | buffer | every_arrival | window | compass,
+                       the trigger's arguments (clients_per_round, buffer_size,
+                       concurrency, period, q_min, q_max), the rule's arguments
+                       (learning_rate, momentum, alpha, staleness, a, b, weighting),
+                       pseudo_gradient, eval_every (server steps between evaluations)
+
+Every method runs until ``sim_time`` simulated seconds, evaluating test
+accuracy inside the compiled scan every ``eval_every`` server steps. The run
+directory gets ``config.toml``, ``NAME/metrics.jsonl`` (step, version,
+sim_time, client_updates, mean staleness, eval_loss, eval_accuracy),
+``accuracy.png`` (test accuracy against simulated wall-clock and against client
+updates) and ``summary.md`` (time and updates to ``target_accuracy``).
+Unknown sections or keys are a ConfigError naming them.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import json
+import os
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from jaxopt_lab.experiment.config import ConfigError, _suggest, apply_overrides, read_toml
+
+FEDERATED_DEFAULTS: dict[str, Any] = {
+    "num_clients": 100,
+    "dirichlet_alpha": 0.3,
+    "partition_seed": 1,
+    "test_fraction": 0.2,
+    "hidden": [128],
+    "batch_size": 16,
+    "local_epochs": 1,
+    "client_learning_rate": 0.1,
+    "prox_mu": 0.0,
+    "speeds": "lognormal",
+    "speed_sigma": 1.0,
+    "max_speed_spread": 10.0,
+    "speed_seed": 0,
+    "step_time": 1.0,
+    "time_jitter": 0.0,
+    "dropout": 0.0,
+    "sim_time": 300.0,
+    "target_accuracy": 0.9,
+    "chunk_steps": 50,
+    "num_seeds": 1,
+}
+RUN_DEFAULTS: dict[str, Any] = {"name": "federated", "seed": 0, "out_dir": "runs"}
+TRIGGER_KEYS = {
+    "sync": ("clients_per_round",),
+    "buffer": ("buffer_size", "concurrency"),
+    "every_arrival": ("concurrency",),
+    "window": ("period", "concurrency"),
+    "compass": ("q_min", "q_max", "concurrency"),
+}
+METHOD_KEYS = ("rule", "trigger", "pseudo_gradient", "eval_every")
+RULE_KEYS = ("learning_rate", "momentum", "nesterov", "alpha", "staleness", "a", "b", "weighting")
+
+
+def is_federated(raw: Mapping[str, Any]) -> bool:
+    """Whether a raw TOML config is a federated-simulation config."""
+    return "federated" in raw
+
+
+@dataclasses.dataclass
+class SeedRun:
+    seed: int
+    records: list[dict[str, Any]]  # one per evaluation
+    server_steps: int
+    client_updates: int
+    mean_staleness: float
+
+
+@dataclasses.dataclass
+class MethodResult:
+    name: str
+    runs: list[SeedRun]  # one per simulation seed
+    wall_seconds: float
+
+
+def _rules():
+    from jaxopt_lab.distributed import federated as fl
+
+    return {"fedavg": fl.fedavg, "fedprox": fl.fedprox, "fedbuff": fl.fedbuff, "fedasync": fl.fedasync,
+            "fedfix": fl.fedfix, "fedcompass": fl.fedcompass}
+
+
+def validate(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Checks sections, keys and values; returns the resolved config (defaults filled in)."""
+    for section in raw:
+        if section not in ("run", "federated", "methods"):
+            raise ConfigError(f"unknown config section [{section}] in a federated config"
+                              f"{_suggest(section, ('run', 'federated', 'methods'))}")
+    out = {"run": dict(RUN_DEFAULTS), "federated": dict(FEDERATED_DEFAULTS), "methods": {}}
+    for section, defaults in (("run", RUN_DEFAULTS), ("federated", FEDERATED_DEFAULTS)):
+        body = raw.get(section, {})
+        if not isinstance(body, Mapping):
+            raise ConfigError(f"[{section}] must be a table, got {body!r}")
+        for key, value in body.items():
+            if key not in defaults:
+                raise ConfigError(f"unknown config key {section}.{key}{_suggest(key, defaults)}")
+            default = defaults[key]
+            if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            ok = (isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool)))
+            if key == "speeds":
+                ok = isinstance(value, (str, list))
+            if not ok:
+                raise ConfigError(f"{section}.{key} must be {type(default).__name__}, got {value!r}")
+            out[section][key] = value
+    fed = out["federated"]
+    for key in ("sim_time", "client_learning_rate", "step_time"):
+        if not fed[key] > 0:
+            raise ConfigError(f"federated.{key} must be > 0, got {fed[key]!r}")
+    if not 0 < fed["target_accuracy"] <= 1:
+        raise ConfigError(f"federated.target_accuracy must be in (0, 1], got {fed['target_accuracy']!r}")
+    for key in ("num_clients", "batch_size", "local_epochs", "chunk_steps", "num_seeds"):
+        if fed[key] < 1:
+            raise ConfigError(f"federated.{key} must be >= 1, got {fed[key]!r}")
+    methods = raw.get("methods")
+    if not isinstance(methods, Mapping) or not methods:
+        raise ConfigError("a federated config needs one or more [methods.NAME] tables")
+    rules = _rules()
+    for name, body in methods.items():
+        if not isinstance(body, Mapping):
+            raise ConfigError(f"[methods.{name}] must be a table, got {body!r}")
+        rule, trigger = body.get("rule"), body.get("trigger")
+        if rule not in rules:
+            raise ConfigError(f"methods.{name}.rule must be one of {', '.join(rules)}, got {rule!r}")
+        if trigger not in TRIGGER_KEYS:
+            raise ConfigError(f"methods.{name}.trigger must be one of {', '.join(TRIGGER_KEYS)}, got {trigger!r}")
+        valid = set(METHOD_KEYS) | set(TRIGGER_KEYS[trigger]) | set(RULE_KEYS)
+        takes = set(inspect.signature(rules[rule]).parameters)
+        for key in body:
+            if key not in valid:
+                raise ConfigError(f"unknown config key methods.{name}.{key} for trigger {trigger!r}{_suggest(key, valid)}")
+            if key in RULE_KEYS and key not in takes and not (key in ("a", "b") and "staleness_kwargs" in takes):
+                raise ConfigError(f"methods.{name}.{key} is not an argument of rule {rule!r}")
+        out["methods"][name] = dict(body)
+    return out
+
+
+def build_method(cfg: Mapping[str, Any], method: Mapping[str, Any], setup: dict[str, Any]):
+    """The simulator of one method (raises ValueError for bad values before any compute)."""
+    from jaxopt_lab.distributed import federated as fl
+
+    fed = cfg["federated"]
+    kind = method["trigger"]
+    args = {k: method[k] for k in TRIGGER_KEYS[kind] if k in method}
+    concurrency = args.pop("concurrency", None)
+    if kind == "sync":
+        trigger = fl.SyncRound(args.get("clients_per_round", 10))
+    elif kind == "buffer":
+        trigger = fl.Buffer(args.get("buffer_size", 10))
+    elif kind == "every_arrival":
+        trigger = fl.every_arrival()
+    elif kind == "window":
+        if "period" not in args:
+            raise ConfigError("a window trigger needs period (simulated seconds)")
+        trigger = fl.TimeWindow(float(args["period"]))
+    else:
+        trigger = fl.Compass(args.get("q_min", 1), args.get("q_max", 4))
+    rule_args = {k: method[k] for k in RULE_KEYS if k in method}
+    rule = _rules()[method["rule"]](**rule_args)
+    pseudo = method.get("pseudo_gradient", "current" if method["rule"] == "fedasync" else "dispatch")
+    steps = {} if kind == "compass" else {"local_steps": setup["local_steps"]}
+    return fl.FederatedSimulator(
+        setup["local_update"], rule, trigger, num_clients=fed["num_clients"], concurrency=concurrency,
+        num_examples=setup["sizes"], speeds=fed["speeds"], speed_sigma=fed["speed_sigma"],
+        max_speed_spread=fed["max_speed_spread"], speed_seed=fed["speed_seed"], step_time=fed["step_time"],
+        time_jitter=fed["time_jitter"], dropout=fed["dropout"], pseudo_gradient=pseudo, **steps)
+
+
+def build_setup(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Data, partition, model and the shared local update of a federated config."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from jaxopt_lab.data import dirichlet_partition, load_digits
+    from jaxopt_lab.distributed import federated as fl
+    from jaxopt_lab.models import MLP
+
+    fed = cfg["federated"]
+    data = load_digits(test_fraction=fed["test_fraction"], seed=0)
+    x_train = data.x_train.reshape(len(data.x_train), -1)
+    part = dirichlet_partition(data.y_train, fed["num_clients"], fed["dirichlet_alpha"], seed=fed["partition_seed"])
+    clients = fl.pad_clients(x_train, data.y_train, part)
+    def make_model():
+        return MLP(x_train.shape[1], tuple(fed["hidden"]), data.num_classes, rngs=nnx.Rngs(cfg["run"]["seed"]))
+
+    graphdef, _ = nnx.split(nnx.eval_shape(make_model), nnx.Param)
+    params = jax.jit(lambda: nnx.to_pure_dict(nnx.split(make_model(), nnx.Param)[1]))()  # one compile
+
+    def logits(p, x):
+        return nnx.merge(graphdef, nnx.State(p))(x)
+
+    def loss_fn(p, x, y):
+        return optax.softmax_cross_entropy_with_integer_labels(logits(p, x), y)
+
+    local = fl.make_local_update(loss_fn, clients, optax.sgd(fed["client_learning_rate"]), fed["batch_size"],
+                                 prox_mu=fed["prox_mu"])
+    x_test = jnp.asarray(data.x_test.reshape(len(data.x_test), -1))
+    y_test = jnp.asarray(data.y_test)
+
+    def eval_fn(p):
+        out = logits(p, x_test)
+        return {"eval_loss": optax.softmax_cross_entropy_with_integer_labels(out, y_test).mean(),
+                "eval_accuracy": (out.argmax(-1) == y_test).mean()}
+
+    return {"params": params, "local_update": local, "sizes": part.sizes, "eval_fn": eval_fn,
+            "eval_jit": jax.jit(eval_fn),
+            "local_steps": fl.epoch_steps(part.sizes, fed["batch_size"], fed["local_epochs"]),
+            "partition": part}
+
+
+def run_seed(name: str, sim, setup: Mapping[str, Any], cfg: Mapping[str, Any], eval_every: int, seed: int) -> SeedRun:
+    """Runs one method with one simulation seed, in chunks of ``chunk_steps`` server steps, until ``sim_time``."""
+    import jax
+
+    fed = cfg["federated"]
+    state = sim.init(setup["params"], seed=seed)
+    e0 = setup["eval_jit"](state.params)
+    records = [{"seed": seed, "step": 0, "version": 0, "sim_time": 0.0, "client_updates": 0, "mean_staleness": 0.0,
+                **{k: float(v) for k, v in e0.items()}}]
+    stale_sum, applied, steps = 0.0, 0, 0
+    while True:
+        state, rec = sim.run(state, fed["chunk_steps"], setup["eval_fn"], eval_every)
+        rec = jax.device_get(rec)
+        for i in range(len(rec.time)):
+            if rec.time[i] > fed["sim_time"]:
+                break
+            steps += 1
+            m = rec.mask[i]
+            applied += int(m.sum())
+            stale_sum += float(rec.staleness[i][m].sum())
+            acc = rec.metrics["eval_accuracy"][i]
+            if not np.isnan(acc):
+                records.append({
+                    "seed": seed, "step": steps, "version": int(rec.version[i]), "sim_time": float(rec.time[i]),
+                    "client_updates": applied, "mean_staleness": stale_sum / max(applied, 1),
+                    "eval_loss": float(rec.metrics["eval_loss"][i]), "eval_accuracy": float(acc)})
+        if float(rec.time[-1]) > fed["sim_time"]:
+            break
+        if not np.isfinite(float(rec.time[-1])):
+            raise ValueError(f"method {name}: the simulated clock stopped (no client in flight)")
+    return SeedRun(seed, records, server_steps=steps, client_updates=applied, mean_staleness=stale_sum / max(applied, 1))
+
+
+def run_method(name: str, sim, setup: Mapping[str, Any], cfg: Mapping[str, Any], eval_every: int) -> MethodResult:
+    """Runs one method for every simulation seed (one compile: only the state's key differs)."""
+    t0 = time.perf_counter()
+    first = cfg["run"]["seed"]
+    runs = [run_seed(name, sim, setup, cfg, eval_every, first + i) for i in range(cfg["federated"]["num_seeds"])]
+    return MethodResult(name, runs, wall_seconds=time.perf_counter() - t0)
+
+
+def to_target(records: list[dict[str, Any]], target: float) -> tuple[float | None, int | None]:
+    """(simulated time, client updates) of the first evaluation at or above ``target``."""
+    for r in records:
+        if r["eval_accuracy"] >= target:
+            return r["sim_time"], r["client_updates"]
+    return None, None
+
+
+def _median(values: list[float | None]) -> float | None:
+    """Median with "not reached" (None) counted as +inf; None when that median is not finite."""
+    med = float(np.median([np.inf if v is None else v for v in values]))
+    return med if np.isfinite(med) else None
+
+
+def summarize(result: MethodResult, target: float) -> dict[str, Any]:
+    """Medians over seeds of the time and client updates to ``target``, and final/best accuracy."""
+    hits = [to_target(r.records, target) for r in result.runs]
+    times = [t for t, _ in hits]
+    return {
+        "time": _median(times),
+        "time_range": (min((t for t in times if t is not None), default=None),
+                       max((t for t in times if t is not None), default=None)),
+        "reached": sum(t is not None for t in times),
+        "updates": _median([u for _, u in hits]),
+        "final": float(np.mean([r.records[-1]["eval_accuracy"] for r in result.runs])),
+        "best": float(np.mean([max(x["eval_accuracy"] for x in r.records) for r in result.runs])),
+        "steps": float(np.mean([r.server_steps for r in result.runs])),
+        "staleness": float(np.mean([r.mean_staleness for r in result.runs])),
+    }
+
+
+def format_table(results: list[MethodResult], cfg: Mapping[str, Any]) -> str:
+    """Markdown: time and client updates to the target accuracy (median over seeds), accuracies, staleness."""
+    target = cfg["federated"]["target_accuracy"]
+    seeds = cfg["federated"]["num_seeds"]
+    sums = {r.name: summarize(r, target) for r in results}
+    base = next((sums[r.name]["time"] for r in results if cfg["methods"][r.name]["trigger"] == "sync"), None)
+    over = f" (median of {seeds} seeds [min-max])" if seeds > 1 else ""
+    header = (f"| method | rule / trigger | sim time to {target:.0%}{over} | speed-up vs sync | client updates to "
+              f"{target:.0%} | best acc | final acc | server steps | mean staleness | wall s |")
+    lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        m, x = cfg["methods"][r.name], sums[r.name]
+        if x["time"] is None:
+            t = f"not reached ({x['reached']}/{seeds})"
+        else:
+            t = f"{x['time']:.1f}"
+            if seeds > 1:
+                t += f" [{x['time_range'][0]:.0f}-{x['time_range'][1]:.0f}]"
+            if x["reached"] < seeds:
+                t += f" ({x['reached']}/{seeds} reached)"
+        speed = f"{base / x['time']:.2f}x" if (x["time"] and base) else "-"
+        updates = f"{x['updates']:.0f}" if x["updates"] is not None else "-"
+        lines.append(f"| {r.name} | {m['rule']} / {m['trigger']} | {t} | {speed} | {updates} | {x['best']:.4f} "
+                     f"| {x['final']:.4f} | {x['steps']:.0f} | {x['staleness']:.2f} | {r.wall_seconds:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[MethodResult], cfg: Mapping[str, Any], out: str) -> str:
+    """Test accuracy against simulated wall-clock and against client updates (one PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for j, r in enumerate(results):
+        for i, run in enumerate(r.runs):
+            xs_t = [x["sim_time"] for x in run.records]
+            xs_u = [x["client_updates"] for x in run.records]
+            ys = [x["eval_accuracy"] for x in run.records]
+            style = dict(color=colors[j % len(colors)], lw=1.0, alpha=0.9 if i == 0 else 0.35,
+                         label=r.name if i == 0 else None)
+            axes[0].plot(xs_t, ys, **style)
+            axes[1].plot(xs_u, ys, **style)
+    target = cfg["federated"]["target_accuracy"]
+    axes[1].set_xscale("symlog", linthresh=100)  # FedAsync applies 10x more (single) updates than the rest
+    for ax, xlabel in zip(axes, ("simulated wall-clock (s)", "client updates applied (symlog)")):
+        ax.axhline(target, color="gray", lw=0.8, ls="--")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy")
+        ax.set_ylim(max(0.0, min(0.5, target - 0.4)), 1.0)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="small")
+    fed = cfg["federated"]
+    fig.suptitle(f"{fed['num_clients']} clients, Dirichlet({fed['dirichlet_alpha']}), speeds {fed['speeds']} "
+                 f"(sigma {fed['speed_sigma']}, spread <= {fed['max_speed_spread']}x); "
+                 f"{fed['num_seeds']} seed(s), seed {cfg['run']['seed']} opaque", fontsize="medium")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def run(path: str, overrides: Iterable[str] = (), run_dir: str | None = None) -> tuple[str, list[MethodResult]]:
+    """Validates the whole config, builds every method (errors before any compute), runs them.
+
+    Returns:
+      The printed summary table and the per-method results.
+    """
+    import tomli_w
+
+    raw = apply_overrides(read_toml(path), overrides)
+    cfg = validate(raw)
+    n = cfg["federated"]["num_clients"]
+    dry = {"local_update": lambda p, c, q, k: p, "sizes": np.ones(n), "local_steps": np.ones(n, np.int64)}
+    for name, method in cfg["methods"].items():  # every method's values, checked before loading anything
+        try:
+            build_method(cfg, method, dry)
+        except ValueError as e:
+            raise ConfigError(f"methods.{name}: {e}") from None
+        every = method.get("eval_every", 1)
+        if not (isinstance(every, int) and not isinstance(every, bool) and every >= 1):
+            raise ConfigError(f"methods.{name}.eval_every must be an int >= 1, got {every!r}")
+    setup = build_setup(cfg)
+    sims = {name: build_method(cfg, method, setup) for name, method in cfg["methods"].items()}
+    run_dir = run_dir or os.path.join(cfg["run"]["out_dir"], cfg["run"]["name"])
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.toml"), "w") as f:
+        f.write(tomli_w.dumps(copy.deepcopy(cfg)))
+    print(setup["partition"].summary())
+    results = []
+    for name, sim in sims.items():
+        res = run_method(name, sim, setup, cfg, cfg["methods"][name].get("eval_every", 1))
+        os.makedirs(os.path.join(run_dir, name), exist_ok=True)
+        with open(os.path.join(run_dir, name, "metrics.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for run in res.runs for r in run.records)
+        x = summarize(res, cfg["federated"]["target_accuracy"])
+        print(f"{name}: {x['steps']:.0f} server steps, final acc {x['final']:.4f}, time to target "
+              f"{'%.1f' % x['time'] if x['time'] is not None else 'not reached'} ({res.wall_seconds:.1f} s)")
+        results.append(res)
+    table = format_table(results, cfg)
+    png = plot(results, cfg, os.path.join(run_dir, "accuracy.png"))
+    with open(os.path.join(run_dir, "summary.md"), "w") as f:
+        f.write(table + "\n")
+    return table + f"\n\nplot: {png}\nrun dir: {run_dir}", results

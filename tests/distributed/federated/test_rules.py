@@ -1,0 +1,118 @@
+"""Server rules and staleness functions against the formulas of their papers, in numpy."""
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxopt_lab.distributed import federated as fl
+
+TAU = np.arange(12)
+
+
+def test_staleness_functions_match_fedasync_formulas():
+    np.testing.assert_allclose(fl.constant_staleness()(TAU), np.ones(12))
+    np.testing.assert_allclose(fl.polynomial_staleness(0.5)(TAU), 1 / np.sqrt(1 + TAU), rtol=1e-6)  # FedBuff
+    np.testing.assert_allclose(fl.polynomial_staleness(2.0)(TAU), (1 + TAU) ** -2.0, rtol=1e-6)
+    hinge = np.where(TAU <= 4, 1.0, 1 / (10 * (TAU - 4) + 1))
+    np.testing.assert_allclose(fl.hinge_staleness(10, 4)(TAU), hinge, rtol=1e-6)
+    np.testing.assert_allclose(fl.staleness_function("hinge", a=10, b=4)(TAU), hinge, rtol=1e-6)
+
+
+@pytest.fixture
+def arrivals():
+    rng = np.random.default_rng(0)
+    theta = {"w": rng.normal(size=(3, 2)).astype(np.float32), "b": rng.normal(size=(2,)).astype(np.float32)}
+    stacked = {k: rng.normal(size=(4,) + v.shape).astype(np.float32) for k, v in theta.items()}
+    stacked["w"][2] = np.nan  # a masked-out lane holds garbage: it must not leak
+    extra = dict(mask=jnp.array([True, True, False, True]), num_examples=jnp.array([3.0, 1.0, 7.0, 4.0]),
+                 staleness=jnp.array([0, 3, 1, 8]))
+    return theta, stacked, extra
+
+
+def _apply(rule, theta, stacked, extra):
+    upd, _ = rule.update({k: jnp.asarray(v) for k, v in stacked.items()}, rule.init(theta), theta, **extra)
+    return {k: np.asarray(v, np.float64) for k, v in upd.items()}
+
+
+def test_fedavg_is_the_example_weighted_mean_of_the_arrivals(arrivals):
+    theta, stacked, extra = arrivals
+    keep, n = [0, 1, 3], np.array([3.0, 1.0, 4.0])
+    ref = {k: -0.5 * sum(w * stacked[k][i] for w, i in zip(n / n.sum(), keep)) for k in theta}
+    got = _apply(fl.fedavg(0.5), theta, stacked, extra)
+    for k in theta:
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6)
+
+
+def test_fedbuff_is_the_staleness_weighted_buffer_mean(arrivals):
+    theta, stacked, extra = arrivals
+    keep, s = [0, 1, 3], 1 / np.sqrt(1 + np.array([0, 3, 8]))
+    ref = {k: -0.7 * sum(si * stacked[k][i] for si, i in zip(s, keep)) / 3 for k in theta}
+    got = _apply(fl.fedbuff(0.7), theta, stacked, extra)
+    for k in theta:
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6)
+
+
+def test_fedasync_mixes_the_client_model_into_the_server_model():
+    rng = np.random.default_rng(1)
+    theta = {"w": rng.normal(size=(3,)).astype(np.float32)}
+    client = {"w": rng.normal(size=(3,)).astype(np.float32)}
+    pg = {"w": jnp.asarray(theta["w"] - client["w"])[None]}  # pseudo_gradient="current"
+    for name, kw, s in [("constant", {}, 1.0), ("polynomial", {"a": 0.5}, 1 / np.sqrt(6)),
+                        ("hinge", {"a": 2.0, "b": 3.0}, 1 / (2 * 2 + 1))]:
+        rule = fl.fedasync(0.6, name, **kw)
+        upd, _ = rule.update(pg, rule.init(theta), theta, staleness=jnp.array([5]), mask=jnp.array([True]))
+        a = 0.6 * s
+        np.testing.assert_allclose(theta["w"] + upd["w"], (1 - a) * theta["w"] + a * client["w"], rtol=1e-5)
+
+
+def test_fedasync_alpha_schedule_follows_the_server_step():
+    rule = fl.fedasync(optax.linear_schedule(0.8, 0.2, 3), "constant")
+    theta = {"w": jnp.ones(())}
+    state = rule.init(theta)
+    got = []
+    for _ in range(4):
+        upd, state = rule.update({"w": jnp.ones((1,))}, state, theta)
+        got.append(-float(upd["w"]))
+    np.testing.assert_allclose(got, [0.8, 0.6, 0.4, 0.2], rtol=1e-6)
+
+
+def test_server_momentum_and_adam_chain_after_the_aggregation(arrivals):
+    theta, stacked, extra = arrivals
+    keep, n = [0, 1, 3], np.array([3.0, 1.0, 4.0])
+    agg = {k: sum(w * stacked[k][i] for w, i in zip(n / n.sum(), keep)) for k in theta}
+    # FedAvgM: m <- d + 0.9 m, update = -0.1 m, three server steps of the same arrivals
+    rule = fl.fedavg(0.1, momentum=0.9)
+    state, m = rule.init(theta), {k: 0.0 for k in theta}
+    sj = {k: jnp.asarray(v) for k, v in stacked.items()}
+    for _ in range(3):
+        upd, state = rule.update(sj, state, theta, **extra)
+        m = {k: agg[k] + 0.9 * m[k] for k in theta}
+        for k in theta:
+            np.testing.assert_allclose(upd[k], -0.1 * m[k], rtol=1e-5, atol=1e-6)
+    # FedAdam: optax.adam over the aggregated pseudo-gradient
+    fedadam = optax.chain(fl.scale_by_fedavg(), optax.adam(0.01))
+    got = _apply(fedadam, theta, stacked, extra)
+    adam = optax.adam(0.01)
+    ref, _ = adam.update({k: jnp.asarray(v, jnp.float32) for k, v in agg.items()}, adam.init(theta), theta)
+    for k in theta:
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-4, atol=1e-7)
+
+
+def test_no_arrival_gives_a_zero_update(arrivals):
+    theta, stacked, extra = arrivals
+    extra = dict(extra, mask=jnp.zeros((4,), bool))
+    for rule in (fl.fedavg(), fl.fedbuff(), fl.fedfix(), fl.fedcompass(), fl.fedasync(0.5)):
+        for v in _apply(rule, theta, stacked, extra).values():
+            np.testing.assert_array_equal(v, 0.0)
+
+
+def test_lognormal_speeds_are_seeded_and_clipped_to_the_spread():
+    a = fl.client_speeds(500, "lognormal", sigma=2.0, max_spread=10.0, seed=3)
+    np.testing.assert_array_equal(a, fl.client_speeds(500, "lognormal", sigma=2.0, max_spread=10.0, seed=3))
+    assert not np.array_equal(a, fl.client_speeds(500, "lognormal", sigma=2.0, max_spread=10.0, seed=4))
+    assert a.max() / a.min() == pytest.approx(10.0)  # sigma 2 saturates both ends
+    z = np.random.default_rng(3).standard_normal(500)
+    np.testing.assert_allclose(a, np.exp(np.clip(2.0 * z, -np.log(10) / 2, np.log(10) / 2)))
+    np.testing.assert_array_equal(fl.client_speeds(4), np.ones(4))
+    np.testing.assert_array_equal(fl.client_speeds(3, [1, 2.5, 4]), [1, 2.5, 4])
