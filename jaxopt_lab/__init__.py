@@ -12,6 +12,24 @@ from jaxopt_lab.distributed.gossip import GossipState, gossip
 from jaxopt_lab.distributed.dfedsam import DFedSAMState, dfedsam
 from jaxopt_lab.distributed.compression import dgc, econtrol, quantize, top_k
 from jaxopt_lab.distributed.choco_gossip import ChocoGossipState, choco_gossip
+from jaxopt_lab.distributed.federated import (
+    DelayedNesterovState,
+    ScaleByFedAsyncState,
+    delayed_nesterov,
+    dynamic_local_steps,
+    fedasync,
+    fedavg,
+    fedbuff,
+    fedcompass,
+    fedfix,
+    fedprox,
+    scale_by_delayed_nesterov,
+    scale_by_fedasync,
+    scale_by_fedavg,
+    scale_by_fedbuff,
+    scale_by_fedcompass,
+    scale_by_fedfix,
+)
 from jaxopt_lab.distributed.diloco import DiLoCoState, diloco, diloco_inner, diloco_outer
 from jaxopt_lab.lowrank import (
     FiraLimiterState,
@@ -65,6 +83,22 @@ from jaxopt_lab.transforms import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DelayedNesterovState",
+    "ScaleByFedAsyncState",
+    "delayed_nesterov",
+    "dynamic_local_steps",
+    "fedasync",
+    "fedavg",
+    "fedbuff",
+    "fedcompass",
+    "fedfix",
+    "fedprox",
+    "scale_by_delayed_nesterov",
+    "scale_by_fedasync",
+    "scale_by_fedavg",
+    "scale_by_fedbuff",
+    "scale_by_fedcompass",
+    "scale_by_fedfix",
     "DeltaSGDState",
     "delta_sgd",
     "scale_by_delta_sgd",

@@ -1,4 +1,8 @@
-"""Multi-worker training: methods written once over a named worker axis, and the runner."""
+"""Multi-worker training: methods written once over a named worker axis, and the runner.
+
+Asynchronous and federated methods (event-driven simulator, FedAvg/FedBuff/FedAsync/FedFix/
+FedCompass, delayed Nesterov) are in :mod:`jaxopt_lab.distributed.federated`.
+"""
 
 from jaxopt_lab.distributed.accounting import ByteCount, communicated_bytes, tree_bytes
 from jaxopt_lab.distributed.data_parallel import DataParallelState, data_parallel
@@ -11,8 +15,10 @@ from jaxopt_lab.distributed.compression import Compressor, compressed_pmean, dgc
 from jaxopt_lab.distributed.choco_gossip import ChocoGossipState, choco_gossip
 from jaxopt_lab.distributed.diloco import DiLoCoState, diloco, diloco_inner, diloco_outer
 from jaxopt_lab.distributed.workers import WorkerRunner
+from jaxopt_lab.distributed import federated
 
 __all__ = [
+    "federated",
     "ChocoGossipState",
     "choco_gossip",
     "Compressor",
