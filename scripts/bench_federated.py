@@ -12,6 +12,10 @@ epoch of batch 16 with SGD(0.1), example-weighted FedAvg.
 - ours, async: FedBuff (``Buffer(10)``, concurrency 20, log-normal speeds with a
   10x spread): the event queue lives in JAX arrays inside the same scan; one
   server step consumes 10 client updates, like a round.
+- vmapped JAX round: what a JAX user writes without a simulator: rounds in a
+  ``lax.scan``, each sampling 10 clients and vmapping a masked one-epoch local
+  loop over them (to the round's largest step count), then the weighted
+  average. Our sync simulator's ratio to it is printed at the end.
 - python loop: for each round, a jitted local epoch called once per sampled
   client (the same ``local_update`` function, jitted alone), then a jitted
   weighted average: the floor any JAX user gets without a simulator.
@@ -31,6 +35,7 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -55,7 +60,7 @@ def setup():
 
     local = fl.make_local_update(loss_fn, clients, optax.sgd(LR), BATCH)
     steps = fl.epoch_steps(part.sizes, BATCH)
-    return part, params, local, steps
+    return part, params, local, steps, clients, loss_fn
 
 
 def simulator_runner(sim, params, rounds):
@@ -95,6 +100,57 @@ def python_loop_runner(part, params, local, steps, rounds):
     return go
 
 
+def vmapped_round_runner(clients, sizes, steps, params, loss_fn, rounds):
+    """The plain "vmapped JAX round": rounds in a ``lax.scan``; each samples 10 clients and vmaps a
+    masked one-epoch local loop (shuffled minibatches of 16, SGD) over them, then averages by
+    example count. The simplest fast code a JAX user would write, without any simulator."""
+    x, y = clients.x, clients.y
+    max_size = x.shape[1]
+    sizes_j = jnp.asarray(sizes, jnp.int32)
+    steps_j = jnp.asarray(steps, jnp.int32)
+
+    def batch_loss(p, xb, yb, valid):
+        losses = loss_fn(p, xb, yb)
+        return jnp.sum(jnp.where(valid, losses, 0.0)) / jnp.maximum(valid.sum(), 1)
+
+    def client_epoch(p0, cid, n_steps, max_steps, key):
+        n = sizes_j[cid]
+        order = jnp.argsort(jax.random.uniform(key, (max_size,)) + (jnp.arange(max_size) >= n))
+        xc, yc = x[cid][order], y[cid][order]
+
+        def body(s, p):
+            pos = s * BATCH + jnp.arange(BATCH)
+            valid = pos < n
+            idx = jnp.minimum(pos, max_size - 1)
+            g = jax.grad(batch_loss)(p, xc[idx], yc[idx], valid)
+            return jax.tree.map(lambda w, gw: jnp.where(s < n_steps, w - LR * gw, w), p, g)
+
+        return jax.lax.fori_loop(0, max_steps, body, p0)
+
+    def one_round(p, key):
+        k_sel, k_train = jax.random.split(key)
+        cids = jax.random.choice(k_sel, NUM_CLIENTS, (PER_ROUND,), replace=False)
+        n_steps = steps_j[cids]
+        models = jax.vmap(client_epoch, in_axes=(None, 0, 0, None, 0))(
+            p, cids, n_steps, n_steps.max(), jax.random.split(k_train, PER_ROUND))
+        w = sizes_j[cids].astype(jnp.float32)
+        w = w / w.sum()
+        return jax.tree.map(lambda m: jnp.tensordot(w, m, axes=1), models), None
+
+    @jax.jit
+    def run(p, key):
+        return jax.lax.scan(one_round, p, jax.random.split(key, rounds))[0]
+
+    state = [params, jax.random.PRNGKey(0)]
+
+    def go():
+        state[1], k = jax.random.split(state[1])
+        state[0] = run(state[0], k)
+        return state[0]
+
+    return go
+
+
 def interleaved_rates(runners, repeats):
     """Median units/s of each ``(fn, units)``, timing them in turn (ABCABC...) so load drifts hit all alike."""
     for fn, _ in runners.values():
@@ -123,7 +179,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=400, help="rounds per timed run (one scan for the simulator)")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    part, params, local, steps = setup()
+    part, params, local, steps, clients, loss_fn = setup()
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  jax {jax.__version__}")
     print(f"task: {part.summary()}; 64-128-10 MLP, {PER_ROUND} clients/round, 1 local epoch "
           f"(mean {steps.mean():.2f} steps, max {steps.max()}), batch {BATCH}, SGD {LR}")
@@ -138,11 +194,13 @@ def main():
     loop_rounds = max(args.rounds // 8, 20)
     rates, cpu_rates = interleaved_rates({
         "loop": (python_loop_runner(part, params, local, steps, loop_rounds), loop_rounds),
+        "vmapped": (vmapped_round_runner(clients, part.sizes, steps, params, loss_fn, args.rounds), args.rounds),
         "sync": (sync_fn, args.rounds),
         "async": (async_fn, args.rounds),
     }, args.repeats)
     loop, sync, asyn = rates["loop"], rates["sync"], rates["async"]
     rows = [("python loop over clients (jitted local epoch)", "loop", "rounds/s"),
+            ("vmapped JAX round (scan + vmap, masked loop)", "vmapped", "rounds/s"),
             ("ours: sync FedAvg, lax.scan + vmap", "sync", "rounds/s"),
             ("ours: async FedBuff K=10, concurrency 20", "async", "server steps/s (10 updates each)")]
     print(f"\n{'contender':<48} | {'rate':>10} | {'vs loop':>7} | {'per CPU-s':>9} | unit")
@@ -154,6 +212,8 @@ def main():
             print(f"{name:<48} | {'not installed':>10} |")
         else:
             print(f"{name:<48} | {'installed, not wired up in this script':>10} |")
+    print(f"\nours sync / vmapped JAX round = {sync / rates['vmapped']:.2f} "
+          f"(per CPU-s: {cpu_rates['sync'] / cpu_rates['vmapped']:.2f})")
     st = astate[0]
     print(f"\nasync/sync = {asyn / sync:.2f}; FedBuff over all its runs: {int(st.version)} server steps, "
           f"{int(st.applied)} updates applied, {float(st.time):.0f} simulated seconds")

@@ -23,6 +23,8 @@ FedAsync       ``fedasync(alpha, "hinge", a, b)``   ``every_arrival()``, ``pseud
 FedBuff        ``fedbuff(lr)``                      ``Buffer(K)``, ``concurrency >= K``
 FedFix         ``fedfix(lr)``                       ``TimeWindow(dt)``
 FedCompass     ``fedcompass(lr)``                   ``Compass(q_min, q_max)``
+FedAMD         ``fedamd(lr, num_clients=N)`` +      ``SyncRound(m)`` (any), ``client_context=fedamd_context``
+               ``fedamd_local_update`` clients
 Async Local-   ``delayed_nesterov(lr, N, beta)``    ``every_arrival()``, ``local_steps=``
 SGD (DN+DyLU)                                       ``dynamic_local_steps(speeds, H)``
 =============  ===================================  =========================================
@@ -79,6 +81,14 @@ from jaxopt_lab.distributed.federated.delayed_nesterov import (
     scale_by_delayed_nesterov,
 )
 from jaxopt_lab.distributed.federated.fedasync import ScaleByFedAsyncState, fedasync, scale_by_fedasync
+from jaxopt_lab.distributed.federated.fedamd import (
+    FedAMDState,
+    fedamd,
+    fedamd_context,
+    fedamd_is_anchor,
+    fedamd_local_update,
+    scale_by_fedamd,
+)
 from jaxopt_lab.distributed.federated.fedavg import fedavg, scale_by_fedavg
 from jaxopt_lab.distributed.federated.fedbuff import fedbuff, scale_by_fedbuff
 from jaxopt_lab.distributed.federated.fedcompass import fedcompass, scale_by_fedcompass
@@ -101,6 +111,7 @@ __all__ = [
     "ClientData",
     "Compass",
     "DelayedNesterovState",
+    "FedAMDState",
     "FederatedSimulator",
     "ScaleByFedAsyncState",
     "SimulatorState",
@@ -115,6 +126,10 @@ __all__ = [
     "dynamic_local_steps",
     "epoch_steps",
     "every_arrival",
+    "fedamd",
+    "fedamd_context",
+    "fedamd_is_anchor",
+    "fedamd_local_update",
     "fedasync",
     "fedavg",
     "fedbuff",
@@ -127,6 +142,7 @@ __all__ = [
     "pad_clients",
     "polynomial_staleness",
     "scale_by_delayed_nesterov",
+    "scale_by_fedamd",
     "scale_by_fedasync",
     "scale_by_fedavg",
     "scale_by_fedbuff",

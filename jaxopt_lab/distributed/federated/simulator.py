@@ -131,6 +131,8 @@ class SimulatorState(NamedTuple):
     busy: jax.Array  # bool (N,): client in flight
     step_time_est: jax.Array  # float32 (N,): FedCompass's observed time per local step (NaN: unknown)
     group_deadline: jax.Array  # float32 (C,): FedCompass group deadlines
+    slot_context: Any = ()  # client_context(rule_state) each in-flight client was sent (leading axis C); ()
+    # without client_context or under SyncRound
 
 
 class StepRecord(NamedTuple):
@@ -264,6 +266,13 @@ class FederatedSimulator:
         to ``capacity``; default: one group below 8 lanes, else three of about
         20/30/50% of the lanes. Results do not depend on it (up to float
         rounding of the batched matmuls).
+      client_context: optional ``rule_state -> pytree``: server-side state sent to each client
+        together with the model (e.g. a control variate, :func:`~jaxopt_lab.distributed.federated.fedamd_context`).
+        With it, ``local_update(params, client_id, num_steps, key, context) -> (params, aux)``:
+        ``context`` is the value at the client's dispatch (the server keeps one copy per in-flight
+        slot under asynchronous triggers) and ``aux`` (any pytree) reaches the rule stacked over the
+        lanes, in arrival order, as the extra argument ``client_aux``. Rules that do not read
+        ``client_aux`` ignore it.
       compiler_options: XLA options for the compiled ``run`` and ``init``
         (``jax.jit(..., compiler_options=...)``); e.g.
         ``{"xla_backend_optimization_level": 0}`` compiles about a third faster
@@ -294,6 +303,7 @@ class FederatedSimulator:
         max_events_per_step: int | None = None,
         lane_groups: int | Sequence[int] | None = None,
         compiler_options: dict[str, Any] | None = None,
+        client_context: Callable | None = None,
     ):
         if not callable(local_update):
             raise ValueError(f"local_update must be a function (params, client_id, num_steps, key) -> params, got {local_update!r}")
@@ -346,6 +356,9 @@ class FederatedSimulator:
             pseudo_gradient=pseudo_gradient, lane_groups=groups, max_events=max_events, time_jitter=time_jitter,
             latency=latency, step_time=step_time,
         )
+        if client_context is not None and not callable(client_context):
+            raise ValueError(f"client_context must be a function rule_state -> pytree, or None, got {client_context!r}")
+        self.client_context = client_context
         if compiler_options is not None and not isinstance(compiler_options, dict):
             raise ValueError(f"compiler_options must be a dict or None, got {compiler_options!r}")
         self._run = jax.jit(self._run_impl, static_argnums=(1, 2, 3), compiler_options=compiler_options)
@@ -377,11 +390,17 @@ class FederatedSimulator:
             steps=i32(0, (c,)), dropped=jnp.zeros((c,), bool), group=i32(-1, (c,)),
         )
         slot_params = () if cfg.mode == "sync" else jax.tree.map(lambda p: jnp.broadcast_to(p, (c,) + p.shape), params)
+        rule_state = self.rule.init(params)
+        slot_context = ()
+        if self.client_context is not None and cfg.mode != "sync":
+            slot_context = jax.tree.map(lambda x: jnp.broadcast_to(x, (c,) + jnp.shape(x)),
+                                        self.client_context(rule_state))
         return SimulatorState(
-            params=params, rule_state=self.rule.init(params), version=i32(0), step=i32(0),
+            params=params, rule_state=rule_state, version=i32(0), step=i32(0),
             time=jnp.zeros((), jnp.float32), key=key, dispatched=i32(0), applied=i32(0),
             dropped=i32(0), slots=slots, slot_params=slot_params, busy=jnp.zeros((n,), bool),
             step_time_est=jnp.full((n,), jnp.nan, jnp.float32), group_deadline=jnp.full((c,), _INF, jnp.float32),
+            slot_context=slot_context,
         )
 
     def run(self, state: SimulatorState, num_steps: int, eval_fn: Callable | None = None,
@@ -670,8 +689,12 @@ class FederatedSimulator:
         params_v = state.params
         # the model each in-flight client was sent: this version's for those dispatched during the step
         slot_params = _rows_where(fresh, jax.tree.map(lambda p: p[None], params_v), state.slot_params)
+        slot_context = state.slot_context
+        if self.client_context is not None:
+            ctx = self.client_context(state.rule_state)
+            slot_context = _rows_where(fresh, jax.tree.map(lambda x: jnp.asarray(x)[None], ctx), slot_context)
         params, rule_state, version, applied = self._server_update(state, lanes, shared_base=False, k=k)
-        new_state = state._replace(
+        new_state = state._replace(slot_context=slot_context,
             params=params, rule_state=rule_state, version=version, step=state.step + 1, time=t,
             dispatched=dispatched, applied=state.applied + n_arr, dropped=state.dropped + n_drop,
             slots=slots, slot_params=slot_params, busy=busy, step_time_est=est,
@@ -697,14 +720,31 @@ class FederatedSimulator:
             sent = jax.tree.map(lambda sp: sp[lanes.slot[order]], state.slot_params)
             cur = jax.tree.map(lambda p: p[None], params)
             base_sorted = _rows_where(lanes.current[order], cur, sent)  # the model each client was sent
+        ctx_sorted = None
+        if self.client_context is not None:
+            ctx = self.client_context(state.rule_state)
+            if not shared_base:  # the context each client was sent
+                sent_ctx = jax.tree.map(lambda sc: sc[lanes.slot[order]], state.slot_context)
+                ctx_sorted = _rows_where(lanes.current[order], jax.tree.map(lambda x: jnp.asarray(x)[None], ctx),
+                                         sent_ctx)
         outs, start = [], 0
         for size in cfg.lane_groups:
             sl = slice(start, start + size)
             start += size
             b = None if shared_base else jax.tree.map(lambda x, sl=sl: x[sl], base_sorted)
-            outs.append(jax.vmap(self.local_update, in_axes=(None if shared_base else 0, 0, 0, 0))(
-                params if shared_base else b, client[order][sl], steps[order][sl], keys[order][sl]))
-        trained_sorted = outs[0] if len(outs) == 1 else jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
+            args = (params if shared_base else b, client[order][sl], steps[order][sl], keys[order][sl])
+            axes = (None if shared_base else 0, 0, 0, 0)
+            if self.client_context is not None:
+                args += (ctx if shared_base else jax.tree.map(lambda x, sl=sl: x[sl], ctx_sorted),)
+                axes += (None if shared_base else 0,)
+            outs.append(jax.vmap(self.local_update, in_axes=axes)(*args))
+        outs_cat = outs[0] if len(outs) == 1 else jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
+        extra = {}
+        if self.client_context is not None:
+            trained_sorted, aux_sorted = outs_cat
+            extra["client_aux"] = jax.tree.map(lambda a: a[inv], aux_sorted) if len(cfg.lane_groups) > 1 else aux_sorted
+        else:
+            trained_sorted = outs_cat
         if cfg.pseudo_gradient == "current" or shared_base:
             ref = jax.tree.map(lambda p: p[None], params)
         else:
@@ -717,7 +757,7 @@ class FederatedSimulator:
             pg, state.rule_state, params,
             mask=lanes.mask, num_examples=jnp.where(lanes.mask, k["examples"][client], 0.0),
             staleness=jnp.where(lanes.mask, state.version - lanes.version, 0),
-            client_ids=lanes.client, local_steps=steps,
+            client_ids=lanes.client, local_steps=steps, **extra,
         )
         applied = jnp.any(lanes.mask)
         new_params = _tree_where(applied, optax.apply_updates(params, updates), params)

@@ -1,0 +1,248 @@
+r"""FedAMD: anchor sampling for federated learning with partial client participation.
+
+Wu, Guo, Qu, He, Liu & Gao, "Anchor Sampling for Federated Learning with
+Partial Client Participation" (ICML 2023), https://arxiv.org/abs/2206.05891.
+
+Each dispatched client is, independently with probability :math:`p`, an
+**anchor**, else a **miner**. With :math:`\theta_t` the model the client was
+sent and :math:`c_t` the control variate it was sent with it:
+
+- an anchor computes one large-batch gradient :math:`g_i = \nabla f_i(\theta_t; B'_i)`
+  (its whole data by default, ``anchor_batch_size`` examples otherwise) and
+  does not train; the server stores it as client i's latest anchor gradient
+  :math:`a_i \leftarrow g_i`;
+- a miner runs K local steps of the recursive (SARAH-type) variance-reduced direction
+
+  .. math::
+
+     x_0 = \theta_t,\quad v_0 = c_t,\qquad
+     x_{k+1} = x_k - \eta_l v_k,\qquad
+     v_{k+1} = \nabla f_i(x_{k+1}; B_k) - \nabla f_i(x_k; B_k) + v_k
+
+  (both gradients of step k on the same minibatch :math:`B_k`) and returns
+  :math:`x_K` (pseudo-gradient :math:`\theta_t - x_K`).
+
+The server steps with the miners only and refreshes the control variate from the anchors:
+
+.. math::
+
+   \theta_{t+1} = \theta_t - \eta_g \sum_{i \in M_t} w_i (\theta_t - x^i_K),
+   \qquad c_{t+1} = \frac{1}{|\mathcal{A}|}\sum_{i \in \mathcal{A}} a_i,
+
+with :math:`w_i` uniform over the step's miners (``weighting="examples"``: by
+example counts), a step without miner leaving :math:`\theta` unchanged, and
+:math:`\mathcal{A}` the clients that have been an anchor at least once.
+
+What is implemented, and what is assumed (the paper's Algorithm 1 as we read it):
+
+- the miners' direction is the recursive estimator above, started from the
+  global control variate (not the SVRG form :math:`g_i(x) - g_i(\text{anchor}) + c`);
+  its first step moves along :math:`c_t` alone, so miners do not move until
+  some client has been an anchor;
+- :math:`c` averages the latest anchor gradients of the clients seen so far
+  (the paper's :math:`\frac1N\sum_i a_i` once every client has been an anchor;
+  before that, unseen clients are left out rather than counted as zero);
+  the anchor gradients enter :math:`c` after the server step they arrive in;
+- :math:`p` is a constant (the paper also studies time-varying schedules), and the
+  anchor/miner draw is a hash of the dispatch's training key
+  (:func:`fedamd_is_anchor`);
+- the local step is any optax optimizer applied to :math:`v_k` (``optax.sgd(eta_l)``: the paper);
+- the simulated compute time of an anchor is that of its ``local_steps`` (the
+  time model does not know who is an anchor).
+
+Usage (synchronous rounds; any trigger works, under asynchronous ones a client
+uses the control variate of its dispatch)::
+
+    local = fl.fedamd_local_update(loss_fn, clients, optax.sgd(0.1), batch_size=16, anchor_prob=0.3)
+    sim = fl.FederatedSimulator(local, fl.fedamd(1.0, num_clients=100), fl.SyncRound(10),
+                                num_clients=100, local_steps=..., client_context=fl.fedamd_context)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxopt_lab.distributed.federated import _rng
+from jaxopt_lab.distributed.federated._checks import check_int, check_real
+from jaxopt_lab.distributed.federated.aggregate import WEIGHTINGS, _leading, weighted_sum
+from jaxopt_lab.distributed.federated.local import ClientData, _key_data
+
+_ANCHOR_STREAM = 0x414D44  # counter of the anchor draw (the batch shuffle uses none)
+
+
+class FedAMDState(NamedTuple):
+    """The server's anchor table."""
+
+    anchor_grads: Any  # params with leading axis N: each client's latest anchor gradient (zeros: none yet)
+    has_anchor: jax.Array  # bool (N,)
+    count: jax.Array  # int32: server steps so far
+
+
+def fedamd_is_anchor(key, anchor_prob) -> jax.Array:
+    """Whether the dispatch with training key ``key`` is an anchor (probability ``anchor_prob``)."""
+    return _rng.uniform(_key_data(key), _ANCHOR_STREAM) < jnp.float32(anchor_prob)
+
+
+def control_variate(state: FedAMDState):
+    """:math:`c`: the mean of the stored anchor gradients of the clients that have one (zeros if none)."""
+    w = state.has_anchor.astype(jnp.float32)
+    w = w / jnp.maximum(w.sum(), 1.0)
+    return jax.tree.map(lambda a: jnp.tensordot(w.astype(a.dtype), a, axes=1), state.anchor_grads)
+
+
+def fedamd_context(rule_state):
+    """The ``client_context`` of :class:`FederatedSimulator` for FedAMD: the control variate :math:`c`
+    of the (first) :class:`FedAMDState` found in ``rule_state`` (so ``fedamd`` may sit in an ``optax.chain``)."""
+    found = [s for s in jax.tree.leaves(rule_state, is_leaf=lambda x: isinstance(x, FedAMDState))
+             if isinstance(s, FedAMDState)]
+    if not found:
+        raise ValueError("fedamd_context: the rule state holds no FedAMDState (is the rule fedamd()?)")
+    return control_variate(found[0])
+
+
+def scale_by_fedamd(num_clients: int, weighting: str = "uniform") -> optax.GradientTransformationExtraArgs:
+    """The FedAMD server direction (the miners' mean pseudo-gradient) and anchor table.
+
+    Reads the extra arguments ``mask``, ``client_ids``, ``num_examples`` and
+    ``client_aux = {"anchor": bool (L,), "grad": params stacked (L, ...)}``
+    (from :func:`fedamd_local_update` via the simulator's ``client_context``).
+
+    Args:
+      num_clients: N, the rows of the anchor table.
+      weighting: ``"uniform"`` over the step's miners (the paper) or ``"examples"``.
+    """
+    n = check_int("num_clients", num_clients, 1)
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+
+    def init_fn(params):
+        return FedAMDState(jax.tree.map(lambda p: jnp.zeros((n,) + jnp.shape(p), jnp.result_type(p)), params),
+                           jnp.zeros((n,), bool), jnp.zeros((), jnp.int32))
+
+    def update_fn(updates, state, params=None, **extra):
+        del params
+        size = _leading(updates)
+        aux = extra.get("client_aux")
+        if aux is None or "anchor" not in aux or "grad" not in aux:
+            raise ValueError("fedamd needs client_aux={'anchor', 'grad'}: run it with fedamd_local_update "
+                             "and FederatedSimulator(..., client_context=fedamd_context)")
+        mask = extra.get("mask")
+        mask = jnp.ones((size,), bool) if mask is None else jnp.asarray(mask, bool)
+        anchor = jnp.asarray(aux["anchor"], bool) & mask
+        miner = mask & ~anchor
+        if weighting == "examples":
+            counts = extra.get("num_examples")
+            counts = jnp.ones((size,), jnp.float32) if counts is None else jnp.asarray(counts, jnp.float32)
+        else:
+            counts = jnp.ones((size,), jnp.float32)
+        base = jnp.where(miner, counts, 0.0)
+        total = base.sum()
+        weights = jnp.where(total > 0, base / jnp.where(total > 0, total, 1.0), 0.0)
+        direction = weighted_sum(updates, weights, miner)
+        ids = extra.get("client_ids")
+        ids = jnp.arange(size) if ids is None else jnp.asarray(ids, jnp.int32)
+        at = jnp.where(anchor, ids, n)  # out of range: no write (a client is in flight at most once)
+        table = jax.tree.map(lambda t, g: t.at[at].set(g.astype(t.dtype), mode="drop"), state.anchor_grads, aux["grad"])
+        has = state.has_anchor.at[at].set(True, mode="drop")
+        return direction, FedAMDState(table, has, state.count + 1)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def fedamd(learning_rate: optax.ScalarOrSchedule = 1.0, *, num_clients: int, weighting: str = "uniform",
+           momentum: float | None = None) -> optax.GradientTransformationExtraArgs:
+    """FedAMD's server rule: ``chain(scale_by_fedamd(num_clients, weighting), sgd(learning_rate, momentum))``.
+
+    Run it with :func:`fedamd_local_update` clients and ``client_context=fedamd_context``.
+    """
+    return optax.chain(scale_by_fedamd(num_clients, weighting), optax.sgd(learning_rate, momentum=momentum))
+
+
+def fedamd_local_update(
+    loss_fn: Callable[[Any, jax.Array, jax.Array], jax.Array],
+    data: ClientData,
+    optimizer: optax.GradientTransformation,
+    batch_size: int,
+    anchor_prob: float,
+    *,
+    anchor_batch_size: int | None = None,
+    shuffle: bool = True,
+):
+    """FedAMD's client: ``local_update(params, client_id, num_steps, key, c) -> (params, aux)``.
+
+    An anchor (:func:`fedamd_is_anchor`) returns ``params`` unchanged and
+    ``aux = {"anchor": True, "grad": grad of the mean loss over its first
+    anchor_batch_size examples (all by default) at params}``; a miner runs
+    ``num_steps`` recursive variance-reduced steps from ``v_0 = c`` (module
+    docstring) with minibatches walked as in
+    :func:`~jaxopt_lab.distributed.federated.make_local_update` and returns
+    ``aux = {"anchor": False, "grad": zeros}``.
+
+    Args:
+      loss_fn: ``(params, x_batch, y_batch) -> per-example losses``.
+      data: padded clients (:func:`pad_clients`).
+      optimizer: applied to the direction :math:`v_k` (``optax.sgd(eta_l)``: the paper).
+      batch_size: the miners' minibatch size.
+      anchor_prob: :math:`p \\in [0, 1]`.
+      anchor_batch_size: the anchors' batch (None: the client's whole data).
+      shuffle: shuffle each client's examples per dispatch.
+    """
+    batch_size = check_int("batch_size", batch_size, 1)
+    anchor_prob = check_real("anchor_prob", anchor_prob)
+    if not 0.0 <= anchor_prob <= 1.0:
+        raise ValueError(f"anchor_prob must be in [0, 1], got {anchor_prob}")
+    if anchor_batch_size is not None:
+        anchor_batch_size = check_int("anchor_batch_size", anchor_batch_size, 1)
+    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+        raise ValueError(f"optimizer must be an optax GradientTransformation, got {optimizer!r}")
+    num_clients, max_size = int(data.sizes.shape[0]), int(data.x.shape[1])
+    x_flat = data.x.reshape((num_clients * max_size,) + data.x.shape[2:])
+    y_flat = data.y.reshape((num_clients * max_size,) + data.y.shape[2:])
+    sizes = data.sizes
+    offsets = jnp.arange(batch_size)
+    big = max_size if anchor_batch_size is None else min(anchor_batch_size, max_size)
+
+    def mean_loss(p, idx, valid):
+        losses = loss_fn(p, x_flat[idx], y_flat[idx])
+        if losses.shape != idx.shape:
+            raise ValueError(f"loss_fn must return per-example losses of shape {idx.shape}, got {losses.shape}")
+        return jnp.sum(jnp.where(valid, losses, 0.0)) / jnp.maximum(valid.sum(), 1)
+
+    grad = jax.grad(mean_loss)
+
+    def local_update(params, client_id, num_steps, key, c):
+        n = sizes[client_id]
+        if shuffle:
+            u = _rng.uniform(_key_data(key), size=max_size)
+            order = jnp.argsort(u + (jnp.arange(max_size) >= n))
+        else:
+            order = jnp.arange(max_size)
+        rows = client_id * max_size + order
+        anchor = fedamd_is_anchor(key, anchor_prob)
+        # anchor: one large-batch gradient at the received model
+        g_anchor = grad(params, rows[:big], jnp.arange(big) < jnp.minimum(n, big))
+        # miner: recursive variance-reduced local steps
+        per_pass = jnp.maximum((n + batch_size - 1) // batch_size, 1)
+        v0 = jax.tree.map(lambda p, ci: jnp.asarray(ci, p.dtype), params, c)
+
+        def step(s, carry):
+            x, v, opt_state = carry
+            updates, opt_state = optimizer.update(v, opt_state, x)
+            x_new = optax.apply_updates(x, updates)
+            pos = (s % per_pass) * batch_size + offsets
+            valid = pos < n
+            idx = rows[jnp.minimum(pos, max_size - 1)]
+            v = jax.tree.map(lambda gn, go, vv: gn - go + vv, grad(x_new, idx, valid), grad(x, idx, valid), v)
+            return x_new, v, opt_state
+
+        steps = jnp.where(anchor, 0, num_steps)
+        x, _, _ = jax.lax.fori_loop(0, steps, step, (params, v0, optimizer.init(params)))
+        aux = {"anchor": anchor, "grad": jax.tree.map(lambda g: jnp.where(anchor, g, jnp.zeros_like(g)), g_anchor)}
+        return x, aux
+
+    return local_update
