@@ -13,6 +13,9 @@ from jaxopt_lab.distributed.dfedsam import DFedSAMState, dfedsam
 from jaxopt_lab.distributed.compression import dgc, econtrol, quantize, top_k
 from jaxopt_lab.distributed.choco_gossip import ChocoGossipState, choco_gossip
 from jaxopt_lab.distributed.federated import (
+    FedAMDState,
+    fedamd,
+    scale_by_fedamd,
     DelayedNesterovState,
     ScaleByFedAsyncState,
     delayed_nesterov,
@@ -83,6 +86,9 @@ from jaxopt_lab.transforms import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "FedAMDState",
+    "fedamd",
+    "scale_by_fedamd",
     "DelayedNesterovState",
     "ScaleByFedAsyncState",
     "delayed_nesterov",
