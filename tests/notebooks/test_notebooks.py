@@ -42,6 +42,24 @@ def test_diloco_notebook_compares_methods():
     assert sent["data parallel"] == 10 * sent["DiLoCo H=10"] > 0  # 1/H of the bytes
 
 
+def test_02_federated_notebook():
+    nb = execute("02_federated.ipynb", {"NB02_SIM_TIME": "100", "MPLBACKEND": "Agg"})
+    text = outputs(nb)
+    lines = {line.split()[0]: line for line in text.splitlines() if "final test accuracy" in line}
+    assert set(lines) == {"FedAvg", "FedBuff", "FedAsync"}, text
+    acc = {k: float(v.split("final test accuracy ")[1].split()[0]) for k, v in lines.items()}
+    updates = {k: int(v.split("client updates ")[1].split()[0]) for k, v in lines.items()}
+    stale = {k: float(v.split("mean staleness ")[1].split()[0]) for k, v in lines.items()}
+    assert all(a > 0.4 for a in acc.values()), text  # 10 classes: chance is 0.1
+    assert stale["FedAvg"] == 0 < stale["FedBuff"] < stale["FedAsync"], text  # synchronous rounds are never stale
+    # same simulated time: the asynchronous servers, never waiting for stragglers, apply more client updates
+    assert updates["FedBuff"] > 2 * updates["FedAvg"] and updates["FedAsync"] > 2 * updates["FedAvg"], text
+    times = dict(re.findall(r"^  (\w+) +([\d.]+) s$", text.split("simulated time to apply the first")[1],
+                             re.MULTILINE))
+    assert set(times) == {"FedAvg", "FedBuff", "FedAsync"}, text
+    assert float(times["FedBuff"]) < float(times["FedAvg"]) <= 100, text  # the same client updates, sooner
+
+
 def test_03_lowrank_notebook():
     nb = execute("03_lowrank.ipynb", {"NB03_STEPS": "30", "MPLBACKEND": "Agg"})
     text = outputs(nb)
