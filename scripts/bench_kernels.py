@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from jaxopt_lab.kernels import describe, devices, grkan, grkan_bwd, grkan_reference
 from jaxopt_lab.kernels.lowrank_step import lowrank_step
+from jaxopt_lab.kernels.lowrank_step_reference import norm_growth_limiter
 
 
 @dataclasses.dataclass
@@ -139,7 +140,7 @@ def unfused_step(g, p, mu, nu, previous_norm, *, residual, b1=0.9, b2=0.999, eps
         phi = jnp.linalg.norm(n, axis=0) / (jnp.linalg.norm(low, axis=0) + 1e-8)
         s = (g32 - scale * (p @ low)) * phi[None, :]
         norm = jnp.linalg.norm(s)
-        limiter = jnp.where(previous_norm > 0, jnp.maximum(norm / (previous_norm + 1e-8), growth_limit) / growth_limit, 1.0)
+        limiter = norm_growth_limiter(norm, previous_norm, growth_limit)
         update, previous_norm = update + s / limiter, norm / limiter
     return update.astype(g.dtype), mu, nu, previous_norm
 

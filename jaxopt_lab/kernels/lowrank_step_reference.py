@@ -52,6 +52,15 @@ def apply_reference(g, p: jax.Array, m: jax.Array, col_scale, *, transpose: bool
     return out.astype(out_dtype or (g.dtype if g is not None else jnp.float32))
 
 
+def norm_growth_limiter(norm, previous_norm, growth_limit):
+    """Fira's norm-growth limiter: the divisor ``max(‖S‖/‖S_prev‖, γ)/γ`` (1 before any previous step).
+
+    Dividing S by it caps the growth of ‖S‖ at γ per step; the caller stores
+    ``norm / limiter`` as the next ``previous_norm`` (0 means "none yet").
+    """
+    return jnp.where(previous_norm > 0, jnp.maximum(norm / (previous_norm + 1e-8), growth_limit) / growth_limit, 1.0)
+
+
 def fira_combine(low, n, g2, p, previous_norm, *, scale, growth_limit):
     """Fira's (M, s) for pass 2 and the new limiter norm, from R, the direction N and ``‖G_{:,j}‖²``."""
     phi = jnp.linalg.norm(n, axis=0) / (jnp.linalg.norm(low, axis=0) + 1e-8)
@@ -60,7 +69,7 @@ def fira_combine(low, n, g2, p, previous_norm, *, scale, growth_limit):
     rpr = jnp.sum(low * ((p32.T @ p32) @ low), axis=0)
     residual_sq = jnp.maximum(g2 - 2 * scale * rr + scale**2 * rpr, 0.0)
     norm = jnp.sqrt(jnp.sum(phi * phi * residual_sq))
-    limiter = jnp.where(previous_norm > 0, jnp.maximum(norm / (previous_norm + 1e-8), growth_limit) / growth_limit, 1.0)
+    limiter = norm_growth_limiter(norm, previous_norm, growth_limit)
     c = 1.0 / limiter
     return scale * n - (c * scale) * phi[None, :] * low, c * phi, norm / limiter
 

@@ -38,6 +38,7 @@ from typing import Any, Optional
 import jax.numpy as jnp
 import optax
 
+from jaxopt_lab.kernels.lowrank_step_reference import norm_growth_limiter
 from jaxopt_lab.lowrank._adam import scale_by_adam_bias_correction, scale_by_adam_moments
 from jaxopt_lab.lowrank._projected import scale_by_projected
 from jaxopt_lab.lowrank.fira import FiraLimiterState
@@ -55,8 +56,7 @@ def _apollo_finish(scale, scale_type: str, growth_limit: float):
         else:
             scaled = g * (jnp.linalg.norm(direction) / (jnp.linalg.norm(low) + 1e-8))
         norm = jnp.linalg.norm(scaled)
-        previous = extra.previous_norm
-        limiter = jnp.where(previous > 0, jnp.maximum(norm / (previous + 1e-8), growth_limit) / growth_limit, 1.0)
+        limiter = norm_growth_limiter(norm, extra.previous_norm, growth_limit)
         return jnp.sqrt(scale) * scaled / limiter, FiraLimiterState(norm / limiter)
 
     return finish

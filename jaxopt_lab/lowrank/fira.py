@@ -24,6 +24,7 @@ from typing import Any, NamedTuple, Optional
 import jax.numpy as jnp
 import optax
 
+from jaxopt_lab.kernels.lowrank_step_reference import norm_growth_limiter
 from jaxopt_lab.lowrank._adam import scale_by_adam_bias_correction, scale_by_adam_moments
 from jaxopt_lab.lowrank._fused import fira_fused_finish, fused_impl, fused_prepare
 from jaxopt_lab.lowrank._projected import scale_by_projected
@@ -41,8 +42,7 @@ def _fira_finish(scale: float, growth_limit: float):
         phi = jnp.linalg.norm(direction, axis=0) / (jnp.linalg.norm(low, axis=0) + 1e-8)
         residual = (g - scale * spec.project_back(pstate, low)) * phi[None, :]
         norm = jnp.linalg.norm(residual)
-        previous = extra.previous_norm
-        limiter = jnp.where(previous > 0, jnp.maximum(norm / (previous + 1e-8), growth_limit) / growth_limit, 1.0)
+        limiter = norm_growth_limiter(norm, extra.previous_norm, growth_limit)
         return scale * back + residual / limiter, FiraLimiterState(norm / limiter)
 
     return finish
