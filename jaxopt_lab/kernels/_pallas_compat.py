@@ -2,7 +2,8 @@
 
 Kernels import Pallas backend pieces from here and nowhere else, so a JAX
 upgrade that renames a module or a class is fixed in this one file. Checked
-against JAX 0.10.2 (CPU machines) and 0.11.0 (GPU machine):
+against JAX 0.10.2 (run, on CPU) and the 0.11.0/0.11.1 sources (read, not run:
+no GPU machine and no JAX 0.11 for Python 3.11 were at hand):
 
 - the Triton backend module: ``jax.experimental.pallas.triton`` (both), named
   ``jax.experimental.pallas.gpu`` in older JAX;
@@ -18,12 +19,18 @@ against JAX 0.10.2 (CPU machines) and 0.11.0 (GPU machine):
 - which GPU lowering ``pallas_call`` picks with no compiler parameters: Mosaic
   GPU (``jax_pallas_use_mosaic_gpu`` defaults to True in both). Our kernels
   always pass Triton parameters on GPU, so the choice does not depend on it;
+- lowering a Triton kernel on a machine without a GPU: 0.10 assumed compute
+  capability 9.0; 0.11 reads the target GPU from the abstract mesh's
+  ``AbstractDevice`` and raises without one, so :func:`export` names one;
+- the Triton backend of ``pallas_call`` is deprecated in 0.11 (a
+  ``DeprecationWarning`` at lowering; Mosaic GPU is its successor);
 - ``jax.enable_x64`` (a context manager in both), ``jax.experimental.enable_x64``
   in older JAX.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from typing import Any
 
@@ -107,15 +114,27 @@ def export_disabled_checks(platforms: Any) -> list[Any]:
     return [jax.export.DisabledSafetyCheck.custom_call(t) for t in TRITON_CUSTOM_CALL_TARGETS]
 
 
-def export(fn: Any, platforms: Any, *args: Any) -> Any:
+def export(fn: Any, platforms: Any, *args: Any, gpu_kind: str = "NVIDIA H100") -> Any:
     """``jax.export.export(jax.jit(fn), platforms=...)(*args)``: lowers (and for
     Triton and Mosaic, compiles the kernel's lowering to MLIR) for ``platforms``
-    on any machine, without running anything."""
+    on any machine, without running anything. Without a local GPU, a CUDA
+    lowering targets ``gpu_kind`` (a device kind as JAX reports it)."""
     if isinstance(platforms, str):
         platforms = (platforms,)
-    return jax.export.export(
+    exported = jax.export.export(
         jax.jit(fn), platforms=tuple(platforms), disabled_checks=export_disabled_checks(platforms)
-    )(*args)
+    )
+    with _target_gpu(platforms, gpu_kind):
+        return exported(*args)
+
+
+def _target_gpu(platforms: tuple[str, ...], gpu_kind: str) -> Any:
+    """An abstract mesh naming the GPU to lower for, where there is none to ask (JAX >= 0.11 needs it)."""
+    if "cuda" not in platforms or jax.default_backend() == "gpu" or not hasattr(jax.sharding, "AbstractDevice"):
+        return contextlib.nullcontext()  # a GPU to ask, or an older JAX that assumes one
+    device = jax.sharding.AbstractDevice(gpu_kind, 1, "cuda")
+    mesh = jax.sharding.AbstractMesh((1,), ("_export",), (jax.sharding.AxisType.Explicit,), abstract_device=device)
+    return jax.sharding.use_abstract_mesh(mesh)
 
 
 def enable_x64(enabled: bool = True) -> Any:

@@ -60,6 +60,7 @@ uses the control variate of its dispatch)::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -70,7 +71,7 @@ import optax
 from jaxopt_lab.distributed.federated import _rng
 from jaxopt_lab.distributed.federated._checks import check_int, check_real
 from jaxopt_lab.distributed.federated.aggregate import WEIGHTINGS, _leading, weighted_sum
-from jaxopt_lab.distributed.federated.local import ClientData, _key_data
+from jaxopt_lab.distributed.federated.local import ClientData, ClientWalk, _key_data
 
 _ANCHOR_STREAM = 0x414D44  # counter of the anchor draw (the batch shuffle uses none)
 
@@ -192,51 +193,28 @@ def fedamd_local_update(
       anchor_batch_size: the anchors' batch (None: the client's whole data).
       shuffle: shuffle each client's examples per dispatch.
     """
-    batch_size = check_int("batch_size", batch_size, 1)
     anchor_prob = check_real("anchor_prob", anchor_prob)
     if not 0.0 <= anchor_prob <= 1.0:
         raise ValueError(f"anchor_prob must be in [0, 1], got {anchor_prob}")
     if anchor_batch_size is not None:
         anchor_batch_size = check_int("anchor_batch_size", anchor_batch_size, 1)
-    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
-        raise ValueError(f"optimizer must be an optax GradientTransformation, got {optimizer!r}")
-    num_clients, max_size = int(data.sizes.shape[0]), int(data.x.shape[1])
-    x_flat = data.x.reshape((num_clients * max_size,) + data.x.shape[2:])
-    y_flat = data.y.reshape((num_clients * max_size,) + data.y.shape[2:])
-    sizes = data.sizes
-    offsets = jnp.arange(batch_size)
-    big = max_size if anchor_batch_size is None else min(anchor_batch_size, max_size)
-
-    def mean_loss(p, idx, valid):
-        losses = loss_fn(p, x_flat[idx], y_flat[idx])
-        if losses.shape != idx.shape:
-            raise ValueError(f"loss_fn must return per-example losses of shape {idx.shape}, got {losses.shape}")
-        return jnp.sum(jnp.where(valid, losses, 0.0)) / jnp.maximum(valid.sum(), 1)
-
-    grad = jax.grad(mean_loss)
+    walk = ClientWalk(data, optimizer, batch_size, shuffle)
+    big = walk.max_size if anchor_batch_size is None else min(anchor_batch_size, walk.max_size)
+    grad = jax.grad(functools.partial(walk.mean_loss, loss_fn))
 
     def local_update(params, client_id, num_steps, key, c):
-        n = sizes[client_id]
-        if shuffle:
-            u = _rng.uniform(_key_data(key), size=max_size)
-            order = jnp.argsort(u + (jnp.arange(max_size) >= n))
-        else:
-            order = jnp.arange(max_size)
-        rows = client_id * max_size + order
+        rows, n = walk.rows(client_id, key)
         anchor = fedamd_is_anchor(key, anchor_prob)
         # anchor: one large-batch gradient at the received model
         g_anchor = grad(params, rows[:big], jnp.arange(big) < jnp.minimum(n, big))
         # miner: recursive variance-reduced local steps
-        per_pass = jnp.maximum((n + batch_size - 1) // batch_size, 1)
         v0 = jax.tree.map(lambda p, ci: jnp.asarray(ci, p.dtype), params, c)
 
         def step(s, carry):
             x, v, opt_state = carry
             updates, opt_state = optimizer.update(v, opt_state, x)
             x_new = optax.apply_updates(x, updates)
-            pos = (s % per_pass) * batch_size + offsets
-            valid = pos < n
-            idx = rows[jnp.minimum(pos, max_size - 1)]
+            idx, valid = walk.batch(rows, n, s)
             v = jax.tree.map(lambda gn, go, vv: gn - go + vv, grad(x_new, idx, valid), grad(x, idx, valid), v)
             return x_new, v, opt_state
 

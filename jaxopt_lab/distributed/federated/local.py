@@ -10,6 +10,7 @@ a client's examples, stored padded in a :class:`ClientData`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -124,40 +125,19 @@ def make_local_update(
     Returns:
       ``local_update(params, client_id, num_steps, key) -> params``.
     """
-    batch_size = check_int("batch_size", batch_size, 1)
     prox_mu = check_real("prox_mu", prox_mu)
     if prox_mu < 0:
         raise ValueError(f"prox_mu must be >= 0, got {prox_mu}")
-    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
-        raise ValueError(f"optimizer must be an optax GradientTransformation, got {optimizer!r}")
-    num_clients, max_size = int(data.sizes.shape[0]), int(data.x.shape[1])
-    x_flat = data.x.reshape((num_clients * max_size,) + data.x.shape[2:])
-    y_flat = data.y.reshape((num_clients * max_size,) + data.y.shape[2:])
-    sizes = data.sizes
-    offsets = jnp.arange(batch_size)
+    walk = ClientWalk(data, optimizer, batch_size, shuffle)
+    grad = jax.grad(functools.partial(walk.mean_loss, loss_fn))
 
     def local_update(params, client_id, num_steps, key):
-        n = sizes[client_id]
-        if shuffle:  # padding rows sort last; a counter-based hash, not threefry (a loop on XLA:CPU)
-            u = _rng.uniform(_key_data(key), size=max_size)
-            order = jnp.argsort(u + (jnp.arange(max_size) >= n))
-        else:
-            order = jnp.arange(max_size)
-        rows = client_id * max_size + order
-        per_pass = jnp.maximum((n + batch_size - 1) // batch_size, 1)
-
-        def loss(p, idx, valid):
-            losses = loss_fn(p, x_flat[idx], y_flat[idx])
-            if losses.shape != (batch_size,):
-                raise ValueError(f"loss_fn must return per-example losses of shape ({batch_size},), got {losses.shape}")
-            return jnp.sum(jnp.where(valid, losses, 0.0)) / jnp.maximum(valid.sum(), 1)
+        rows, n = walk.rows(client_id, key)
 
         def step(s, carry):
             p, opt_state = carry
-            pos = (s % per_pass) * batch_size + offsets
-            valid = pos < n
-            idx = rows[jnp.minimum(pos, max_size - 1)]
-            grads = jax.grad(loss)(p, idx, valid)
+            idx, valid = walk.batch(rows, n, s)
+            grads = grad(p, idx, valid)
             if prox_mu:
                 grads = jax.tree.map(lambda g, w, w0: g + prox_mu * (w - w0), grads, p, params)
             updates, opt_state = optimizer.update(grads, opt_state, p)
@@ -167,6 +147,48 @@ def make_local_update(
         return out
 
     return local_update
+
+
+class ClientWalk:
+    """How a local update reads one client's examples: a per-dispatch order, walked in minibatches.
+
+    Shared by :func:`make_local_update` and FedAMD's client. ``rows(client_id,
+    key)`` gives the client's example rows in the flattened data (shuffled
+    uniformly from ``key`` with padding rows last, or in order) and its size
+    ``n``; ``batch(rows, n, s)`` gives step ``s``'s row indices and validity
+    mask: passes of ``ceil(n / batch_size)`` batches, the last one holding the
+    remainder; ``mean_loss`` averages ``loss_fn`` over the valid rows only.
+    """
+
+    def __init__(self, data: ClientData, optimizer, batch_size: int, shuffle: bool):
+        if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+            raise ValueError(f"optimizer must be an optax GradientTransformation, got {optimizer!r}")
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.shuffle = shuffle
+        num_clients, self.max_size = int(data.sizes.shape[0]), int(data.x.shape[1])
+        self.x = data.x.reshape((num_clients * self.max_size,) + data.x.shape[2:])
+        self.y = data.y.reshape((num_clients * self.max_size,) + data.y.shape[2:])
+        self.sizes = data.sizes
+
+    def rows(self, client_id, key):
+        n = self.sizes[client_id]
+        if self.shuffle:  # padding rows sort last; a counter-based hash, not threefry (a loop on XLA:CPU)
+            u = _rng.uniform(_key_data(key), size=self.max_size)
+            order = jnp.argsort(u + (jnp.arange(self.max_size) >= n))
+        else:
+            order = jnp.arange(self.max_size)
+        return client_id * self.max_size + order, n
+
+    def batch(self, rows, n, s):
+        per_pass = jnp.maximum((n + self.batch_size - 1) // self.batch_size, 1)
+        pos = (s % per_pass) * self.batch_size + jnp.arange(self.batch_size)
+        return rows[jnp.minimum(pos, self.max_size - 1)], pos < n
+
+    def mean_loss(self, loss_fn, p, idx, valid):
+        losses = loss_fn(p, self.x[idx], self.y[idx])
+        if losses.shape != idx.shape:
+            raise ValueError(f"loss_fn must return per-example losses of shape {idx.shape}, got {losses.shape}")
+        return jnp.sum(jnp.where(valid, losses, 0.0)) / jnp.maximum(valid.sum(), 1)
 
 
 def _key_data(key):
