@@ -32,10 +32,12 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     cfg_path = tmp_path / "killed.toml"
     cfg_path.write_text(cfg.dumps())
     run_dir = str(tmp_path / "runs" / "killed")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jaxopt_lab.experiment.cli", "run", str(cfg_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
+    log = tmp_path / "killed.log"  # a file, not a pipe nobody drains (the progress bar could fill it)
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jaxopt_lab.experiment.cli", "run", str(cfg_path)],
+            stdout=subprocess.DEVNULL, stderr=err,
+        )
     ckpts = os.path.join(run_dir, "checkpoints")
     deadline = time.monotonic() + 120
     # kill once a checkpoint exists and training has gone past it
@@ -44,7 +46,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
         if done and len(read_metrics(run_dir)) > max(done) + 10:
             break
         time.sleep(0.05)
-    assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    assert proc.poll() is None, f"run ended before it could be killed: {log.read_text()[-2000:]}"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = read_metrics(run_dir)[-1]["step"]

@@ -87,8 +87,10 @@ def test_resume_refuses_a_different_config(reference, tmp_path):
         trainer.resume(run_dir, ["method.learning_rate=0.5"])
     # hand-editing the run's config.toml is caught too (the checkpoint keeps its own copy)
     path = os.path.join(run_dir, "config.toml")
-    text = open(path).read().replace("seed = 3", "seed = 4")
-    open(path, "w").write(text)
+    with open(path) as f:
+        text = f.read().replace("seed = 3", "seed = 4")
+    with open(path, "w") as f:
+        f.write(text)
     with pytest.raises(config_lib.ConfigError, match=r"differs from the checkpoint's in run\.seed"):
         trainer.resume(run_dir)
     # logging may change
