@@ -50,8 +50,10 @@ def choco_gossip(
         \hat x_i &\leftarrow \hat x_i + q_i, \qquad s_i \leftarrow s_i + \textstyle\sum_j W_{ij}\, q_j \\
         x_i^{t+1} &= x_i^{t+\frac12} + \gamma\,(s_i - \hat x_i)
 
-    with C the ``compressor`` (top-k, quantization, ... of
-    ``jaxopt_lab.distributed.compression``) and γ = ``consensus_lr``. With an
+    with C the ``compressor``, a memoryless one (top-k without error feedback,
+    quantization, ... of ``jaxopt_lab.distributed.compression``: the paper's Q;
+    the public copy already holds the remainder, so a compressor with error
+    feedback is refused) and γ = ``consensus_lr``. With an
     exact compressor and γ = 1 this is adapt-then-combine gossip (tested).
     Bytes: the compressor's payload once per neighbour message.
 
@@ -66,6 +68,13 @@ def choco_gossip(
     check_topology_arg(topology)
     if not hasattr(compressor, "compress"):
         raise ValueError(f"compressor must be a jaxopt_lab.distributed.compression compressor, got {compressor!r}")
+    probe = {"matrix": jax.ShapeDtypeStruct((4, 4), jnp.float32)}
+    if jax.tree.leaves(jax.eval_shape(compressor.init, probe)):
+        raise ValueError(
+            "choco_gossip needs a memoryless compressor (x_hat already carries what was not sent; error "
+            f"feedback on top feeds it back twice and diverges), got one that keeps state: {compressor!r}; "
+            "use e.g. top_k(k, error_feedback=False) or quantize(...)"
+        )
     if not 0.0 < consensus_lr <= 1.0:
         raise ValueError(f"consensus_lr must be in (0, 1], got {consensus_lr!r}")
 

@@ -68,7 +68,8 @@ def diloco(
     Fault tolerance: ``update(..., present=flag)`` (a bool per worker) averages
     the outer gradient over the workers present only; an absent worker's local
     progress is dropped and it continues from the new anchor. If no worker is
-    present the anchor stays where it is. Absent workers still count their
+    present there is no outer step: anchor and outer state (momentum) stay
+    as they are. Absent workers still count their
     bytes as sent (a worker that is absent sends zeros here; a real system
     would skip the send, which we do not model).
 
@@ -127,7 +128,7 @@ def diloco(
                 )
             elif present is None:
                 outer_grad = jax.lax.pmean(outer_grad, axis_name)
-            else:  # average over the workers present; none present: a zero outer gradient
+            else:  # average over the workers present
                 weight = jnp.asarray(present, jnp.float32)
                 count = jax.lax.psum(weight, axis_name)
                 outer_grad = jax.tree.map(
@@ -136,6 +137,9 @@ def diloco(
                 )
             outer_updates, outer_state = outer.update(outer_grad, state.outer_state, state.anchor)
             anchor = optax.apply_updates(state.anchor, outer_updates)
+            if present is not None:  # nobody present: no outer step (momentum would still move the anchor)
+                keep = lambda old, new: jax.tree.map(lambda o, n: jnp.where(count > 0, n, o), old, new)  # noqa: E731
+                anchor, outer_state = keep(state.anchor, anchor), keep(state.outer_state, outer_state)
             return anchor, anchor, outer_state, comp_state, add_bytes(state.bytes_sent, nbytes)
 
         def keep_going(_):

@@ -4,7 +4,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxopt_lab.distributed import WorkerRunner, communicated_bytes, gossip, identity, quantize, top_k
+from jaxopt_lab.distributed import WorkerRunner, communicated_bytes, dgc, gossip, identity, quantize, top_k
 from jaxopt_lab.distributed.choco_gossip import choco_gossip
 from tests.distributed.problem import run
 
@@ -37,3 +37,8 @@ def test_bad_arguments():
         choco_gossip(optax.sgd(0.1), "ring", identity(), consensus_lr=0)
     with pytest.raises(ValueError, match="compressor must be"):
         choco_gossip(optax.sgd(0.1), "ring", None)
+    # error feedback on top of CHOCO's public copy feeds the remainder back twice (it diverges)
+    for stateful in (top_k(0.1), dgc(momentum=0.9)):
+        with pytest.raises(ValueError, match="memoryless compressor"):
+            choco_gossip(optax.sgd(0.1), "ring", stateful)
+    choco_gossip(optax.sgd(0.1), "ring", top_k(0.1, error_feedback=False))

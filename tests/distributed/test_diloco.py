@@ -89,6 +89,26 @@ def test_absent_workers_are_left_out_of_the_average():
         np.testing.assert_array_equal(np.asarray(nobody[k]), np.broadcast_to(p0[k], nobody[k].shape))
 
 
+def test_a_round_without_workers_takes_no_outer_step():
+    # with outer momentum, a zero outer gradient would still move the anchor: the round must be skipped
+    tx = diloco(optax.sgd(0.1), optax.sgd(0.7, momentum=0.9, nesterov=True), sync_every=1)
+    x, y = worker_data(W)
+    p0 = init_params()
+
+    def step(params, state, x, y, present):
+        grads = jax.grad(lambda p: 0.5 * jnp.mean(jnp.square(x @ p["w"] + p["b"] - y)))(params)
+        updates, state = tx.update(grads, state, params, present=present)
+        return optax.apply_updates(params, updates), state
+
+    mapped = RUNNER.map(step)
+    params, state = mapped(RUNNER.replicate(p0), RUNNER.replicate(tx.init(p0)), x, y, np.ones(W, bool))
+    after, after_state = mapped(params, state, x, y, np.zeros(W, bool))
+    for u, v in zip(jax.tree.leaves((params, state.anchor, state.outer_state)),
+                    jax.tree.leaves((after, after_state.anchor, after_state.outer_state))):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+    assert np.abs(np.asarray(state.outer_state[0].trace["w"])).max() > 0  # the momentum that would have moved it
+
+
 def test_multi_worker_state_checkpoints_and_resumes_bit_identically(tmp_path):
     tx = diloco(optax.adam(0.05), sync_every=2)
     x, y = RUNNER.put(worker_data(W))

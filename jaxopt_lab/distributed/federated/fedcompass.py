@@ -22,9 +22,13 @@ members of other groups),
 .. math:: \theta \leftarrow \theta - \eta \sum_i \frac{n_i}{\sum_j n_j}\, s(\tau_i)\, \Delta_i,
 
 with :math:`s(\tau) = (1+\tau)^{-1/2}` by default, and re-dispatches the arrived
-clients with new step counts. Simplifications against the paper: no
-"latest-time factor" :math:`\lambda` (a group waits for its last member) and
-the group choice is the one allowing the most local steps.
+clients with new step counts. The clients dispatched together are assigned
+fastest first, and an open group is joined where it allows the most steps
+(both as the official scheduler does). Simplifications against it: no
+"latest-time factor" :math:`\lambda` (a group waits for its last member); a new
+group always gets :math:`q_\max` steps (the official code may size it to
+arrive with an existing group); :math:`\hat t_k` is the last round trip's, not
+a moving average of them.
 """
 
 from __future__ import annotations

@@ -551,13 +551,14 @@ class FederatedSimulator:
         return state._replace(slots=slots, busy=busy, dispatched=dispatched), fresh
 
     def _compass_refill(self, state, free, client, did, k):
-        """FedCompass: assign each newly dispatched client (slowest estimate first) a group and step count."""
+        """FedCompass: assign each newly dispatched client (fastest estimate first, as the official
+        scheduler does: a fast client opening a group leaves the slow ones room to join it) a group and step count."""
         cfg = self.cfg
         c = cfg.concurrency
         nominal = jnp.float32(cfg.step_time)
         est_all = jnp.where(jnp.isnan(state.step_time_est), nominal, state.step_time_est)
         est = est_all[client]
-        order = jnp.argsort(jnp.where(free, -est, jnp.inf)).astype(jnp.int32)  # free slots, slowest first
+        order = jnp.argsort(jnp.where(free, est, jnp.inf)).astype(jnp.int32)  # free slots, fastest first
         t = state.time
 
         def assign(i, carry):
