@@ -36,6 +36,7 @@ def local_sgd(
     sync_every: int = 4,
     qsr_beta: float | None = None,
     learning_rate: optax.ScalarOrSchedule | None = None,
+    warmup_steps: int = 0,
     axis_name: AxisName = "workers",
 ) -> optax.GradientTransformation:
     r"""Local SGD: each worker steps on its own, parameters are averaged every H steps.
@@ -52,6 +53,11 @@ def local_sgd(
 
     steps, so synchronization gets rarer as the learning rate :math:`\eta_t`
     decays (``learning_rate`` must then be the inner optimizer's schedule).
+    A round that starts within the first ``warmup_steps`` steps lasts
+    :math:`H_\text{base}` (as in the authors' code: during a learning-rate
+    warm-up :math:`\eta_t` is small, and from :math:`\eta_0 = 0` the rule would
+    never synchronize). :math:`H` is capped at :math:`2^{30}`, so a learning
+    rate of exactly 0 after the warm-up means no further synchronization.
     Without it, H = ``sync_every`` always (equal to DiLoCo with outer SGD at lr 1).
 
     Bytes: ``tree_bytes(params)`` per worker per synchronization.
@@ -61,6 +67,7 @@ def local_sgd(
       sync_every: H, or H_base under QSR.
       qsr_beta: β of QSR; None for a fixed period.
       learning_rate: the inner learning rate (float or schedule), needed for QSR.
+      warmup_steps: rounds starting before this step last H_base (QSR only).
       axis_name: the worker axis.
     """
     if not isinstance(sync_every, int) or isinstance(sync_every, bool) or sync_every < 1:
@@ -70,12 +77,16 @@ def local_sgd(
             raise ValueError(f"qsr_beta must be > 0, got {qsr_beta!r}")
         if learning_rate is None:
             raise ValueError("qsr_beta needs learning_rate: the inner optimizer's learning rate or schedule")
+    elif learning_rate is not None or warmup_steps:
+        raise ValueError("learning_rate and warmup_steps are QSR's: set qsr_beta too, or leave them out")
+    if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
     lr = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
 
     def period_at(step):
         if qsr_beta is None:
             return jnp.asarray(sync_every, jnp.int32)
-        return qsr_period(lr(step), sync_every, qsr_beta)
+        return jnp.where(step < warmup_steps, sync_every, qsr_period(lr(step), sync_every, qsr_beta))
 
     def init_fn(params):
         zero = jnp.zeros((), jnp.int32)

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxopt_lab.distributed.federated._checks import check_real
 from jaxopt_lab.distributed.federated.aggregate import _leading, arrival_weights, weighted_sum
 from jaxopt_lab.distributed.federated.staleness import StalenessFn, staleness_function
 
@@ -38,9 +39,12 @@ class ScaleByFedAsyncState(NamedTuple):
 def _check_alpha(alpha):
     if callable(alpha):
         return alpha
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < float(alpha) <= 1.0:
+    if getattr(alpha, "shape", None) == () and not isinstance(alpha, bool):
+        alpha = alpha.item()  # a numpy / jax scalar
+    alpha = check_real("FedAsync mixing alpha", alpha)
+    if not 0.0 < alpha <= 1.0:
         raise ValueError(f"FedAsync mixing alpha must be in (0, 1], got {alpha!r}")
-    return float(alpha)
+    return alpha
 
 
 def scale_by_fedasync(

@@ -32,6 +32,7 @@ CASES = [
     (lambda: sim(fl.SyncRound(2), concurrency=3), r"SyncRound\(2\) keeps m = 2 clients in flight; concurrency=3"),
     (lambda: fl.fedasync(alpha=0.0), r"alpha must be in \(0, 1\], got 0.0"),
     (lambda: fl.fedasync(alpha=1.5), r"alpha must be in \(0, 1\], got 1.5"),
+    (lambda: fl.fedasync(alpha=np.float32(2.0)), r"alpha must be in \(0, 1\], got 2.0"),
     (lambda: sim(dropout=-0.1), r"dropout probability must be >= 0 and <= 1, got -0.1 for client 0"),
     (lambda: sim(dropout=[0.0, 0.2, 1.5]), r"dropout probability must be >= 0 and <= 1, got 1.5 for client 2"),
     (lambda: sim(dropout=[0.1, 0.1]), r"dropout probability must have one entry per client \(3\), got shape \(2,\)"),
