@@ -19,7 +19,7 @@ arrival (all :math:`m_i = 0`) the update is zero. The result is a descent
 
 Extra arguments read by ``update`` (all of shape ``(arrivals,)``): ``mask``
 (bool), ``num_examples`` (float), ``staleness`` (int). Others (``client_ids``,
-``local_steps``) are accepted and ignored.
+``local_steps``, ``elapsed_time``) are accepted and ignored.
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ The pseudo-gradients of the arrivals, stacked along a leading axis of size
 
    update, rule_state = rule.update(
        stacked_pseudo_gradients, rule_state, params,
-       mask=..., num_examples=..., staleness=..., client_ids=..., local_steps=...)
+       mask=..., num_examples=..., staleness=..., elapsed_time=..., client_ids=..., local_steps=...)
    params = optax.apply_updates(params, update)
 
 with ``pseudo_gradient="dispatch"``: :math:`\theta_{\text{sent}} - \theta_\text{client}`
@@ -495,7 +495,7 @@ class FederatedSimulator:
         n_arr = lanes.mask.sum().astype(jnp.int32)
         n_drop = (m - n_arr).astype(jnp.int32)
         new_time = jnp.max(arrival)
-        params, rule_state, version, applied = self._server_update(state, lanes, shared_base=True, k=k)
+        params, rule_state, version, applied = self._server_update(state, lanes, new_time, shared_base=True, k=k)
         state = state._replace(
             params=params, rule_state=rule_state, version=version, step=state.step + 1, time=new_time,
             dispatched=state.dispatched + m, applied=state.applied + n_arr, dropped=state.dropped + n_drop,
@@ -694,7 +694,7 @@ class FederatedSimulator:
         if self.client_context is not None:
             ctx = self.client_context(state.rule_state)
             slot_context = _rows_where(fresh, jax.tree.map(lambda x: jnp.asarray(x)[None], ctx), slot_context)
-        params, rule_state, version, applied = self._server_update(state, lanes, shared_base=False, k=k)
+        params, rule_state, version, applied = self._server_update(state, lanes, t, shared_base=False, k=k)
         new_state = state._replace(slot_context=slot_context,
             params=params, rule_state=rule_state, version=version, step=state.step + 1, time=t,
             dispatched=dispatched, applied=state.applied + n_arr, dropped=state.dropped + n_drop,
@@ -704,7 +704,7 @@ class FederatedSimulator:
 
     # -- training and the server rule
 
-    def _server_update(self, state, lanes: _Lanes, shared_base: bool, k):
+    def _server_update(self, state, lanes: _Lanes, now, shared_base: bool, k):
         cfg = self.cfg
         params = state.params
         client = jnp.maximum(lanes.client, 0)
@@ -758,6 +758,7 @@ class FederatedSimulator:
             pg, state.rule_state, params,
             mask=lanes.mask, num_examples=jnp.where(lanes.mask, k["examples"][client], 0.0),
             staleness=jnp.where(lanes.mask, state.version - lanes.version, 0),
+            elapsed_time=jnp.where(lanes.mask, now - lanes.dispatch_time, 0.0),
             client_ids=lanes.client, local_steps=steps, **extra,
         )
         applied = jnp.any(lanes.mask)

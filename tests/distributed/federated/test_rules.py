@@ -26,7 +26,7 @@ def arrivals():
     stacked = {k: rng.normal(size=(4,) + v.shape).astype(np.float32) for k, v in theta.items()}
     stacked["w"][2] = np.nan  # a masked-out lane holds garbage: it must not leak
     extra = dict(mask=jnp.array([True, True, False, True]), num_examples=jnp.array([3.0, 1.0, 7.0, 4.0]),
-                 staleness=jnp.array([0, 3, 1, 8]))
+                 staleness=jnp.array([0, 3, 1, 8]), elapsed_time=jnp.array([2.0, 6.0, 4.0, 2.0]))
     return theta, stacked, extra
 
 
@@ -51,6 +51,20 @@ def test_fedbuff_is_the_staleness_weighted_buffer_mean(arrivals):
     got = _apply(fl.fedbuff(0.7), theta, stacked, extra)
     for k in theta:
         np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6)
+
+
+def test_fedfix_weights_each_arrival_by_its_data_and_its_windows_in_flight(arrivals):
+    theta, stacked, extra = arrivals
+    keep, n, d = [0, 1, 3], np.array([3.0, 1.0, 4.0]), np.array([2.0, 6.0, 2.0])  # d: elapsed time (windows x period)
+    for weighting, c in (("examples", n * d), ("uniform", d)):
+        ref = {k: -0.5 * sum(w * stacked[k][i] for w, i in zip(c / c.sum(), keep)) for k in theta}
+        got = _apply(fl.fedfix(0.5, weighting=weighting), theta, stacked, extra)
+        for k in theta:
+            np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="fedfix needs elapsed_time"):
+        _apply(fl.fedfix(), theta, stacked, {k: v for k, v in extra.items() if k != "elapsed_time"})
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        fl.fedfix(weighting="time")
 
 
 def test_fedasync_mixes_the_client_model_into_the_server_model():

@@ -177,9 +177,16 @@ def test_fedfix_aggregates_each_window_and_skips_empty_ones():
     np.testing.assert_array_equal(rec.version, [0, 1, 2, 3, 3, 4])
     np.testing.assert_array_equal(rec.applied, [False, True, True, True, False, True])
 
+    # weights n_i d_i / sum n_j d_j, d_i = windows in flight: 2 for client 0 (1.0 s), 3 for client 1 (2.2 s)
+    windows = {0: 2, 1: 3}
+    elapsed = np.asarray(rec.time)[:, None] - np.asarray(rec.dispatch_time)
+    np.testing.assert_allclose(elapsed[np.asarray(rec.mask)],
+                               [0.8 * windows[c] for c in np.asarray(rec.client)[np.asarray(rec.mask)]], rtol=1e-5)
+
     def window(theta, items):
-        n = sum(sizes[c] for c, *_ in items)
-        return {k: theta[k] - sum(sizes[c] / n * (sent[k] - x[k]) for c, _, sent, x in items) for k in theta}
+        n = sum(sizes[c] * windows[c] for c, *_ in items)
+        return {k: theta[k] - sum(sizes[c] * windows[c] / n * (sent[k] - x[k]) for c, _, sent, x in items)
+                for k in theta}
 
     pb.assert_close(state.params, _replay(rec, params0, clients, 4, [1, 1], window))
 
