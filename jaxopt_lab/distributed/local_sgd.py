@@ -73,7 +73,7 @@ def local_sgd(
     if not isinstance(sync_every, int) or isinstance(sync_every, bool) or sync_every < 1:
         raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
     if qsr_beta is not None:
-        if not qsr_beta > 0:
+        if isinstance(qsr_beta, bool) or not isinstance(qsr_beta, (int, float)) or not qsr_beta > 0:
             raise ValueError(f"qsr_beta must be > 0, got {qsr_beta!r}")
         if learning_rate is None:
             raise ValueError("qsr_beta needs learning_rate: the inner optimizer's learning rate or schedule")

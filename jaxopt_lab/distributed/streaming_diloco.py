@@ -97,10 +97,12 @@ def streaming_diloco(
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if sync_every % num_fragments:
         raise ValueError(f"num_fragments={num_fragments} must divide sync_every={sync_every}")
-    if not isinstance(overlap, int) or not 0 <= overlap < sync_every // num_fragments:
+    if not isinstance(overlap, int) or isinstance(overlap, bool) or not 0 <= overlap < sync_every // num_fragments:
         raise ValueError(f"overlap must be an int in [0, H/P = {sync_every // num_fragments}), got {overlap!r}")
-    if not 0.0 <= merge_alpha <= 1.0:
-        raise ValueError(f"merge_alpha must be in [0, 1], got {merge_alpha!r}")
+    if isinstance(merge_alpha, bool) or not isinstance(merge_alpha, (int, float)) or not 0.0 <= merge_alpha <= 1.0:
+        raise ValueError(f"merge_alpha must be a number in [0, 1], got {merge_alpha!r}")
+    if compressor is not None and not hasattr(compressor, "compress"):
+        raise ValueError(f"compressor must be a jaxopt_lab.distributed.compression compressor, got {compressor!r}")
     inner = diloco_inner() if inner is None else inner
     outer = diloco_outer() if outer is None else outer
     spacing = sync_every // num_fragments

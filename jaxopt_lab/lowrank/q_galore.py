@@ -24,8 +24,11 @@ GaLore (see :mod:`jaxopt_lab.lowrank.galore`) with three changes:
    simulation of int8 weight storage.
 
 The update of a projected matrix is GaLore's: ``ΔW = α · P · Adam(Pᵀ G)``
-with the Adam split of the official code (moments without bias correction in
-the low-rank space, bias correction with the learning rate).
+with the Adam split of the official GaLore code (moments without bias
+correction in the low-rank space, bias correction with the learning rate, so
+ε sits beside the uncorrected √v). Q-GaLore's own code runs bitsandbytes' 8-bit
+Adam, whose ε sits beside the corrected √v̂: the two differ only while
+√(1 − β₂ᵗ) is small (the effective ε is 1e-8 / √(1 − β₂ᵗ) here: 3.2e-7 at t = 1).
 
 Defaults follow the official code (``VITA-Group/Q-GaLore``): queue size 5,
 cosine threshold 0.4, γ = 2, int4 projection in groups of 256, int8 weights in
@@ -48,6 +51,11 @@ Differences from the official code, all deliberate:
 * the int8 weight grid is symmetric too (s = max|x| / 127 per group), so that
   stochastic rounding never needs clamping and is exactly unbiased; the
   official code uses an asymmetric uint8 grid with a zero point;
+* the int4 groups of 256 run along the stored (d × r) basis flattened row by
+  row; for a tall matrix the official code stores the basis as (r × n) and its
+  groups run along one singular vector (the same for wide matrices);
+* weight decay is applied with the update, ``W − lr (U + λW)``; the official
+  code decays after it, ``(W − lr U)(1 − lr λ)`` (a difference of lr² λ U);
 * Adam's moments are float32 (the official code uses 8-bit Adam).
 """
 

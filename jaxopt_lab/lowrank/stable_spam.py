@@ -31,8 +31,15 @@ Where the official code differs from the paper's equations, we follow the
 equations: AdaClip and AdaGN are bias-corrected with the global step t (the
 official code shares Adam's counter, so that right after a reset their
 estimates are divided by 1 − θ² ≈ 0.002, which switches clipping off for a
-while). The official code's optional cosine warm-up of γ₁ and β₁ after a reset
-(``total_T``, off by default) is not implemented.
+while). At a reset step our moments restart from zero with that step's
+gradient (the paper's MoRet); the official code swaps in zero moments only
+after computing the reset step's update from the old ones (bias-corrected as
+if at step 1), so its reset step is damped and its new moments start one step
+later. Before the first reset the two agree to float precision (checked
+against the official optimizer on CPU). Not implemented: the official code's
+``total_T`` option, a cosine decay of γ₁ and β₁ over the whole run (from 1× to
+``eta_min`` = 0.5× over ``total_T`` steps; off in its constructor, on in its
+training scripts with ``total_T`` = 20000).
 """
 
 from __future__ import annotations

@@ -72,7 +72,10 @@ def test_balanced_fragments_cover_every_leaf_once():
     [
         (dict(sync_every=10, num_fragments=3), r"num_fragments=3 must divide sync_every=10"),
         (dict(sync_every=8, num_fragments=4, overlap=2), r"overlap must be an int in \[0, H/P = 2\), got 2"),
-        (dict(merge_alpha=1.5), r"merge_alpha must be in \[0, 1\], got 1.5"),
+        (dict(merge_alpha=1.5), r"merge_alpha must be a number in \[0, 1\], got 1.5"),
+        (dict(merge_alpha="0.5"), r"merge_alpha must be a number in \[0, 1\], got '0.5'"),
+        (dict(sync_every=8, num_fragments=4, overlap=True), r"overlap must be an int in \[0, H/P = 2\), got True"),
+        (dict(compressor="e3m0"), r"compressor must be a jaxopt_lab.distributed.compression compressor, got 'e3m0'"),
     ],
 )
 def test_bad_arguments(kwargs, match):
