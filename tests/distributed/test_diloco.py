@@ -151,8 +151,11 @@ def test_compressed_ddp_counts_payload_bytes():
     from jaxopt_lab.distributed import quantize, top_k
 
     _, state = run(RUNNER, data_parallel(optax.sgd(0.1), compressor=top_k(0.5)), 3, W)
-    # per step: w keeps 3 of 5 values, b keeps 1 of 1; each value 4 bytes + a 4-byte index
-    np.testing.assert_array_equal(communicated_bytes(state), [3 * (3 + 1) * 8] * W)
+    # per step: w keeps 3 of 5 values (3 x (4 + 4-byte index) = 24 > 20 dense: sent dense), b all of 1 (dense)
+    np.testing.assert_array_equal(communicated_bytes(state), [3 * (5 + 1) * 4] * W)
+    _, state = run(RUNNER, data_parallel(optax.sgd(0.1), compressor=top_k(0.2)), 3, W)
+    # w keeps 1 of 5: 8 bytes sparse < 20 dense
+    np.testing.assert_array_equal(communicated_bytes(state), [3 * (8 + 4)] * W)
     _, state = run(RUNNER, diloco(optax.sgd(0.1), sync_every=2, compressor=quantize("int8")), 4, W)
     # two syncs; int8 payload per tensor: n bytes + a 4-byte fp32 scale
     np.testing.assert_array_equal(communicated_bytes(state), [2 * ((5 + 4) + (1 + 4))] * W)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_lab.distributed.compression.base import Compressor, as_nbytes
-from jaxopt_lab.distributed.compression.topk import INDEX_BYTES
+from jaxopt_lab.distributed.compression.topk import payload_bytes
 
 # The paper's warm-up: sparsity 75%, 93.75%, 98.4375%, 99.6%, 99.9% (kept fraction ÷4 per stage).
 DGC_SPARSITY_SCHEDULE = (0.75, 0.9375, 0.984375, 0.996, 0.999)
@@ -73,7 +73,11 @@ def dgc(
     the paper's exponential ramp (it ramps over the first four epochs).
 
     Bytes: :math:`\mathrm{nnz}(M)\,(\text{itemsize} + 4)` per tensor (values and
-    int32 indices), from the traced count.
+    int32 indices), from the traced count, or the dense tensor where that is
+    fewer. Every leaf is compressed, vectors too; the reference
+    (``synxlin/deep-gradient-compression``) sends 1-D tensors (biases, norm
+    scales) dense with plain momentum: leave them out with
+    ``optax.partition`` / a label function if that matters.
 
     Args:
       momentum: :math:`m \in [0, 1)`.
@@ -126,7 +130,7 @@ def dgc(
             sent.append(jnp.where(mask, v, 0))
             new_v.append(jnp.where(mask, 0, v))
             new_u.append(jnp.where(mask, 0, u))
-            nbytes = nbytes + jnp.sum(mask, dtype=jnp.int32) * (np.dtype(g.dtype).itemsize + INDEX_BYTES)
+            nbytes = nbytes + payload_bytes(jnp.sum(mask, dtype=jnp.int32), g.size, np.dtype(g.dtype).itemsize)
         unflat = lambda xs: jax.tree.unflatten(treedef, xs)  # noqa: E731
         return unflat(sent), DGCState(unflat(new_u), unflat(new_v)), as_nbytes(nbytes)
 

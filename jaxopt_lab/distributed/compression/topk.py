@@ -44,6 +44,13 @@ def _top_k_leaf(x, k):
     return jnp.zeros_like(flat).at[idx].set(flat[idx]).reshape(x.shape)
 
 
+def payload_bytes(kept, size: int, itemsize: int):
+    """Bytes of a tensor of ``size`` entries with ``kept`` of them sent: values and int32 indices,
+    or the dense tensor where that is fewer (as DGC's reference sends a tensor nothing was removed from)."""
+    sparse, dense = kept * (itemsize + INDEX_BYTES), size * itemsize
+    return jnp.minimum(sparse, dense) if isinstance(kept, jax.Array) else min(sparse, dense)
+
+
 def top_k(k_fraction: float, error_feedback: bool = True) -> Compressor:
     r"""Keep the :math:`k = \max(1, \lceil \rho\, n \rceil)` largest-magnitude entries of each tensor.
 
@@ -60,7 +67,8 @@ def top_k(k_fraction: float, error_feedback: bool = True) -> Compressor:
     :math:`\hat x = \mathrm{top}_k(x)`.
 
     Bytes: :math:`k` values (the tensor's itemsize each) plus :math:`k` int32
-    indices, :math:`k\,(\text{itemsize} + 4)` per tensor.
+    indices, :math:`k\,(\text{itemsize} + 4)` per tensor, or the dense tensor,
+    :math:`n \cdot \text{itemsize}`, where that is fewer (:func:`payload_bytes`).
 
     Args:
       k_fraction: :math:`\rho \in (0, 1]`.
@@ -81,7 +89,7 @@ def top_k(k_fraction: float, error_feedback: bool = True) -> Compressor:
             leaves = [x + e for x, e in zip(leaves, treedef.flatten_up_to(state.error))]
         ks = [num_kept(x.size, k_fraction) if x.size else 0 for x in leaves]
         sent = [_top_k_leaf(p, k) for p, k in zip(leaves, ks)]
-        nbytes = sum(k * (np.dtype(x.dtype).itemsize + INDEX_BYTES) for x, k in zip(leaves, ks))
+        nbytes = sum(payload_bytes(k, x.size, np.dtype(x.dtype).itemsize) for x, k in zip(leaves, ks))
         error = jax.tree.unflatten(treedef, [p - c for p, c in zip(leaves, sent)]) if error_feedback else None
         return jax.tree.unflatten(treedef, sent), TopKState(error), as_nbytes(nbytes)
 
