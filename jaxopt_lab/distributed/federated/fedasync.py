@@ -3,8 +3,9 @@ r"""FedAsync: mix each arriving client model into the server model, damped by st
 Xie, Koyejo & Gupta, "Asynchronous Federated Optimization" (OPT 2020),
 https://arxiv.org/abs/1903.03934.
 
-When the model :math:`x` of a client dispatched at version :math:`t - \tau`
-arrives, the server sets
+When the model :math:`x` of a client that was sent :math:`\theta_{t-1-\tau}`
+arrives (:math:`\tau` server updates ago; 0 for a fresh one, as APPFL and
+FLSim count it; the paper's :math:`t - \tau` is our :math:`\tau + 1`), the server sets
 
 .. math::
 

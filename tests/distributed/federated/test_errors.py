@@ -30,6 +30,7 @@ CASES = [
     (lambda: sim(fl.Buffer(1), concurrency=4), r"concurrency \(4\) must be <= num_clients \(3\)"),
     (lambda: sim(fl.SyncRound(4)), r"clients_per_round \(4\) must be <= num_clients \(3\)"),
     (lambda: sim(fl.SyncRound(2), concurrency=3), r"SyncRound\(2\) keeps m = 2 clients in flight; concurrency=3"),
+    (lambda: sim(fl.Buffer(1), concurrency=3, lane_groups=[1, 2, 0]), r"lane_groups size must be >= 1, got 0"),
     (lambda: fl.fedasync(alpha=0.0), r"alpha must be in \(0, 1\], got 0.0"),
     (lambda: fl.fedasync(alpha=1.5), r"alpha must be in \(0, 1\], got 1.5"),
     (lambda: fl.fedasync(alpha=np.float32(2.0)), r"alpha must be in \(0, 1\], got 2.0"),
