@@ -31,19 +31,21 @@ class StreamingDiLoCoState(NamedTuple):
 
 
 def balanced_fragments(sizes: Sequence[int], num_fragments: int) -> list[list[int]]:
-    """Split leaves (in tree order) into ``num_fragments`` contiguous groups of similar size."""
+    r"""Split leaves (in tree order) into ``num_fragments`` contiguous, ordered, non-empty groups of similar size.
+
+    Leaf i goes to fragment :math:`\lfloor P \cdot c_i \rfloor` (:math:`c_i`: the fraction of all
+    entries in leaves 0..i); where a huge leaf would leave a fragment empty, the cuts move just enough
+    to give every fragment a leaf, keeping the order.
+    """
     if num_fragments > len(sizes):
         raise ValueError(f"num_fragments={num_fragments} is more than the {len(sizes)} parameter tensors")
-    bounds = np.cumsum(sizes) / np.sum(sizes)
-    groups: list[list[int]] = [[] for _ in range(num_fragments)]
-    for i, b in enumerate(bounds):
-        groups[min(int((b - 1e-12) * num_fragments), num_fragments - 1)].append(i)
-    # every fragment non-empty: move leaves forward where a huge leaf swallowed a slot
-    for p in range(num_fragments):
-        if not groups[p]:
-            donor = max(range(num_fragments), key=lambda q: len(groups[q]))
-            groups[p].append(groups[donor].pop(0 if donor > p else -1))
-    return [sorted(g) for g in groups]
+    n = len(sizes)
+    slot = np.floor((np.cumsum(sizes) / np.sum(sizes) - 1e-12) * num_fragments)
+    cuts = [0]
+    for p in range(1, num_fragments):
+        cuts.append(min(max(int(np.sum(slot < p)), cuts[-1] + 1), n - (num_fragments - p)))
+    cuts.append(n)
+    return [list(range(cuts[p], cuts[p + 1])) for p in range(num_fragments)]
 
 
 def streaming_diloco(

@@ -62,9 +62,17 @@ def test_matches_float64_reference_with_overlap_and_merge():
         np.testing.assert_allclose(params[k], local[k], rtol=2e-5, atol=2e-6)
 
 
-def test_balanced_fragments_cover_every_leaf_once():
-    groups = balanced_fragments([100, 1, 1, 1, 50, 50], 3)
-    assert sorted(i for g in groups for i in g) == list(range(6)) and all(groups)
+def test_balanced_fragments_are_contiguous_ordered_and_cover_every_leaf_once():
+    assert balanced_fragments([100, 1, 1, 1, 50, 50], 3) == [[0], [1, 2, 3], [4, 5]]
+    assert balanced_fragments([10, 10, 10, 10], 2) == [[0, 1], [2, 3]]
+    assert balanced_fragments([1, 1, 10, 1000], 4) == [[0], [1], [2], [3]]  # a huge last leaf
+    assert balanced_fragments([1000, 1, 1, 1], 3) == [[0], [1], [2, 3]]  # a huge first leaf
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        sizes = rng.integers(1, 1000, rng.integers(1, 12)) ** rng.integers(1, 3)
+        p = int(rng.integers(1, len(sizes) + 1))
+        assert [i for g in balanced_fragments(sizes.tolist(), p) for i in g] == list(range(len(sizes)))
+        assert all(balanced_fragments(sizes.tolist(), p))
 
 
 @pytest.mark.parametrize(
