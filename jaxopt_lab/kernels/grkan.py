@@ -19,8 +19,9 @@ and ``sign(0) = +1`` (JAX's derivative of ``|.|`` at 0, and KAT's kernels).
 
 FlashKAT (Raffel & Chen, 2025) shows that KAT's training time is dominated by
 this backward, because every element adds its ``da``/``db`` terms to the 80
-shared coefficients with global atomic adds. Here, as in FlashKAT's
-restructured kernel, each grid step reduces its own block in registers/VMEM
+shared coefficients with global atomic adds; its kernel reduces a tile per
+program first and then does one atomic add per coefficient. Here there are no
+atomics at all: each grid step reduces its own block in registers/VMEM
 and writes the partial sums to its own slot of a ``(n_row_blocks, 16, D)``
 buffer (rows ``0..5``: ``da`` terms, ``8..11``: ``db`` terms, per channel),
 which XLA then sums over blocks and over each group's channels: no atomics,

@@ -5,15 +5,20 @@ Yang & Wang, "Kolmogorov-Arnold Transformer" (2024): the transformer's MLP
 where each GR-KAN is a learnable rational function ``P(x) / Q(x)`` (degree 5
 over degree 4, KAT's safe Pade form ``Q = 1 + |b_1 x| + ... + |b_4 x^4|``)
 shared by each of ``G`` channel groups. KAT initialises the first rational to
-the identity and the second to a rational fitted to GELU; so does this model
-(fitted once, by least squares in numpy, see :func:`fit_rational`). The
-activation runs through :func:`jaxopt_lab.kernels.grkan` (Pallas on GPU/TPU,
-FlashKAT-style backward; ``impl`` picks the implementation).
+the identity and the second to a rational fitted to Swish (its released
+``kat_*_swish`` models and FlashKAT; GELU is an option); so does this model
+(``act_init``; fitted once in numpy, see :func:`fit_rational`). The activation
+runs through :func:`jaxopt_lab.kernels.grkan` (Pallas on GPU/TPU,
+block-partial-sum backward; ``impl`` picks the implementation).
 
 Differences from KAT's code: the numerator coefficients are per group here
-(KAT shares one numerator across groups and keeps a per-group denominator),
-and the linear layers use flax's default initialisation rather than KAT's
-variance-preserving gain.
+(KAT shares one numerator across groups and keeps a per-group denominator);
+the linear layers use flax's default initialisation and attention a normal(0.02)
+one (KAT's effective MLP init is truncated normal(0.02), and its attention uses
+a "mimetic" init); our fits are made in the form the kernel evaluates,
+``1 + sum |b_j| |x|^j``: KAT's ``init.json`` "gelu" coefficients were fitted in
+the form ``1 + |sum b_j x^j|`` and are far from GELU under its own kernel
+(f(3) = 1.53), whereas its Swish coefficients agree with ours (to 1e-6).
 """
 
 from __future__ import annotations
@@ -116,7 +121,7 @@ class KATBlock(nnx.Module):
         heads: int,
         hidden: int,
         groups: int = 8,
-        act_init: Sequence[str] = ("identity", "gelu"),
+        act_init: Sequence[str] = ("identity", "swish"),
         impl: str | None = None,
         *,
         rngs: nnx.Rngs,
@@ -168,8 +173,8 @@ class KAT(nnx.Module):
         heads: attention heads per block.
         mlp_ratio: the GR-KAN MLP's hidden width is ``mlp_ratio * width``.
         groups: channel groups of each rational (KAT: 8).
-        act_init: initial functions of the two rationals of each MLP (KAT:
-            ``("identity", "gelu")``); see :data:`RATIONAL_INITS`.
+        act_init: initial functions of the two rationals of each MLP (KAT's
+            released models: ``("identity", "swish")``); see :data:`RATIONAL_INITS`.
         impl: implementation of the GR-KAN activation: ``None`` (auto: Pallas on
             GPU/TPU, reference on CPU), ``"pallas"``, ``"interpret"``, ``"reference"``.
         rngs: random streams for the parameter initialisation.
@@ -186,7 +191,7 @@ class KAT(nnx.Module):
         heads: int = 2,
         mlp_ratio: int = 2,
         groups: int = 8,
-        act_init: Sequence[str] = ("identity", "gelu"),
+        act_init: Sequence[str] = ("identity", "swish"),
         impl: str | None = None,
         *,
         rngs: nnx.Rngs,
