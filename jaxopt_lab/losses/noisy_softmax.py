@@ -7,6 +7,8 @@ https://arxiv.org/abs/1708.03769.
 
 from __future__ import annotations
 
+import numbers
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -58,7 +60,7 @@ def noisy_softmax_logits(
     Returns:
       Noisy logits of ``logits``' shape and dtype.
     """
-    if isinstance(alpha, (int, float)) and not alpha >= 0:
+    if isinstance(alpha, numbers.Real) and not alpha >= 0:  # numpy scalars too; arrays may be traced
         raise ValueError(f"alpha must be >= 0, got {alpha!r}")
     logits, labels = jnp.asarray(logits), jnp.asarray(labels)
     if logits.ndim < 1 or labels.shape != logits.shape[:-1]:

@@ -33,10 +33,12 @@ def softmax_collapse_fraction(
     loss is exactly 0; with a larger margin the other probabilities
     :math:`e^{z_j - \mathrm{lse}(z)}` underflow to 0 as well and the example
     contributes no gradient at all. In float32, with margin
-    :math:`m = z_y - \max_{j \ne y} z_j`, the first happens for :math:`m`
-    above about :math:`17 + \log(C - 1)` (:math:`C` classes) and the second
-    above about 88 on backends that flush subnormals to zero (CPU XLA does) or
-    104 on those that keep them.
+    :math:`m = z_y - \max_{j \ne y} z_j`, the first happens once
+    :math:`(C - 1) e^{-m}` falls below half a unit in the last place of
+    :math:`e^{z_y}`'s sum, which depends on the magnitude of :math:`z_y` too
+    (measured on CPU with the other logits at 0: from m = 16.75 at C = 2 and 10,
+    20.25 at C = 100); the second above about 88 on backends that flush
+    subnormals to zero (CPU XLA does) or 104 on those that keep them.
 
     With ``correct_class_only=True`` only :math:`g_{i,y_i} = 0` is required,
     i.e. the loss of the example is exactly 0 — the "samples with zero loss"

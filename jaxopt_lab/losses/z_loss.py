@@ -8,6 +8,8 @@ https://arxiv.org/abs/2309.14322, Sec. 3.1.2 (logit divergence).
 
 from __future__ import annotations
 
+import numbers
+
 import jax
 import jax.numpy as jnp
 
@@ -32,7 +34,7 @@ def z_loss(logits: jax.Array, weight: float = 1e-4) -> jax.Array:
     Returns:
       A scalar.
     """
-    if isinstance(weight, (int, float)) and not weight >= 0:
+    if isinstance(weight, numbers.Real) and not weight >= 0:  # numpy scalars too; arrays may be traced
         raise ValueError(f"weight must be >= 0, got {weight!r}")
     logits = jnp.asarray(logits)
     if logits.ndim < 1 or logits.size == 0:

@@ -92,7 +92,7 @@ def scale_by_delta_sgd(
     \eta_0\sqrt{1 + \delta\theta_0}`) and adds ``1e-8`` to a step set by the
     locality term; this follows Algorithm 1 (:math:`\eta_0` first, no epsilon).
 
-    The step size and the norms are float32 (or the parameters' wider type); the
+    The step size and the norms are float32 (also for float64 parameters); the
     result has the gradients' dtypes. The state keeps one copy of the
     parameters and of the gradient.
 

@@ -69,6 +69,16 @@ def scale_by_entropy_sgd(
     descends (Algorithm 1's :math:`x \leftarrow x - \eta\, \gamma (x - \mu)`).
     :math:`f_k` is the loss on the minibatch of inner step :math:`k`.
 
+    Against the authors' code (``ucla-vision/entropy-sgd``): it returns
+    :math:`x - \mu` without the factor :math:`\gamma_t` (its outer learning
+    rates, 1 then 0.2, assume that: with ours the same rate steps
+    :math:`\gamma_t` times as far), weights the newest iterate 0.25 where our
+    default :math:`\alpha` is 0.75 (the paper's value as we read it), and adds
+    momentum and weight decay inside the Langevin loop. The scoping has no cap:
+    the inner loop is stable only while :math:`\eta' \gamma_t < 2`, i.e. with
+    the defaults for about the first 6,500 outer steps (the paper's runs are
+    shorter); for longer runs lower ``gamma_growth``.
+
     Gradients: ``update(grads, state, params, grad_fn=grad_fn)``.
 
     * ``grads`` is :math:`\nabla f_0(x)`, the gradient at the parameters on

@@ -42,8 +42,8 @@ def orthogonal_grad(eps: float = 1e-30) -> optax.GradientTransformation:
     Returns:
       An ``optax.GradientTransformation`` that needs ``params`` in ``update``.
     """
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps must be a number > 0 (it guards zero weights), got {eps!r}")
 
     def init_fn(params):
         del params

@@ -44,5 +44,6 @@ def test_chains_before_an_optimizer_and_needs_params():
     np.testing.assert_allclose(updates["w"], [0.0, -0.1 * np.sqrt(5.0)], atol=1e-7)
     with pytest.raises(ValueError, match="needs params"):
         tx.update({"w": jnp.array([2.0, 1.0])}, tx.init(params))
-    with pytest.raises(ValueError, match="eps must be >= 0, got -1"):
-        jaxopt_lab.orthogonal_grad(eps=-1)
+    for bad in (-1, 0, True, None):  # 0 would divide by zero at a zero-initialised bias
+        with pytest.raises(ValueError, match=f"eps must be a number > 0 .*got {bad!r}"):
+            jaxopt_lab.orthogonal_grad(eps=bad)
