@@ -27,6 +27,7 @@ import copy
 import dataclasses
 import difflib
 import inspect
+import math
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -138,6 +139,8 @@ def _check_type(key: str, value: Any, expected: type) -> Any:
     elif expected is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
+        if ok and not math.isfinite(value):
+            raise ConfigError(f"{key} must be finite, got {value!r}")
     else:
         ok = isinstance(value, expected)
     if not ok:
@@ -174,15 +177,30 @@ def signature_params(fn: Callable) -> dict[str, inspect.Parameter]:
     }
 
 
+def _expects_number(param: inspect.Parameter) -> bool:
+    """Whether ``param`` takes a number: a numeric default, or no default and a float-ish annotation."""
+    default = param.default
+    if default is not param.empty and default is not None:
+        return isinstance(default, (int, float)) and not isinstance(default, bool)
+    annotation = param.annotation if isinstance(param.annotation, str) else repr(param.annotation)
+    return ("float" in annotation or "Scalar" in annotation) and "str" not in annotation
+
+
 def check_kwargs(section: str, fn: Callable, kwargs: Mapping[str, Any], extra: Iterable[str] = ()) -> None:
-    """Raise ConfigError for a key of ``kwargs`` that ``fn`` does not take."""
-    valid = set(signature_params(fn)) | set(extra)
-    for key in kwargs:
+    """Raise ConfigError for a key of ``kwargs`` that ``fn`` does not take, a string or bool where it
+    takes a number, or a non-finite number."""
+    params = signature_params(fn)
+    valid = set(params) | set(extra)
+    for key, value in kwargs.items():
         if key not in valid:
             raise ConfigError(
                 f"unknown config key {section}.{key} for {getattr(fn, '__name__', fn)}"
                 f"{_suggest(key, valid)}"
             )
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{section}.{key} must be finite, got {value!r}")
+        if key in params and isinstance(value, (str, bool)) and _expects_number(params[key]):
+            raise ConfigError(f"{section}.{key} must be a number, got {value!r}")
 
 
 def from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:

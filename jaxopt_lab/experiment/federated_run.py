@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from jaxopt_lab.experiment.config import ConfigError, _suggest, apply_overrides, read_toml
+from jaxopt_lab.experiment.trainer import RunDirError
 
 FEDERATED_DEFAULTS: dict[str, Any] = {
     "num_clients": 100,
@@ -137,6 +138,20 @@ def validate(raw: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("num_clients", "batch_size", "local_epochs", "chunk_steps", "num_seeds"):
         if fed[key] < 1:
             raise ConfigError(f"federated.{key} must be >= 1, got {fed[key]!r}")
+    for key, ok, bounds in (
+        ("dirichlet_alpha", fed["dirichlet_alpha"] > 0, "> 0"),
+        ("test_fraction", 0 < fed["test_fraction"] < 1, "in (0, 1)"),
+        ("prox_mu", fed["prox_mu"] >= 0, ">= 0"),
+        ("speed_sigma", fed["speed_sigma"] >= 0, ">= 0"),
+        ("max_speed_spread", fed["max_speed_spread"] >= 1, ">= 1"),
+        ("time_jitter", fed["time_jitter"] >= 0, ">= 0"),
+        ("dropout", 0 <= fed["dropout"] <= 1, "in [0, 1]"),
+    ):
+        if not ok or (isinstance(fed[key], float) and not np.isfinite(fed[key])):
+            raise ConfigError(f"federated.{key} must be {bounds}, got {fed[key]!r}")
+    hidden = fed["hidden"]
+    if not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden):
+        raise ConfigError(f"federated.hidden must be a list of ints >= 1, got {hidden!r}")
     methods = raw.get("methods")
     if not isinstance(methods, Mapping) or not methods:
         raise ConfigError("a federated config needs one or more [methods.NAME] tables")
@@ -156,6 +171,9 @@ def validate(raw: Mapping[str, Any]) -> dict[str, Any]:
                 raise ConfigError(f"unknown config key methods.{name}.{key} for trigger {trigger!r}{_suggest(key, valid)}")
             if key in RULE_KEYS and key not in takes and not (key in ("a", "b") and "staleness_kwargs" in takes):
                 raise ConfigError(f"methods.{name}.{key} is not an argument of rule {rule!r}")
+        lr = body.get("learning_rate", 1.0)
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (np.isfinite(lr) and lr > 0):
+            raise ConfigError(f"methods.{name}.learning_rate must be a number > 0, got {lr!r}")
         out["methods"][name] = dict(body)
     return out
 
@@ -381,6 +399,11 @@ def run(path: str, overrides: Iterable[str] = (), run_dir: str | None = None) ->
 
     raw = apply_overrides(read_toml(path), overrides)
     cfg = validate(raw)
+    run_dir = run_dir or os.path.join(cfg["run"]["out_dir"], cfg["run"]["name"])
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise RunDirError(f"the run directory {run_dir} is a file")
+    if os.path.exists(os.path.join(run_dir, "config.toml")):  # results are never overwritten
+        raise RunDirError(f"{run_dir} already holds a run: remove it, or choose another run.name or --run-dir")
     n = cfg["federated"]["num_clients"]
     dry = {"local_update": lambda p, c, q, k: p, "sizes": np.ones(n), "local_steps": np.ones(n, np.int64)}
     for name, method in cfg["methods"].items():  # every method's values, checked before loading anything
@@ -393,7 +416,6 @@ def run(path: str, overrides: Iterable[str] = (), run_dir: str | None = None) ->
             raise ConfigError(f"methods.{name}.eval_every must be an int >= 1, got {every!r}")
     setup = build_setup(cfg)
     sims = {name: build_method(cfg, method, setup) for name, method in cfg["methods"].items()}
-    run_dir = run_dir or os.path.join(cfg["run"]["out_dir"], cfg["run"]["name"])
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "config.toml"), "w") as f:
         f.write(tomli_w.dumps(copy.deepcopy(cfg)))

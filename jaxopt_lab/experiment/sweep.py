@@ -47,6 +47,10 @@ def sweep(
         label = ",".join(key.split(".")[-1] + "=" + value for key, value in (p.split("=", 1) for p in point))
         label = label.replace("/", "_")
         configs.append((point, cfg, os.path.join(cfg.run.out_dir, cfg.run.name, label)))
+    run_dirs = [run_dir for _, _, run_dir in configs]
+    for d in run_dirs:
+        if run_dirs.count(d) > 1:
+            raise config_lib.ConfigError(f"the grid has the point {os.path.basename(d)!r} twice")
     from jaxopt_lab.experiment.build import build
 
     for _, cfg, _ in configs:  # check data/model/method of every point first

@@ -312,6 +312,8 @@ def run(config: str | config_lib.ExperimentConfig, overrides: Iterable[str] = ()
         cfg = config_lib.from_dict(config_lib.apply_overrides(cfg.to_dict(), overrides))
     experiment = build(cfg)
     run_dir = run_dir or run_dir_of(cfg)
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise RunDirError(f"the run directory {run_dir} is a file")
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     if os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir)):
         raise RunDirError(

@@ -37,6 +37,7 @@ def with_(section, **kv):
         (with_("train", steps=0), r"train\.steps must be >= 1, got 0"),
         (with_("train", batch_size=10, grad_accum=3), r"batch_size \(10\).*grad_accum \(3\)"),
         (with_("logging", progress="yes"), r"logging\.progress must be bool"),
+        (with_("train", norm_test_eta=float("nan")), r"train\.norm_test_eta must be finite, got nan"),
         ({**base(), "optimiser": {}}, r"unknown config section \[optimiser\]"),
         ({k: v for k, v in base().items() if k != "method"}, r"needs a \[method\] table"),
     ],
@@ -52,6 +53,10 @@ def test_fixed_sections_reject_bad_keys_and_values(raw, match):
         (with_("method", name="adamww"), r"unknown method\.name 'adamww'.*adamw"),
         (with_("method", learnin_rate=0.1), r"method\.learnin_rate.*did you mean 'learning_rate'"),
         (with_("method", learning_rate=-1.0), r"learning_rate must be > 0, got -1\.0"),
+        (with_("method", learning_rate="abc"), r"method\.learning_rate must be a number, got 'abc'"),
+        (with_("method", learning_rate=True), r"method\.learning_rate must be a number, got True"),
+        (with_("method", learning_rate=float("inf")), r"method\.learning_rate must be finite, got inf"),
+        (with_("method", momentum="0.9"), r"method\.momentum must be a number, got '0\.9'"),
         (with_("method", learning_rate={"schedule": "cosine_decay", "init_value": 1.0}), r"'cosine_decay' is not an optax schedule"),
         (with_("method", learning_rate={"schedule": "cosine_decay_schedule", "init_value": 1.0, "steps": 3}), r"learning_rate\.steps"),
         (with_("data", name="mnist"), r"unknown data\.name 'mnist'"),
@@ -149,3 +154,17 @@ def test_variants_merge_and_replace_named_tables(tmp_path):
     assert cfgs["b"].train.steps == 5
     with pytest.raises(config_lib.ConfigError, match=r"variant 'a'.*train\.stepz"):
         config_lib.load_variants(str(path), ["train.stepz=1"])
+
+
+def test_sweep_refuses_a_point_given_twice_before_any_run(tmp_path):
+    import tomli_w
+
+    from jaxopt_lab.experiment.sweep import sweep
+
+    path = tmp_path / "c.toml"
+    raw = base()
+    raw["run"]["out_dir"] = str(tmp_path / "runs")
+    path.write_text(tomli_w.dumps(raw))
+    with pytest.raises(config_lib.ConfigError, match="the grid has the point 'learning_rate=0.1' twice"):
+        sweep(str(path), ["method.learning_rate=0.1,0.1"])
+    assert not (tmp_path / "runs").exists()

@@ -49,12 +49,27 @@ def _write(tmp_path, text):
     (("buffer_size = 2", "buffer_size = 0"), r"methods.buffered: buffer size K must be >= 1, got 0"),
     (("concurrency = 4", "concurrency = 1"), r"methods.buffered: concurrency \(1\) must be >= the buffer size K \(2\)"),
     (("sim_time = 80.0", "sim_time = -1.0"), r"federated.sim_time must be > 0, got -1.0"),
+    (("sim_time = 80.0", "dropout = 1.5"), r"federated.dropout must be in \[0, 1\], got 1.5"),
+    (("dirichlet_alpha = 1.0", "dirichlet_alpha = -1.0"), r"federated.dirichlet_alpha must be > 0, got -1.0"),
+    (("hidden = []", 'hidden = ["a"]'), r"federated.hidden must be a list of ints >= 1, got \['a'\]"),
+    (("eval_every = 2", "learning_rate = -1.0"), r"methods.buffered.learning_rate must be a number > 0, got -1.0"),
 ])
 def test_bad_federated_config_is_an_error_naming_the_key(tmp_path, edit, message):
     path = _write(tmp_path, TINY.replace(*edit))
     with pytest.raises(ConfigError, match=message):
         run(path, run_dir=str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")  # nothing ran, nothing written
+
+
+def test_a_run_directory_that_holds_a_run_is_refused_before_compute(tmp_path):
+    from jaxopt_lab.experiment.trainer import RunDirError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.toml").write_text("earlier results")
+    with pytest.raises(RunDirError, match="already holds a run"):
+        run(_write(tmp_path, TINY), run_dir=str(out))
+    assert (out / "config.toml").read_text() == "earlier results"  # nothing overwritten
 
 
 def test_cli_hands_a_federated_config_to_the_federated_runner(tmp_path, capsys):
