@@ -122,7 +122,13 @@ def _build_model(model: Mapping[str, Any], dataset: Any, seed: int) -> tuple[nnx
     if preset is not None and preset not in presets:
         raise ConfigError(f"unknown model.preset {preset!r}{_suggest(preset, presets)}")
     base = dict(presets[preset]) if preset is not None else {}
-    kwargs = {**base, **_DATA_DERIVED[name](dataset), **kwargs}
+    derived = _DATA_DERIVED[name](dataset)
+    for key, value in kwargs.items():  # sizes the data fixes: inputs exactly, outputs/context not smaller
+        exact = key in ("in_features", "in_channels", "image_size")
+        if key in derived and isinstance(value, int) and (value != derived[key] if exact else value < derived[key]):
+            raise ConfigError(f"model.{key} = {value!r} does not fit the data, which needs "
+                              f"{'' if exact else 'at least '}{derived[key]!r}")
+    kwargs = {**base, **derived, **kwargs}
     try:
         # one compiled init instead of an eager op-by-op one (seconds faster on CPU)
         module = nnx.jit(lambda: cls(**kwargs, rngs=nnx.Rngs(params=seed)))()

@@ -20,8 +20,11 @@ RELATIVE = (("opt_state_bytes", "opt state × {}", False), ("steps_per_sec", "st
 def run_variants(path: str, overrides: Iterable[str] = ()) -> tuple[dict[str, RunResult], str]:
     """Run every variant of ``path`` (validating all of them first); return results and the plot path."""
     configs = config_lib.load_variants(path, overrides)
-    for cfg in configs.values():  # every variant's data/model/method is checked before any training
-        build(cfg)
+    for name, cfg in configs.items():  # every variant's data/model/method is checked before any training
+        try:
+            build(cfg)
+        except config_lib.ConfigError as e:
+            raise config_lib.ConfigError(f"variant {name!r}: {e}") from None
     results = {name: run(cfg) for name, cfg in configs.items()}
     base = os.path.dirname(next(iter(results.values())).run_dir)
     out = plot_runs([r.run_dir for r in results.values()], os.path.join(base, "compare.png"), labels=list(results))

@@ -194,7 +194,8 @@ def check_kwargs(section: str, fn: Callable, kwargs: Mapping[str, Any], extra: I
     for key, value in kwargs.items():
         if key not in valid:
             raise ConfigError(
-                f"unknown config key {section}.{key} for {getattr(fn, '__name__', fn)}"
+                f"unknown config key {section}.{key} for "
+                f"{getattr(fn, '__qualname__', getattr(fn, '__name__', fn)).removesuffix('.__init__')}"
                 f"{_suggest(key, valid)}"
             )
         if isinstance(value, float) and not math.isfinite(value):
@@ -214,7 +215,7 @@ def from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
         if section == "variants":
             raise ConfigError("a config with [variants.NAME] tables is run with `jaxopt-lab run` (load_variants)")
         if section not in SECTIONS:
-            raise ConfigError(f"unknown config section [{section}]{_suggest(section, SECTIONS)}")
+            raise ConfigError(f"unknown config section [{section}]{_suggest(section, SECTIONS + ('variants', 'federated'))}")
     values: dict[str, Any] = {}
     for section in FIXED_SECTIONS:
         body = raw.get(section, {})
@@ -312,22 +313,27 @@ def load_variants(path: str, overrides: Iterable[str] = ()) -> dict[str, Experim
     """The configs of a file with ``[variants.NAME]`` tables, one per variant.
 
     Each variant is the file's base config with the variant's tables merged in
-    (see :func:`merge_variant`), run under ``run.name/NAME``; ``overrides``
-    apply to every variant. A file without variants gives ``{"": config}``.
+    (see :func:`merge_variant`), run under ``run.name/NAME``. ``overrides``
+    apply to every variant, on top of its own tables (``run.name=X`` renames the
+    base: the variants run under ``X/NAME``); a ``variants.NAME.…`` override
+    changes that variant's table. A file without variants gives ``{"": config}``.
     """
-    raw = read_toml(path)
+    overrides = list(overrides)
+    per_variant = [o for o in overrides if o.split("=", 1)[0].strip().startswith("variants.")]
+    common = [o for o in overrides if o not in per_variant]
+    raw = apply_overrides(read_toml(path), per_variant)
     variants = raw.pop("variants", None)
     if variants is None:
-        return {"": from_dict(apply_overrides(raw, overrides))}
+        return {"": from_dict(apply_overrides(raw, common))}
     if not isinstance(variants, Mapping) or not variants or not all(isinstance(v, Mapping) for v in variants.values()):
         raise ConfigError("[variants] must hold one or more tables [variants.NAME]")
     out = {}
     for name, variant in variants.items():
-        merged = merge_variant(raw, variant)
-        run = merged.setdefault("run", {})
-        run["name"] = f"{run.get('name', RunConfig.name)}/{name}"
         try:
-            out[name] = from_dict(apply_overrides(merged, overrides))
+            merged = apply_overrides(merge_variant(raw, variant), common)
+            run = merged.setdefault("run", {})
+            run["name"] = f"{run.get('name', RunConfig.name)}/{name}"
+            out[name] = from_dict(merged)
         except ConfigError as e:
             raise ConfigError(f"variant {name!r}: {e}") from None
     return out

@@ -44,16 +44,19 @@ def available_methods() -> dict[str, str]:
     return out
 
 
-def resolve_method(name: str) -> Callable[..., optax.GradientTransformation]:
-    """The factory that ``method.name = name`` refers to (see module docstring)."""
+def resolve_method(name: str, key: str = "method") -> Callable[..., optax.GradientTransformation]:
+    """The factory that ``method.name = name`` refers to (see module docstring); ``key`` names the table."""
     for _, module in _namespaces():
         obj = getattr(module, name, None)
         if obj is not None and _is_transform_factory(obj) and not name.startswith("_"):
+            if getattr(obj, "__module__", "").startswith("jaxopt_lab.distributed.federated"):
+                raise ConfigError(f"{key}.name {name!r} is a federated server rule: it runs in the federated "
+                                  "simulator, from a config with a [federated] section (see experiments/fed_digits.toml)")
             return obj
     close = difflib.get_close_matches(name, list(available_methods()), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise ConfigError(
-        f"unknown method.name {name!r}: not a jaxopt_lab transform nor an optax alias{hint}"
+        f"unknown {key}.name {name!r}: not a jaxopt_lab transform nor an optax alias{hint}"
     )
 
 
@@ -67,7 +70,7 @@ def build_schedule(key: str, spec: Mapping[str, Any]) -> optax.Schedule:
     check_kwargs(key, fn, kwargs)
     try:
         return fn(**kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise ConfigError(f"{key}: {e}") from None
 
 
@@ -85,7 +88,7 @@ def build_method(method: Mapping[str, Any], axis_name: Any = None, key: str = "m
     """
     kwargs = dict(method)
     name = kwargs.pop("name")
-    fn = resolve_method(name)
+    fn = resolve_method(name, key)
     check_kwargs(key, fn, kwargs)
     for arg, value in list(kwargs.items()):
         if _is_method_table(value):

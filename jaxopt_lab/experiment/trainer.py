@@ -335,5 +335,8 @@ def resume(run_dir: str, overrides: Iterable[str] = ()) -> RunResult:
     path = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.exists(path):
         raise RunDirError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
+    if "federated" in config_lib.read_toml(path):
+        raise RunDirError(f"{run_dir} is a federated simulation: those are not checkpointed; run it again "
+                          "into a new directory (each method takes seconds to minutes)")
     experiment = build(config_lib.load(path, overrides))
     return Trainer(experiment, run_dir).fit(resume=True)

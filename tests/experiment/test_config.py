@@ -64,6 +64,9 @@ def test_fixed_sections_reject_bad_keys_and_values(raw, match):
         (with_("model", name="gpt"), r"model 'gpt' does not fit data task 'classification'"),
         (with_("model", hiden=[3]), r"model\.hiden.*did you mean 'hidden'"),
         (with_("model", preset="nano"), r"model\.preset.*no presets"),
+        (with_("model", out_features=3), r"model\.out_features = 3 does not fit the data, which needs at least 10"),
+        (with_("model", in_features=5), r"model\.in_features = 5 does not fit the data, which needs 64"),
+        (with_("model", hiden=[3]), r"model\.hiden for MLP "),
     ],
 )
 def test_free_sections_checked_against_their_callables(raw, match):
@@ -154,6 +157,15 @@ def test_variants_merge_and_replace_named_tables(tmp_path):
     assert cfgs["b"].train.steps == 5
     with pytest.raises(config_lib.ConfigError, match=r"variant 'a'.*train\.stepz"):
         config_lib.load_variants(str(path), ["train.stepz=1"])
+    # run.name renames the base, each variant keeps its own folder; variants.NAME.* edits one variant
+    cfgs = config_lib.load_variants(str(path), ["run.name=x", "variants.b.method.learning_rate=0.5"])
+    assert [c.run.name for c in cfgs.values()] == ["x/a", "x/b"]
+    assert cfgs["b"].method["learning_rate"] == 0.5 and cfgs["a"].method["learning_rate"] == 0.1
+    from jaxopt_lab.experiment.compare import run_variants
+
+    with pytest.raises(config_lib.ConfigError, match=r"variant 'b': unknown config key method\.learnig_rate"):
+        run_variants(str(path), ["variants.b.method.learnig_rate=0.5", f"run.out_dir={tmp_path / 'runs'}"])
+    assert not (tmp_path / "runs").exists()  # checked before any training
 
 
 def test_sweep_refuses_a_point_given_twice_before_any_run(tmp_path):
@@ -168,3 +180,26 @@ def test_sweep_refuses_a_point_given_twice_before_any_run(tmp_path):
     with pytest.raises(config_lib.ConfigError, match="the grid has the point 'learning_rate=0.1' twice"):
         sweep(str(path), ["method.learning_rate=0.1,0.1"])
     assert not (tmp_path / "runs").exists()
+
+
+def test_method_names_and_schedule_errors_name_their_key(tmp_path):
+    with pytest.raises(config_lib.ConfigError, match=r"method\.name 'fedavg' is a federated server rule"):
+        build_lib.build(config_lib.from_dict(with_("method", name="fedavg")))
+    nested = {**base(), "method": {"name": "lookahead", "fast_optimizer": {"name": "adamz"}, "sync_period": 5,
+                                   "slow_step_size": 0.5}}
+    with pytest.raises(config_lib.ConfigError, match=r"unknown method\.fast_optimizer\.name 'adamz'"):
+        build_lib.build(config_lib.from_dict(nested))
+    bad_schedule = with_("method", learning_rate={"schedule": "cosine_decay_schedule", "init_value": 0.1,
+                                                  "decay_steps": -5})
+    with pytest.raises(config_lib.ConfigError, match=r"method\.learning_rate: "):
+        build_lib.build(config_lib.from_dict(bad_schedule))
+    with pytest.raises(config_lib.ConfigError, match=r"unknown config section \[variant\].*did you mean 'variants'"):
+        config_lib.from_dict({**base(), "variant": {}})
+
+
+def test_resume_refuses_a_federated_run(tmp_path):
+    from jaxopt_lab.experiment.trainer import RunDirError, resume
+
+    (tmp_path / "config.toml").write_text('[federated]\nnum_clients = 4\n[methods.a]\nrule = "fedavg"\n')
+    with pytest.raises(RunDirError, match="is a federated simulation"):
+        resume(str(tmp_path))
