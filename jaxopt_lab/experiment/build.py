@@ -155,6 +155,10 @@ def _build_method(config: ExperimentConfig) -> tuple[optax.GradientTransformatio
             f"method {method['name']!r} is a single-worker transformation but workers.count = {workers.count}: "
             f"use a multi-worker method (data_parallel with inner = {{name = {method['name']!r}, ...}}, diloco, ...)"
         )
+    sync_every = method.get("sync_every")
+    if isinstance(sync_every, int) and sync_every > config.train.steps:
+        raise ConfigError(f"method.sync_every = {sync_every} > train.steps = {config.train.steps}: "
+                          "the workers would never synchronize")
     runner = None
     if multi_worker:
         try:

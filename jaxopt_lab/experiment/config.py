@@ -52,7 +52,7 @@ class TrainConfig:
     batch_size: int = 32
     grad_accum: int = 1  # micro-batches per optimizer step (optax.MultiSteps)
     eval_every: int = 50  # 0: evaluate only after the last step
-    eval_batches: int = 0  # held-out batches per evaluation; 0: the whole split
+    eval_batches: int = 0  # held-out batches per evaluation, at most (a smaller split gives fewer); 0: the whole split
     loss: str = "cross_entropy"  # or "stable_max" (classification and lm tasks)
     sharpness_every: int = 0  # log the Hessian's top eigenvalue against 2/lr every k steps; 0: off
     norm_test_eta: float = 0.0  # > 0: grow the batch by the norm test (AdAdaGrad); 0: fixed batch

@@ -67,6 +67,8 @@ def test_fixed_sections_reject_bad_keys_and_values(raw, match):
         (with_("model", out_features=3), r"model\.out_features = 3 does not fit the data, which needs at least 10"),
         (with_("model", in_features=5), r"model\.in_features = 5 does not fit the data, which needs 64"),
         (with_("model", hiden=[3]), r"model\.hiden for MLP "),
+        ({**with_("method", name="local_sgd", sync_every=50, inner={"name": "sgd", "learning_rate": 0.1}),
+          "workers": {"count": 2}}, r"method\.sync_every = 50 > train\.steps = \d+: the workers would never synchronize"),
     ],
 )
 def test_free_sections_checked_against_their_callables(raw, match):
