@@ -12,17 +12,38 @@ from jaxopt_lab.experiment.trainer import RunResult, run
 
 
 def parse_grid(items: Iterable[str]) -> list[tuple[str, list[str]]]:
-    """``["method.learning_rate=1e-3,3e-3", ...]`` -> ``[("method.learning_rate", ["1e-3", "3e-3"]), ...]``."""
+    """``["method.learning_rate=1e-3,3e-3", ...]`` -> ``[("method.learning_rate", ["1e-3", "3e-3"]), ...]``;
+    commas inside ``[...]``, ``{...}`` or quotes do not split (``model.hidden=[8,8],[4]``)."""
     axes = []
     for item in items:
         if "=" not in item:
             raise config_lib.ConfigError(f"grid axis {item!r} must look like section.key=v1,v2")
         key, values = item.split("=", 1)
-        vals = [v.strip() for v in values.split(",") if v.strip()]
+        vals = [v.strip() for v in _split_top_level(values) if v.strip()]
         if not vals:
             raise config_lib.ConfigError(f"grid axis {key!r} has no values")
         axes.append((key.strip(), vals))
     return axes
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split at commas outside brackets, braces and quotes: ``"[8, 8],[4]"`` -> ``["[8, 8]", "[4]"]``."""
+    parts, depth, quote, current = [], 0, None, ""
+    for ch in text:
+        if quote is None and ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+            continue
+        if quote is not None:
+            quote = None if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        current += ch
+    return parts + [current]
 
 
 def grid_points(axes: Sequence[tuple[str, list[str]]]) -> list[list[str]]:

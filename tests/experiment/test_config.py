@@ -205,3 +205,15 @@ def test_resume_refuses_a_federated_run(tmp_path):
     (tmp_path / "config.toml").write_text('[federated]\nnum_clients = 4\n[methods.a]\nrule = "fedavg"\n')
     with pytest.raises(RunDirError, match="is a federated simulation"):
         resume(str(tmp_path))
+
+
+def test_grid_axes_split_at_top_level_commas_only():
+    from jaxopt_lab.experiment.sweep import grid_points, parse_grid
+
+    axes = parse_grid(["model.hidden=[8, 8],[4]", "method.learning_rate=1e-3, 3e-3", 'run.name="a,b",c'])
+    assert axes == [("model.hidden", ["[8, 8]", "[4]"]), ("method.learning_rate", ["1e-3", "3e-3"]),
+                    ("run.name", ['"a,b"', "c"])]
+    assert len(grid_points(axes)) == 8
+    assert config_lib.apply_overrides(base(), [grid_points(axes)[0][0]])["model"]["hidden"] == [8, 8]
+    with pytest.raises(config_lib.ConfigError, match="has no values"):
+        parse_grid(["method.learning_rate=,"])
