@@ -64,17 +64,22 @@ def test_diloco_matches_float64_reference_and_sends_one_hth_of_ddp():
     np.testing.assert_array_equal(communicated_bytes(state), [ddp_bytes / H] * W)
 
 
-def test_absent_workers_are_left_out_of_the_average():
-    tx = diloco(optax.sgd(0.1), optax.sgd(1.0), sync_every=1)
-    x, y = worker_data(W)
-    p0 = init_params()
+def step_with_presence(tx):
+    """One worker step of ``tx`` on the least-squares loss, with ``present`` passed through."""
 
     def step(params, state, x, y, present):
         grads = jax.grad(lambda p: 0.5 * jnp.mean(jnp.square(x @ p["w"] + p["b"] - y)))(params)
         updates, state = tx.update(grads, state, params, present=present)
         return optax.apply_updates(params, updates), state
 
-    mapped = RUNNER.map(step)
+    return RUNNER.map(step)
+
+
+def test_absent_workers_are_left_out_of_the_average():
+    tx = diloco(optax.sgd(0.1), optax.sgd(1.0), sync_every=1)
+    x, y = worker_data(W)
+    p0 = init_params()
+    mapped = step_with_presence(tx)
     params, state = RUNNER.replicate(p0), RUNNER.replicate(tx.init(p0))
     present = np.array([True, False, True, False])
     new, _ = mapped(params, state, x, y, present)
@@ -94,13 +99,7 @@ def test_a_round_without_workers_takes_no_outer_step():
     tx = diloco(optax.sgd(0.1), optax.sgd(0.7, momentum=0.9, nesterov=True), sync_every=1)
     x, y = worker_data(W)
     p0 = init_params()
-
-    def step(params, state, x, y, present):
-        grads = jax.grad(lambda p: 0.5 * jnp.mean(jnp.square(x @ p["w"] + p["b"] - y)))(params)
-        updates, state = tx.update(grads, state, params, present=present)
-        return optax.apply_updates(params, updates), state
-
-    mapped = RUNNER.map(step)
+    mapped = step_with_presence(tx)
     params, state = mapped(RUNNER.replicate(p0), RUNNER.replicate(tx.init(p0)), x, y, np.ones(W, bool))
     after, after_state = mapped(params, state, x, y, np.zeros(W, bool))
     for u, v in zip(jax.tree.leaves((params, state.anchor, state.outer_state)),
