@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from jaxopt_lab.experiment.config import ConfigError, _suggest, apply_overrides, read_toml
-from jaxopt_lab.experiment.trainer import RunDirError
+from jaxopt_lab.experiment.trainer import RunDirError, check_not_a_file
 
 FEDERATED_DEFAULTS: dict[str, Any] = {
     "num_clients": 100,
@@ -400,8 +400,7 @@ def run(path: str, overrides: Iterable[str] = (), run_dir: str | None = None) ->
     raw = apply_overrides(read_toml(path), overrides)
     cfg = validate(raw)
     run_dir = run_dir or os.path.join(cfg["run"]["out_dir"], cfg["run"]["name"])
-    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        raise RunDirError(f"the run directory {run_dir} is a file")
+    check_not_a_file(run_dir)
     if os.path.exists(os.path.join(run_dir, "config.toml")):  # results are never overwritten
         raise RunDirError(f"{run_dir} already holds a run: remove it, or choose another run.name or --run-dir")
     n = cfg["federated"]["num_clients"]

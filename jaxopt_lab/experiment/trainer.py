@@ -62,6 +62,12 @@ class RunDirError(RuntimeError):
     """A run directory that cannot be used as asked (exists already, holds nothing to resume)."""
 
 
+def check_not_a_file(run_dir: str) -> None:
+    """A run directory path that names an existing file is a RunDirError."""
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise RunDirError(f"the run directory {run_dir} is a file")
+
+
 @dataclasses.dataclass
 class RunResult:
     run_dir: str
@@ -312,8 +318,7 @@ def run(config: str | config_lib.ExperimentConfig, overrides: Iterable[str] = ()
         cfg = config_lib.from_dict(config_lib.apply_overrides(cfg.to_dict(), overrides))
     experiment = build(cfg)
     run_dir = run_dir or run_dir_of(cfg)
-    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        raise RunDirError(f"the run directory {run_dir} is a file")
+    check_not_a_file(run_dir)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     if os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir)):
         raise RunDirError(
