@@ -16,7 +16,8 @@ A federated config (``experiments/fed_digits.toml``) is recognized by its
                        trigger = sync | buffer | every_arrival | window | compass,
                        the trigger's arguments (clients_per_round, buffer_size,
                        concurrency, period, q_min, q_max), the rule's arguments
-                       (learning_rate, momentum, alpha, staleness, a, b, weighting),
+                       (learning_rate, momentum, alpha, staleness, a, b, weighting,
+                       normalize; fedcompass gets num_clients from [federated]),
                        pseudo_gradient, eval_every (server steps between evaluations)
 
 Every method runs until ``sim_time`` simulated seconds, evaluating test
@@ -75,7 +76,7 @@ TRIGGER_KEYS = {
     "compass": ("q_min", "q_max", "concurrency"),
 }
 METHOD_KEYS = ("rule", "trigger", "pseudo_gradient", "eval_every")
-RULE_KEYS = ("learning_rate", "momentum", "nesterov", "alpha", "staleness", "a", "b", "weighting")
+RULE_KEYS = ("learning_rate", "momentum", "nesterov", "alpha", "staleness", "a", "b", "weighting", "normalize")
 
 
 def is_federated(raw: Mapping[str, Any]) -> bool:
@@ -199,8 +200,11 @@ def build_method(cfg: Mapping[str, Any], method: Mapping[str, Any], setup: dict[
     else:
         trigger = fl.Compass(args.get("q_min", 1), args.get("q_max", 4))
     rule_args = {k: method[k] for k in RULE_KEYS if k in method}
+    if method["rule"] == "fedcompass":  # the official alpha_i = alpha s(tau_i) / N needs N
+        rule_args["num_clients"] = fed["num_clients"]
     rule = _rules()[method["rule"]](**rule_args)
-    pseudo = method.get("pseudo_gradient", "current" if method["rule"] == "fedasync" else "dispatch")
+    # FedAsync and FedCompass mix client models into the *current* server model (official code)
+    pseudo = method.get("pseudo_gradient", "current" if method["rule"] in ("fedasync", "fedcompass") else "dispatch")
     steps = {} if kind == "compass" else {"local_steps": setup["local_steps"]}
     return fl.FederatedSimulator(
         setup["local_update"], rule, trigger, num_clients=fed["num_clients"], concurrency=concurrency,

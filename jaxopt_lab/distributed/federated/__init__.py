@@ -22,7 +22,7 @@ FedAdam        ``chain(scale_by_fedavg(), adam)``   ``SyncRound(m)``
 FedAsync       ``fedasync(alpha, "hinge", a, b)``   ``every_arrival()``, ``pseudo_gradient="current"``
 FedBuff        ``fedbuff(lr)``                      ``Buffer(K)``, ``concurrency >= K``
 FedFix         ``fedfix(lr)``                       ``TimeWindow(dt)``
-FedCompass     ``fedcompass(lr)``                   ``Compass(q_min, q_max)``
+FedCompass     ``fedcompass(N, alpha=0.9)``         ``Compass(q_min, q_max)``, ``pseudo_gradient="current"``
 FedAMD         ``fedamd(lr, num_clients=N)`` +      ``SyncRound(m)`` (any), ``client_context=fedamd_context``
                ``fedamd_local_update`` clients
 Async Local-   ``delayed_nesterov(lr, N, beta)``    ``every_arrival()``, ``local_steps=``

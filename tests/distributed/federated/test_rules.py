@@ -67,6 +67,64 @@ def test_fedfix_weights_each_arrival_by_its_data_and_its_windows_in_flight(arriv
         fl.fedfix(weighting="time")
 
 
+def _appfl_fedcompass(theta, locals_, staleness, num_clients, alpha=0.9, a=0.5):
+    """APPFL's FedCompassAggregator.aggregate(local_models=..., staleness=...) (gradient_based=False)
+    replayed in float64: accumulate alpha_t x_i, then (1 - sum alpha_t) theta + the sum."""
+    acc, alpha_sum = {k: np.zeros_like(v) for k, v in theta.items()}, 0.0
+    for x, tau in zip(locals_, staleness):
+        alpha_t = alpha * (tau + 1) ** (-a) * (1.0 / num_clients)
+        alpha_sum += alpha_t
+        acc = {k: acc[k] + x[k] * alpha_t for k in theta}
+    return {k: (1 - alpha_sum) * theta[k] + acc[k] for k in theta}
+
+
+def test_fedcompass_is_the_official_mix_over_all_clients_by_default(arrivals):
+    theta, stacked, extra = arrivals
+    theta64 = {k: v.astype(np.float64) for k, v in theta.items()}
+    keep, tau = [0, 1, 3], [0, 3, 8]
+    # pseudo_gradient="current": Delta_i = theta - x_i, so the client models are theta - Delta_i
+    locals_ = [{k: theta64[k] - stacked[k][i] for k in theta} for i in keep]
+    for n in (10, 3):
+        ref = _appfl_fedcompass(theta64, locals_, tau, n)
+        got = _apply(fl.fedcompass(n), theta, stacked, extra)
+        for k in theta:
+            np.testing.assert_allclose(theta64[k] + got[k], ref[k], rtol=1e-5, atol=1e-6)
+    ref = _appfl_fedcompass(theta64, locals_, tau, 10, alpha=0.5, a=1.0)
+    got = _apply(fl.fedcompass(10, 0.5, "polynomial", a=1.0), theta, stacked, extra)
+    for k in theta:
+        np.testing.assert_allclose(theta64[k] + got[k], ref[k], rtol=1e-5, atol=1e-6)
+
+
+def test_fedcompass_group_normalization_is_opt_in(arrivals):
+    theta, stacked, extra = arrivals
+    keep, n, s = [0, 1, 3], np.array([3.0, 1.0, 4.0]), 1 / np.sqrt(1 + np.array([0, 3, 8]))
+    for weighting, c in (("examples", n), ("uniform", np.ones(3))):
+        for alpha in (1.0, 0.9):
+            ref = {k: -alpha * sum(ci * si * stacked[k][i] for ci, si, i in zip(c / c.sum(), s, keep)) for k in theta}
+            got = _apply(fl.fedcompass(alpha=alpha, normalize="group", weighting=weighting), theta, stacked, extra)
+            for k in theta:
+                np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6)
+    # 2 fresh arrivals of N = 10: the group-normalized step is N/2 = 5x the official one (5.6x at alpha 1)
+    two = {k: v[:2] for k, v in stacked.items() if k == "b"}
+    fresh = dict(mask=jnp.array([True, True]), staleness=jnp.array([0, 0]))
+    official = _apply(fl.fedcompass(10), theta, two, fresh)["b"]
+    grouped = _apply(fl.fedcompass(normalize="group", alpha=1.0), theta, two, fresh)["b"]
+    np.testing.assert_allclose(grouped, official / 0.18, rtol=1e-5)
+
+
+def test_fedcompass_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="needs num_clients, the number of all clients N; got None"):
+        fl.fedcompass()
+    with pytest.raises(ValueError, match="normalize must be one of .*got 'all'"):
+        fl.fedcompass(10, normalize="all")
+    with pytest.raises(ValueError, match="weighting='examples' needs normalize='group'"):
+        fl.fedcompass(10, weighting="examples")
+    with pytest.raises(ValueError, match=r"alpha must be in \(0, 1\], got 1.5"):
+        fl.fedcompass(10, alpha=1.5)
+    with pytest.raises(ValueError, match="num_clients must be >= 1, got 0"):
+        fl.fedcompass(0)
+
+
 def test_fedasync_mixes_the_client_model_into_the_server_model():
     rng = np.random.default_rng(1)
     theta = {"w": rng.normal(size=(3,)).astype(np.float32)}
@@ -116,7 +174,7 @@ def test_server_momentum_and_adam_chain_after_the_aggregation(arrivals):
 def test_no_arrival_gives_a_zero_update(arrivals):
     theta, stacked, extra = arrivals
     extra = dict(extra, mask=jnp.zeros((4,), bool))
-    for rule in (fl.fedavg(), fl.fedbuff(), fl.fedfix(), fl.fedcompass(), fl.fedasync(0.5)):
+    for rule in (fl.fedavg(), fl.fedbuff(), fl.fedfix(), fl.fedcompass(10), fl.fedcompass(normalize="group"), fl.fedasync(0.5)):
         for v in _apply(rule, theta, stacked, extra).values():
             np.testing.assert_array_equal(v, 0.0)
 

@@ -191,11 +191,12 @@ def test_fedfix_aggregates_each_window_and_skips_empty_ones():
     pb.assert_close(state.params, _replay(rec, params0, clients, 4, [1, 1], window))
 
 
-def test_fedcompass_assigns_step_counts_so_arrivals_group():
+def test_fedcompass_assigns_step_counts_so_arrivals_group_and_mixes_them_in_officially():
     clients, data, _, _ = pb.make_clients([4, 4, 4, 4], seed=8)
-    sim = fl.FederatedSimulator(pb.local_update(data, batch_size=2), fl.fedcompass(), fl.Compass(1, 4),
-                                num_clients=4, speeds=[1.0, 1.0, 2.0, 2.0], **pb.FAST)
-    state, rec = sim.run(sim.init(pb.init_params(), 0), 3)
+    sim = fl.FederatedSimulator(pb.local_update(data, batch_size=2), fl.fedcompass(4), fl.Compass(1, 4),
+                                num_clients=4, speeds=[1.0, 1.0, 2.0, 2.0], pseudo_gradient="current", **pb.FAST)
+    params0 = pb.init_params()
+    state, rec = sim.run(sim.init(params0, 0), 3)
     # round 1: no speed known: everyone gets q_max = 4 steps, one group, closes at t = 4.
     # t = 4, fastest first: a fast client (0.5 s/step) opens a group due at 6 with 4 steps, the other
     #   fast one joins it (4 steps), the slow ones (1 s/step) join it too with floor((6 - 4) / 1) = 2 steps.
@@ -208,6 +209,18 @@ def test_fedcompass_assigns_step_counts_so_arrivals_group():
                  for i in range(3)]
     assert by_client == [{0: 4, 1: 4, 2: 4, 3: 4}] + [{0: 2, 1: 2, 2: 4, 3: 4}] * 2
     np.testing.assert_allclose(state.step_time_est, [1.0, 1.0, 0.5, 0.5], rtol=1e-6)
+    # APPFL's FedCompassAggregator in float64: theta <- (1 - sum a_i) theta + sum a_i x_i,
+    # a_i = 0.9 (1 + tau_i)^-0.5 / N over all N = 4 clients; x_i trained from the model it was sent
+    theta = pb.to_np(params0)
+    for i in range(3):
+        assert _arrivals(rec, i) and all(tau == 0 for _, tau in _arrivals(rec, i))  # sent = current theta
+        alphas, xs = [], []
+        for c, q in by_client[i].items():
+            x, y = clients[c]
+            alphas.append(0.9 / 4)
+            xs.append(pb.np_local_sgd(theta, x, y, q, 2))
+        theta = {k: (1 - sum(alphas)) * theta[k] + sum(a * xi[k] for a, xi in zip(alphas, xs)) for k in theta}
+    pb.assert_close(state.params, theta)
 
 
 # ----------------------------------------------------------------- random clients, dropout, seeds, resume
