@@ -4,7 +4,7 @@ Asynchronous and federated methods (event-driven simulator, FedAvg/FedBuff/FedAs
 FedCompass, delayed Nesterov) are in :mod:`jaxopt_lab.distributed.federated`.
 """
 
-from jaxopt_lab.distributed.accounting import ByteCount, communicated_bytes, tree_bytes
+from jaxopt_lab.distributed.accounting import ByteCount, CommBytes, communicated_bytes, tree_bytes, wire_bytes
 from jaxopt_lab.distributed.data_parallel import DataParallelState, data_parallel
 from jaxopt_lab.distributed.local_sgd import LocalSGDState, local_sgd, qsr_period
 from jaxopt_lab.distributed.streaming_diloco import StreamingDiLoCoState, streaming_diloco
@@ -46,6 +46,7 @@ __all__ = [
     "local_sgd",
     "qsr_period",
     "ByteCount",
+    "CommBytes",
     "DataParallelState",
     "DiLoCoState",
     "WorkerRunner",
@@ -55,4 +56,5 @@ __all__ = [
     "diloco_inner",
     "diloco_outer",
     "tree_bytes",
+    "wire_bytes",
 ]

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxopt_lab.distributed.accounting import ByteCount, add_bytes, zero_bytes
+from jaxopt_lab.distributed.accounting import CommBytes, add_message_bytes, zero_comm
 from jaxopt_lab.distributed.gossip import check_topology_arg, mix, resolve_topology
 from jaxopt_lab.distributed.topology import Topology
 
@@ -26,7 +26,7 @@ class ChocoGossipState(NamedTuple):
     compressor_state: Any
     step: jax.Array
     key: jax.Array
-    bytes_sent: ByteCount
+    bytes_sent: CommBytes  # payload and wire bytes (jaxopt_lab.distributed.accounting)
 
 
 def choco_gossip(
@@ -55,7 +55,8 @@ def choco_gossip(
     the public copy already holds the remainder, so a compressor with error
     feedback is refused) and γ = ``consensus_lr``. With an
     exact compressor and γ = 1 this is adapt-then-combine gossip (tested).
-    Bytes: the compressor's payload once per neighbour message.
+    Bytes: the compressor's payload once per neighbour message (payload = wire:
+    point-to-point messages).
 
     Args:
       inner: the local optimizer.
@@ -87,7 +88,7 @@ def choco_gossip(
             compressor_state=compressor.init(params),
             step=jnp.zeros((), jnp.int32),
             key=jax.random.key_data(jax.random.key(seed)),
-            bytes_sent=zero_bytes(),
+            bytes_sent=zero_comm(),
         )
 
     def update_fn(updates, state, params=None):
@@ -104,9 +105,7 @@ def choco_gossip(
         q, comp_state, nbytes = compressor.compress(diff, state.compressor_state, key, state.step)
         public = jax.tree.map(lambda p, d: p + d, state.public, q)
         mixed_public = jax.tree.map(lambda s, m: s + m, state.mixed_public, mix(q, topo, 0, axis_name))
-        sent = state.bytes_sent
-        for _ in range(topo.messages(0)):
-            sent = add_bytes(sent, nbytes)
+        sent = add_message_bytes(state.bytes_sent, nbytes, times=topo.messages(0))
         new = jax.tree.map(lambda h, s, p: (h + consensus_lr * (s - p)).astype(h.dtype), half, mixed_public, public)
         out = jax.tree.map(lambda n, p: n - p, new, params)
         return out, ChocoGossipState(inner_state, public, mixed_public, comp_state, state.step + 1, state.key, sent)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxopt_lab.distributed.accounting import ByteCount, add_bytes, tree_bytes, zero_bytes
+from jaxopt_lab.distributed.accounting import CommBytes, add_pmean_bytes, tree_bytes, zero_comm
 from jaxopt_lab.distributed.compression import compressed_pmean
 
 AxisName = Any  # a name, or a tuple of names (several workers per device)
@@ -19,7 +19,7 @@ class DataParallelState(NamedTuple):
     compressor_state: Any  # error-feedback buffers etc. (empty without a compressor)
     step: jax.Array
     key: jax.Array  # for stochastic rounding
-    bytes_sent: ByteCount
+    bytes_sent: CommBytes  # payload and wire bytes (jaxopt_lab.distributed.accounting)
 
 
 def data_parallel(
@@ -36,10 +36,12 @@ def data_parallel(
     .. math:: \bar g = \frac{1}{W} \sum_w g_w \quad (\texttt{pmean over axis\_name}),
 
     so the workers' parameters stay identical. Each step a worker sends its full
-    gradient: ``tree_bytes(grads)`` bytes (4 · n_params in fp32), counted in
-    ``state.bytes_sent``. With a ``compressor`` (``jaxopt_lab.distributed.
-    compression``: top-k with error feedback, DGC, EControl, quantizers) each
-    worker sends its compressed gradient instead, and the payload bytes count.
+    gradient: payload ``tree_bytes(grads)`` bytes (4 · n_params in fp32), wire
+    ``2 (W-1) / W`` times that (ring all-reduce), counted in ``state.bytes_sent``.
+    With a ``compressor`` (``jaxopt_lab.distributed.compression``: top-k with
+    error feedback, DGC, EControl, quantizers) each worker sends its compressed
+    gradient instead: payload its bytes, wire ``(W-1)`` times them (all-gather;
+    see :mod:`jaxopt_lab.distributed.accounting`).
 
     Args:
       inner: any optax transformation, applied to the averaged gradient.
@@ -58,21 +60,23 @@ def data_parallel(
             compressor_state=compressor.init(params) if compressor else (),
             step=jnp.zeros((), jnp.int32),
             key=jax.random.key_data(jax.random.key(seed)),
-            bytes_sent=zero_bytes(),
+            bytes_sent=zero_comm(),
         )
 
     def update_fn(updates, state, params=None):
         if compressor is None:
             mean, comp_state, nbytes = jax.lax.pmean(updates, axis_name), (), tree_bytes(updates)
+            sent = add_pmean_bytes(state.bytes_sent, nbytes, axis_name)
         else:
             key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
             key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
             mean, comp_state, nbytes = compressed_pmean(
                 updates, state.compressor_state, key, state.step, compressor, axis_name
             )
+            sent = add_pmean_bytes(state.bytes_sent, nbytes, axis_name, compressed=True)
         updates, inner_state = inner.update(mean, state.inner_state, params)
         return updates, DataParallelState(
-            inner_state, comp_state, state.step + 1, state.key, add_bytes(state.bytes_sent, nbytes)
+            inner_state, comp_state, state.step + 1, state.key, sent
         )
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxopt_lab.distributed.accounting import ByteCount, zero_bytes
+from jaxopt_lab.distributed.accounting import CommBytes, zero_comm
 from jaxopt_lab.distributed.gossip import check_topology_arg, consensus_distance, mix, mix_bytes, resolve_topology
 from jaxopt_lab.distributed.topology import Topology
 
@@ -26,7 +26,7 @@ class DFedSAMState(NamedTuple):
     inner_state: optax.OptState
     step: jax.Array  # int32: communication rounds done (calls of update)
     consensus: jax.Array  # float32: consensus distance of the parameters the last round produced
-    bytes_sent: ByteCount
+    bytes_sent: CommBytes  # payload and wire bytes (jaxopt_lab.distributed.accounting)
 
 
 def _global_norm(tree) -> jax.Array:
@@ -88,7 +88,8 @@ def dfedsam(
     ``lax.fori_loop``.
 
     Communication: per round, Q gossip rounds of ``topology.messages(s) *
-    tree_bytes(params)`` bytes each, counted in ``state.bytes_sent``. The
+    tree_bytes(params)`` bytes each, counted in ``state.bytes_sent`` (payload =
+    wire: point-to-point messages). The
     ``consensus`` field is as in ``gossip`` (its two all-reduces are a
     diagnostic, not counted; ``track_consensus=False`` skips it).
 
@@ -123,7 +124,7 @@ def dfedsam(
             inner_state=inner.init(params),
             step=jnp.zeros((), jnp.int32),
             consensus=jnp.zeros((), jnp.float32),
-            bytes_sent=zero_bytes(),
+            bytes_sent=zero_comm(),
         )
 
     def update_fn(

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxopt_lab.distributed.accounting import ByteCount, add_bytes, tree_bytes, zero_bytes
+from jaxopt_lab.distributed.accounting import CommBytes, add_pmean_bytes, tree_bytes, zero_comm
 from jaxopt_lab.distributed.compression import compressed_pmean
 
 AxisName = Any
@@ -25,7 +25,7 @@ class DiLoCoState(NamedTuple):
     outer_state: optax.OptState
     compressor_state: Any  # empty without a compressor
     key: jax.Array  # for stochastic rounding
-    bytes_sent: ByteCount
+    bytes_sent: CommBytes  # payload and wire bytes (jaxopt_lab.distributed.accounting)
 
 
 def diloco_inner(learning_rate: optax.ScalarOrSchedule = 4e-4) -> optax.GradientTransformation:
@@ -60,8 +60,10 @@ def diloco(
     after which every worker continues from :math:`\theta^{(t)}`. With H = 1,
     inner SGD and outer SGD at lr 1 this is data-parallel SGD (tested).
 
-    Communication: one all-reduce of the outer gradient per H steps,
-    ``tree_bytes(params)`` per worker, counted in ``state.bytes_sent``. Inner
+    Communication: one all-reduce of the outer gradient per H steps, payload
+    ``tree_bytes(params)`` per worker and wire ``2 (W-1) / W`` times that (ring
+    all-reduce; with a compressor, payload its bytes and wire ``W-1`` times them),
+    counted in ``state.bytes_sent``. Inner
     and outer states are kept per worker; the outer state evolves identically on
     all workers since its input is the worker average.
 
@@ -104,7 +106,7 @@ def diloco(
             outer_state=outer.init(params),
             compressor_state=compressor.init(params) if compressor else (),
             key=jax.random.key_data(jax.random.key(seed)),
-            bytes_sent=zero_bytes(),
+            bytes_sent=zero_comm(),
         )
 
     def update_fn(grads, state, params=None, *, present=None, **extra_args):
@@ -140,7 +142,8 @@ def diloco(
             if present is not None:  # nobody present: no outer step (momentum would still move the anchor)
                 keep = lambda old, new: jax.tree.map(lambda o, n: jnp.where(count > 0, n, o), old, new)  # noqa: E731
                 anchor, outer_state = keep(state.anchor, anchor), keep(state.outer_state, outer_state)
-            return anchor, anchor, outer_state, comp_state, add_bytes(state.bytes_sent, nbytes)
+            sent = add_pmean_bytes(state.bytes_sent, nbytes, axis_name, compressed=compressor is not None)
+            return anchor, anchor, outer_state, comp_state, sent
 
         def keep_going(_):
             return local, state.anchor, state.outer_state, state.compressor_state, state.bytes_sent

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxopt_lab.distributed.accounting import ByteCount, add_bytes, tree_bytes, zero_bytes
+from jaxopt_lab.distributed.accounting import CommBytes, add_pmean_bytes, tree_bytes, zero_comm
 
 AxisName = Any
 
@@ -22,7 +22,7 @@ class LocalSGDState(NamedTuple):
     since_sync: jax.Array  # inner steps since the last averaging
     period: jax.Array  # H of the current round
     inner_state: optax.OptState
-    bytes_sent: ByteCount
+    bytes_sent: CommBytes  # payload and wire bytes (jaxopt_lab.distributed.accounting)
 
 
 def qsr_period(learning_rate: float | jax.Array, sync_every: int, qsr_beta: float) -> jax.Array:
@@ -60,7 +60,8 @@ def local_sgd(
     rate of exactly 0 after the warm-up means no further synchronization.
     Without it, H = ``sync_every`` always (equal to DiLoCo with outer SGD at lr 1).
 
-    Bytes: ``tree_bytes(params)`` per worker per synchronization.
+    Bytes: payload ``tree_bytes(params)`` per worker per synchronization, wire
+    ``2 (W-1) / W`` times that (ring all-reduce).
 
     Args:
       inner: the local optimizer.
@@ -90,7 +91,7 @@ def local_sgd(
 
     def init_fn(params):
         zero = jnp.zeros((), jnp.int32)
-        return LocalSGDState(zero, zero, period_at(zero), inner.init(params), zero_bytes())
+        return LocalSGDState(zero, zero, period_at(zero), inner.init(params), zero_comm())
 
     def update_fn(grads, state, params=None):
         if params is None:
@@ -102,7 +103,7 @@ def local_sgd(
         def synchronize(_):
             mean = jax.lax.pmean(local, axis_name)
             zero = jnp.zeros((), jnp.int32)
-            return mean, zero, period_at(step), add_bytes(state.bytes_sent, tree_bytes(local))
+            return mean, zero, period_at(step), add_pmean_bytes(state.bytes_sent, tree_bytes(local), axis_name)
 
         def keep_going(_):
             return local, since, state.period, state.bytes_sent

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxopt_lab.distributed.accounting import ByteCount, add_bytes, tree_bytes, zero_bytes
+from jaxopt_lab.distributed.accounting import CommBytes, add_pmean_bytes, tree_bytes, zero_comm
 from jaxopt_lab.distributed.diloco import diloco_inner, diloco_outer
 
 AxisName = Any
@@ -27,7 +27,7 @@ class StreamingDiLoCoState(NamedTuple):
     outer_states: tuple  # one outer-optimizer state per fragment (over that fragment's leaves)
     compressor_states: tuple  # one compressor state per fragment (error feedback etc.)
     key: jax.Array  # for stochastic rounding
-    bytes_sent: ByteCount
+    bytes_sent: CommBytes  # payload and wire bytes (jaxopt_lab.distributed.accounting)
 
 
 def balanced_fragments(sizes: Sequence[int], num_fragments: int) -> list[list[int]]:
@@ -80,7 +80,9 @@ def streaming_diloco(
     With P = 1, τ = 0, α = 0 and no compressor this is DiLoCo (tested).
 
     Bytes: each fragment synchronization adds the compressor's payload bytes
-    (``tree_bytes`` of the fragment without one).
+    (``tree_bytes`` of the fragment without one); on the wire ``W-1`` times the
+    payload (all-gather), or ``2 (W-1) / W`` times the fragment without a
+    compressor (ring all-reduce; :mod:`jaxopt_lab.distributed.accounting`).
 
     Args:
       inner: each worker's optimizer (default AdamW as in DiLoCo).
@@ -124,7 +126,7 @@ def streaming_diloco(
             outer_states=tuple(outer.init(p) for p in parts),
             compressor_states=tuple(compressor.init(p) if compressor else () for p in parts),
             key=jax.random.key_data(jax.random.key(seed)),
-            bytes_sent=zero_bytes(),
+            bytes_sent=zero_comm(),
         )
 
     def all_reduce(delta, comp_state, key, step):
@@ -156,7 +158,8 @@ def streaming_diloco(
                 delta = [a - x for a, x in zip(anchor_p, local_p)]
                 mean, comp_state, nbytes = all_reduce(delta, comp_state, jax.random.fold_in(key, p), step)
                 upd, outer_state = outer.update(mean, outer_state, anchor_p)
-                return optax.apply_updates(anchor_p, upd), outer_state, comp_state, add_bytes(sent, nbytes)
+                sent = add_pmean_bytes(sent, nbytes, axis_name, compressed=compressor is not None)
+                return optax.apply_updates(anchor_p, upd), outer_state, comp_state, sent
 
             due = (step % sync_every == offset % sync_every) & (step >= max(offset, 1))
             anchor_p, outer_states[p], comp_states[p], sent = jax.lax.cond(

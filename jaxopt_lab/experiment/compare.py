@@ -11,7 +11,7 @@ from jaxopt_lab.experiment.plot import plot_runs
 from jaxopt_lab.experiment.trainer import RunResult, run
 
 COLUMNS = (("eval_loss", "final eval loss", "{:.4f}"), ("eval_accuracy", "eval acc", "{:.4f}"),
-           ("bytes_communicated", "bytes/worker", "{:.3e}"), ("opt_state_bytes", "opt state bytes", "{:.3e}"),
+           ("bytes_communicated", "payload bytes/worker", "{:.3e}"), ("wire_bytes", "wire bytes/worker", "{:.3e}"), ("opt_state_bytes", "opt state bytes", "{:.3e}"),
            ("steps_per_sec", "steps/s", "{:.2f}"), ("wall_time", "wall-clock s", "{:.0f}"))
 # Columns relative to the first variant: (key, header, whether the ratio is of the inverse)
 RELATIVE = (("opt_state_bytes", "opt state × {}", False), ("steps_per_sec", "step time × {}", True))

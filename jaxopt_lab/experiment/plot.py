@@ -7,8 +7,10 @@ from collections.abc import Sequence
 
 from jaxopt_lab.experiment.metrics import read_metrics
 
-# (x key, x label); a panel row appears only when some run records that key.
-_AXES = (("step", "step"), ("wall_time", "wall-clock (s)"), ("bytes_communicated", "bytes communicated per worker"))
+# (x key, x label); a panel row appears only when some run records that key. Bytes: wire bytes per
+# worker (jaxopt_lab.distributed.accounting), or payload bytes for runs that predate them.
+_AXES = (("step", "step"), ("wall_time", "wall-clock (s)"), ("wire_bytes", "wire bytes per worker"),
+         ("bytes_communicated", "payload bytes communicated per worker"))
 _METRICS = ("loss", "eval_loss", "accuracy", "eval_accuracy", "softmax_collapse", "consensus_distance", "sharpness")
 
 
@@ -32,7 +34,7 @@ def plot_runs(run_dirs: Sequence[str], out: str, labels: Sequence[str] | None = 
             raise ValueError(f"{run_dir} has no metrics (expected {os.path.join(run_dir, 'metrics.jsonl')})")
         runs[labels[i] if labels else os.path.basename(os.path.normpath(run_dir))] = records
     present = lambda key: any(key in r for recs in runs.values() for r in recs)  # noqa: E731
-    rows = [a for a in _AXES if present(a[0])]
+    rows = [a for a in _AXES if present(a[0]) and not (a[0] == "bytes_communicated" and present("wire_bytes"))]
     cols = [m for m in _METRICS if present(m)]
     fig, axes = plt.subplots(len(rows), len(cols), figsize=(4.2 * len(cols), 3.2 * len(rows)), squeeze=False)
     for r, (xkey, xlabel) in enumerate(rows):
@@ -45,7 +47,7 @@ def plot_runs(run_dirs: Sequence[str], out: str, labels: Sequence[str] | None = 
                     ax.plot(xs, ys, label=name, marker="." if len(pts) < 30 else None)
             ax.set_xlabel(xlabel)
             ax.set_ylabel(metric)
-            if xkey == "bytes_communicated":
+            if xkey in ("wire_bytes", "bytes_communicated"):
                 ax.set_xscale("symlog")
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize="small")

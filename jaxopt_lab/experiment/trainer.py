@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 
 from jaxopt_lab.diagnostics import edge_of_stability
-from jaxopt_lab.distributed.accounting import ByteCount, communicated_bytes
+from jaxopt_lab.distributed.accounting import ByteCount, CommBytes, communicated_bytes, wire_bytes
 from jaxopt_lab.losses import softmax_collapse_fraction
 from jaxopt_lab.lowrank.memory import optimizer_state_bytes
 from jaxopt_lab.experiment import config as config_lib
@@ -38,7 +38,7 @@ SUMMARY_FILE = "summary.json"
 
 
 def _is_count(x: Any) -> bool:
-    return isinstance(x, ByteCount)
+    return isinstance(x, (CommBytes, ByteCount))
 
 
 def _has_consensus(x: Any) -> bool:
@@ -215,7 +215,11 @@ class Trainer:
         return {"sharpness": float(out["sharpness"]), "sharpness_ratio": float(out["ratio"])}
 
     def step_metrics(self, state: TrainState, metrics: dict) -> dict[str, float]:
-        """Host-side metrics of one step (averaged over workers; bytes each worker sent)."""
+        """Host-side metrics of one step (averaged over workers; bytes each worker sent).
+
+        ``bytes_communicated``: payload bytes; ``wire_bytes``: wire bytes per worker
+        under the model of :mod:`jaxopt_lab.distributed.accounting`.
+        """
         if self.runner is None:
             return {k: float(v) for k, v in metrics.items()}
         counts = [n for n in jax.tree.leaves(state.opt_state, is_leaf=_is_count) if _is_count(n)]
@@ -223,6 +227,7 @@ class Trainer:
         metrics, counts, consensus = self.runner.get((metrics, counts, consensus))
         out = {k: float(np.mean(v)) for k, v in metrics.items()}
         out["bytes_communicated"] = float(np.mean(communicated_bytes(counts)))
+        out["wire_bytes"] = float(np.mean(wire_bytes(counts)))
         if consensus:  # decentralized methods: distance of the workers from their mean
             out["consensus_distance"] = float(np.mean(consensus[0]))
         return out

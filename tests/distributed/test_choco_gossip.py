@@ -4,7 +4,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxopt_lab.distributed import WorkerRunner, communicated_bytes, dgc, gossip, identity, quantize, top_k
+from jaxopt_lab.distributed import WorkerRunner, communicated_bytes, dgc, gossip, identity, quantize, top_k, wire_bytes
 from jaxopt_lab.distributed.choco_gossip import choco_gossip
 from tests.distributed.problem import run
 
@@ -30,6 +30,7 @@ def test_compressed_gossip_pulls_workers_together_and_counts_payload_bytes():
     np.testing.assert_allclose(mixed["w"].mean(axis=0), exact["w"].mean(axis=0), atol=0.05)
     # ring(4): 2 messages per step, each an int8 payload: (5 + 4) + (1 + 4) bytes
     np.testing.assert_array_equal(communicated_bytes(state), [steps * 2 * ((5 + 4) + (1 + 4))] * W)
+    np.testing.assert_array_equal(wire_bytes(state), [steps * 2 * ((5 + 4) + (1 + 4))] * W)
 
 
 def test_bad_arguments():

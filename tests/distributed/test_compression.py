@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxopt_lab.distributed import WorkerRunner, communicated_bytes
+from jaxopt_lab.distributed import WorkerRunner, communicated_bytes, wire_bytes
 from jaxopt_lab.distributed.accounting import add_bytes, tree_bytes, zero_bytes
 from jaxopt_lab.distributed.compression import (
     DGC_SPARSITY_SCHEDULE,
@@ -88,6 +88,14 @@ def test_streaming_diloco_counts_e3m0_bytes():
     tx = streaming_diloco(optax.sgd(0.05), optax.sgd(0.7), sync_every=4, num_fragments=2, compressor=quantize("e3m0"))
     _, state = run(WorkerRunner(W), tx, 8, W)
     np.testing.assert_array_equal(communicated_bytes(state), [2 * ((1 + 4) + (3 + 4))] * W)
+    # all-gathered on the wire: each worker receives the other W - 1 workers' payloads
+    np.testing.assert_array_equal(wire_bytes(state), [(W - 1) * 2 * ((1 + 4) + (3 + 4))] * W)
+    # without a compressor, a ring all-reduce per fragment: ceil(2 (W-1) / W * bytes) = 6 for [b], 30 for [w]
+    dense = streaming_diloco(optax.sgd(0.05), optax.sgd(0.7), sync_every=4, num_fragments=2)
+    _, state = run(WorkerRunner(W), dense, 8, W)
+    assert W == 4
+    np.testing.assert_array_equal(communicated_bytes(state), [2 * (4 + 20)] * W)
+    np.testing.assert_array_equal(wire_bytes(state), [2 * (6 + 30)] * W)
 
 
 # --- quantizers -------------------------------------------------------------------------------

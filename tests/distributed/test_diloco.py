@@ -7,7 +7,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxopt_lab.distributed import WorkerRunner, communicated_bytes, data_parallel, diloco
+from jaxopt_lab.distributed import WorkerRunner, communicated_bytes, data_parallel, diloco, wire_bytes
 from tests.distributed.problem import DIM, init_params, make_step, run, worker_data
 
 W = 4
@@ -33,6 +33,8 @@ def test_data_parallel_sgd_matches_numpy_and_keeps_workers_equal():
         np.testing.assert_array_equal(params[k], params[k][:1].repeat(W, axis=0))  # identical workers
         np.testing.assert_allclose(params[k][0], p[k], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(communicated_bytes(state), [5 * 4 * N_PARAMS] * W)  # 4·n_params per step
+    # ring all-reduce of 24 bytes over W = 4: reduce-scatter + all-gather, 2 x 3 chunks of 6 bytes sent
+    np.testing.assert_array_equal(wire_bytes(state), [5 * 2 * 3 * 6] * W)
 
 
 def test_diloco_h1_sgd_outer_lr1_is_data_parallel_sgd():
@@ -62,6 +64,7 @@ def test_diloco_matches_float64_reference_and_sends_one_hth_of_ddp():
         np.testing.assert_allclose(params[k], np.broadcast_to(anchor[k], params[k].shape), rtol=2e-5, atol=2e-6)
     ddp_bytes = H * rounds * 4 * N_PARAMS
     np.testing.assert_array_equal(communicated_bytes(state), [ddp_bytes / H] * W)
+    np.testing.assert_array_equal(wire_bytes(state), [rounds * 2 * 3 * 6] * W)  # one ring all-reduce per round
 
 
 def step_with_presence(tx):
@@ -152,9 +155,13 @@ def test_compressed_ddp_counts_payload_bytes():
     _, state = run(RUNNER, data_parallel(optax.sgd(0.1), compressor=top_k(0.5)), 3, W)
     # per step: w keeps 3 of 5 values (3 x (4 + 4-byte index) = 24 > 20 dense: sent dense), b all of 1 (dense)
     np.testing.assert_array_equal(communicated_bytes(state), [3 * (5 + 1) * 4] * W)
+    # compressed payloads are all-gathered: each worker receives the W - 1 = 3 others' payloads
+    np.testing.assert_array_equal(wire_bytes(state), [3 * 3 * (5 + 1) * 4] * W)
     _, state = run(RUNNER, data_parallel(optax.sgd(0.1), compressor=top_k(0.2)), 3, W)
     # w keeps 1 of 5: 8 bytes sparse < 20 dense
     np.testing.assert_array_equal(communicated_bytes(state), [3 * (8 + 4)] * W)
+    np.testing.assert_array_equal(wire_bytes(state), [3 * 3 * (8 + 4)] * W)
     _, state = run(RUNNER, diloco(optax.sgd(0.1), sync_every=2, compressor=quantize("int8")), 4, W)
     # two syncs; int8 payload per tensor: n bytes + a 4-byte fp32 scale
     np.testing.assert_array_equal(communicated_bytes(state), [2 * ((5 + 4) + (1 + 4))] * W)
+    np.testing.assert_array_equal(wire_bytes(state), [2 * 3 * ((5 + 4) + (1 + 4))] * W)

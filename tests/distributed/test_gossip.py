@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxopt_lab.distributed import WorkerRunner, communicated_bytes, data_parallel, tree_bytes
+from jaxopt_lab.distributed import WorkerRunner, communicated_bytes, data_parallel, tree_bytes, wire_bytes
 from jaxopt_lab.distributed.gossip import consensus_distance, gossip, mix
 from jaxopt_lab.distributed.topology import complete, exponential, ring, torus2d
 from tests.distributed.problem import DIM, loss, run, worker_data
@@ -181,6 +181,7 @@ def test_bytes_sent_per_round(topology, messages):
         params, state = step(params, state)
     assert tree_bytes(one) == 4 * (3 + 4)
     np.testing.assert_array_equal(communicated_bytes(state), np.full(w, steps * messages * tree_bytes(one)))
+    np.testing.assert_array_equal(wire_bytes(state), np.full(w, steps * messages * 28))  # point to point: the same
     np.testing.assert_array_equal(state.consensus, 0.0)  # not tracked
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxopt_lab.distributed import WorkerRunner, communicated_bytes, tree_bytes
+from jaxopt_lab.distributed import WorkerRunner, communicated_bytes, tree_bytes, wire_bytes
 from jaxopt_lab.distributed.dfedsam import dfedsam
 from jaxopt_lab.distributed.gossip import gossip
 from jaxopt_lab.distributed.topology import exponential, ring
@@ -85,6 +85,7 @@ def test_matches_numpy_reference_on_quadratics(topology, local_steps, gossip_ste
     per_worker = tree_bytes({"u": p["u"][0], "v": p["v"][0]})
     sent = sum(topology.messages(s) for s in range(rounds * gossip_steps)) * per_worker
     np.testing.assert_array_equal(communicated_bytes(state), np.full(w, sent))
+    np.testing.assert_array_equal(wire_bytes(state), np.full(w, sent))  # point-to-point messages
     np.testing.assert_array_equal(state.step, rounds)
     mean = got.mean(0)
     np.testing.assert_allclose(state.consensus, np.sqrt(np.mean(np.sum((got - mean) ** 2, 1))), rtol=1e-4, atol=1e-6)

@@ -4,7 +4,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxopt_lab.distributed import WorkerRunner, communicated_bytes, diloco
+from jaxopt_lab.distributed import WorkerRunner, communicated_bytes, diloco, wire_bytes
 from jaxopt_lab.distributed.local_sgd import local_sgd, qsr_period
 from tests.distributed.problem import run
 
@@ -38,6 +38,7 @@ def test_qsr_syncs_on_the_hand_computed_schedule():
     syncs = hand_computed_syncs(schedule, base, beta, steps)
     assert len(syncs) >= 4 and np.diff(syncs).max() > base  # the period really grows
     np.testing.assert_array_equal(communicated_bytes(state), [len(syncs) * 4 * 6] * W)
+    np.testing.assert_array_equal(wire_bytes(state), [len(syncs) * 2 * 3 * 6] * W)  # ring: 2 (W-1) chunks of 24/W
     assert int(state.period[0]) == max(base, int(np.floor((beta / float(schedule(syncs[-1]))) ** 2)))
     assert int(qsr_period(0.01, 5, 1.0)) == 10000
 

@@ -43,6 +43,8 @@ def test_data_parallel_on_4_workers_equals_one_worker_on_their_union(single_sgd,
             if key in s:
                 assert r[key] == pytest.approx(s[key], rel=1e-5), (r["step"], key)
     assert [r["bytes_communicated"] for r in records[1:]] == [4 * MLP_PARAMS * t for t in range(1, STEPS + 1)]
+    # ring all-reduce over 4 workers: 2 x 3 chunks of a quarter of the 4 * 610 gradient bytes, sent per step
+    assert [r["wire_bytes"] for r in records[1:]] == [6 * MLP_PARAMS * t for t in range(1, STEPS + 1)]
 
 
 def test_diloco_config_with_nested_optimizers(tmp_path):
@@ -55,6 +57,7 @@ def test_diloco_config_with_nested_optimizers(tmp_path):
     result = trainer.run(cfg(method, {"count": 4}), run_dir=str(tmp_path))
     records = read_metrics(result.run_dir)
     assert [r["bytes_communicated"] for r in records[1:]] == [4 * MLP_PARAMS * (t // 3) for t in range(1, STEPS + 1)]
+    assert [r["wire_bytes"] for r in records[1:]] == [6 * MLP_PARAMS * (t // 3) for t in range(1, STEPS + 1)]
     assert records[-1]["eval_loss"] < records[0]["eval_loss"]
     resolved = build_lib.build(cfg(method, {"count": 4})).config.method
     assert resolved["inner"]["b1"] == 0.9 and resolved["outer"]["nesterov"] is True  # defaults recorded
@@ -76,3 +79,4 @@ def test_gossip_logs_consensus_distance(tmp_path):
     records = read_metrics(trainer.run(cfg(method, {"count": 4}), run_dir=str(tmp_path)).run_dir)
     assert all(r["consensus_distance"] > 0 for r in records[1:])  # workers see different data
     assert [r["bytes_communicated"] for r in records[1:]] == [2 * 4 * MLP_PARAMS * t for t in range(1, STEPS + 1)]
+    assert [r["wire_bytes"] for r in records[1:]] == [2 * 4 * MLP_PARAMS * t for t in range(1, STEPS + 1)]  # 2 messages

@@ -25,3 +25,6 @@ def test_variants_run_side_by_side(tmp_path, capsys):
     ddp, dil = (read_metrics(str(base / v))[-1]["bytes_communicated"] for v in ("ddp", "diloco"))
     assert ddp == 2 * dil > 0  # H = 2: half the bytes
     assert f"{ddp:.3e}" in rows[0] and os.path.exists(base / "compare.md")
+    # W = 2: a ring all-reduce puts 2 (W-1) / W = 1x the payload on the wire; both columns are printed
+    ddp_wire = read_metrics(str(base / "ddp"))[-1]["wire_bytes"]
+    assert ddp_wire == ddp and "payload bytes/worker | wire bytes/worker" in out

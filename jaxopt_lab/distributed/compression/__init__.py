@@ -2,7 +2,8 @@
 
 Each compressor is a :class:`Compressor` ``(init, compress)`` written for one
 worker; :func:`compressed_pmean` runs one over a named worker axis and returns
-the payload bytes for ``jaxopt_lab.distributed.accounting.add_bytes``.
+the payload bytes for ``jaxopt_lab.distributed.accounting.add_pmean_bytes(...,
+compressed=True)`` (wire: an all-gather of the payloads).
 """
 
 from jaxopt_lab.distributed.compression.base import Compressor, compressed_pmean, identity

@@ -78,8 +78,9 @@ def compressed_pmean(
     averaged with ``jax.lax.pmean`` (a simulation of the all-gather / all-reduce
     of the payloads: the receivers decode each payload and average). Returns
     ``(mean, new_state, nbytes)`` with ``nbytes`` this worker's payload bytes;
-    add them to the caller's :class:`~jaxopt_lab.distributed.accounting.ByteCount`
-    with ``add_bytes``.
+    add them to the caller's :class:`~jaxopt_lab.distributed.accounting.CommBytes`
+    with ``add_pmean_bytes(count, nbytes, axis_name, compressed=True)`` (on the
+    wire an all-gather: each worker receives the W-1 other payloads).
 
     Give each worker its own ``key`` (e.g. ``fold_in`` of ``axis_index``) for
     independent stochastic rounding.
