@@ -47,13 +47,14 @@ is the last round trip's, not a moving average of them.
 
 from __future__ import annotations
 
+import operator
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jaxopt_lab.distributed.federated._checks import check_int, check_real
+from jaxopt_lab.transforms import _validation as check
 from jaxopt_lab.distributed.federated.aggregate import (
     WEIGHTINGS,
     _leading,
@@ -70,13 +71,34 @@ class ScaleByFedCompassState(NamedTuple):
     count: jax.Array  # server steps aggregated so far (int32)
 
 
-def _check_alpha(alpha) -> float:
-    if getattr(alpha, "shape", None) == () and not isinstance(alpha, bool):
-        alpha = alpha.item()  # a numpy / jax scalar
-    alpha = check_real("FedCompass mixing alpha", alpha)
-    if not 0.0 < alpha <= 1.0:
-        raise ValueError(f"FedCompass mixing alpha must be in (0, 1], got {alpha!r}")
+def _check_alpha(alpha):
+    """A number in (0, 1]; a traced value (``optax.inject_hyperparams`` under jit) is let through."""
+    if isinstance(alpha, (bool, str)) or alpha is None:
+        raise TypeError(f"FedCompass mixing alpha must be a number, got {alpha!r}")
+    check.require("FedCompass mixing alpha", alpha, lambda v: 0.0 < v <= 1.0, "in (0, 1]")
     return alpha
+
+
+def _check_num_clients(num_clients):
+    """None, an int >= 1 (a concrete integer array too), or a traced value, let through."""
+    if num_clients is None or isinstance(num_clients, jax.core.Tracer):
+        return num_clients
+    if isinstance(num_clients, bool):
+        raise TypeError(f"FedCompass num_clients must be an int, got {num_clients!r}")
+    try:
+        num_clients = operator.index(num_clients)
+    except TypeError:
+        raise TypeError(f"FedCompass num_clients must be an int, got {num_clients!r}") from None
+    if num_clients < 1:
+        raise ValueError(f"FedCompass num_clients must be >= 1, got {num_clients}")
+    return num_clients
+
+
+def _unwrap(staleness_kwargs: dict) -> dict:
+    """``optax.inject_hyperparams`` binds the factory's signature and passes ``**staleness_kwargs``
+    on as one keyword, ``staleness_kwargs={...}``: unpack it."""
+    kwargs = dict(staleness_kwargs)
+    return {**kwargs.pop("staleness_kwargs", {}), **kwargs}
 
 
 def scale_by_fedcompass(
@@ -102,7 +124,8 @@ def scale_by_fedcompass(
 
     Args:
       num_clients: N, the number of all clients (required for ``normalize="clients"``).
-      alpha: mixing weight in (0, 1] (official: 0.9).
+      alpha: mixing weight in (0, 1] (official: 0.9). Under ``optax.inject_hyperparams``
+        ``alpha`` and ``num_clients`` may be injected (traced values are not checked).
       staleness: staleness function or name; default ``"polynomial"`` with ``a=0.5``,
         as the official FedCompass configs.
       normalize: ``"clients"`` (default): each arrival weighs :math:`\alpha/N`, as the
@@ -121,16 +144,15 @@ def scale_by_fedcompass(
         raise ValueError(f"FedCompass normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    staleness_kwargs = _unwrap(staleness_kwargs)
+    num_clients = _check_num_clients(num_clients)
     if normalize == "clients":
         if num_clients is None:
             raise ValueError("FedCompass with normalize='clients' (the official rule, alpha_i = alpha s(tau_i) / N) "
                              "needs num_clients, the number of all clients N; got None")
-        num_clients = check_int("FedCompass num_clients", num_clients, minimum=1)
         if weighting != "uniform":
             raise ValueError(f"FedCompass weighting={weighting!r} needs normalize='group': the official rule "
                              "weighs every client 1/N")
-    elif num_clients is not None:
-        num_clients = check_int("FedCompass num_clients", num_clients, minimum=1)
     alpha = _check_alpha(alpha)
     if staleness == "polynomial" and not staleness_kwargs:
         staleness_kwargs = {"a": 0.5}
@@ -151,7 +173,7 @@ def scale_by_fedcompass(
             tau = extra.get("staleness")
             tau = jnp.zeros((n,), jnp.int32) if tau is None else tau
             weights = jnp.where(mask, fn(tau) / num_clients, 0.0)
-        direction = weighted_sum(updates, weights * jnp.float32(alpha), mask)
+        direction = weighted_sum(updates, weights * jnp.asarray(alpha, jnp.float32), mask)
         return direction, ScaleByFedCompassState(state.count + 1)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -179,5 +201,5 @@ def fedcompass(
     Arguments: see :func:`scale_by_fedcompass`.
     """
     direction = scale_by_fedcompass(num_clients, alpha, staleness, normalize=normalize, weighting=weighting,
-                                    **staleness_kwargs)
+                                    **_unwrap(staleness_kwargs))
     return server_step(direction, learning_rate, momentum, nesterov)

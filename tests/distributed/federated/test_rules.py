@@ -1,5 +1,6 @@
 """Server rules and staleness functions against the formulas of their papers, in numpy."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -112,6 +113,16 @@ def test_fedcompass_group_normalization_is_opt_in(arrivals):
     np.testing.assert_allclose(grouped, official / 0.18, rtol=1e-5)
 
 
+def test_fedcompass_alpha_and_num_clients_can_be_injected(arrivals):
+    theta, stacked, extra = arrivals
+    rule = optax.inject_hyperparams(fl.fedcompass)(num_clients=10, alpha=0.5)
+    state = rule.init(theta)
+    upd, state = jax.jit(lambda s: rule.update({k: jnp.asarray(v) for k, v in stacked.items()}, s, theta, **extra))(state)
+    ref = _apply(fl.fedcompass(10, 0.5), theta, stacked, extra)
+    for k in theta:
+        np.testing.assert_allclose(upd[k], ref[k], rtol=1e-6, atol=1e-7)
+
+
 def test_fedcompass_rejects_bad_arguments():
     with pytest.raises(ValueError, match="needs num_clients, the number of all clients N; got None"):
         fl.fedcompass()
@@ -123,6 +134,10 @@ def test_fedcompass_rejects_bad_arguments():
         fl.fedcompass(10, alpha=1.5)
     with pytest.raises(ValueError, match="num_clients must be >= 1, got 0"):
         fl.fedcompass(0)
+    with pytest.raises(TypeError, match="num_clients must be an int, got 2.5"):
+        fl.fedcompass(2.5)
+    with pytest.raises(TypeError, match="alpha must be a number, got '0.9'"):
+        fl.fedcompass(10, alpha="0.9")
 
 
 def test_fedasync_mixes_the_client_model_into_the_server_model():
