@@ -44,7 +44,7 @@ class Context:
     dtype: jnp.dtype
 
     def time(self, fn: Callable, *args) -> float:
-        return devices.time_fn(fn, *args, repeats=self.args.repeats, warmup=self.args.warmup)
+        return devices.time_fn(fn, *args, repeats=self.args.repeats, warmup=self.args.warmup, batch=self.args.batch)
 
 
 @dataclasses.dataclass
@@ -130,15 +130,16 @@ def bench_grkan(ctx: Context) -> list[Row]:
 
 def unfused_step(g, p, mu, nu, previous_norm, *, residual, b1=0.9, b2=0.999, eps=1e-6, scale=0.25, growth_limit=1.01):
     """The step as jaxopt_lab.lowrank.galore / fira compute it unfused: every intermediate a d x k array."""
+    mm = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)  # float32 products, as the kernels
     g32 = g.astype(jnp.float32)
-    low = p.T @ g32
+    low = mm(p.T, g32)
     mu = b1 * mu + (1 - b1) * low
     nu = b2 * nu + (1 - b2) * low * low
     n = mu / (jnp.sqrt(nu) + eps)
-    update = scale * (p @ n)
+    update = scale * mm(p, n)
     if residual:
         phi = jnp.linalg.norm(n, axis=0) / (jnp.linalg.norm(low, axis=0) + 1e-8)
-        s = (g32 - scale * (p @ low)) * phi[None, :]
+        s = (g32 - scale * mm(p, low)) * phi[None, :]
         norm = jnp.linalg.norm(s)
         limiter = norm_growth_limiter(norm, previous_norm, growth_limit)
         update, previous_norm = update + s / limiter, norm / limiter
@@ -188,6 +189,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="kernel implementation to time (default: pallas on GPU/TPU, interpret on CPU)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=10, help="calls dispatched back to back per timed round")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--grkan-shape", default=None, help="B,T,D of the GR-KAN input (default 128,197,3072)")
     parser.add_argument("--lowrank-shape", default=None, help="d,k,r of the fused low-rank step (default 4096,4096,128)")

@@ -116,6 +116,28 @@ class BlockConfig:
 TRITON_CONFIG = BlockConfig()
 TPU_CONFIG = BlockConfig(rows=256, max_cols=512, bwd_rows=128, bwd_tiles=4, layout="tpu", num_warps=None)
 
+# Measured, not guessed: the fastest configuration `scripts/tune_kernels.py` found on an NVIDIA
+# H200 (JAX 0.11.2, Triton lowering) for KAT-B's activations (64 x 197 tokens x 768 / 3072
+# channels), per kernel, channel class and dtype. A partial search (a few seconds per class,
+# 6-9 of its 18-36 configurations reached, timed one blocked call at a time): BENCHMARKS.md
+# gives the figures. Other dtypes and backends use TRITON_CONFIG / TPU_CONFIG.
+TRITON_TUNED: dict[tuple[str, str, str], BlockConfig] = {
+    ("fwd", "d<=1024", "bfloat16"): BlockConfig(rows=32, max_cols=256, num_warps=4),
+    ("fwd", "d<=1024", "float32"): BlockConfig(rows=32, max_cols=256, num_warps=4),
+    ("fwd", "d>1024", "bfloat16"): BlockConfig(rows=64, max_cols=128, num_warps=4),
+    ("fwd", "d>1024", "float32"): BlockConfig(rows=64, max_cols=128, num_warps=8),
+    ("bwd", "d<=1024", "bfloat16"): BlockConfig(max_cols=64, bwd_rows=16, bwd_tiles=4, num_warps=4),
+    ("bwd", "d<=1024", "float32"): BlockConfig(max_cols=256, bwd_rows=16, bwd_tiles=4, num_warps=4),
+    ("bwd", "d>1024", "bfloat16"): BlockConfig(max_cols=128, bwd_rows=16, bwd_tiles=4, num_warps=4),
+    ("bwd", "d>1024", "float32"): BlockConfig(max_cols=256, bwd_rows=16, bwd_tiles=4, num_warps=4),
+}
+
+
+def triton_config(kernel: str, d: int, dtype) -> BlockConfig:
+    """The Triton block sizes for ``kernel`` (``"fwd"`` / ``"bwd"``) on ``d`` channels of ``dtype``."""
+    cls = "d<=1024" if d <= 1024 else "d>1024"
+    return TRITON_TUNED.get((kernel, cls, jnp.dtype(dtype).name), TRITON_CONFIG)
+
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
@@ -337,12 +359,15 @@ def grkan_fwd_pallas(
       backend: ``"triton"`` (GPU: power-of-two blocks, masked loads and stores)
         or ``"tpu"`` (Mosaic: (8, 128)-aligned blocks, edge blocks clipped).
       interpret: run that backend's kernel in Pallas interpret mode (any platform).
-      config: block sizes (default :data:`TRITON_CONFIG`, or :data:`TPU_CONFIG` for ``"tpu"``).
+      config: block sizes (default: :func:`triton_config`'s measured choice for Triton,
+        :data:`TPU_CONFIG` for ``"tpu"``).
     """
     check_grkan_args(x, a, b, groups)
     n, d = x.size // max(x.shape[-1], 1), x.shape[-1]
     if n == 0:
         return jnp.zeros_like(x)
+    if config is None and backend == "triton":
+        config = triton_config("fwd", d, x.dtype)
     plan = _plan(n, d, backend, interpret, config)
     dtype = compute_dtype(x, a, b)
     table = coefficient_table(a, b, d, plan.d_pad, dtype)
@@ -391,6 +416,8 @@ def grkan_bwd_pallas(
     n, d = x.size // max(x.shape[-1], 1), x.shape[-1]
     if n == 0:
         return jnp.zeros_like(x), jnp.zeros_like(a), jnp.zeros_like(b)
+    if config is None and backend == "triton":
+        config = triton_config("bwd", d, x.dtype)
     plan = _plan(n, d, backend, interpret, config)
     dtype = compute_dtype(x, a, b)
     table = coefficient_table(a, b, d, plan.d_pad, dtype)

@@ -54,6 +54,22 @@ class StepConfig:
 TRITON_STEP_CONFIG = StepConfig()
 TPU_STEP_CONFIG = StepConfig(cols=128, chunk=128, num_warps=None)
 
+# Measured by `scripts/tune_kernels.py` on an NVIDIA H200 (JAX 0.11.2, Triton lowering) at
+# 4096 x 4096, rank 128, per pass and gradient dtype: the fastest of the 12-18 configurations
+# reached (partial search, one blocked call at a time, TF32 products at the time; BENCHMARKS.md).
+TRITON_STEP_TUNED: dict[tuple[str, str], StepConfig] = {
+    ("project", "float32"): StepConfig(cols=32, chunk=128, num_warps=8),
+    ("project", "bfloat16"): StepConfig(cols=32, chunk=128, num_warps=4),
+    ("apply", "float32"): StepConfig(cols=64, chunk=128, num_warps=4),
+    ("apply", "bfloat16"): StepConfig(cols=32, chunk=128, num_warps=8),
+}
+
+
+def _default_config(backend: str, kernel: str, dtype) -> StepConfig:
+    if backend == "tpu":
+        return TPU_STEP_CONFIG
+    return TRITON_STEP_TUNED.get((kernel, jnp.dtype(dtype).name), TRITON_STEP_CONFIG)
+
 
 def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
@@ -91,7 +107,11 @@ def _store(ref, value, mask, masked_io):
 
 
 def _dot(a, b, contract_a, contract_b):
-    return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())), preferred_element_type=jnp.float32)
+    # Full float32 (IEEE) products: Triton and XLA:GPU default to TF32 for float32 dots, which
+    # moved R by ~1e-3 against the float64 reference on an H200 (the official GaLore/Fira
+    # code multiplies in float32).
+    return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())), precision=jax.lax.Precision.HIGHEST,
+                               preferred_element_type=jnp.float32)
 
 
 # ------------------------------------------------------------------ pass 1
@@ -127,7 +147,7 @@ def _project_kernel(g_ref, p_ref, low_ref, g2_ref, *, d, k, chunk, cols, transpo
 def lowrank_project_pallas(g, p, *, transpose: bool, backend: str = "triton", interpret: bool = False,
                            config: StepConfig | None = None):
     """Pass 1 as a Pallas kernel: ``(R (r × k), ‖G_{:,j}‖² (k,))``; see :func:`lowrank_project`."""
-    config = config or (TPU_STEP_CONFIG if backend == "tpu" else TRITON_STEP_CONFIG)
+    config = config or _default_config(backend, "project", g.dtype)
     d, r = p.shape
     k = g.shape[0] if transpose else g.shape[1]
     rp = _rank_pad(r)
@@ -187,7 +207,7 @@ def _apply_kernel(*refs, d, k, chunk, cols, transpose, with_g, masked_io):
 def lowrank_apply_pallas(g, p, m, col_scale, *, transpose: bool, out_dtype=None, backend: str = "triton",
                          interpret: bool = False, config: StepConfig | None = None):
     """Pass 2 as a Pallas kernel: ``U = P M + G·diag(s)``; see :func:`lowrank_apply`."""
-    config = config or (TPU_STEP_CONFIG if backend == "tpu" else TRITON_STEP_CONFIG)
+    config = config or _default_config(backend, "apply", jnp.float32 if g is None else g.dtype)
     d, r = p.shape
     k = m.shape[1]
     rp = _rank_pad(r)

@@ -24,8 +24,13 @@ stored, (k × d), and the update is written in that layout.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+
+# float32 products in full precision on every backend (XLA:GPU's default for float32 is TF32).
+_mm = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
 
 
 def project_reference(g: jax.Array, p: jax.Array, *, transpose: bool) -> tuple[jax.Array, jax.Array]:
@@ -36,14 +41,14 @@ def project_reference(g: jax.Array, p: jax.Array, *, transpose: bool) -> tuple[j
     g32 = g.astype(jnp.float32)
     p32 = p.astype(jnp.float32)
     if transpose:
-        return (g32 @ p32).T, jnp.sum(g32 * g32, axis=1)
-    return p32.T @ g32, jnp.sum(g32 * g32, axis=0)
+        return _mm(g32, p32).T, jnp.sum(g32 * g32, axis=1)
+    return _mm(p32.T, g32), jnp.sum(g32 * g32, axis=0)
 
 
 def apply_reference(g, p: jax.Array, m: jax.Array, col_scale, *, transpose: bool, out_dtype=None) -> jax.Array:
     """Pass 2: ``U = P M + G·diag(s)`` in G's layout (``g`` and ``col_scale`` may be None: ``U = P M``)."""
     p32 = p.astype(jnp.float32)
-    out = p32 @ m.astype(jnp.float32)
+    out = _mm(p32, m.astype(jnp.float32))
     if transpose:
         out = out.T
     if g is not None:
@@ -66,7 +71,7 @@ def fira_combine(low, n, g2, p, previous_norm, *, scale, growth_limit):
     phi = jnp.linalg.norm(n, axis=0) / (jnp.linalg.norm(low, axis=0) + 1e-8)
     p32 = p.astype(jnp.float32)
     rr = jnp.sum(low * low, axis=0)
-    rpr = jnp.sum(low * ((p32.T @ p32) @ low), axis=0)
+    rpr = jnp.sum(low * _mm(_mm(p32.T, p32), low), axis=0)
     residual_sq = jnp.maximum(g2 - 2 * scale * rr + scale**2 * rpr, 0.0)
     norm = jnp.sqrt(jnp.sum(phi * phi * residual_sq))
     limiter = norm_growth_limiter(norm, previous_norm, growth_limit)

@@ -45,6 +45,9 @@ CASES = {
     # the public function through its custom_vjp, default Triton config: one backward step whose
     # 4 sub-tiles of 32 rows run past row 100.
     "grkan-bf16": ((4, 25, 64), 8, jnp.bfloat16, None, None),
+    # the measured Triton configs for D > 1024 in float32 (triton_config): forward blocks of
+    # 128 columns, backward blocks of 256 (D = 1152 pads to 1280: the last block ragged).
+    "triton-f32-wide-tuned": ((2, 9, 1152), 8, jnp.float32, "triton", None),
     # Mosaic TPU code path and layout: 2 column blocks of 128, ragged rows, 2 backward sub-tiles.
     # (Its full-width column block, for D not a multiple of 128, is checked by test_lowering.py.)
     "tpu-bf16-tiles": ((4, 33, 256), 8, jnp.bfloat16, "tpu", TPU_SMALL),

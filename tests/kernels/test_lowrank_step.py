@@ -100,6 +100,6 @@ def test_pallas_matches_reference_on_gpu():
             fn = functools.partial(lowrank_step, transpose=transpose, residual=True)
             got = jax.jit(functools.partial(fn, impl="pallas"))(g, p, mu, nu, prev)
             ref = jax.jit(functools.partial(fn, impl="reference"))(g, p, mu, nu, prev)
-            tol = 2e-2 if dtype == jnp.bfloat16 else 2e-3  # TF32 matmuls on both sides
+            tol = 2e-2 if dtype == jnp.bfloat16 else 1e-4  # float32 (HIGHEST) products on both sides
             np.testing.assert_allclose(np.asarray(got[0].astype(jnp.float32)), np.asarray(ref[0].astype(jnp.float32)),
                                        rtol=tol, atol=tol)
