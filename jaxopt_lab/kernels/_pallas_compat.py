@@ -23,7 +23,10 @@ no GPU machine and no JAX 0.11 for Python 3.11 were at hand):
   capability 9.0; 0.11 reads the target GPU from the abstract mesh's
   ``AbstractDevice`` and raises without one, so :func:`export` names one;
 - the Triton backend of ``pallas_call`` is deprecated in 0.11 (a
-  ``DeprecationWarning`` at lowering; Mosaic GPU is its successor);
+  ``DeprecationWarning`` at lowering; Mosaic GPU is its successor); a
+  Mosaic GPU kernel is written with ``plgpu.kernel`` + ``plgpu.emit_pipeline``
+  (0.11 no longer registers a Mosaic GPU lowering for ``pallas_call``), and
+  lowers on 0.11 only (:func:`mosaic_gpu_available`);
 - ``jax.enable_x64`` (a context manager in both), ``jax.experimental.enable_x64``
   in older JAX.
 """
@@ -82,8 +85,14 @@ def tpu_compiler_params(*, dimension_semantics: tuple[str, ...], vmem_limit_byte
 
 
 def mosaic_gpu_available() -> bool:
-    """Whether this JAX ships the Mosaic GPU Pallas backend (not used by our kernels yet)."""
-    return plmgpu is not None and (hasattr(plmgpu, "CompilerParams") or hasattr(plmgpu, "GPUCompilerParams"))
+    """Whether this JAX's Pallas Mosaic GPU backend can lower our Mosaic GPU kernels (JAX >= 0.11).
+
+    0.10 ships the backend, but its ``plgpu.load`` needs an index, and a
+    coefficient row cannot be loaded in the WGMMA column layout there
+    ("Tiling ... does not apply to shape (1, 128)"): checked by export on CPU.
+    """
+    version = tuple(int(p) for p in jax.__version__.split(".")[:2] if p.isdigit())
+    return plmgpu is not None and hasattr(plmgpu, "kernel") and hasattr(plmgpu, "emit_pipeline") and version >= (0, 11)
 
 
 def triton_load(ref: Any, *, mask: jax.Array | None = None, other: Any = None) -> jax.Array:

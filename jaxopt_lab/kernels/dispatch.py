@@ -7,7 +7,9 @@ Every kernel in :mod:`jaxopt_lab.kernels` takes ``impl``:
 - ``"pallas"``: the Pallas kernel, Triton on GPU and Mosaic on TPU (lowering it
   for CPU fails: Pallas runs on CPU only in interpret mode);
 - ``"interpret"``: the Pallas kernel in interpret mode, on any platform (tests);
-- ``"reference"``: the pure-``jnp`` reference, differentiated by JAX.
+- ``"reference"``: the pure-``jnp`` reference, differentiated by JAX;
+- ``"mosaic_gpu"``: the Pallas kernel on Mosaic GPU, Triton's successor (JAX >=
+  0.11; GPU only), where a kernel has one (GR-KAN).
 
 The choice between GPU, TPU and the fallback is made when the program is
 *lowered*, not when it is traced, through :func:`jax.lax.platform_dependent`:
@@ -23,7 +25,7 @@ from typing import Any
 
 import jax
 
-IMPLS = (None, "pallas", "interpret", "reference")
+IMPLS = (None, "pallas", "interpret", "reference", "mosaic_gpu")
 
 
 def check_impl(impl: Any) -> None:
@@ -39,6 +41,7 @@ def dispatch(
     gpu: Callable[..., Any],
     tpu: Callable[..., Any],
     interpret: Callable[..., Any],
+    mosaic_gpu: Callable[..., Any] | None = None,
 ) -> Any:
     """Calls the implementation that ``impl`` names on ``args``.
 
@@ -50,8 +53,13 @@ def dispatch(
       gpu: the Pallas kernel with the Triton lowering (CUDA and ROCm).
       tpu: the Pallas kernel with the Mosaic TPU lowering.
       interpret: the Pallas kernel in interpret mode.
+      mosaic_gpu: the Pallas kernel with the Mosaic GPU lowering, or None if there is none.
     """
     check_impl(impl)
+    if impl == "mosaic_gpu":
+        if mosaic_gpu is None:
+            raise ValueError("impl='mosaic_gpu': this kernel has no Mosaic GPU version yet (use 'pallas': Triton on GPU)")
+        return mosaic_gpu(*args)
     if impl == "reference":
         return reference(*args)
     if impl == "interpret":
@@ -68,6 +76,8 @@ def describe(impl: str | None, platform: str | None = None) -> str:
         return "reference (XLA)"
     if impl == "interpret":
         return "Pallas interpret mode"
+    if impl == "mosaic_gpu":
+        return "Pallas (Mosaic GPU)"
     if platform in ("gpu", "cuda", "rocm"):
         return "Pallas (Triton lowering)"
     if platform == "tpu":

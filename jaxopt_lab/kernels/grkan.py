@@ -447,14 +447,24 @@ def grkan_bwd_pallas(
 # ---------------------------------------------------------------- public API
 
 
-def _impls(groups: int, fn_ref, fn_pallas):
-    """The four implementations :func:`dispatch` chooses from, for one function."""
+def _impls(groups: int, fn_ref, fn_pallas, fn_mosaic):
+    """The implementations :func:`dispatch` chooses from, for one function."""
     return dict(
         reference=functools.partial(fn_ref, groups=groups),
         gpu=functools.partial(fn_pallas, groups=groups, backend="triton"),
         tpu=functools.partial(fn_pallas, groups=groups, backend="tpu"),
         interpret=functools.partial(fn_pallas, groups=groups, backend="triton", interpret=True),
+        mosaic_gpu=functools.partial(fn_mosaic, groups=groups),
     )
+
+
+def _mosaic(name):  # imported when used: grkan_mosaic imports this module
+    def call(*args, **kwargs):
+        from jaxopt_lab.kernels import grkan_mosaic
+
+        return getattr(grkan_mosaic, name)(*args, **kwargs)
+
+    return call
 
 
 def grkan_bwd(
@@ -469,12 +479,12 @@ def grkan_bwd(
     check_grkan_args(x, a, b, groups)
     if dy.shape != x.shape:
         raise ValueError(f"dy must have the shape of x {tuple(x.shape)}, got {tuple(dy.shape)}")
-    return dispatch(impl, x, a, b, dy, **_impls(groups, grkan_reference_bwd, grkan_bwd_pallas))
+    return dispatch(impl, x, a, b, dy, **_impls(groups, grkan_reference_bwd, grkan_bwd_pallas, _mosaic("grkan_bwd_mosaic")))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _grkan(x, a, b, groups, impl):
-    return dispatch(impl, x, a, b, **_impls(groups, grkan_reference, grkan_fwd_pallas))
+    return dispatch(impl, x, a, b, **_impls(groups, grkan_reference, grkan_fwd_pallas, _mosaic("grkan_fwd_mosaic")))
 
 
 def _grkan_fwd(x, a, b, groups, impl):
@@ -506,7 +516,8 @@ def grkan(x: jax.Array, a: jax.Array, b: jax.Array, *, groups: int = 8, impl: st
         through ``|b[g, j]|``.
       groups: number of channel groups ``G``; ``D`` must be divisible by it.
       impl: ``None`` (auto: Pallas on GPU/TPU, reference elsewhere),
-        ``"pallas"``, ``"interpret"`` or ``"reference"``; see
+        ``"pallas"``, ``"interpret"``, ``"reference"`` or ``"mosaic_gpu"``
+        (:mod:`jaxopt_lab.kernels.grkan_mosaic`, JAX >= 0.11); see
         :mod:`jaxopt_lab.kernels.dispatch`.
 
     Returns:
