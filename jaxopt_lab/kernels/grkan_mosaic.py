@@ -21,8 +21,8 @@ layout differs:
 
 Limits: ``D`` must be a multiple of 128 (KAT's 768, 1536, 3072 are); the
 blocks are read from shared memory without a swizzle transform, which costs
-bank conflicts (measured on an H200, BENCHMARKS.md: the forward within 1.3-1.6x
-of the Triton kernel, the backward 4-6x slower). So :func:`jaxopt_lab.kernels.grkan`
+bank conflicts (measured on an H200, BENCHMARKS.md: the forward takes 1.1-2.3x
+the Triton kernel's time, the backward 4-6x). So :func:`jaxopt_lab.kernels.grkan`
 keeps the Triton kernels as its GPU default while JAX ships them;
 ``impl="mosaic_gpu"`` selects these.
 """
