@@ -59,6 +59,7 @@ class Row:
 
 
 SECTIONS: dict[str, Callable[[Context], list[Row]]] = {}
+MOSAIC_GPU_SECTIONS = ("grkan",)  # kernels with a Mosaic GPU version (impl="mosaic_gpu")
 
 
 def section(name: str):
@@ -185,8 +186,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="small shapes (the default on CPU)")
     parser.add_argument("--only", choices=sorted(SECTIONS), action="append", help="run only these sections")
-    parser.add_argument("--impl", choices=["pallas", "interpret"], default=None,
-                        help="kernel implementation to time (default: pallas on GPU/TPU, interpret on CPU)")
+    parser.add_argument("--impl", choices=["pallas", "interpret", "mosaic_gpu"], default=None,
+                        help="kernel implementation to time (default: pallas on GPU/TPU, interpret on CPU; "
+                             "mosaic_gpu: the Mosaic GPU kernels, GR-KAN only)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--batch", type=int, default=10, help="calls dispatched back to back per timed round")
@@ -223,6 +225,9 @@ def main(argv=None) -> int:
     print(header)
     print("-" * len(header))
     for name in args.only or list(SECTIONS):
+        if impl == "mosaic_gpu" and name not in MOSAIC_GPU_SECTIONS:
+            print(f"{name}: no Mosaic GPU kernel yet, skipped")
+            continue
         for row in SECTIONS[name](ctx):
             bandwidth = row.bytes / row.seconds
             flop_rate = row.flops / row.seconds if row.flops else None

@@ -1,34 +1,48 @@
 #!/usr/bin/env bash
-# The GPU checks and figures BENCHMARKS.md still lacks, in one run on a GPU machine.
+# Every GPU check and figure of BENCHMARKS.md in one run on a GPU machine (one H200: about 7 minutes).
 #
-#   bash scripts/device_checks.sh [OUT_DIR]     # default: ./device_out
+#   bash scripts/device_checks.sh [OUT_DIR]     # default: $OUT, else ./device_out
 #
-# Needs jax (CUDA), optax, flax, chex, orbax-checkpoint and scikit-learn; the
-# package is used from the tree (PYTHONPATH), not installed. Each step has its
-# own time limit so one hang does not cost the others; every log lands in
-# OUT_DIR, and `summary.txt` there lists each step's exit status. The limits
-# add up to 570 s, inside one 10-minute call.
+# Needs jax (CUDA), optax, flax, chex, orbax-checkpoint, scikit-learn, tqdm, matplotlib;
+# tomli_w and tensorboardX too, for the main job (if the machine lacks them, put their
+# wheels in .whl/ first: `pip download --no-deps -d .whl tomli_w tensorboardX`; they
+# are installed from there). The package is used from the tree (PYTHONPATH), not
+# installed. Each step has its own time limit, so one hang does not cost the others;
+# every log lands in OUT_DIR and `summary.txt` lists each step's exit status.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-device_out}}"
 mkdir -p "$out"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/jaxopt_lab_site .whl/*.whl
+  export PYTHONPATH="/tmp/jaxopt_lab_site"
+fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# tests/conftest.py defaults to the CPU: name the GPU first
+export JAX_PLATFORMS=cuda,cpu XLA_PYTHON_CLIENT_PREALLOCATE=false
 
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
   echo "== $name: $*" | tee -a "$out/summary.txt"
   timeout "$limit" "$@" > "$out/$name.log" 2>&1
   local rc=$?
-  tail -n 40 "$out/$name.log"
+  tail -n 30 "$out/$name.log"
   echo "== $name: exit $rc" | tee -a "$out/summary.txt"
 }
 
-step env 30 python3 -c "import jax; print(jax.__version__, jax.devices())"
-# kernels against their references on the device (the GPU-only test included)
-step kernel_tests 180 python3 -m pytest tests/kernels -q
-# BENCHMARKS.md "Pallas kernels": bandwidth fraction and speedup over XLA
-step bench_kernels 180 python3 scripts/bench_kernels.py
-# BENCHMARKS.md "Simulated workers": several workers per device under shard_map, and vmap
-step bench_workers_shard_map 90 python3 scripts/bench_workers.py --mode shard_map --workers 8 64
-step bench_workers_vmap 90 python3 scripts/bench_workers.py --mode vmap --workers 1 8 64
+step env 30 bash -c "nvidia-smi --query-gpu=name,driver_version --format=csv; python3 -c 'import jax; print(jax.__version__, jax.devices())'"
+# kernels (Triton and Mosaic GPU) against their float64 / jnp references, compiled on the device
+step kernel_tests 90 python3 -m pytest tests/kernels -q -p no:cacheprovider
+# BENCHMARKS.md "Pallas kernels": KAT-B shapes (768 and 3072 channels), bf16 and fp32; the fused step
+step bench_kernels 120 bash -c "python3 scripts/bench_kernels.py --grkan-shape 64,197,768 \
+  && python3 scripts/bench_kernels.py --only grkan --grkan-shape 64,197,3072 \
+  && python3 scripts/bench_kernels.py --only grkan --grkan-shape 64,197,3072 --dtype float32 \
+  && python3 scripts/bench_kernels.py --only grkan --grkan-shape 64,197,3072 --impl mosaic_gpu \
+  && python3 scripts/bench_kernels.py --only grkan --grkan-shape 64,197,3072 --dtype float32 --impl mosaic_gpu"
+# block sizes per shape class: paste the BEST lines into grkan.TRITON_TUNED / lowrank_step.TRITON_STEP_TUNED
+step tune 120 python3 scripts/tune_kernels.py --budget 12 --repeats 5 --out "$out/tuned.json"
+# BENCHMARKS.md "Simulated workers" and "The main job on one GPU"
+step workers 45 bash -c "python3 scripts/bench_workers.py --mode vmap --workers 1 8 64 \
+  && python3 scripts/bench_workers.py --mode shard_map --workers 8 64"
+step main_job 90 python3 scripts/bench_main_job.py --repeats 20
 cat "$out/summary.txt"
