@@ -16,7 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxopt_lab.lowrank.projectors.base import Projector, project_onto
+from jaxopt_lab.lowrank.projectors.base import Projector, matmul, project_onto
 
 
 class DCTState(NamedTuple):
@@ -42,7 +42,7 @@ def dct_projector() -> Projector:
     def init(grad, rank, key):
         del key
         d = grad.shape[0]
-        scores = jnp.linalg.norm(dct_matrix(d).T @ grad.astype(jnp.float32), axis=1)
+        scores = jnp.linalg.norm(matmul(dct_matrix(d).T, grad.astype(jnp.float32)), axis=1)
         _, idx = jax.lax.top_k(scores, rank)
         return DCTState(idx.astype(jnp.int32))
 
@@ -51,7 +51,7 @@ def dct_projector() -> Projector:
         return project_onto(dct_columns(grad.shape[0], state.indices, grad.dtype), grad)
 
     def project_back(state, low, d):
-        return dct_columns(d, state.indices, low.dtype) @ low
+        return matmul(dct_columns(d, state.indices, low.dtype), low)
 
     def leading_vector(state, d, rank):
         return dct_columns(d, state.indices[:1])[:, 0]

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxopt_lab.lowrank.projectors.base import Projector, project_onto
+from jaxopt_lab.lowrank.projectors.base import Projector, matmul, project_onto
 
 
 class RandomState(NamedTuple):
@@ -37,7 +37,7 @@ def random_projector() -> Projector:
         return project_onto(random_matrix(state, grad.shape[0], rank, grad.dtype), grad)
 
     def project_back(state, low, d):
-        return random_matrix(state, d, low.shape[0], low.dtype) @ low
+        return matmul(random_matrix(state, d, low.shape[0], low.dtype), low)
 
     def leading_vector(state, d, rank):
         raise ValueError("a random projection has no leading singular vector (lazy refresh needs an SVD projector)")

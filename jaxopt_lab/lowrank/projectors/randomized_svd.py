@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxopt_lab.lowrank.projectors.base import Projector, basis_projector, project_onto
+from jaxopt_lab.lowrank.projectors.base import Projector, basis_projector, matmul, project_onto
 from jaxopt_lab.lowrank.projectors.svd import canonical_signs, top_eigenvectors
 
 
@@ -34,12 +34,12 @@ def randomized_svd_projector(oversample: int = 8, power_iterations: int = 2) -> 
         d, k = g.shape
         width = min(rank + oversample, d, k)
         omega = jax.random.normal(key, (k, width), jnp.float32)
-        q, _ = jnp.linalg.qr(g @ omega)
+        q, _ = jnp.linalg.qr(matmul(g, omega))
         for _ in range(power_iterations):
             z, _ = jnp.linalg.qr(project_onto(q, g).T)  # Gᵀ Q
-            q, _ = jnp.linalg.qr(g @ z)
+            q, _ = jnp.linalg.qr(matmul(g, z))
         b = project_onto(q, g)  # B = Qᵀ G, (r + p) × k
-        u_small = top_eigenvectors(b @ b.T, width)
-        return canonical_signs((q @ u_small)[:, :rank])
+        u_small = top_eigenvectors(matmul(b, b.T), width)
+        return canonical_signs(matmul(q, u_small)[:, :rank])
 
     return basis_projector("randomized_svd", compute)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jaxopt_lab.lowrank.projectors.base import Projector, basis_projector
+from jaxopt_lab.lowrank.projectors.base import Projector, basis_projector, matmul
 
 METHODS = ("auto", "svd", "gram")
 
@@ -49,7 +49,7 @@ def top_left_singular_vectors(grad, rank, method: str = "auto"):
     """U[:, :rank] of ``grad`` (d × k, float32) by ``method`` (see the module docstring), signs not fixed."""
     d, k = grad.shape
     if method == "gram" or (method == "auto" and d <= k):
-        return top_eigenvectors(grad @ grad.T, rank)
+        return top_eigenvectors(matmul(grad, grad.T), rank)
     u, _, _ = jnp.linalg.svd(grad, full_matrices=False)
     return u[:, :rank]
 
