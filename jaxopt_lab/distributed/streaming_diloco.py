@@ -48,21 +48,87 @@ def balanced_fragments(sizes: Sequence[int], num_fragments: int) -> list[list[in
     return [list(range(cuts[p], cuts[p + 1])) for p in range(num_fragments)]
 
 
+FRAGMENT_PATTERNS = ("strided", "contiguous")
+
+
+def _block_key(path) -> tuple | None:
+    """The path prefix that names the block a leaf belongs to: up to its first integer key, or None."""
+    for depth, key in enumerate(path):
+        index = getattr(key, "idx", getattr(key, "key", None))
+        if isinstance(index, int) and not isinstance(index, bool):
+            return tuple(path[: depth + 1])
+    return None
+
+
+def strided_fragments(paths: Sequence[tuple], num_fragments: int) -> list[list[int]]:
+    r"""The paper's strided pattern: transformer block i goes to fragment :math:`i \bmod P`.
+
+    A *block* is every leaf under one integer key of the tree (an ``nnx.List``
+    or Python list element: ``blocks/3/...``), numbered in tree order. Leaves
+    outside any block (embeddings, final norm, head) are units of their own
+    and continue the stride after the blocks: unit k (blocks first, then those
+    leaves in tree order) goes to fragment :math:`k \bmod P`. A tree without
+    integer keys is thus split leaf by leaf, round robin.
+
+    Args:
+      paths: the key paths of the leaves, in tree order (``jax.tree_util.tree_flatten_with_path``).
+      num_fragments: P.
+
+    Returns:
+      P lists of leaf indices, each in tree order.
+    """
+    blocks: dict[tuple, list[int]] = {}
+    loose: list[list[int]] = []
+    for i, path in enumerate(paths):
+        key = _block_key(path)
+        if key is None:
+            loose.append([i])
+        else:
+            blocks.setdefault(key, []).append(i)
+    units = list(blocks.values()) + loose
+    if num_fragments > len(units):
+        raise ValueError(
+            f"num_fragments={num_fragments} is more than the {len(units)} units of the strided pattern "
+            f"({len(blocks)} blocks and {len(loose)} parameter tensors outside a block)"
+        )
+    groups: list[list[int]] = [[] for _ in range(num_fragments)]
+    for k, unit in enumerate(units):
+        groups[k % num_fragments].extend(unit)
+    return [sorted(g) for g in groups]
+
+
+def fragment_assignment(params: Any, num_fragments: int, pattern: str = "strided") -> list[list[int]]:
+    """Which leaves of ``params`` (indices in ``jax.tree.leaves`` order) form each of the P fragments.
+
+    ``"strided"``: :func:`strided_fragments` (the paper's choice); ``"contiguous"``:
+    :func:`balanced_fragments` (consecutive leaves, balanced by size).
+    """
+    if pattern not in FRAGMENT_PATTERNS:
+        raise ValueError(f"fragment_pattern must be one of {FRAGMENT_PATTERNS}, got {pattern!r}")
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    if pattern == "strided":
+        return strided_fragments([path for path, _ in flat], num_fragments)
+    return balanced_fragments([max(1, int(np.prod(np.shape(x)))) for _, x in flat], num_fragments)
+
+
 def streaming_diloco(
     inner: optax.GradientTransformation | None = None,
     outer: optax.GradientTransformation | None = None,
     sync_every: int = 100,
     num_fragments: int = 4,
     overlap: int = 0,
-    merge_alpha: float = 0.5,
+    merge_alpha: float | None = None,
+    fragment_pattern: str = "strided",
     compressor: Any = None,
     seed: int = 0,
     axis_name: AxisName = "workers",
 ) -> optax.GradientTransformation:
     r"""Streaming DiLoCo for one worker of a named worker axis.
 
-    The parameter leaves are split into P = ``num_fragments`` fragments (in
-    tree order, balanced by size). Fragment p is synchronized every H =
+    The parameters are split into P = ``num_fragments`` fragments, by default
+    in the paper's strided pattern (transformer block i in fragment i mod P,
+    see :func:`strided_fragments`; ``fragment_pattern="contiguous"``: runs of
+    consecutive leaves balanced by size, :func:`balanced_fragments`). Fragment p is synchronized every H =
     ``sync_every`` steps at offset :math:`t_p = p\,H/P`, so the all-reduces of
     the fragments are spread over the H steps instead of all at once. At a
     synchronization of fragment p at step t:
@@ -77,7 +143,9 @@ def streaming_diloco(
 
     .. math:: \theta_{w,p} \leftarrow \alpha\,\theta_{w,p}^{(t+\tau)} + (1-\alpha)\,\theta^g_p .
 
-    With P = 1, τ = 0, α = 0 and no compressor this is DiLoCo (tested).
+    Without overlap (τ = 0) the default α is 0: the worker takes the new
+    global fragment, as in DiLoCo; with overlap it is 0.5, the paper's mixing
+    factor. With P = 1, τ = 0 and no compressor this is DiLoCo (tested).
 
     Bytes: each fragment synchronization adds the compressor's payload bytes
     (``tree_bytes`` of the fragment without one).
@@ -88,7 +156,9 @@ def streaming_diloco(
       sync_every: H.
       num_fragments: P; must divide H.
       overlap: τ, inner steps between sending a fragment and merging its result; τ < H/P.
-      merge_alpha: α, the weight of the local parameters in the merge.
+      merge_alpha: α, the weight of the local parameters in the merge; None:
+        0 without overlap, 0.5 with it.
+      fragment_pattern: ``"strided"`` (the paper's, default) or ``"contiguous"``.
       compressor: a ``jaxopt_lab.distributed.compression`` compressor applied to
         the outer gradient before the all-reduce, or None.
       seed: seed of the stochastic-rounding key (folded with step and worker index).
@@ -101,8 +171,12 @@ def streaming_diloco(
         raise ValueError(f"num_fragments={num_fragments} must divide sync_every={sync_every}")
     if not isinstance(overlap, int) or isinstance(overlap, bool) or not 0 <= overlap < sync_every // num_fragments:
         raise ValueError(f"overlap must be an int in [0, H/P = {sync_every // num_fragments}), got {overlap!r}")
+    if merge_alpha is None:
+        merge_alpha = 0.5 if overlap else 0.0
     if isinstance(merge_alpha, bool) or not isinstance(merge_alpha, (int, float)) or not 0.0 <= merge_alpha <= 1.0:
         raise ValueError(f"merge_alpha must be a number in [0, 1], got {merge_alpha!r}")
+    if fragment_pattern not in FRAGMENT_PATTERNS:
+        raise ValueError(f"fragment_pattern must be one of {FRAGMENT_PATTERNS}, got {fragment_pattern!r}")
     if compressor is not None and not hasattr(compressor, "compress"):
         raise ValueError(f"compressor must be a jaxopt_lab.distributed.compression compressor, got {compressor!r}")
     inner = diloco_inner() if inner is None else inner
@@ -111,8 +185,7 @@ def streaming_diloco(
 
     def fragments_of(tree):
         leaves, treedef = jax.tree.flatten(tree)
-        groups = balanced_fragments([max(1, int(np.prod(x.shape))) for x in leaves], num_fragments)
-        return leaves, treedef, groups
+        return leaves, treedef, fragment_assignment(tree, num_fragments, fragment_pattern)
 
     def init_fn(params):
         leaves, _, groups = fragments_of(params)
