@@ -16,6 +16,7 @@ import optax
 
 from jaxopt_lab.distributed.accounting import ByteCount, add_bytes, tree_bytes, zero_bytes
 from jaxopt_lab.distributed.diloco import diloco_inner, diloco_outer
+from jaxopt_lab.distributed.sync import NO_SYNC, check_sync
 
 AxisName = Any
 
@@ -28,6 +29,7 @@ class StreamingDiLoCoState(NamedTuple):
     compressor_states: tuple  # one compressor state per fragment (error feedback etc.)
     key: jax.Array  # for stochastic rounding
     bytes_sent: ByteCount
+    next_sync: jax.Array  # int32: the fragment the next update synchronizes, or -1 (see distributed.sync)
 
 
 def balanced_fragments(sizes: Sequence[int], num_fragments: int) -> list[list[int]]:
@@ -150,6 +152,15 @@ def streaming_diloco(
     Bytes: each fragment synchronization adds the compressor's payload bytes
     (``tree_bytes`` of the fragment without one).
 
+    Synchronization decided on the host: ``update(..., sync=p)`` (a static
+    Python int) compiles the step that synchronizes fragment p, ``sync=-1`` (or
+    ``False``) a step with no collective and no outer step; the default
+    ``None`` decides in the graph (one ``lax.cond`` per fragment; under ``vmap``
+    every fragment's all-reduce runs on every step). ``state.next_sync`` names
+    the fragment the next update synchronizes; see
+    :mod:`jaxopt_lab.distributed.sync`. Merges τ > 0 steps after a send stay
+    in the graph (a select per fragment, no collective).
+
     Args:
       inner: each worker's optimizer (default AdamW as in DiLoCo).
       outer: outer optimizer, one state per fragment (default Nesterov SGD 0.7, 0.9).
@@ -187,6 +198,10 @@ def streaming_diloco(
         leaves, treedef = jax.tree.flatten(tree)
         return leaves, treedef, fragment_assignment(tree, num_fragments, fragment_pattern)
 
+    def next_sync_after(step):
+        r = (step + 1) % sync_every  # fragment p synchronizes when t % H == p·H/P (t >= 1)
+        return jnp.where(r % spacing == 0, r // spacing, NO_SYNC).astype(jnp.int32)
+
     def init_fn(params):
         leaves, _, groups = fragments_of(params)
         parts = [[leaves[i] for i in g] for g in groups]
@@ -198,6 +213,7 @@ def streaming_diloco(
             compressor_states=tuple(compressor.init(p) if compressor else () for p in parts),
             key=jax.random.key_data(jax.random.key(seed)),
             bytes_sent=zero_bytes(),
+            next_sync=next_sync_after(jnp.zeros((), jnp.int32)),
         )
 
     def all_reduce(delta, comp_state, key, step):
@@ -207,9 +223,11 @@ def streaming_diloco(
 
         return compressed_pmean(delta, comp_state, key, step, compressor, axis_name)
 
-    def update_fn(grads, state, params=None):
+    def update_fn(grads, state, params=None, *, sync=None, **extra_args):
+        del extra_args
         if params is None:
             raise ValueError("streaming_diloco needs params: call update(grads, state, params)")
+        sync = check_sync(sync, num_fragments, "streaming_diloco")
         inner_updates, inner_state = inner.update(grads, state.inner_state, params)
         local = optax.apply_updates(params, inner_updates)
         step = state.step + 1
@@ -219,6 +237,7 @@ def streaming_diloco(
         sent = state.bytes_sent
         key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.key), step),
                                  jax.lax.axis_index(axis_name))
+        touched = set()  # leaves the step may change beyond the inner update
         for p, group in enumerate(groups):
             offset = p * spacing
             anchor_p = [anchor_leaves[i] for i in group]
@@ -231,21 +250,33 @@ def streaming_diloco(
                 upd, outer_state = outer.update(mean, outer_state, anchor_p)
                 return optax.apply_updates(anchor_p, upd), outer_state, comp_state, add_bytes(sent, nbytes)
 
-            due = (step % sync_every == offset % sync_every) & (step >= max(offset, 1))
-            anchor_p, outer_states[p], comp_states[p], sent = jax.lax.cond(
-                due, synchronize, lambda c: c, (anchor_p, outer_states[p], comp_states[p], sent)
-            )
+            carry = (anchor_p, outer_states[p], comp_states[p], sent)
+            if sync is None:  # decided in the graph (under vmap: every fragment's all-reduce runs)
+                due = (step % sync_every == offset % sync_every) & (step >= max(offset, 1))
+                carry = jax.lax.cond(due, synchronize, lambda c: c, carry)
+            elif sync == p:  # decided by the caller, at trace time
+                carry = synchronize(carry)
+            anchor_p, outer_states[p], comp_states[p], sent = carry
             for i, a in zip(group, anchor_p):
                 anchor_leaves[i] = a
-            merge = ((step - overlap) % sync_every == offset % sync_every) & (step - overlap >= max(offset, 1))
+            if sync is not None and overlap == 0:  # the merge is the synchronization's own step
+                if sync != p:
+                    continue
+                merge = True
+            else:
+                merge = ((step - overlap) % sync_every == offset % sync_every) & (step - overlap >= max(offset, 1))
+            touched.update(group)
             for i in group:
                 merged = merge_alpha * local_leaves[i] + (1 - merge_alpha) * anchor_leaves[i]
                 local_leaves[i] = jnp.where(merge, merged.astype(local_leaves[i].dtype), local_leaves[i])
-        new_params = jax.tree.unflatten(treedef, local_leaves)
-        updates = jax.tree.map(lambda n, p: n - p, new_params, params)
-        return updates, StreamingDiLoCoState(
+        param_leaves = jax.tree.leaves(params)
+        update_leaves = [  # leaves left alone get the inner update as it is (exact, no extra pass)
+            local_leaves[i] - param_leaves[i] if i in touched else jnp.asarray(u, param_leaves[i].dtype)
+            for i, u in enumerate(jax.tree.leaves(inner_updates))
+        ]
+        return jax.tree.unflatten(treedef, update_leaves), StreamingDiLoCoState(
             step, jax.tree.unflatten(treedef, anchor_leaves), inner_state, tuple(outer_states), tuple(comp_states),
-            state.key, sent,
+            state.key, sent, next_sync_after(step),
         )
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

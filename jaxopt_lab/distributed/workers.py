@@ -11,13 +11,16 @@ runner decides how the W workers are laid out:
   since the mesh is built from the global device list.
 
 Every argument and result of the mapped step carries a leading worker axis of
-size W. With k > 1 workers per device the collectives run over two names,
+size W. Methods that synchronize every few steps run through :meth:`WorkerRunner.map_sync`,
+which decides on the host whether a step synchronizes and calls one of two
+compiled programs (see :mod:`jaxopt_lab.distributed.sync`). With k > 1 workers per device the collectives run over two names,
 ``("devices", "workers")``; build the methods with ``axis_name=runner.axis_name``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,6 +30,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxopt_lab._compat import shard_map
+from jaxopt_lab.distributed.sync import agreed_sync, sync_flags
 
 MODES = ("vmap", "shard_map")
 
@@ -97,6 +101,19 @@ class WorkerRunner:
             per_device = jax.vmap(step, axis_name="workers")
         return jax.jit(shard_map(per_device, mesh=mesh, in_specs=spec, out_specs=spec))
 
+    def map_sync(self, step: Callable[..., Any]) -> "SyncedStep":
+        """Like :meth:`map` for a ``step(*args, sync=...)`` that passes ``sync`` to a periodic transform.
+
+        The result, called with the worker-stacked ``args``, reads the
+        ``next_sync`` flags of the states among them on the host and runs the
+        program compiled for that value (one per value: two for DiLoCo and
+        local SGD, P + 1 for Streaming DiLoCo), so a step that does not
+        synchronize has no collective across workers and no outer step. Pass
+        ``sync=`` to the call to choose yourself. Arguments without flags: the
+        in-graph decision (``sync=None``).
+        """
+        return SyncedStep(self, step)
+
     def put(self, tree: Any) -> Any:
         """Place a host tree whose leaves have a leading worker axis of size W.
 
@@ -125,3 +142,25 @@ class WorkerRunner:
     def replicate(self, tree: Any) -> Any:
         """Stack W copies of a single-worker tree (host side) along a new leading axis."""
         return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (self.num_workers,) + np.shape(x)).copy(), tree)
+
+
+class SyncedStep:
+    """A per-worker step compiled once per static ``sync`` value; see :meth:`WorkerRunner.map_sync`."""
+
+    def __init__(self, runner: WorkerRunner, step: Callable[..., Any]):
+        self.runner, self.step = runner, step
+        self._compiled: dict[Any, Callable[..., Any]] = {}
+
+    def program(self, sync: int | None) -> Callable[..., Any]:
+        """The jitted, mapped program for one static ``sync`` value."""
+        if sync not in self._compiled:
+            self._compiled[sync] = self.runner.map(functools.partial(self.step, sync=sync))
+        return self._compiled[sync]
+
+    def next_sync(self, *args: Any) -> int | None:
+        """What the next step synchronizes, from the flags in ``args`` (read on the host)."""
+        flags = sync_flags(args)
+        return agreed_sync(self.runner.get(flags)) if flags else None
+
+    def __call__(self, *args: Any, sync: Any = "auto") -> Any:
+        return self.program(self.next_sync(*args) if sync == "auto" else sync)(*args)

@@ -9,6 +9,7 @@ writes the same metrics, step for step, as one that was never interrupted.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -94,19 +95,24 @@ def make_train_step(graphdef: Any, rest: Any, tx: optax.GradientTransformation, 
     ``xs``/``ys`` have a leading axis of ``train.grad_accum`` micro-batches; the
     transformation (wrapped in ``optax.MultiSteps`` when k > 1) sees each
     micro-batch gradient in turn and applies one update after the k-th.
+    ``sync`` (static) is passed to ``tx.update`` when given: the host's decision
+    for a periodically synchronizing method (see ``jaxopt_lab.distributed.sync``).
     """
 
     loss_fn = make_loss_fn(graphdef, rest, task, loss)
 
-    def micro_step(carry, batch):
+    def micro_step(carry, batch, sync=None):
         params, opt_state = carry
         grads, metrics = jax.grad(loss_fn, has_aux=True)(params, *batch)
-        updates, opt_state = tx.update(grads, opt_state, params)
+        extra = {} if sync is None else {"sync": sync}
+        updates, opt_state = tx.update(grads, opt_state, params, **extra)
         metrics["grad_norm"] = optax.tree.norm(grads)
         return (optax.apply_updates(params, updates), opt_state), metrics
 
-    def train_step(state: TrainState, xs, ys):
-        (params, opt_state), metrics = jax.lax.scan(micro_step, (state.params, state.opt_state), (xs, ys))
+    def train_step(state: TrainState, xs, ys, sync=None):
+        (params, opt_state), metrics = jax.lax.scan(
+            functools.partial(micro_step, sync=sync), (state.params, state.opt_state), (xs, ys)
+        )
         metrics = jax.tree.map(lambda m: m.mean(axis=0), metrics)
         return TrainState(state.step + 1, params, opt_state, state.batch_size), metrics
 
@@ -172,7 +178,9 @@ class Trainer:
             self.train_step = jax.jit(step)
             self.initial = initial
         else:  # every leaf gains a leading worker axis
-            self.train_step = self.runner.map(step)
+            # a method that synchronizes every few steps: the host picks, from the flags in the
+            # state, the compiled step with or without the synchronization (no collective otherwise)
+            self.train_step = self.runner.map_sync(step)
             self.initial = self.runner.put(self.runner.replicate(initial))
             self._mean_params = jax.jit(lambda p: jax.tree.map(lambda x: x.mean(axis=0), p))
         self.checkpoints = Checkpointer(run_dir, keep=self.cfg.checkpoint.keep)
