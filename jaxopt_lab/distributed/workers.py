@@ -85,10 +85,16 @@ class WorkerRunner:
         name = "devices" if self.workers_per_device > 1 else "workers"
         return Mesh(np.asarray(self.devices), (name,))
 
-    def map(self, step: Callable[..., Any]) -> Callable[..., Any]:
-        """Jit ``step`` (written for one worker) over the worker axis of its arguments."""
+    def map(self, step: Callable[..., Any], donate_argnums: int | Sequence[int] = ()) -> Callable[..., Any]:
+        """Jit ``step`` (written for one worker) over the worker axis of its arguments.
+
+        ``donate_argnums`` (as in ``jax.jit``) lets outputs reuse the buffers of
+        those arguments, which the caller must not use again: state that a step
+        passes through unchanged (DiLoCo's anchor and outer momentum between
+        synchronizations) then costs no copy.
+        """
         if self.mode == "vmap":
-            return jax.jit(jax.vmap(step, axis_name="workers"))
+            return jax.jit(jax.vmap(step, axis_name="workers"), donate_argnums=donate_argnums)
         mesh = self.mesh
         spec = PartitionSpec(mesh.axis_names[0])
         if self.workers_per_device == 1:
@@ -99,9 +105,9 @@ class WorkerRunner:
 
         else:
             per_device = jax.vmap(step, axis_name="workers")
-        return jax.jit(shard_map(per_device, mesh=mesh, in_specs=spec, out_specs=spec))
+        return jax.jit(shard_map(per_device, mesh=mesh, in_specs=spec, out_specs=spec), donate_argnums=donate_argnums)
 
-    def map_sync(self, step: Callable[..., Any]) -> "SyncedStep":
+    def map_sync(self, step: Callable[..., Any], donate_argnums: int | Sequence[int] = ()) -> "SyncedStep":
         """Like :meth:`map` for a ``step(*args, sync=...)`` that passes ``sync`` to a periodic transform.
 
         The result, called with the worker-stacked ``args``, reads the
@@ -111,8 +117,14 @@ class WorkerRunner:
         synchronize has no collective across workers and no outer step. Pass
         ``sync=`` to the call to choose yourself. Arguments without flags: the
         in-graph decision (``sync=None``).
+
+        Reading the flags waits for the previous step to finish. A loop that
+        reads its metrics every step (the trainer) loses nothing by it; one
+        that otherwise never waits keeps its dispatch asynchronous by passing
+        ``sync=`` itself, from its own step counter. ``donate_argnums``: as in
+        :meth:`map`.
         """
-        return SyncedStep(self, step)
+        return SyncedStep(self, step, donate_argnums)
 
     def put(self, tree: Any) -> Any:
         """Place a host tree whose leaves have a leading worker axis of size W.
@@ -147,14 +159,14 @@ class WorkerRunner:
 class SyncedStep:
     """A per-worker step compiled once per static ``sync`` value; see :meth:`WorkerRunner.map_sync`."""
 
-    def __init__(self, runner: WorkerRunner, step: Callable[..., Any]):
-        self.runner, self.step = runner, step
+    def __init__(self, runner: WorkerRunner, step: Callable[..., Any], donate_argnums: int | Sequence[int] = ()):
+        self.runner, self.step, self.donate_argnums = runner, step, donate_argnums
         self._compiled: dict[Any, Callable[..., Any]] = {}
 
     def program(self, sync: int | None) -> Callable[..., Any]:
         """The jitted, mapped program for one static ``sync`` value."""
         if sync not in self._compiled:
-            self._compiled[sync] = self.runner.map(functools.partial(self.step, sync=sync))
+            self._compiled[sync] = self.runner.map(functools.partial(self.step, sync=sync), self.donate_argnums)
         return self._compiled[sync]
 
     def next_sync(self, *args: Any) -> int | None:
