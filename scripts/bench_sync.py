@@ -1,6 +1,6 @@
 """Cost of a DiLoCo inner step against the plain per-worker step, before and after the host decision.
 
-    python scripts/bench_sync.py [--workers 8] [--mode vmap|shard_map] [--batch 8] [--steps 10] [--repeats 15]
+    python scripts/bench_sync.py [--workers 8] [--mode vmap|shard_map] [--batch 8] [--steps 10] [--repeats 15] [--rows REGEX]
 
 W workers each train the nano GPT (2 blocks, width 128, context 64, vocab
 256) with AdamW on their own random tokens. Every program is the same
@@ -29,6 +29,7 @@ gives the median time per step and its ratio to the plain step of the same run.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import time
 
@@ -48,6 +49,7 @@ def main():
     ap.add_argument("--batch", type=int, default=8, help="sequences per worker per step")
     ap.add_argument("--steps", type=int, default=10, help="chained steps per timed repeat")
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--rows", default="", help="regular expression: time only the rows it finds (plain always)")
     args = ap.parse_args()
     w = args.workers
     runner = WorkerRunner(w, args.mode)
@@ -91,6 +93,7 @@ def main():
         "DiLoCo, host, no sync, donated": (runner.map(make_step(dil, sync=False), donate_argnums=(0, 1)), dil),
         "Streaming P=2, host, no sync, donated": (runner.map(make_step(sdil, sync=-1), donate_argnums=(0, 1)), sdil),
     }
+    rows = {k: v for k, v in rows.items() if k == "plain AdamW" or re.search(args.rows, k)}
     states = {}
     for name, (fn, tx) in rows.items():
         state = runner.put(runner.replicate((params, jax.tree.map(np.asarray, tx.init(params)))))
