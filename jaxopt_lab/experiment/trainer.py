@@ -179,8 +179,11 @@ class Trainer:
             self.initial = initial
         else:  # every leaf gains a leading worker axis
             # a method that synchronizes every few steps: the host picks, from the flags in the
-            # state, the compiled step with or without the synchronization (no collective otherwise)
-            self.train_step = self.runner.map_sync(step)
+            # state, the compiled step with or without the synchronization (no collective otherwise).
+            # The state is donated, so what a step passes through (DiLoCo's anchor and outer
+            # momentum between synchronizations) is not copied; orbax copies a checkpoint to the
+            # host before save() returns, so the next step may reuse those buffers.
+            self.train_step = self.runner.map_sync(step, donate_argnums=(0,))
             self.initial = self.runner.put(self.runner.replicate(initial))
             self._mean_params = jax.jit(lambda p: jax.tree.map(lambda x: x.mean(axis=0), p))
         self.checkpoints = Checkpointer(run_dir, keep=self.cfg.checkpoint.keep)
@@ -253,6 +256,8 @@ class Trainer:
         t = cfg.train
         start = self.checkpoints.latest_step() if resume else None
         state = self.restore() if start is not None else self.initial
+        if self.runner is not None:  # the steps donate their input state: keep self.initial intact
+            state = jax.tree.map(jnp.copy, state)
         start = start or 0
         log = MetricsLog(self.run_dir, start_step=start, tensorboard=cfg.logging.tensorboard)
         elapsed = (log.last or {}).get("wall_time", 0.0)

@@ -3,6 +3,7 @@
 
 import pytest
 
+from jaxopt_lab.distributed import communicated_bytes
 from jaxopt_lab.experiment import build as build_lib
 from jaxopt_lab.experiment import config as config_lib
 from jaxopt_lab.experiment import trainer
@@ -85,9 +86,13 @@ def test_trainer_decides_synchronization_on_the_host(tmp_path, monkeypatch):
     method = {"name": "diloco", "sync_every": 2, "inner": {"name": "adamw", "learning_rate": 1e-3}}
     config = cfg(method, {"count": 4})
     config = config_lib.from_dict(config_lib.apply_overrides(config.to_dict(), ["train.grad_accum=2"]))
-    host = trainer.Trainer(build_lib.build(config), str(tmp_path / "host"))
+    host = trainer.Trainer(build_lib.build(
+        config_lib.from_dict(config_lib.apply_overrides(config.to_dict(), ["checkpoint.every=2"]))), str(tmp_path / "host"))
     host.fit()
     assert set(host.train_step._compiled) == {-1, 0}  # the no-sync and the sync program, nothing else
+    # the state is donated step to step: a checkpoint saved before the next step still holds its step's state
+    saved, _ = host.checkpoints.restore(4, host.initial)
+    assert int(saved.step[0]) == 4 and communicated_bytes(saved.opt_state)[0] == 4 * MLP_PARAMS * 2
     monkeypatch.setattr(SyncedStep, "next_sync", lambda self, *args: None)  # the in-graph decision
     graph = trainer.Trainer(build_lib.build(config), str(tmp_path / "graph"))
     graph.fit()
