@@ -96,13 +96,14 @@ def diloco(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs
-      ``params`` and takes the optional extra arguments ``present`` and ``sync``.
+      ``params`` and takes the optional extra arguments ``present`` and ``sync``;
+      any other extra argument (e.g. a low-rank optimizer's ``refresh``) goes to ``inner``.
     """
     if not isinstance(sync_every, int) or isinstance(sync_every, bool) or sync_every < 1:
         raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
     if compressor is not None and not hasattr(compressor, "compress"):
         raise ValueError(f"compressor must be a jaxopt_lab.distributed.compression compressor, got {compressor!r}")
-    inner = diloco_inner() if inner is None else inner
+    inner = optax.with_extra_args_support(diloco_inner() if inner is None else inner)
     outer = diloco_outer() if outer is None else outer
 
     def next_sync_after(step):
@@ -121,13 +122,12 @@ def diloco(
         )
 
     def update_fn(grads, state, params=None, *, present=None, sync=None, **extra_args):
-        del extra_args
         sync = check_sync(sync, 1, "diloco")
         if params is None:
             raise ValueError("diloco needs params: call update(grads, state, params)")
         if present is not None and compressor is not None:
             raise ValueError("diloco: present (absent workers) is not supported together with a compressor")
-        inner_updates, inner_state = inner.update(grads, state.inner_state, params)
+        inner_updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
         step = state.step + 1
 
         def synchronize(_):

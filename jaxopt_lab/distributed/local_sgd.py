@@ -89,6 +89,7 @@ def local_sgd(
         raise ValueError("learning_rate and warmup_steps are QSR's: set qsr_beta too, or leave them out")
     if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 0:
         raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+    inner = optax.with_extra_args_support(inner)
     lr = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
 
     def period_at(step):
@@ -105,11 +106,10 @@ def local_sgd(
         return LocalSGDState(zero, zero, period, inner.init(params), zero_bytes(), next_sync_after(zero, period))
 
     def update_fn(grads, state, params=None, *, sync=None, **extra_args):
-        del extra_args
         if params is None:
             raise ValueError("local_sgd needs params: call update(grads, state, params)")
         sync = check_sync(sync, 1, "local_sgd")
-        inner_updates, inner_state = inner.update(grads, state.inner_state, params)
+        inner_updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
         step, since = state.step + 1, state.since_sync + 1
 
         def synchronize(_):

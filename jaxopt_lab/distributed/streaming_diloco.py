@@ -190,7 +190,7 @@ def streaming_diloco(
         raise ValueError(f"fragment_pattern must be one of {FRAGMENT_PATTERNS}, got {fragment_pattern!r}")
     if compressor is not None and not hasattr(compressor, "compress"):
         raise ValueError(f"compressor must be a jaxopt_lab.distributed.compression compressor, got {compressor!r}")
-    inner = diloco_inner() if inner is None else inner
+    inner = optax.with_extra_args_support(diloco_inner() if inner is None else inner)
     outer = diloco_outer() if outer is None else outer
     spacing = sync_every // num_fragments
 
@@ -224,11 +224,10 @@ def streaming_diloco(
         return compressed_pmean(delta, comp_state, key, step, compressor, axis_name)
 
     def update_fn(grads, state, params=None, *, sync=None, **extra_args):
-        del extra_args
         if params is None:
             raise ValueError("streaming_diloco needs params: call update(grads, state, params)")
         sync = check_sync(sync, num_fragments, "streaming_diloco")
-        inner_updates, inner_state = inner.update(grads, state.inner_state, params)
+        inner_updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
         local = optax.apply_updates(params, inner_updates)
         step = state.step + 1
         local_leaves, treedef, groups = fragments_of(local)

@@ -27,6 +27,13 @@ So the decision is made on the host, between two compiled programs:
 
 Deciding on the host also avoids what a real (unbatched) ``cond`` costs: the
 copy of the state its two branches return.
+
+The same holds for the low-rank optimizers' projector refresh (GaLore, Fira,
+Q-GaLore, APOLLO as the inner optimizer of a worker-axis method): their
+``update(..., refresh=False)`` traces no decomposition, and
+:func:`static_decisions` passes it when no projector in the tree is due
+(``count < next_refresh``); on a step where one is due the in-graph decision
+runs.
 """
 
 from __future__ import annotations
@@ -75,6 +82,31 @@ def agreed_sync(flags: list[Any]) -> int | None:
             f"and their workers): one compiled step can take one decision; pass sync= explicitly"
         )
     return values.pop()
+
+
+def _is_low_rank(x: Any) -> bool:
+    return isinstance(x, tuple) and hasattr(x, "_fields") and {"count", "next_refresh"} <= set(x._fields)
+
+
+def refresh_counters(tree: Any) -> list[tuple[jax.Array, jax.Array]]:
+    """``(count, next_refresh)`` of every low-rank state in ``tree`` (a projector is due when count >= next)."""
+    return [(node.count, node.next_refresh) for node in jax.tree.leaves(tree, is_leaf=_is_low_rank)
+            if _is_low_rank(node)]
+
+
+def static_decisions(flags: list[Any], counters: list[tuple[Any, Any]]) -> dict[str, Any]:
+    """The static extra arguments the next update needs, from host copies of :func:`sync_flags` and
+    :func:`refresh_counters`: ``sync`` if there are flags, ``refresh=False`` if there are low-rank
+    states and none of their projectors is due (else nothing: decided in the graph)."""
+    out: dict[str, Any] = {}
+    sync = agreed_sync(flags)
+    if sync is not None:
+        out["sync"] = sync
+    if counters and not any(
+        np.any(np.asarray(count)[..., None] >= np.asarray(nxt)) for count, nxt in counters
+    ):
+        out["refresh"] = False
+    return out
 
 
 def check_sync(sync: Any, units: int, name: str) -> int | None:

@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxopt_lab._compat import shard_map
-from jaxopt_lab.distributed.sync import agreed_sync, sync_flags
+from jaxopt_lab.distributed.sync import refresh_counters, static_decisions, sync_flags
 
 MODES = ("vmap", "shard_map")
 
@@ -157,22 +157,31 @@ class WorkerRunner:
 
 
 class SyncedStep:
-    """A per-worker step compiled once per static ``sync`` value; see :meth:`WorkerRunner.map_sync`."""
+    """A per-worker step compiled once per set of static decisions; see :meth:`WorkerRunner.map_sync`.
+
+    ``step(*args, **decisions)`` receives ``sync`` (what a periodic method
+    synchronizes) and ``refresh=False`` (no low-rank projector due) when the
+    states in ``args`` call for them, and passes them on to ``tx.update``.
+    """
 
     def __init__(self, runner: WorkerRunner, step: Callable[..., Any], donate_argnums: int | Sequence[int] = ()):
         self.runner, self.step, self.donate_argnums = runner, step, donate_argnums
-        self._compiled: dict[Any, Callable[..., Any]] = {}
+        self._compiled: dict[tuple, Callable[..., Any]] = {}
 
-    def program(self, sync: int | None) -> Callable[..., Any]:
-        """The jitted, mapped program for one static ``sync`` value."""
-        if sync not in self._compiled:
-            self._compiled[sync] = self.runner.map(functools.partial(self.step, sync=sync), self.donate_argnums)
-        return self._compiled[sync]
+    def program(self, **decisions: Any) -> Callable[..., Any]:
+        """The jitted, mapped program for one set of static decisions (e.g. ``sync=-1``)."""
+        key = tuple(sorted(decisions.items()))
+        if key not in self._compiled:
+            self._compiled[key] = self.runner.map(functools.partial(self.step, **decisions), self.donate_argnums)
+        return self._compiled[key]
 
-    def next_sync(self, *args: Any) -> int | None:
-        """What the next step synchronizes, from the flags in ``args`` (read on the host)."""
-        flags = sync_flags(args)
-        return agreed_sync(self.runner.get(flags)) if flags else None
+    def decisions(self, *args: Any) -> dict[str, Any]:
+        """The static decisions of the next step, from the states in ``args`` (read on the host)."""
+        flags, counters = sync_flags(args), refresh_counters(args)
+        if not flags and not counters:
+            return {}
+        return static_decisions(*self.runner.get((flags, counters)))
 
-    def __call__(self, *args: Any, sync: Any = "auto") -> Any:
-        return self.program(self.next_sync(*args) if sync == "auto" else sync)(*args)
+    def __call__(self, *args: Any, **decisions: Any) -> Any:
+        """Run the step; ``decisions`` given here replace those read from the states."""
+        return self.program(**{**self.decisions(*args), **decisions})(*args)

@@ -95,23 +95,23 @@ def make_train_step(graphdef: Any, rest: Any, tx: optax.GradientTransformation, 
     ``xs``/``ys`` have a leading axis of ``train.grad_accum`` micro-batches; the
     transformation (wrapped in ``optax.MultiSteps`` when k > 1) sees each
     micro-batch gradient in turn and applies one update after the k-th.
-    ``sync`` (static) is passed to ``tx.update`` when given: the host's decision
-    for a periodically synchronizing method (see ``jaxopt_lab.distributed.sync``).
+    ``decisions`` (static: ``sync``, ``refresh``) are passed to ``tx.update``:
+    the host's decisions for a periodically synchronizing method and for
+    low-rank projector refreshes (see ``jaxopt_lab.distributed.sync``).
     """
 
     loss_fn = make_loss_fn(graphdef, rest, task, loss)
 
-    def micro_step(carry, batch, sync=None):
+    def micro_step(carry, batch, **decisions):
         params, opt_state = carry
         grads, metrics = jax.grad(loss_fn, has_aux=True)(params, *batch)
-        extra = {} if sync is None else {"sync": sync}
-        updates, opt_state = tx.update(grads, opt_state, params, **extra)
+        updates, opt_state = tx.update(grads, opt_state, params, **decisions)
         metrics["grad_norm"] = optax.tree.norm(grads)
         return (optax.apply_updates(params, updates), opt_state), metrics
 
-    def train_step(state: TrainState, xs, ys, sync=None):
+    def train_step(state: TrainState, xs, ys, **decisions):
         (params, opt_state), metrics = jax.lax.scan(
-            functools.partial(micro_step, sync=sync), (state.params, state.opt_state), (xs, ys)
+            functools.partial(micro_step, **decisions), (state.params, state.opt_state), (xs, ys)
         )
         metrics = jax.tree.map(lambda m: m.mean(axis=0), metrics)
         return TrainState(state.step + 1, params, opt_state, state.batch_size), metrics

@@ -68,7 +68,7 @@ def run_both(runner, tx, steps):
     a = b = args[:2]
     seen = []
     for _ in range(steps):
-        seen.append(new.next_sync(*b))
+        seen.append(new.decisions(*b)["sync"])
         a = old(*a, *args[2:])
         b = new(*b, *args[2:])
     return runner.get(a), runner.get(b), seen
@@ -127,3 +127,53 @@ def test_bad_sync_values(make, sync, match):
     params = init_params()
     with pytest.raises(ValueError, match=match):
         tx.update(params, tx.init(params), params, sync=sync)
+
+
+# ---- the low-rank projector refresh as DiLoCo's inner optimizer ----------------------------------
+
+DECOMPOSITION = re.compile(r'custom_call_target="[^"]*(gesdd|gesvd|syevd|heevd|geqrf|orgqr|eigh|svd|qr)[^"]*"', re.I)
+LR_W = 2
+
+
+def low_rank_problem():
+    from jaxopt_lab.lowrank import galore
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((LR_W, 16, 6)).astype(np.float32)
+    y = rng.standard_normal((LR_W, 16, 4)).astype(np.float32)
+    params = {"w": (0.3 * rng.standard_normal((6, 4))).astype(np.float32), "b": np.zeros((4,), np.float32)}
+    tx = diloco(inner=galore(0.05, rank=2, update_proj_gap=3), outer=optax.sgd(0.7), sync_every=4)
+
+    def loss(p, x, y):
+        return jax.numpy.mean((x @ p["w"] + p["b"] - y) ** 2)
+
+    runner = WorkerRunner(LR_W)
+    args = runner.put((runner.replicate(params), runner.replicate(jax.tree.map(np.asarray, tx.init(params))), x, y))
+    return runner, tx, loss, args
+
+
+def test_a_step_with_no_projector_due_has_no_decomposition():
+    runner, tx, loss, args = low_rank_problem()
+
+    def text(**decisions):
+        return runner.map(make_step(tx, loss, **decisions)).lower(*args).compile().as_text()
+
+    assert DECOMPOSITION.search(text(sync=False))  # in-graph refresh: under vmap it decomposes every step
+    assert not DECOMPOSITION.search(text(sync=False, refresh=False))
+
+
+def test_host_refresh_decision_equals_the_in_graph_one():
+    runner, tx, loss, args = low_rank_problem()
+    old = runner.map(make_step(tx, loss))
+    new = runner.map_sync(lambda *a, **decisions: make_step(tx, loss, **decisions)(*a))
+    a = b = args[:2]
+    seen = []
+    for _ in range(8):
+        seen.append(new.decisions(*b))
+        a = old(*a, *args[2:])
+        b = new(*b, *args[2:])
+    # projector refreshes at steps 1, 4, 7 (count 0, 3, 6), DiLoCo syncs at 4 and 8
+    assert [d.get("refresh", "graph") for d in seen] == ["graph", False, False, "graph", False, False, "graph", False]
+    assert [d["sync"] for d in seen] == [-1, -1, -1, 0, -1, -1, -1, 0]
+    for u, v in zip(jax.tree.leaves(runner.get(a)), jax.tree.leaves(runner.get(b))):
+        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)

@@ -89,11 +89,11 @@ def test_trainer_decides_synchronization_on_the_host(tmp_path, monkeypatch):
     host = trainer.Trainer(build_lib.build(
         config_lib.from_dict(config_lib.apply_overrides(config.to_dict(), ["checkpoint.every=2"]))), str(tmp_path / "host"))
     host.fit()
-    assert set(host.train_step._compiled) == {-1, 0}  # the no-sync and the sync program, nothing else
+    assert set(host.train_step._compiled) == {(("sync", -1),), (("sync", 0),)}  # no-sync and sync, nothing else
     # the state is donated step to step: a checkpoint saved before the next step still holds its step's state
     saved, _ = host.checkpoints.restore(4, host.initial)
     assert int(saved.step[0]) == 4 and communicated_bytes(saved.opt_state)[0] == 4 * MLP_PARAMS * 2
-    monkeypatch.setattr(SyncedStep, "next_sync", lambda self, *args: None)  # the in-graph decision
+    monkeypatch.setattr(SyncedStep, "decisions", lambda self, *args: {})  # the in-graph decision
     graph = trainer.Trainer(build_lib.build(config), str(tmp_path / "graph"))
     graph.fit()
     a, b = read_metrics(str(tmp_path / "host")), read_metrics(str(tmp_path / "graph"))
