@@ -16,6 +16,10 @@ So the decision is made on the host, between two compiled programs:
   traces the step with no synchronization at all (no collective, no outer
   step); ``0`` (or ``True``) traces the synchronizing step of a whole-model
   method; Streaming DiLoCo takes the fragment index ``p`` that synchronizes;
+  A value that disagrees with the state's schedule is not checked (that
+  would need the in-graph predicate again): it skips or adds a
+  synchronization, so pass what ``next_sync`` says or leave it to
+  ``map_sync``;
 * their states keep ``next_sync``, computed in the graph: what the *next*
   update synchronizes (-1: nothing), so the host never replays a schedule
   (QSR's depends on the learning rate) and a restored checkpoint carries it;
