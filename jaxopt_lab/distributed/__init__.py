@@ -14,7 +14,8 @@ from jaxopt_lab.distributed.topology import TOPOLOGIES, Topology, complete, expo
 from jaxopt_lab.distributed.compression import Compressor, compressed_pmean, dgc, econtrol, identity, quantize, top_k
 from jaxopt_lab.distributed.choco_gossip import ChocoGossipState, choco_gossip
 from jaxopt_lab.distributed.diloco import DiLoCoState, diloco, diloco_inner, diloco_outer
-from jaxopt_lab.distributed.workers import WorkerRunner
+from jaxopt_lab.distributed.sync import next_sync
+from jaxopt_lab.distributed.workers import SyncedStep, WorkerRunner
 from jaxopt_lab.distributed import federated
 
 __all__ = [
@@ -50,6 +51,8 @@ __all__ = [
     "DataParallelState",
     "DiLoCoState",
     "WorkerRunner",
+    "SyncedStep",
+    "next_sync",
     "communicated_bytes",
     "data_parallel",
     "diloco",

@@ -14,6 +14,7 @@ import optax
 
 from jaxopt_lab.distributed.accounting import CommBytes, add_pmean_bytes, tree_bytes, zero_comm
 from jaxopt_lab.distributed.compression import compressed_pmean
+from jaxopt_lab.distributed.sync import NO_SYNC, check_sync
 
 AxisName = Any
 
@@ -26,6 +27,7 @@ class DiLoCoState(NamedTuple):
     compressor_state: Any  # empty without a compressor
     key: jax.Array  # for stochastic rounding
     bytes_sent: CommBytes  # payload and wire bytes (jaxopt_lab.distributed.accounting)
+    next_sync: jax.Array  # int32: 0 if the next update synchronizes, else -1 (see distributed.sync)
 
 
 def diloco_inner(learning_rate: optax.ScalarOrSchedule = 4e-4) -> optax.GradientTransformation:
@@ -75,6 +77,13 @@ def diloco(
     bytes as sent (a worker that is absent sends zeros here; a real system
     would skip the send, which we do not model).
 
+    Synchronization decided on the host: ``update(..., sync=False)`` (a static
+    Python value) compiles an inner step with no collective and no outer step,
+    ``sync=True`` the synchronizing step; the default ``sync=None`` decides in
+    the graph with ``lax.cond``, which under ``vmap`` runs both branches on
+    every step. ``state.next_sync`` says what the next update needs; see
+    :mod:`jaxopt_lab.distributed.sync` and ``WorkerRunner.map_sync``.
+
     Args:
       inner: optax transformation each worker applies to its own gradients
         (default :func:`diloco_inner`, AdamW lr 4e-4).
@@ -89,14 +98,18 @@ def diloco(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs
-      ``params`` and takes the optional extra argument ``present``.
+      ``params`` and takes the optional extra arguments ``present`` and ``sync``;
+      any other extra argument (e.g. a low-rank optimizer's ``refresh``) goes to ``inner``.
     """
     if not isinstance(sync_every, int) or isinstance(sync_every, bool) or sync_every < 1:
         raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
     if compressor is not None and not hasattr(compressor, "compress"):
         raise ValueError(f"compressor must be a jaxopt_lab.distributed.compression compressor, got {compressor!r}")
-    inner = diloco_inner() if inner is None else inner
+    inner = optax.with_extra_args_support(diloco_inner() if inner is None else inner)
     outer = diloco_outer() if outer is None else outer
+
+    def next_sync_after(step):
+        return jnp.where((step + 1) % sync_every == 0, 0, NO_SYNC).astype(jnp.int32)
 
     def init_fn(params):
         return DiLoCoState(
@@ -107,19 +120,20 @@ def diloco(
             compressor_state=compressor.init(params) if compressor else (),
             key=jax.random.key_data(jax.random.key(seed)),
             bytes_sent=zero_comm(),
+            next_sync=next_sync_after(jnp.zeros((), jnp.int32)),
         )
 
-    def update_fn(grads, state, params=None, *, present=None, **extra_args):
-        del extra_args
+    def update_fn(grads, state, params=None, *, present=None, sync=None, **extra_args):
+        sync = check_sync(sync, 1, "diloco")
         if params is None:
             raise ValueError("diloco needs params: call update(grads, state, params)")
         if present is not None and compressor is not None:
             raise ValueError("diloco: present (absent workers) is not supported together with a compressor")
-        inner_updates, inner_state = inner.update(grads, state.inner_state, params)
-        local = optax.apply_updates(params, inner_updates)
+        inner_updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
         step = state.step + 1
 
         def synchronize(_):
+            local = optax.apply_updates(params, inner_updates)
             outer_grad = jax.tree.map(lambda a, p: a - p, state.anchor, local)
             comp_state, nbytes = state.compressor_state, tree_bytes(outer_grad)
             if compressor is not None:
@@ -142,16 +156,21 @@ def diloco(
             if present is not None:  # nobody present: no outer step (momentum would still move the anchor)
                 keep = lambda old, new: jax.tree.map(lambda o, n: jnp.where(count > 0, n, o), old, new)  # noqa: E731
                 anchor, outer_state = keep(state.anchor, anchor), keep(state.outer_state, outer_state)
+            updates = jax.tree.map(lambda n, p: n - p, anchor, params)
             sent = add_pmean_bytes(state.bytes_sent, nbytes, axis_name, compressed=compressor is not None)
-            return anchor, anchor, outer_state, comp_state, sent
+            return updates, anchor, outer_state, comp_state, sent
 
-        def keep_going(_):
-            return local, state.anchor, state.outer_state, state.compressor_state, state.bytes_sent
+        def keep_going(_):  # the inner update as it is: no collective, no outer step
+            updates = jax.tree.map(lambda u, p: jnp.asarray(u, p.dtype), inner_updates, params)
+            return updates, state.anchor, state.outer_state, state.compressor_state, state.bytes_sent
 
-        new_params, anchor, outer_state, comp_state, sent = jax.lax.cond(
-            step % sync_every == 0, synchronize, keep_going, None
+        if sync is None:  # decided in the graph (under vmap: both branches run)
+            out = jax.lax.cond(step % sync_every == 0, synchronize, keep_going, None)
+        else:  # decided by the caller, at trace time
+            out = synchronize(None) if sync == 0 else keep_going(None)
+        updates, anchor, outer_state, comp_state, sent = out
+        return updates, DiLoCoState(
+            step, anchor, inner_state, outer_state, comp_state, state.key, sent, next_sync_after(step)
         )
-        updates = jax.tree.map(lambda n, p: n - p, new_params, params)
-        return updates, DiLoCoState(step, anchor, inner_state, outer_state, comp_state, state.key, sent)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

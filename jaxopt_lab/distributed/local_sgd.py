@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxopt_lab.distributed.accounting import CommBytes, add_pmean_bytes, tree_bytes, zero_comm
+from jaxopt_lab.distributed.sync import NO_SYNC, check_sync
 
 AxisName = Any
 
@@ -23,6 +24,7 @@ class LocalSGDState(NamedTuple):
     period: jax.Array  # H of the current round
     inner_state: optax.OptState
     bytes_sent: CommBytes  # payload and wire bytes (jaxopt_lab.distributed.accounting)
+    next_sync: jax.Array  # int32: 0 if the next update averages, else -1 (see distributed.sync)
 
 
 def qsr_period(learning_rate: float | jax.Array, sync_every: int, qsr_beta: float) -> jax.Array:
@@ -63,6 +65,12 @@ def local_sgd(
     Bytes: payload ``tree_bytes(params)`` per worker per synchronization, wire
     ``2 (W-1) / W`` times that (ring all-reduce).
 
+    Synchronization decided on the host: ``update(..., sync=False)`` (static)
+    compiles a step with no collective, ``sync=True`` the averaging step; the
+    default ``None`` decides in the graph (``lax.cond``; under ``vmap`` both
+    branches run every step). ``state.next_sync`` says what the next update
+    needs, QSR's period included; see :mod:`jaxopt_lab.distributed.sync`.
+
     Args:
       inner: the local optimizer.
       sync_every: H, or H_base under QSR.
@@ -82,6 +90,7 @@ def local_sgd(
         raise ValueError("learning_rate and warmup_steps are QSR's: set qsr_beta too, or leave them out")
     if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 0:
         raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+    inner = optax.with_extra_args_support(inner)
     lr = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
 
     def period_at(step):
@@ -89,27 +98,37 @@ def local_sgd(
             return jnp.asarray(sync_every, jnp.int32)
         return jnp.where(step < warmup_steps, sync_every, qsr_period(lr(step), sync_every, qsr_beta))
 
+    def next_sync_after(since, period):
+        return jnp.where(since + 1 >= period, 0, NO_SYNC).astype(jnp.int32)
+
     def init_fn(params):
         zero = jnp.zeros((), jnp.int32)
-        return LocalSGDState(zero, zero, period_at(zero), inner.init(params), zero_comm())
+        period = period_at(zero)
+        return LocalSGDState(zero, zero, period, inner.init(params), zero_comm(), next_sync_after(zero, period))
 
-    def update_fn(grads, state, params=None):
+    def update_fn(grads, state, params=None, *, sync=None, **extra_args):
         if params is None:
             raise ValueError("local_sgd needs params: call update(grads, state, params)")
-        updates, inner_state = inner.update(grads, state.inner_state, params)
-        local = optax.apply_updates(params, updates)
+        sync = check_sync(sync, 1, "local_sgd")
+        inner_updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
         step, since = state.step + 1, state.since_sync + 1
 
         def synchronize(_):
+            local = optax.apply_updates(params, inner_updates)
             mean = jax.lax.pmean(local, axis_name)
             zero = jnp.zeros((), jnp.int32)
-            return mean, zero, period_at(step), add_pmean_bytes(state.bytes_sent, tree_bytes(local), axis_name)
+            updates = jax.tree.map(lambda n, p: n - p, mean, params)
+            return updates, zero, period_at(step), add_pmean_bytes(state.bytes_sent, tree_bytes(local), axis_name)
 
-        def keep_going(_):
-            return local, since, state.period, state.bytes_sent
+        def keep_going(_):  # the inner update as it is: no collective
+            updates = jax.tree.map(lambda u, p: jnp.asarray(u, p.dtype), inner_updates, params)
+            return updates, since, state.period, state.bytes_sent
 
-        new, since, period, sent = jax.lax.cond(since >= state.period, synchronize, keep_going, None)
-        updates = jax.tree.map(lambda n, p: n - p, new, params)
-        return updates, LocalSGDState(step, since, period, inner_state, sent)
+        if sync is None:  # decided in the graph (under vmap: both branches run)
+            out = jax.lax.cond(since >= state.period, synchronize, keep_going, None)
+        else:  # decided by the caller, at trace time
+            out = synchronize(None) if sync == 0 else keep_going(None)
+        updates, since, period, sent = out
+        return updates, LocalSGDState(step, since, period, inner_state, sent, next_sync_after(since, period))
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

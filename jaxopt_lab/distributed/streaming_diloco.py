@@ -16,6 +16,7 @@ import optax
 
 from jaxopt_lab.distributed.accounting import CommBytes, add_pmean_bytes, tree_bytes, zero_comm
 from jaxopt_lab.distributed.diloco import diloco_inner, diloco_outer
+from jaxopt_lab.distributed.sync import NO_SYNC, check_sync
 
 AxisName = Any
 
@@ -28,6 +29,7 @@ class StreamingDiLoCoState(NamedTuple):
     compressor_states: tuple  # one compressor state per fragment (error feedback etc.)
     key: jax.Array  # for stochastic rounding
     bytes_sent: CommBytes  # payload and wire bytes (jaxopt_lab.distributed.accounting)
+    next_sync: jax.Array  # int32: the fragment the next update synchronizes, or -1 (see distributed.sync)
 
 
 def balanced_fragments(sizes: Sequence[int], num_fragments: int) -> list[list[int]]:
@@ -48,21 +50,87 @@ def balanced_fragments(sizes: Sequence[int], num_fragments: int) -> list[list[in
     return [list(range(cuts[p], cuts[p + 1])) for p in range(num_fragments)]
 
 
+FRAGMENT_PATTERNS = ("strided", "contiguous")
+
+
+def _block_key(path) -> tuple | None:
+    """The path prefix that names the block a leaf belongs to: up to its first integer key, or None."""
+    for depth, key in enumerate(path):
+        index = getattr(key, "idx", getattr(key, "key", None))
+        if isinstance(index, int) and not isinstance(index, bool):
+            return tuple(path[: depth + 1])
+    return None
+
+
+def strided_fragments(paths: Sequence[tuple], num_fragments: int) -> list[list[int]]:
+    r"""The paper's strided pattern: transformer block i goes to fragment :math:`i \bmod P`.
+
+    A *block* is every leaf under one integer key of the tree (an ``nnx.List``
+    or Python list element: ``blocks/3/...``), numbered in tree order. Leaves
+    outside any block (embeddings, final norm, head) are units of their own
+    and continue the stride after the blocks: unit k (blocks first, then those
+    leaves in tree order) goes to fragment :math:`k \bmod P`. A tree without
+    integer keys is thus split leaf by leaf, round robin.
+
+    Args:
+      paths: the key paths of the leaves, in tree order (``jax.tree_util.tree_flatten_with_path``).
+      num_fragments: P.
+
+    Returns:
+      P lists of leaf indices, each in tree order.
+    """
+    blocks: dict[tuple, list[int]] = {}
+    loose: list[list[int]] = []
+    for i, path in enumerate(paths):
+        key = _block_key(path)
+        if key is None:
+            loose.append([i])
+        else:
+            blocks.setdefault(key, []).append(i)
+    units = list(blocks.values()) + loose
+    if num_fragments > len(units):
+        raise ValueError(
+            f"num_fragments={num_fragments} is more than the {len(units)} units of the strided pattern "
+            f"({len(blocks)} blocks and {len(loose)} parameter tensors outside a block)"
+        )
+    groups: list[list[int]] = [[] for _ in range(num_fragments)]
+    for k, unit in enumerate(units):
+        groups[k % num_fragments].extend(unit)
+    return [sorted(g) for g in groups]
+
+
+def fragment_assignment(params: Any, num_fragments: int, pattern: str = "strided") -> list[list[int]]:
+    """Which leaves of ``params`` (indices in ``jax.tree.leaves`` order) form each of the P fragments.
+
+    ``"strided"``: :func:`strided_fragments` (the paper's choice); ``"contiguous"``:
+    :func:`balanced_fragments` (consecutive leaves, balanced by size).
+    """
+    if pattern not in FRAGMENT_PATTERNS:
+        raise ValueError(f"fragment_pattern must be one of {FRAGMENT_PATTERNS}, got {pattern!r}")
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    if pattern == "strided":
+        return strided_fragments([path for path, _ in flat], num_fragments)
+    return balanced_fragments([max(1, int(np.prod(np.shape(x)))) for _, x in flat], num_fragments)
+
+
 def streaming_diloco(
     inner: optax.GradientTransformation | None = None,
     outer: optax.GradientTransformation | None = None,
     sync_every: int = 100,
     num_fragments: int = 4,
     overlap: int = 0,
-    merge_alpha: float = 0.5,
+    merge_alpha: float | None = None,
+    fragment_pattern: str = "strided",
     compressor: Any = None,
     seed: int = 0,
     axis_name: AxisName = "workers",
 ) -> optax.GradientTransformation:
     r"""Streaming DiLoCo for one worker of a named worker axis.
 
-    The parameter leaves are split into P = ``num_fragments`` fragments (in
-    tree order, balanced by size). Fragment p is synchronized every H =
+    The parameters are split into P = ``num_fragments`` fragments, by default
+    in the paper's strided pattern (transformer block i in fragment i mod P,
+    see :func:`strided_fragments`; ``fragment_pattern="contiguous"``: runs of
+    consecutive leaves balanced by size, :func:`balanced_fragments`). Fragment p is synchronized every H =
     ``sync_every`` steps at offset :math:`t_p = p\,H/P`, so the all-reduces of
     the fragments are spread over the H steps instead of all at once. At a
     synchronization of fragment p at step t:
@@ -77,12 +145,23 @@ def streaming_diloco(
 
     .. math:: \theta_{w,p} \leftarrow \alpha\,\theta_{w,p}^{(t+\tau)} + (1-\alpha)\,\theta^g_p .
 
-    With P = 1, τ = 0, α = 0 and no compressor this is DiLoCo (tested).
+    Without overlap (τ = 0) the default α is 0: the worker takes the new
+    global fragment, as in DiLoCo; with overlap it is 0.5, the paper's mixing
+    factor. With P = 1, τ = 0 and no compressor this is DiLoCo (tested).
 
     Bytes: each fragment synchronization adds the compressor's payload bytes
     (``tree_bytes`` of the fragment without one); on the wire ``W-1`` times the
     payload (all-gather), or ``2 (W-1) / W`` times the fragment without a
     compressor (ring all-reduce; :mod:`jaxopt_lab.distributed.accounting`).
+
+    Synchronization decided on the host: ``update(..., sync=p)`` (a static
+    Python int) compiles the step that synchronizes fragment p, ``sync=-1`` (or
+    ``False``) a step with no collective and no outer step; the default
+    ``None`` decides in the graph (one ``lax.cond`` per fragment; under ``vmap``
+    every fragment's all-reduce runs on every step). ``state.next_sync`` names
+    the fragment the next update synchronizes; see
+    :mod:`jaxopt_lab.distributed.sync`. Merges τ > 0 steps after a send stay
+    in the graph (a select per fragment, no collective).
 
     Args:
       inner: each worker's optimizer (default AdamW as in DiLoCo).
@@ -90,7 +169,9 @@ def streaming_diloco(
       sync_every: H.
       num_fragments: P; must divide H.
       overlap: τ, inner steps between sending a fragment and merging its result; τ < H/P.
-      merge_alpha: α, the weight of the local parameters in the merge.
+      merge_alpha: α, the weight of the local parameters in the merge; None:
+        0 without overlap, 0.5 with it.
+      fragment_pattern: ``"strided"`` (the paper's, default) or ``"contiguous"``.
       compressor: a ``jaxopt_lab.distributed.compression`` compressor applied to
         the outer gradient before the all-reduce, or None.
       seed: seed of the stochastic-rounding key (folded with step and worker index).
@@ -103,18 +184,25 @@ def streaming_diloco(
         raise ValueError(f"num_fragments={num_fragments} must divide sync_every={sync_every}")
     if not isinstance(overlap, int) or isinstance(overlap, bool) or not 0 <= overlap < sync_every // num_fragments:
         raise ValueError(f"overlap must be an int in [0, H/P = {sync_every // num_fragments}), got {overlap!r}")
+    if merge_alpha is None:
+        merge_alpha = 0.5 if overlap else 0.0
     if isinstance(merge_alpha, bool) or not isinstance(merge_alpha, (int, float)) or not 0.0 <= merge_alpha <= 1.0:
         raise ValueError(f"merge_alpha must be a number in [0, 1], got {merge_alpha!r}")
+    if fragment_pattern not in FRAGMENT_PATTERNS:
+        raise ValueError(f"fragment_pattern must be one of {FRAGMENT_PATTERNS}, got {fragment_pattern!r}")
     if compressor is not None and not hasattr(compressor, "compress"):
         raise ValueError(f"compressor must be a jaxopt_lab.distributed.compression compressor, got {compressor!r}")
-    inner = diloco_inner() if inner is None else inner
+    inner = optax.with_extra_args_support(diloco_inner() if inner is None else inner)
     outer = diloco_outer() if outer is None else outer
     spacing = sync_every // num_fragments
 
     def fragments_of(tree):
         leaves, treedef = jax.tree.flatten(tree)
-        groups = balanced_fragments([max(1, int(np.prod(x.shape))) for x in leaves], num_fragments)
-        return leaves, treedef, groups
+        return leaves, treedef, fragment_assignment(tree, num_fragments, fragment_pattern)
+
+    def next_sync_after(step):
+        r = (step + 1) % sync_every  # fragment p synchronizes when t % H == p·H/P (t >= 1)
+        return jnp.where(r % spacing == 0, r // spacing, NO_SYNC).astype(jnp.int32)
 
     def init_fn(params):
         leaves, _, groups = fragments_of(params)
@@ -127,6 +215,7 @@ def streaming_diloco(
             compressor_states=tuple(compressor.init(p) if compressor else () for p in parts),
             key=jax.random.key_data(jax.random.key(seed)),
             bytes_sent=zero_comm(),
+            next_sync=next_sync_after(jnp.zeros((), jnp.int32)),
         )
 
     def all_reduce(delta, comp_state, key, step):
@@ -136,10 +225,11 @@ def streaming_diloco(
 
         return compressed_pmean(delta, comp_state, key, step, compressor, axis_name)
 
-    def update_fn(grads, state, params=None):
+    def update_fn(grads, state, params=None, *, sync=None, **extra_args):
         if params is None:
             raise ValueError("streaming_diloco needs params: call update(grads, state, params)")
-        inner_updates, inner_state = inner.update(grads, state.inner_state, params)
+        sync = check_sync(sync, num_fragments, "streaming_diloco")
+        inner_updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
         local = optax.apply_updates(params, inner_updates)
         step = state.step + 1
         local_leaves, treedef, groups = fragments_of(local)
@@ -148,6 +238,7 @@ def streaming_diloco(
         sent = state.bytes_sent
         key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.key), step),
                                  jax.lax.axis_index(axis_name))
+        touched = set()  # leaves the step may change beyond the inner update
         for p, group in enumerate(groups):
             offset = p * spacing
             anchor_p = [anchor_leaves[i] for i in group]
@@ -161,21 +252,33 @@ def streaming_diloco(
                 sent = add_pmean_bytes(sent, nbytes, axis_name, compressed=compressor is not None)
                 return optax.apply_updates(anchor_p, upd), outer_state, comp_state, sent
 
-            due = (step % sync_every == offset % sync_every) & (step >= max(offset, 1))
-            anchor_p, outer_states[p], comp_states[p], sent = jax.lax.cond(
-                due, synchronize, lambda c: c, (anchor_p, outer_states[p], comp_states[p], sent)
-            )
+            carry = (anchor_p, outer_states[p], comp_states[p], sent)
+            if sync is None:  # decided in the graph (under vmap: every fragment's all-reduce runs)
+                due = (step % sync_every == offset % sync_every) & (step >= max(offset, 1))
+                carry = jax.lax.cond(due, synchronize, lambda c: c, carry)
+            elif sync == p:  # decided by the caller, at trace time
+                carry = synchronize(carry)
+            anchor_p, outer_states[p], comp_states[p], sent = carry
             for i, a in zip(group, anchor_p):
                 anchor_leaves[i] = a
-            merge = ((step - overlap) % sync_every == offset % sync_every) & (step - overlap >= max(offset, 1))
+            if sync is not None and overlap == 0:  # the merge is the synchronization's own step
+                if sync != p:
+                    continue
+                merge = True
+            else:
+                merge = ((step - overlap) % sync_every == offset % sync_every) & (step - overlap >= max(offset, 1))
+            touched.update(group)
             for i in group:
                 merged = merge_alpha * local_leaves[i] + (1 - merge_alpha) * anchor_leaves[i]
                 local_leaves[i] = jnp.where(merge, merged.astype(local_leaves[i].dtype), local_leaves[i])
-        new_params = jax.tree.unflatten(treedef, local_leaves)
-        updates = jax.tree.map(lambda n, p: n - p, new_params, params)
-        return updates, StreamingDiLoCoState(
+        param_leaves = jax.tree.leaves(params)
+        update_leaves = [  # leaves left alone get the inner update as it is (exact, no extra pass)
+            local_leaves[i] - param_leaves[i] if i in touched else jnp.asarray(u, param_leaves[i].dtype)
+            for i, u in enumerate(jax.tree.leaves(inner_updates))
+        ]
+        return jax.tree.unflatten(treedef, update_leaves), StreamingDiLoCoState(
             step, jax.tree.unflatten(treedef, anchor_leaves), inner_state, tuple(outer_states), tuple(comp_states),
-            state.key, sent,
+            state.key, sent, next_sync_after(step),
         )
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -11,13 +11,16 @@ runner decides how the W workers are laid out:
   since the mesh is built from the global device list.
 
 Every argument and result of the mapped step carries a leading worker axis of
-size W. With k > 1 workers per device the collectives run over two names,
+size W. Methods that synchronize every few steps run through :meth:`WorkerRunner.map_sync`,
+which decides on the host whether a step synchronizes and calls one of two
+compiled programs (see :mod:`jaxopt_lab.distributed.sync`). With k > 1 workers per device the collectives run over two names,
 ``("devices", "workers")``; build the methods with ``axis_name=runner.axis_name``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,6 +30,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxopt_lab._compat import shard_map
+from jaxopt_lab.distributed.sync import refresh_counters, static_decisions, sync_flags
 
 MODES = ("vmap", "shard_map")
 
@@ -81,10 +85,16 @@ class WorkerRunner:
         name = "devices" if self.workers_per_device > 1 else "workers"
         return Mesh(np.asarray(self.devices), (name,))
 
-    def map(self, step: Callable[..., Any]) -> Callable[..., Any]:
-        """Jit ``step`` (written for one worker) over the worker axis of its arguments."""
+    def map(self, step: Callable[..., Any], donate_argnums: int | Sequence[int] = ()) -> Callable[..., Any]:
+        """Jit ``step`` (written for one worker) over the worker axis of its arguments.
+
+        ``donate_argnums`` (as in ``jax.jit``) lets outputs reuse the buffers of
+        those arguments, which the caller must not use again: state that a step
+        passes through unchanged (DiLoCo's anchor and outer momentum between
+        synchronizations) then costs no copy.
+        """
         if self.mode == "vmap":
-            return jax.jit(jax.vmap(step, axis_name="workers"))
+            return jax.jit(jax.vmap(step, axis_name="workers"), donate_argnums=donate_argnums)
         mesh = self.mesh
         spec = PartitionSpec(mesh.axis_names[0])
         if self.workers_per_device == 1:
@@ -95,7 +105,26 @@ class WorkerRunner:
 
         else:
             per_device = jax.vmap(step, axis_name="workers")
-        return jax.jit(shard_map(per_device, mesh=mesh, in_specs=spec, out_specs=spec))
+        return jax.jit(shard_map(per_device, mesh=mesh, in_specs=spec, out_specs=spec), donate_argnums=donate_argnums)
+
+    def map_sync(self, step: Callable[..., Any], donate_argnums: int | Sequence[int] = ()) -> "SyncedStep":
+        """Like :meth:`map` for a ``step(*args, sync=...)`` that passes ``sync`` to a periodic transform.
+
+        The result, called with the worker-stacked ``args``, reads the
+        ``next_sync`` flags of the states among them on the host and runs the
+        program compiled for that value (one per value: two for DiLoCo and
+        local SGD, P + 1 for Streaming DiLoCo), so a step that does not
+        synchronize has no collective across workers and no outer step. Pass
+        ``sync=`` to the call to choose yourself. Arguments without flags: the
+        in-graph decision (``sync=None``).
+
+        Reading the flags waits for the previous step to finish. A loop that
+        reads its metrics every step (the trainer) loses nothing by it; one
+        that otherwise never waits keeps its dispatch asynchronous by passing
+        ``sync=`` itself, from its own step counter. ``donate_argnums``: as in
+        :meth:`map`.
+        """
+        return SyncedStep(self, step, donate_argnums)
 
     def put(self, tree: Any) -> Any:
         """Place a host tree whose leaves have a leading worker axis of size W.
@@ -125,3 +154,34 @@ class WorkerRunner:
     def replicate(self, tree: Any) -> Any:
         """Stack W copies of a single-worker tree (host side) along a new leading axis."""
         return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (self.num_workers,) + np.shape(x)).copy(), tree)
+
+
+class SyncedStep:
+    """A per-worker step compiled once per set of static decisions; see :meth:`WorkerRunner.map_sync`.
+
+    ``step(*args, **decisions)`` receives ``sync`` (what a periodic method
+    synchronizes) and ``refresh=False`` (no low-rank projector due) when the
+    states in ``args`` call for them, and passes them on to ``tx.update``.
+    """
+
+    def __init__(self, runner: WorkerRunner, step: Callable[..., Any], donate_argnums: int | Sequence[int] = ()):
+        self.runner, self.step, self.donate_argnums = runner, step, donate_argnums
+        self._compiled: dict[tuple, Callable[..., Any]] = {}
+
+    def program(self, **decisions: Any) -> Callable[..., Any]:
+        """The jitted, mapped program for one set of static decisions (e.g. ``sync=-1``)."""
+        key = tuple(sorted(decisions.items()))
+        if key not in self._compiled:
+            self._compiled[key] = self.runner.map(functools.partial(self.step, **decisions), self.donate_argnums)
+        return self._compiled[key]
+
+    def decisions(self, *args: Any) -> dict[str, Any]:
+        """The static decisions of the next step, from the states in ``args`` (read on the host)."""
+        flags, counters = sync_flags(args), refresh_counters(args)
+        if not flags and not counters:
+            return {}
+        return static_decisions(*self.runner.get((flags, counters)))
+
+    def __call__(self, *args: Any, **decisions: Any) -> Any:
+        """Run the step; ``decisions`` given here replace those read from the states."""
+        return self.program(**{**self.decisions(*args), **decisions})(*args)

@@ -9,6 +9,7 @@ writes the same metrics, step for step, as one that was never interrupted.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -94,19 +95,24 @@ def make_train_step(graphdef: Any, rest: Any, tx: optax.GradientTransformation, 
     ``xs``/``ys`` have a leading axis of ``train.grad_accum`` micro-batches; the
     transformation (wrapped in ``optax.MultiSteps`` when k > 1) sees each
     micro-batch gradient in turn and applies one update after the k-th.
+    ``decisions`` (static: ``sync``, ``refresh``) are passed to ``tx.update``:
+    the host's decisions for a periodically synchronizing method and for
+    low-rank projector refreshes (see ``jaxopt_lab.distributed.sync``).
     """
 
     loss_fn = make_loss_fn(graphdef, rest, task, loss)
 
-    def micro_step(carry, batch):
+    def micro_step(carry, batch, **decisions):
         params, opt_state = carry
         grads, metrics = jax.grad(loss_fn, has_aux=True)(params, *batch)
-        updates, opt_state = tx.update(grads, opt_state, params)
+        updates, opt_state = tx.update(grads, opt_state, params, **decisions)
         metrics["grad_norm"] = optax.tree.norm(grads)
         return (optax.apply_updates(params, updates), opt_state), metrics
 
-    def train_step(state: TrainState, xs, ys):
-        (params, opt_state), metrics = jax.lax.scan(micro_step, (state.params, state.opt_state), (xs, ys))
+    def train_step(state: TrainState, xs, ys, **decisions):
+        (params, opt_state), metrics = jax.lax.scan(
+            functools.partial(micro_step, **decisions), (state.params, state.opt_state), (xs, ys)
+        )
         metrics = jax.tree.map(lambda m: m.mean(axis=0), metrics)
         return TrainState(state.step + 1, params, opt_state, state.batch_size), metrics
 
@@ -172,7 +178,12 @@ class Trainer:
             self.train_step = jax.jit(step)
             self.initial = initial
         else:  # every leaf gains a leading worker axis
-            self.train_step = self.runner.map(step)
+            # a method that synchronizes every few steps: the host picks, from the flags in the
+            # state, the compiled step with or without the synchronization (no collective otherwise).
+            # The state is donated, so what a step passes through (DiLoCo's anchor and outer
+            # momentum between synchronizations) is not copied; orbax copies a checkpoint to the
+            # host before save() returns, so the next step may reuse those buffers.
+            self.train_step = self.runner.map_sync(step, donate_argnums=(0,))
             self.initial = self.runner.put(self.runner.replicate(initial))
             self._mean_params = jax.jit(lambda p: jax.tree.map(lambda x: x.mean(axis=0), p))
         self.checkpoints = Checkpointer(run_dir, keep=self.cfg.checkpoint.keep)
@@ -250,6 +261,8 @@ class Trainer:
         t = cfg.train
         start = self.checkpoints.latest_step() if resume else None
         state = self.restore() if start is not None else self.initial
+        if self.runner is not None:  # the steps donate their input state: keep self.initial intact
+            state = jax.tree.map(jnp.copy, state)
         start = start or 0
         log = MetricsLog(self.run_dir, start_step=start, tensorboard=cfg.logging.tensorboard)
         elapsed = (log.last or {}).get("wall_time", 0.0)

@@ -193,6 +193,13 @@ def scale_by_projected(
     raw_grad) -> (R, aux)`` replaces the projection ``R = Pᵀ G`` (a fused
     kernel reads the gradient as stored); ``aux`` is passed to ``finish`` as
     keyword arguments.
+
+    ``update(..., refresh=False)`` (static) says no projector is due this
+    step (``state.count < state.next_refresh`` everywhere), so no refresh is
+    traced: under a worker ``vmap`` (a low-rank inner optimizer of DiLoCo) the
+    in-graph ``lax.cond`` would be a select that decomposes every matrix on
+    every step. The default ``None`` decides in the graph.
+    ``jaxopt_lab.distributed.sync`` reads the state and passes it.
     """
     check_common(rank, update_proj_gap, side)
     projector = get_projector(projector)
@@ -224,8 +231,11 @@ def scale_by_projected(
         return LowRankState(jnp.zeros([], jnp.int32), tuple(pstates), zeros, period, inner_state,
                             tuple(init_extra(spec) for spec in specs))
 
-    def update_fn(updates, state, params=None):
-        del params  # the inner optimizer sees low-rank gradients, which have no parameters
+    def update_fn(updates, state, params=None, *, refresh=None, **extra_args):
+        del params, extra_args  # the inner optimizer sees low-rank gradients, which have no parameters
+        if refresh not in (None, False) or isinstance(refresh, int) and not isinstance(refresh, bool):
+            raise ValueError(f"refresh must be None (decided in the graph) or False (no projector is due: the "
+                             f"caller knows from the state), got {refresh!r}")
         specs = specs_of(updates)
         leaves = jax.tree_util.tree_leaves(updates)
         count = state.count
@@ -237,7 +247,7 @@ def scale_by_projected(
             old = state.projectors[i]
             due = count >= next_refresh[i]
 
-            def refresh(raw=raw, spec=spec, old=old, i=i):
+            def refresh_leaf(raw=raw, spec=spec, old=old, i=i):
                 new = projector.init(spec.orient(raw.astype(jnp.float32)), spec.rank, _key(seed, spec, count))
                 leaf_period, extra = period[i], extras[i]
                 if on_refresh is not None:
@@ -249,7 +259,10 @@ def scale_by_projected(
             def keep(old=old, i=i):
                 return old, period[i], next_refresh[i], extras[i]
 
-            pstate, leaf_period, nxt, extras[i] = jax.lax.cond(due, refresh, keep)
+            if refresh is False:  # the host saw no projector due: no decomposition is traced
+                pstate, leaf_period, nxt, extras[i] = keep()
+            else:  # decided in the graph (under a worker vmap: a select that decomposes every step)
+                pstate, leaf_period, nxt, extras[i] = jax.lax.cond(due, refresh_leaf, keep)
             period = period.at[i].set(leaf_period)
             next_refresh = next_refresh.at[i].set(nxt)
             grads.append(g)
@@ -269,4 +282,4 @@ def scale_by_projected(
         new_state = LowRankState(count + 1, tuple(pstates), next_refresh, period, inner_state, tuple(extras))
         return new_updates, new_state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

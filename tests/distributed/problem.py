@@ -30,12 +30,15 @@ def loss(params, x, y):
     return 0.5 * jnp.mean(jnp.square(x @ params["w"] + params["b"] - y))
 
 
-def make_step(tx):
-    """One worker's step: gradient on its data, then the (multi-worker) transformation."""
+def make_step(tx, loss_fn=loss, **update_kwargs):
+    """One worker's step: gradient on its data, then the (multi-worker) transformation.
+
+    ``update_kwargs`` (e.g. a static ``sync=False``) are passed to ``tx.update``.
+    """
 
     def step(params, state, x, y):
-        grads = jax.grad(loss)(params, x, y)
-        updates, state = tx.update(grads, state, params)
+        grads = jax.grad(loss_fn)(params, x, y)
+        updates, state = tx.update(grads, state, params, **update_kwargs)
         return optax.apply_updates(params, updates), state
 
     return step

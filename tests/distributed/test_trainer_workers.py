@@ -3,6 +3,7 @@
 
 import pytest
 
+from jaxopt_lab.distributed import communicated_bytes
 from jaxopt_lab.experiment import build as build_lib
 from jaxopt_lab.experiment import config as config_lib
 from jaxopt_lab.experiment import trainer
@@ -80,3 +81,28 @@ def test_gossip_logs_consensus_distance(tmp_path):
     assert all(r["consensus_distance"] > 0 for r in records[1:])  # workers see different data
     assert [r["bytes_communicated"] for r in records[1:]] == [2 * 4 * MLP_PARAMS * t for t in range(1, STEPS + 1)]
     assert [r["wire_bytes"] for r in records[1:]] == [2 * 4 * MLP_PARAMS * t for t in range(1, STEPS + 1)]  # 2 messages
+
+
+def test_trainer_decides_synchronization_on_the_host(tmp_path, monkeypatch):
+    """DiLoCo under gradient accumulation: two compiled steps chosen on the host, same numbers as in the graph."""
+    from jaxopt_lab.distributed.workers import SyncedStep
+
+    method = {"name": "diloco", "sync_every": 2, "inner": {"name": "adamw", "learning_rate": 1e-3}}
+    config = cfg(method, {"count": 4})
+    config = config_lib.from_dict(config_lib.apply_overrides(config.to_dict(), ["train.grad_accum=2"]))
+    host = trainer.Trainer(build_lib.build(
+        config_lib.from_dict(config_lib.apply_overrides(config.to_dict(), ["checkpoint.every=2"]))), str(tmp_path / "host"))
+    host.fit()
+    assert set(host.train_step._compiled) == {(("sync", -1),), (("sync", 0),)}  # no-sync and sync, nothing else
+    # the state is donated step to step: a checkpoint saved before the next step still holds its step's state
+    saved, _ = host.checkpoints.restore(4, host.initial)
+    assert int(saved.step[0]) == 4 and communicated_bytes(saved.opt_state)[0] == 4 * MLP_PARAMS * 2
+    monkeypatch.setattr(SyncedStep, "decisions", lambda self, *args: {})  # the in-graph decision
+    graph = trainer.Trainer(build_lib.build(config), str(tmp_path / "graph"))
+    graph.fit()
+    a, b = read_metrics(str(tmp_path / "host")), read_metrics(str(tmp_path / "graph"))
+    assert [r["bytes_communicated"] for r in a[1:]] == [4 * MLP_PARAMS * (t // 2) for t in range(1, STEPS + 1)]
+    for r, s in zip(a, b):
+        for key in ("loss", "eval_loss", "bytes_communicated"):
+            if key in s:
+                assert r[key] == pytest.approx(s[key], rel=1e-5), (r["step"], key)
