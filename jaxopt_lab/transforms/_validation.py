@@ -46,6 +46,32 @@ def in_unit_interval(name: str, value: Any) -> None:
     require(name, value, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
+def is_traced(value: Any) -> bool:
+    """Whether ``value`` is a tracer (a hyperparameter injected by ``optax.inject_hyperparams`` under jit)."""
+    return isinstance(value, jax.core.Tracer)
+
+
+def static_int(name: str, value: Any, minimum: int | None = None, what: str = "an int") -> int:
+    """An int known when tracing (a shape, a period, a seed); a traced value gets the ``static_args`` hint.
+
+    ``optax.inject_hyperparams`` turns every int argument into an array: list
+    such arguments in its ``static_args``.
+    """
+    if is_traced(value):
+        raise ValueError(
+            f"{name} must be static; under optax.inject_hyperparams pass static_args=({name!r},)"
+        )
+    if isinstance(value, (bool, jnp.bool_)) or getattr(value, "dtype", None) == jnp.bool_:
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    try:
+        out = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be {what}, got {value!r}") from None
+    if minimum is not None and out < minimum:
+        raise ValueError(f"{name} must be {what} >= {minimum}, got {value!r}")
+    return out
+
+
 def static_axis(name: str, value: Any) -> int:
     """An axis index known when tracing: a Python int or a concrete integer scalar.
 

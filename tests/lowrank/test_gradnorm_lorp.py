@@ -95,7 +95,8 @@ def test_weight_normalized_with_sgd_is_exact_reparameterized_sgd():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"rank": 7}, r"rank 7 is larger than the smaller dimension of \['t'\] \(10, 6\)"),
+    ({"label_fn": {"w": True, "t": 7, "b": False}},
+     r"the label function gives \['t'\] \(10, 6\) rank 7, larger than its smaller dimension 6"),
     ({"rank": 0}, "rank must be > 0, got 0"),
     ({"rank": -2}, "rank must be > 0, got -2"),
     ({"update_proj_gap": 0}, r"update_proj_gap \(the refresh period T\) must be an int > 0, got 0"),
