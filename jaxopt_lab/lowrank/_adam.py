@@ -24,7 +24,7 @@ class ScaleByAdamMomentsState(NamedTuple):
     nu: optax.Updates
 
 
-def _moment_dtype(p):
+def moment_dtype(p):
     return jnp.complex64 if jnp.issubdtype(p.dtype, jnp.complexfloating) else jnp.float32
 
 
@@ -39,7 +39,7 @@ def scale_by_adam_moments(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8)
     check.non_negative("eps", eps)
 
     def init_fn(params):  # two calls: mu and nu are distinct buffers (a donated state must not alias)
-        mu = jax.tree.map(lambda p: jnp.zeros(p.shape, _moment_dtype(p)), params)
+        mu = jax.tree.map(lambda p: jnp.zeros(p.shape, moment_dtype(p)), params)
         nu = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         return ScaleByAdamMomentsState(mu, nu)
 

@@ -9,11 +9,13 @@ Schedules (callables) are let through as well.
 
 from __future__ import annotations
 
+import numbers
 import operator
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _concrete_float(value: Any) -> float | None:
@@ -31,6 +33,16 @@ def require(name: str, value: Any, ok: Callable[[float], bool], requirement: str
     v = _concrete_float(value)
     if v is not None and not ok(v):  # NaN fails every comparison, so it is refused too
         raise ValueError(f"{name} must be {requirement}, got {value!r}")
+
+
+def number(name: str, value: Any, ok: Callable[[float], bool], requirement: str) -> None:
+    """As :func:`require`, but a value that is not a real number (None, a bool, a string, a schedule) is refused too."""
+    if is_traced(value):
+        return
+    real = isinstance(value, (numbers.Real, np.ndarray, np.generic, jax.Array))
+    if not real or isinstance(value, (bool, np.bool_)) or getattr(value, "dtype", None) == np.bool_:
+        raise ValueError(f"{name} must be {requirement}, got {value!r}")
+    require(name, value, ok, requirement)
 
 
 def non_negative(name: str, value: Any) -> None:
