@@ -131,8 +131,8 @@ def default_label_fn(params) -> Any:
 
 
 def _check_rank(rank, where: str = "") -> None:
-    if check.is_traced(rank):
-        raise ValueError("rank must be static; under optax.inject_hyperparams pass static_args=('rank',)")
+    if isinstance(rank, jax.Array):
+        raise check.not_static("rank")
     if isinstance(rank, bool) or not isinstance(rank, (int, float)):
         raise ValueError(f"rank must be an int or a fraction in (0, 1], got {rank!r}{where}")
     if isinstance(rank, float) and not 0 < rank <= 1:
@@ -164,9 +164,8 @@ def resolve_rank(rank, shape, path: str, *, from_label: bool = False) -> int:
 def check_common(rank, update_proj_gap, side: str) -> None:
     """Errors for the arguments every low-rank method takes, raised when it is built."""
     _check_rank(rank)
-    if check.is_traced(update_proj_gap):
-        raise ValueError("update_proj_gap must be static; under optax.inject_hyperparams pass "
-                         "static_args=('update_proj_gap',)")
+    if isinstance(update_proj_gap, jax.Array):
+        raise check.not_static("update_proj_gap")
     if isinstance(update_proj_gap, bool) or not isinstance(update_proj_gap, int) or update_proj_gap <= 0:
         raise ValueError(f"update_proj_gap (the refresh period T) must be an int > 0, got {update_proj_gap!r}")
     if side not in ("smaller", "larger"):

@@ -93,6 +93,8 @@ class LazyRefreshState(NamedTuple):
 
 
 def _check_int(name, value, minimum):
+    if isinstance(value, jax.Array):  # e.g. injected by optax.inject_hyperparams without static_args
+        raise check.not_static(name)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
@@ -295,10 +297,11 @@ def int8_weights(
     Returns:
       A transformation whose ``update`` needs ``params``.
     """
+    if isinstance(group_size, jax.Array):  # e.g. injected by optax.inject_hyperparams without static_args
+        raise check.not_static("group_size")
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
         raise ValueError(f"group_size must be an int > 0, got {group_size!r}")
-    if int(seed) != seed:
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    seed = check.static_int("seed", seed)
     label_fn = default_label_fn if label_fn is None else label_fn
 
     def selected(params):

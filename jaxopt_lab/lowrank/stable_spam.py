@@ -104,6 +104,8 @@ def scale_by_stable_spam(
     for name, value in (("b1", b1), ("b2", b2), ("gamma1", gamma1), ("gamma2", gamma2), ("theta", theta)):
         check.in_unit_interval(name, value)
     check.non_negative("eps", eps)
+    if isinstance(reset_interval, jax.Array):
+        raise check.not_static("reset_interval")
     if reset_interval is not None and (isinstance(reset_interval, bool) or not isinstance(reset_interval, int)
                                        or reset_interval <= 0):
         raise ValueError(f"reset_interval (the momentum-reset period ΔT) must be an int > 0 or None, got {reset_interval!r}")

@@ -63,16 +63,21 @@ def is_traced(value: Any) -> bool:
     return isinstance(value, jax.core.Tracer)
 
 
-def static_int(name: str, value: Any, minimum: int | None = None, what: str = "an int") -> int:
-    """An int known when tracing (a shape, a period, a seed); a traced value gets the ``static_args`` hint.
+def not_static(name: str) -> ValueError:
+    """The error for an argument that must be a Python value but came as a JAX array."""
+    return ValueError(f"{name} must be static; under optax.inject_hyperparams pass static_args=({name!r},)")
 
-    ``optax.inject_hyperparams`` turns every int argument into an array: list
-    such arguments in its ``static_args``.
+
+def static_int(name: str, value: Any, minimum: int | None = None, what: str = "an int") -> int:
+    """An int known when tracing (a shape, a period, a seed); a JAX array gets the ``static_args`` hint.
+
+    ``optax.inject_hyperparams`` turns every int argument into an array (a
+    tracer once ``update`` is jitted): list such arguments in its
+    ``static_args``. A JAX array is refused even when concrete, so that the
+    error comes from ``init`` rather than from the first jitted ``update``.
     """
-    if is_traced(value):
-        raise ValueError(
-            f"{name} must be static; under optax.inject_hyperparams pass static_args=({name!r},)"
-        )
+    if isinstance(value, jax.Array):
+        raise not_static(name)
     if isinstance(value, (bool, jnp.bool_)) or getattr(value, "dtype", None) == jnp.bool_:
         raise ValueError(f"{name} must be {what}, got {value!r}")
     try:

@@ -119,7 +119,7 @@ def scale_by_delta_sgd(
             count=jnp.zeros([], jnp.int32),
             step_size=jnp.asarray(initial_step_size, jnp.float32),
             theta=jnp.asarray(initial_theta, jnp.float32),
-            prev_params=params,
+            prev_params=jax.tree.map(jnp.copy, params),  # own buffers: a donated state must not alias the params
             prev_grad=optax.tree.zeros_like(params),
         )
 
