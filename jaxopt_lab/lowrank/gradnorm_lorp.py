@@ -294,7 +294,9 @@ def gradnorm_lorp(
       label_fn: which matrices are weight-normalized and projected (a rank
         label sets that matrix's rank); default
         :func:`~jaxopt_lab.lowrank.default_label_fn`.
-      Other arguments as :func:`~jaxopt_lab.lowrank.galore`.
+      Other arguments as :func:`~jaxopt_lab.lowrank.galore` (``rank``,
+      ``update_proj_gap`` and ``seed`` are ``static_args`` under
+      ``optax.inject_hyperparams``).
     """
     check.in_unit_interval("b1", b1)
     check.in_unit_interval("b2", b2)

@@ -138,7 +138,7 @@ def scale_by_q_galore(
     """Q-GaLore's direction: GaLore's ``α·P·inner(PᵀG)`` with an int4 basis and lazy refresh.
 
     Args:
-      rank: projection rank r, an int (≤ the smaller dimension) or a fraction
+      rank: projection rank r, an int (capped at min(m, n) per matrix) or a fraction
         of the smaller dimension in (0, 1].
       update_proj_gap: the initial refresh period T of each projector.
       scale: α, applied to the projected-back update.
@@ -201,7 +201,9 @@ def q_galore(
 
     ``W ← W − lr · (α · P · Adam(PᵀG) + λ W)`` with P stored in int4 and
     refreshed lazily; see the module docstring. For int8 weights wrap the
-    result: ``int8_weights(q_galore(...))``.
+    result: ``int8_weights(q_galore(...))``. Under ``optax.inject_hyperparams``
+    list the int arguments ``rank``, ``update_proj_gap``, ``seed``,
+    ``queue_size`` and ``gamma_proj`` in ``static_args``.
     """
     check.in_unit_interval("b1", b1)
     check.in_unit_interval("b2", b2)
@@ -293,6 +295,9 @@ def int8_weights(
         (or a tree) giving True/False per leaf; default
         :func:`~jaxopt_lab.lowrank.default_label_fn` (the attention and MLP
         matrices, as the official code). Selected leaves must be floating.
+
+    Under ``optax.inject_hyperparams`` list ``group_size`` and ``seed`` in
+    ``static_args``.
 
     Returns:
       A transformation whose ``update`` needs ``params``.

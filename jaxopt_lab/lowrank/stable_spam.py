@@ -95,7 +95,8 @@ def scale_by_stable_spam(
       gamma2: γ₂, decay of the EMA of the squared gradient norm (in [0, 1)).
       theta: θ, decay of the EMA of max|g| (in [0, 1)).
       reset_interval: ΔT, an int > 0: Adam's moments are reset at steps ΔT,
-        2ΔT, ...; None never resets.
+        2ΔT, ...; None never resets. Static: list it in ``static_args``
+        under ``optax.inject_hyperparams``.
 
     Returns:
       A transformation whose update is the bias-corrected Adam direction
