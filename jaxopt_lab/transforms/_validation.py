@@ -19,9 +19,16 @@ import numpy as np
 
 
 def _concrete_float(value: Any) -> float | None:
-    """``value`` as a Python float, or None if it is traced or a schedule."""
-    if value is None or callable(value):
+    """``value`` as a Python float, or None if it is traced or a schedule.
+
+    A complex value with a zero imaginary part counts as its real part:
+    ``optax.inject_hyperparams`` casts the hyperparameters to the params'
+    widest dtype, complex64 for complex params.
+    """
+    if value is None or callable(value) or is_traced(value):
         return None
+    if np.iscomplexobj(value) and np.ndim(value) == 0 and np.imag(value) == 0:
+        value = np.real(value)
     try:
         return float(value)
     except jax.errors.ConcretizationTypeError:

@@ -526,6 +526,14 @@ def test_every_public_factory_works_under_inject_hyperparams(factory):
     # (shapes, not dtypes: with float32 hyperparameters a bfloat16 leaf's update is float32, as optax's own)
     assert jax.tree.map(lambda u: u.shape, updates) == jax.tree.map(lambda p: p.shape, params)
     assert jax.tree.structure(new_state) == jax.tree.structure(state)
+    # complex params: inject_hyperparams casts the hyperparameters to complex64, which the
+    # argument checks must take (optax's Adam does)
+    if not any(factory in c.covers and c.complex_params == "refused" for c in TRANSFORMS):
+        cparams = {"v": jnp.asarray([1.0, 2j, -1.0], jnp.complex64)}
+        cinjected = optax.inject_hyperparams(factory, static_args=static)(**kwargs)
+        cextra = {"grad_fn": lambda x, k: cparams} if extra else {}
+        cupdates, _ = jax.eval_shape(lambda s: cinjected.update(cparams, s, cparams, **cextra), cinjected.init(cparams))
+        assert cupdates["v"].dtype == jnp.complex64
     # and an int left out of static_args gets an error that says which argument and what to do
     if static:
         loose = optax.inject_hyperparams(factory, static_args=static[1:])(**kwargs)
