@@ -151,7 +151,7 @@ NO_DECAY = dict(weight_decay=0.0)
 LOW_RANK_STATIC = ("rank", "update_proj_gap", "seed")  # ints: static under inject_hyperparams
 
 
-def REAL_MATRICES(params):  # noqa: N802  (a label function, used as a constant)
+def real_matrices(params):  # a label function: the real 2-D leaves
     return jax.tree.map(lambda p: p.ndim == 2 and not jnp.iscomplexobj(p), params)
 
 
@@ -234,13 +234,13 @@ TRANSFORMS = [
     ),
     # Low-rank methods: the battery's 2-D kernels (3 × 4, 4 × 3) are projected at rank 2 and
     # refreshed every 2 steps; the convergence problems' vectors go to the inner Adam. They project
-    # real matrices only: on the complex problem its matrix goes to the inner Adam (REAL_MATRICES).
+    # real matrices only: on the complex problem its matrix goes to the inner Adam (real_matrices).
     Case(
         "galore",
         galore,
         dict(learning_rate=0.1, rank=2, update_proj_gap=2, scale=0.25, label_fn=None),
         solve=dict(quadratic=dict(learning_rate=0.1), rosenbrock=dict(learning_rate=3e-3),
-                   complex=dict(learning_rate=0.1, label_fn=REAL_MATRICES)),
+                   complex=dict(learning_rate=0.1, label_fn=real_matrices)),
         covers=(galore, scale_by_galore),
         static_args=LOW_RANK_STATIC,
         complex_params="vectors",
@@ -250,7 +250,7 @@ TRANSFORMS = [
         fira,
         dict(learning_rate=0.1, rank=2, update_proj_gap=2, weight_decay=1e-4, label_fn=None),
         solve=dict(quadratic=dict(learning_rate=0.1, **NO_DECAY), rosenbrock=dict(learning_rate=3e-3, **NO_DECAY),
-                   complex=dict(learning_rate=0.1, label_fn=REAL_MATRICES, **NO_DECAY)),
+                   complex=dict(learning_rate=0.1, label_fn=real_matrices, **NO_DECAY)),
         covers=(fira, scale_by_fira),
         static_args=LOW_RANK_STATIC,
         complex_params="vectors",
@@ -260,7 +260,7 @@ TRANSFORMS = [
         apollo,
         dict(learning_rate=0.1, rank=2, update_proj_gap=2, weight_decay=1e-4),
         solve=dict(quadratic=dict(learning_rate=0.1, **NO_DECAY), rosenbrock=dict(learning_rate=3e-3, **NO_DECAY),
-                   complex=dict(learning_rate=0.1, label_fn=REAL_MATRICES, **NO_DECAY)),
+                   complex=dict(learning_rate=0.1, label_fn=real_matrices, **NO_DECAY)),
         covers=(apollo, scale_by_apollo),
         static_args=LOW_RANK_STATIC,
         complex_params="vectors",
@@ -271,7 +271,7 @@ TRANSFORMS = [
         apollo_mini,
         dict(learning_rate=0.01, update_proj_gap=2, weight_decay=1e-4),
         solve=dict(quadratic=dict(learning_rate=0.01, **NO_DECAY), rosenbrock=dict(learning_rate=3e-4, **NO_DECAY),
-                   complex=dict(learning_rate=0.01, label_fn=REAL_MATRICES, **NO_DECAY)),
+                   complex=dict(learning_rate=0.01, label_fn=real_matrices, **NO_DECAY)),
         covers=(apollo_mini,),
         static_args=("update_proj_gap", "seed"),
         complex_params="vectors",
@@ -281,7 +281,7 @@ TRANSFORMS = [
         q_galore,
         dict(learning_rate=0.1, rank=2, update_proj_gap=2, weight_decay=1e-4),
         solve=dict(quadratic=dict(learning_rate=0.1, **NO_DECAY), rosenbrock=dict(learning_rate=3e-3, **NO_DECAY),
-                   complex=dict(learning_rate=0.1, label_fn=REAL_MATRICES, **NO_DECAY)),
+                   complex=dict(learning_rate=0.1, label_fn=real_matrices, **NO_DECAY)),
         covers=(q_galore, scale_by_q_galore),
         static_args=LOW_RANK_STATIC + ("queue_size", "gamma_proj"),
         complex_params="vectors",
@@ -291,7 +291,7 @@ TRANSFORMS = [
         gradnorm_lorp,
         dict(learning_rate=0.1, rank=2, update_proj_gap=2, weight_decay=1e-4),
         solve=dict(quadratic=dict(learning_rate=0.1, **NO_DECAY), rosenbrock=dict(learning_rate=3e-3, **NO_DECAY),
-                   complex=dict(learning_rate=0.1, label_fn=REAL_MATRICES, **NO_DECAY)),
+                   complex=dict(learning_rate=0.1, label_fn=real_matrices, **NO_DECAY)),
         covers=(gradnorm_lorp, scale_by_gradnorm_lorp, weight_normalized),
         static_args=LOW_RANK_STATIC,
         affine_in_lr=False,  # the learning rate acts inside the weight normalization
