@@ -37,7 +37,9 @@ updates alike): ``D`` is like the params, with V in place of each selected
 leaf W (every other leaf as it is), and ``M`` is like the params, with m at
 each selected leaf and ``optax.MaskedNode()`` elsewhere. Every per-parameter
 part of the state is thus a tree like the params (``optax.tree.map_params``
-and ``nnx.Optimizer`` need that; see :mod:`jaxopt_lab.lowrank._projected`);
+and ``nnx.Optimizer`` need that; see :mod:`jaxopt_lab.lowrank._projected`;
+a magnitude is (k,) where its W is (d, k), so a function that maps the
+params' sharding specs onto the state must give it a spec of rank 1);
 :func:`scale_by_gradnorm_lorp` is GaLore on the selected leaves of ``D``; :func:`gradnorm_lorp` chains them
 with Adam's bias correction, weight decay and the learning rate. Because
 W_new depends on the learning rate nonlinearly, the learning rate is applied
