@@ -12,6 +12,24 @@ default, as the official GaLore code) projects the smaller of the matrix's two
 dimensions; ``side="larger"`` projects the larger one (as
 ``optax.contrib.galore``). A matrix (m, n) whose projected side is ``n`` is
 transposed to (n, m) before projection and transposed back after.
+
+State layout: every per-matrix part of the state (the projectors, the
+method's own state) is stored as trees like the params, one per array of the
+per-matrix state, with ``optax.MaskedNode()`` at every leaf that is not
+projected (as ``optax.masked`` does; ``optax.contrib.galore`` stores
+zero-size arrays there, which orbax refuses to save). So the state's
+structure does not depend on which leaves are matrices, and
+``optax.tree.map_params`` maps a function over it, which is how sharding
+specs for the optimizer state are derived from the params' specs (as for
+any ``optax.masked`` state, pass ``is_leaf=lambda x: isinstance(x,
+optax.MaskedNode)`` and return the node as it is)::
+
+    optax.tree.map_params(tx, lambda v, spec: v if isinstance(v, optax.MaskedNode) else spec,
+                          state, param_specs, transform_non_params=lambda _: PartitionSpec(),
+                          is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+
+(the inner optimizer's moments of a projected matrix are r × k, not the
+matrix's shape: ``f`` sees each value and may give those another spec).
 """
 
 from __future__ import annotations
@@ -24,6 +42,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxopt_lab.lowrank.projectors import Projector, get_projector
+from jaxopt_lab.transforms import _validation as check
 
 Array = jax.Array
 
@@ -35,14 +54,19 @@ class LowRankState(NamedTuple):
 
     Attributes:
       count: steps taken (int32).
-      projectors: one projector state per projected matrix (flatten order).
+      projectors: the projector's state type (e.g. ``BasisState``) whose
+        every field is a tree like the params: the matrix's array at each
+        projected leaf (``state.projectors.basis["w"]``), a zero-size
+        ``optax.MaskedNode()`` elsewhere.
       next_refresh: (n_projected,) int32, the step at which each projector
-        refreshes next.
+        refreshes next (projected matrices in flatten order).
       period: (n_projected,) int32, each projector's refresh period (fixed for
         GaLore; lazy refresh doubles it).
-      inner: the inner optimizer's state, over the low-rank tree.
-      extra: per projected matrix, the method's own state (e.g. Fira's
-        norm-growth limiter).
+      inner: the inner optimizer's state, over the low-rank tree (the params'
+        tree with each projected matrix replaced by its r × k projection).
+      extra: the method's own per-matrix state (e.g. Fira's norm-growth
+        limiter, ``state.extra.previous_norm["w"]``), laid out as
+        ``projectors``; ``()`` for a method without one.
     """
 
     count: Array
@@ -106,30 +130,42 @@ def default_label_fn(params) -> Any:
     return jax.tree_util.tree_map_with_path(label, params)
 
 
-def resolve_rank(rank, shape, path: str) -> int:
-    """``rank`` as an int in [1, min(shape)]: an int as given, a float as a fraction of min(shape)."""
-    smaller = min(shape)
+def _check_rank(rank, where: str = "") -> None:
+    if isinstance(rank, jax.Array):
+        raise check.not_static("rank")
     if isinstance(rank, bool) or not isinstance(rank, (int, float)):
-        raise ValueError(f"rank must be an int or a fraction in (0, 1], got {rank!r} for {path}")
+        raise ValueError(f"rank must be an int or a fraction in (0, 1], got {rank!r}{where}")
+    if isinstance(rank, float) and not 0 < rank <= 1:
+        raise ValueError(f"a fractional rank must be in (0, 1], got {rank!r}{where}")
+    if isinstance(rank, int) and rank <= 0:
+        raise ValueError(f"rank must be > 0, got {rank}{where}")
+
+
+def resolve_rank(rank, shape, path: str, *, from_label: bool = False) -> int:
+    """``rank`` as an int in [1, min(shape)]: an int as given, a float as a fraction of min(shape).
+
+    The method's ``rank`` argument applies to every selected matrix, so a
+    matrix smaller than it is projected at full rank ``min(m, n)``, as
+    ``optax.contrib.galore`` does; a rank a label function gives one matrix
+    (``from_label``) that is larger than it is an error.
+    """
+    smaller = min(shape)
+    _check_rank(rank, f" for {path}")
     if isinstance(rank, float):
-        if not 0 < rank <= 1:
-            raise ValueError(f"a fractional rank must be in (0, 1], got {rank!r} for {path}")
         return max(1, int(round(rank * smaller)))
-    if rank <= 0:
-        raise ValueError(f"rank must be > 0, got {rank} for {path}")
     if rank > smaller:
-        raise ValueError(f"rank {rank} is larger than the smaller dimension of {path} {tuple(shape)}")
+        if from_label:
+            raise ValueError(f"the label function gives {path} {tuple(shape)} rank {rank}, larger than its "
+                             f"smaller dimension {smaller}")
+        return smaller
     return rank
 
 
 def check_common(rank, update_proj_gap, side: str) -> None:
     """Errors for the arguments every low-rank method takes, raised when it is built."""
-    if isinstance(rank, bool) or not isinstance(rank, (int, float)):
-        raise ValueError(f"rank must be an int or a fraction in (0, 1], got {rank!r}")
-    if isinstance(rank, float) and not 0 < rank <= 1:
-        raise ValueError(f"a fractional rank must be in (0, 1], got {rank!r}")
-    if isinstance(rank, int) and rank <= 0:
-        raise ValueError(f"rank must be > 0, got {rank}")
+    _check_rank(rank)
+    if isinstance(update_proj_gap, jax.Array):
+        raise check.not_static("update_proj_gap")
     if isinstance(update_proj_gap, bool) or not isinstance(update_proj_gap, int) or update_proj_gap <= 0:
         raise ValueError(f"update_proj_gap (the refresh period T) must be an int > 0, got {update_proj_gap!r}")
     if side not in ("smaller", "larger"):
@@ -139,6 +175,8 @@ def check_common(rank, update_proj_gap, side: str) -> None:
 def leaf_specs(updates, *, rank, update_proj_gap: int, side: str, label_fn, projector: Projector, stagger: bool):
     """The LeafSpec of every projected leaf of ``updates`` (flatten order)."""
     leaves_with_path, _ = jax.tree_util.tree_flatten_with_path(updates)
+    if not leaves_with_path:  # e.g. the empty placeholder tree of optax.tree.map_params
+        return ()
     labels = label_fn if not callable(label_fn) else label_fn(updates)
     flat_labels = jax.tree_util.tree_structure(updates).flatten_up_to(labels)
     chosen = []
@@ -149,8 +187,10 @@ def leaf_specs(updates, *, rank, update_proj_gap: int, side: str, label_fn, proj
         shape = tuple(leaf.shape)
         if len(shape) != 2:
             raise ValueError(f"the label function selected {name} of shape {shape}: only 2-D matrices can be projected")
-        leaf_rank = rank if label is True else label
-        r = resolve_rank(leaf_rank, shape, name)
+        if jnp.issubdtype(leaf.dtype, jnp.complexfloating):
+            raise ValueError(f"the label function selected {name} of dtype {leaf.dtype}: only real matrices can be "
+                             "projected (leave complex parameters to the inner optimizer with label_fn)")
+        r = resolve_rank(rank, shape, name) if label is True else resolve_rank(label, shape, name, from_label=True)
         m, n = shape
         transpose = (m >= n) if side == "smaller" else (m < n)
         chosen.append((index, name, shape, transpose, r))
@@ -159,6 +199,43 @@ def leaf_specs(updates, *, rank, update_proj_gap: int, side: str, label_fn, proj
         LeafSpec(index, name, shape, transpose, r, (i * update_proj_gap) // total if stagger else 0, projector)
         for i, (index, name, shape, transpose, r) in enumerate(chosen)
     )
+
+
+class _Layout:
+    """Stores a per-matrix state (a pytree, one structure for every matrix) as trees like the params.
+
+    The per-matrix structure comes from ``example`` (evaluated abstractly),
+    so it is known even when no leaf is projected (the empty placeholder tree
+    of ``optax.tree.map_params``).
+    """
+
+    def __init__(self, example: Callable[[], Any]):
+        abstract = jax.eval_shape(example)
+        self.fields, self.treedef = jax.tree_util.tree_flatten(abstract)
+
+    def scatter(self, params, specs, states) -> Any:
+        """The laid-out state of ``params``: ``states[i]`` at leaf ``specs[i].index``, MaskedNode elsewhere."""
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        columns = [[optax.MaskedNode() for _ in leaves] for _ in self.fields]
+        for spec, state in zip(specs, states):
+            for column, value in zip(columns, self.treedef.flatten_up_to(state)):
+                column[spec.index] = value
+        return self.treedef.unflatten([treedef.unflatten(column) for column in columns])
+
+    def gather(self, laid_out, treedef, specs) -> list:
+        """The per-matrix states of ``specs`` from a laid-out state; ``treedef``: the params' structure."""
+        columns = [treedef.flatten_up_to(tree) for tree in self.treedef.flatten_up_to(laid_out)]
+        return [self.treedef.unflatten([column[spec.index] for column in columns]) for spec in specs]
+
+    def replace(self, laid_out, treedef, specs, states) -> Any:
+        """``laid_out`` with the states of ``specs`` replaced."""
+        trees = []
+        for k, tree in enumerate(self.treedef.flatten_up_to(laid_out)):
+            column = treedef.flatten_up_to(tree)
+            for spec, state in zip(specs, states):
+                column[spec.index] = self.treedef.flatten_up_to(state)[k]
+            trees.append(treedef.unflatten(column))
+        return self.treedef.unflatten(trees)
 
 
 def _key(seed: int, spec: LeafSpec, count: Array) -> Array:
@@ -204,8 +281,10 @@ def scale_by_projected(
     check_common(rank, update_proj_gap, side)
     projector = get_projector(projector)
     label_fn = default_label_fn if label_fn is None else label_fn
-    if int(seed) != seed:
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    seed = check.static_int("seed", seed)
+    example = LeafSpec(0, "", (2, 2), False, 1, 0, projector)  # any matrix: fixes the per-matrix structures
+    pstate_layout = _Layout(lambda: projector.init(jnp.zeros((2, 2), jnp.float32), 1, jax.random.PRNGKey(0)))
+    extra_layout = _Layout(lambda: init_extra(example))
 
     def specs_of(tree):
         return leaf_specs(tree, rank=rank, update_proj_gap=update_proj_gap, side=side, label_fn=label_fn,
@@ -226,10 +305,10 @@ def scale_by_projected(
             pstates.append(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shape))
         lows = [jnp.zeros((spec.rank, spec.k), jnp.float32) for spec in specs]
         inner_state = inner.init(low_rank_tree(params, specs, lows))
-        zeros = jnp.zeros((len(specs),), jnp.int32)
+        next_refresh = jnp.zeros((len(specs),), jnp.int32)
         period = jnp.full((len(specs),), update_proj_gap, jnp.int32)
-        return LowRankState(jnp.zeros([], jnp.int32), tuple(pstates), zeros, period, inner_state,
-                            tuple(init_extra(spec) for spec in specs))
+        return LowRankState(jnp.zeros([], jnp.int32), pstate_layout.scatter(params, specs, pstates), next_refresh,
+                            period, inner_state, extra_layout.scatter(params, specs, [init_extra(s) for s in specs]))
 
     def update_fn(updates, state, params=None, *, refresh=None, **extra_args):
         del params, extra_args  # the inner optimizer sees low-rank gradients, which have no parameters
@@ -239,12 +318,14 @@ def scale_by_projected(
         specs = specs_of(updates)
         leaves = jax.tree_util.tree_leaves(updates)
         count = state.count
-        grads, lows, pstates, auxes, extras = [], [], [], [], list(state.extra)
+        treedef = jax.tree_util.tree_structure(updates)
+        old_pstates = pstate_layout.gather(state.projectors, treedef, specs)
+        grads, lows, pstates, auxes, extras = [], [], [], [], extra_layout.gather(state.extra, treedef, specs)
         next_refresh, period = state.next_refresh, state.period
         for i, spec in enumerate(specs):
             raw = leaves[spec.index]
             g = spec.orient(raw.astype(jnp.float32))
-            old = state.projectors[i]
+            old = old_pstates[i]
             due = count >= next_refresh[i]
 
             def refresh_leaf(raw=raw, spec=spec, old=old, i=i):
@@ -279,7 +360,8 @@ def scale_by_projected(
             if spec_index not in {s.index for s in specs}:
                 out[spec_index] = out[spec_index].astype(leaf.dtype)
         new_updates = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(updates), out)
-        new_state = LowRankState(count + 1, tuple(pstates), next_refresh, period, inner_state, tuple(extras))
+        new_state = LowRankState(count + 1, pstate_layout.replace(state.projectors, treedef, specs, pstates),
+                                 next_refresh, period, inner_state, extra_layout.replace(state.extra, treedef, specs, extras))
         return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

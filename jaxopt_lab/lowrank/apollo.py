@@ -78,7 +78,7 @@ def scale_by_apollo(
     """APOLLO's direction: the full gradient scaled by low-rank Adam's channel factors, limited.
 
     Args:
-      rank: rank r of the auxiliary space, an int (≤ the smaller dimension)
+      rank: rank r of the auxiliary space, an int (capped at min(m, n) per matrix)
         or a fraction of the smaller dimension in (0, 1].
       update_proj_gap: refresh period T of the random projection.
       scale: α; the update is multiplied by √α (official code).
@@ -124,6 +124,10 @@ def apollo(
     """APOLLO-AdamW: :func:`scale_by_apollo` over Adam moments, bias correction, decoupled weight decay, lr.
 
     ``W ← W − lr · (√(1 − β₂ᵗ)/(1 − β₁ᵗ) · √α · limit(G · diag(s)) + λ W)``; see the module docstring.
+
+    Under ``optax.inject_hyperparams`` list the int arguments ``rank``,
+    ``update_proj_gap`` and ``seed`` in ``static_args`` (they fix shapes and
+    keys; a JAX array there is refused with that hint).
     """
     check.in_unit_interval("b1", b1)
     check.in_unit_interval("b2", b2)
@@ -155,7 +159,8 @@ def apollo_mini(
 ) -> optax.GradientTransformation:
     """APOLLO-Mini: :func:`apollo` at rank 1 with one tensor-wise factor and α = 128 (update × √128).
 
-    The auxiliary state of a projected d × k matrix is 2·k floats: SGD-like memory.
+    The auxiliary state of a projected d × k matrix is 2·k floats: SGD-like memory. Under
+    ``optax.inject_hyperparams`` list ``update_proj_gap`` and ``seed`` in ``static_args``.
     """
     return apollo(learning_rate, 1, update_proj_gap, scale, "tensor", growth_limit, b1, b2, eps, weight_decay,
                   projector, side, label_fn, stagger, seed)

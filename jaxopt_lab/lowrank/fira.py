@@ -99,7 +99,12 @@ def fira(
     seed: int = 0,
     fused: bool | str = False,
 ) -> optax.GradientTransformation:
-    """Fira-AdamW: :func:`scale_by_fira` over Adam, decoupled weight decay, learning rate."""
+    """Fira-AdamW: :func:`scale_by_fira` over Adam, decoupled weight decay, learning rate.
+
+    Under ``optax.inject_hyperparams`` list the int arguments ``rank``,
+    ``update_proj_gap`` and ``seed`` in ``static_args`` (they fix shapes and
+    keys; a JAX array there is refused with that hint).
+    """
     check.in_unit_interval("b1", b1)
     check.in_unit_interval("b2", b2)
     check.non_negative("eps", eps)

@@ -48,8 +48,10 @@ def scale_by_galore(
     """GaLore's direction α·P·inner(PᵀG) for projected matrices, inner(G) elsewhere.
 
     Args:
-      rank: projection rank r, an int (≤ the smaller dimension) or a fraction
-        of the smaller dimension in (0, 1].
+      rank: projection rank r, an int or a fraction of the smaller dimension
+        in (0, 1]. A matrix whose smaller dimension is below an int rank is
+        projected at full rank min(m, n) (as ``optax.contrib.galore``); a
+        rank given to one matrix by ``label_fn`` must fit it.
       update_proj_gap: refresh period T of each projector.
       scale: α, applied to the projected-back update.
       inner: the optimizer run on the low-rank gradients (and on every
@@ -104,6 +106,10 @@ def galore(
     """GaLore-AdamW: :func:`scale_by_galore` over Adam, decoupled weight decay, learning rate.
 
     ``W ← W − lr · (α · P · Adam(PᵀG) + λ W)``; see :func:`scale_by_galore`.
+
+    Under ``optax.inject_hyperparams`` list the int arguments ``rank``,
+    ``update_proj_gap`` and ``seed`` in ``static_args`` (they fix shapes and
+    keys; a JAX array there is refused with that hint).
     """
     check.in_unit_interval("b1", b1)
     check.in_unit_interval("b2", b2)

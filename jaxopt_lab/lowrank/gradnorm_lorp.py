@@ -31,10 +31,16 @@ column) besides the optimizer's low-rank moments: the memory of GaLore plus
 direction; it gets a zero gradient and stays zero.
 
 Structure: :func:`weight_normalized` is the exact reparameterization around
-any optax transformation ``inner`` that sees the tree in which each selected
-leaf W is replaced by ``WeightNormParts(direction=V, magnitude=m)`` (gradients,
-parameters and updates alike); :func:`scale_by_gradnorm_lorp` is GaLore on
-the ``direction`` leaves of such a tree; :func:`gradnorm_lorp` chains them
+any optax transformation ``inner`` that sees the tree
+``WeightNormParts(direction=D, magnitude=M)`` (gradients, parameters and
+updates alike): ``D`` is like the params, with V in place of each selected
+leaf W (every other leaf as it is), and ``M`` is like the params, with m at
+each selected leaf and ``optax.MaskedNode()`` elsewhere. Every per-parameter
+part of the state is thus a tree like the params (``optax.tree.map_params``
+and ``nnx.Optimizer`` need that; see :mod:`jaxopt_lab.lowrank._projected`;
+a magnitude is (k,) where its W is (d, k), so a function that maps the
+params' sharding specs onto the state must give it a spec of rank 1);
+:func:`scale_by_gradnorm_lorp` is GaLore on the selected leaves of ``D``; :func:`gradnorm_lorp` chains them
 with Adam's bias correction, weight decay and the learning rate. Because
 W_new depends on the learning rate nonlinearly, the learning rate is applied
 inside the reparameterization (the last element of ``inner``).
@@ -67,11 +73,13 @@ from jaxopt_lab.transforms import _validation as check
 
 
 class WeightNormParts(NamedTuple):
-    """A weight-normalized matrix's two factors (or their gradients, or updates).
+    """The weight-normalized factors of a params tree (or their gradients, or updates).
 
     Attributes:
-      direction: V, shape (d, k) like W.
-      magnitude: m, shape (k,): one per column.
+      direction: a tree like the params: V (d × k, like W) at each
+        weight-normalized matrix W, the leaf itself elsewhere.
+      magnitude: a tree like the params: m (k,), one per column, at each
+        weight-normalized matrix, ``optax.MaskedNode()`` elsewhere.
     """
 
     direction: Any
@@ -82,29 +90,32 @@ class WeightNormState(NamedTuple):
     """State of :func:`weight_normalized`.
 
     Attributes:
-      magnitude: per reparameterized matrix (flatten order), m (k,) float32.
-      direction_norm: per reparameterized matrix, ‖V‖_c (k,) float32.
+      magnitude: a tree like the params: m (k,) float32 at each reparameterized
+        matrix, ``optax.MaskedNode()`` elsewhere.
+      direction_norm: the same for ‖V‖_c (k,) float32.
       inner: the inner transformation's state (over the reparameterized tree).
     """
 
-    magnitude: tuple
-    direction_norm: tuple
+    magnitude: Any
+    direction_norm: Any
     inner: optax.OptState
 
 
-def _is_parts(x) -> bool:
-    return isinstance(x, WeightNormParts)
+def _is_masked(x) -> bool:
+    return isinstance(x, optax.MaskedNode)
 
 
-def weight_view(tree):
-    """``tree`` with every :class:`WeightNormParts` replaced by its direction (the shape of W)."""
-    return jax.tree.map(lambda x: x.direction if _is_parts(x) else x, tree, is_leaf=_is_parts)
+def _selected_flags(tree: WeightNormParts) -> list[bool]:
+    """Per leaf of ``tree.direction``: whether it is weight-normalized (it has a magnitude)."""
+    return [not _is_masked(m) for m in jax.tree_util.tree_structure(tree.direction).flatten_up_to(tree.magnitude)]
 
 
 def _selected_indices(params, label_fn) -> list[int]:
     """Flatten indices of the leaves ``label_fn`` selects; each must be a 2-D matrix."""
-    labels = label_fn(params) if callable(label_fn) else label_fn
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+    if not leaves_with_path:  # e.g. the empty placeholder tree of optax.tree.map_params
+        return []
+    labels = label_fn(params) if callable(label_fn) else label_fn
     chosen = []
     for index, ((path, leaf), label) in enumerate(zip(leaves_with_path, treedef.flatten_up_to(labels))):
         if label is None or label is False:
@@ -124,19 +135,21 @@ def _safe_div(a, b):
     return a / jnp.where(b > 0, b, 1.0)
 
 
-def weight_normalized(inner: optax.GradientTransformation, label_fn: Any = None) -> optax.GradientTransformation:
+def weight_normalized(inner: optax.GradientTransformation, label_fn: Any = None) -> optax.GradientTransformationExtraArgs:
     """Runs ``inner`` on the weight-normalized factors of the selected matrices; returns exact W updates.
 
-    Each selected leaf W (2-D) is seen by ``inner`` as ``WeightNormParts(V, m)``
-    with ``W = m ⊙ V / ‖V‖_c``: its gradient as ``WeightNormParts(∇_V, ∇_m)``
-    (see the module docstring), its parameters as ``WeightNormParts(V, m)``.
-    ``inner``'s updates ``(ΔV, Δm)`` are *final* updates (learning rate
-    included); the returned update of W is ``(m + Δm) ⊙ (V + ΔV)/‖V + ΔV‖_c − W``.
-    Every other leaf passes through ``inner`` unchanged.
+    ``inner`` sees ``WeightNormParts(direction=D, magnitude=M)`` (see the module
+    docstring): each selected leaf W (2-D) as ``V`` in ``D`` and ``m`` in ``M``
+    with ``W = m ⊙ V / ‖V‖_c``, its gradient as ``∇_V`` and ``∇_m`` (see the
+    module docstring), its parameters as ``V`` and ``m``. ``inner``'s updates
+    ``(ΔV, Δm)`` are *final* updates (learning rate included); the returned
+    update of W is ``(m + Δm) ⊙ (V + ΔV)/‖V + ΔV‖_c − W``. Every other leaf
+    passes through ``inner`` unchanged, in ``D``.
 
     Args:
       inner: an optax transformation over the reparameterized tree, ending
-        with the learning rate.
+        with the learning rate. Extra keyword arguments of ``update`` are
+        passed on to it.
       label_fn: which matrices are reparameterized: a function of the params
         (or a tree) giving per leaf False/None or True (or a rank, which
         :func:`scale_by_gradnorm_lorp` reads); default
@@ -146,77 +159,78 @@ def weight_normalized(inner: optax.GradientTransformation, label_fn: Any = None)
       A transformation whose ``update`` needs ``params``.
     """
     label_fn = default_label_fn if label_fn is None else label_fn
+    inner = optax.with_extra_args_support(inner)
 
-    def reparam(tree, chosen, parts):
-        leaves, treedef = jax.tree_util.tree_flatten(tree)
-        for i, part in zip(chosen, parts):
-            leaves[i] = part
-        return jax.tree_util.tree_unflatten(treedef, leaves)
+    def parts(treedef, directions, magnitudes):
+        return WeightNormParts(treedef.unflatten(directions), treedef.unflatten(magnitudes))
 
     def init_fn(params):
         chosen = _selected_indices(params, label_fn)
-        leaves = jax.tree_util.tree_leaves(params)
-        mags = tuple(_col_norm(leaves[i].astype(jnp.float32)) for i in chosen)
-        parts = [WeightNormParts(leaves[i].astype(jnp.float32), m) for i, m in zip(chosen, mags)]
-        return WeightNormState(mags, mags, inner.init(reparam(params, chosen, parts)))
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        mags, norms, directions = [optax.MaskedNode()] * len(leaves), [optax.MaskedNode()] * len(leaves), list(leaves)
+        for i in chosen:  # m₀ = ‖W‖_c = ‖V₀‖_c, two buffers (a donated state must not alias)
+            w = leaves[i].astype(jnp.float32)
+            mags[i], norms[i], directions[i] = _col_norm(w), _col_norm(w), w
+        magnitude = treedef.unflatten(mags)
+        return WeightNormState(magnitude, treedef.unflatten(norms), inner.init(parts(treedef, directions, mags)))
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
         if params is None:
             raise ValueError("gradnorm_lorp / weight_normalized needs params: call update(grads, state, params)")
         chosen = _selected_indices(params, label_fn)
-        p_leaves = jax.tree_util.tree_leaves(params)
-        g_leaves = jax.tree_util.tree_leaves(updates)
-        grad_parts, param_parts, units = [], [], []
-        for i, m, nu in zip(chosen, state.magnitude, state.direction_norm):
+        treedef = jax.tree_util.tree_structure(params)
+        p_leaves, g_leaves = treedef.flatten_up_to(params), treedef.flatten_up_to(updates)
+        mags, norms = treedef.flatten_up_to(state.magnitude), treedef.flatten_up_to(state.direction_norm)
+        grad_v, grad_m, param_v, units = list(g_leaves), [optax.MaskedNode()] * len(g_leaves), list(p_leaves), {}
+        for i in chosen:
+            m, nu = mags[i], norms[i]
             w, g = p_leaves[i].astype(jnp.float32), g_leaves[i].astype(jnp.float32)
             unit = _safe_div(w, _col_norm(w)) * jnp.where(m < 0, -1.0, 1.0)  # û = V/‖V‖ = W/m
-            grad_m = jnp.sum(unit * g, axis=0)
-            grad_v = _safe_div(m, nu) * (g - unit * grad_m)
-            grad_parts.append(WeightNormParts(grad_v, grad_m))
-            param_parts.append(WeightNormParts(nu * unit, m))
-            units.append(unit)
-        inner_updates, inner_state = inner.update(reparam(updates, chosen, grad_parts), state.inner,
-                                                  reparam(params, chosen, param_parts))
-        out = jax.tree_util.tree_leaves(inner_updates, is_leaf=_is_parts)
-        mags, norms = [], []
-        for i, m, nu, unit, (dv, dm) in zip(chosen, state.magnitude, state.direction_norm, units,
-                                            [out[i] for i in chosen]):
-            v_new = nu * unit + dv.astype(jnp.float32)
-            nu_new = _col_norm(v_new)
-            m_new = m + dm.astype(jnp.float32)
-            w_new = m_new * _safe_div(v_new, nu_new)
+            grad_m[i] = jnp.sum(unit * g, axis=0)
+            grad_v[i] = _safe_div(m, nu) * (g - unit * grad_m[i])
+            param_v[i] = nu * unit
+            units[i] = unit
+        inner_updates, inner_state = inner.update(parts(treedef, grad_v, grad_m), state.inner,
+                                                  parts(treedef, param_v, mags), **extra_args)
+        out = treedef.flatten_up_to(inner_updates.direction)
+        dms = treedef.flatten_up_to(inner_updates.magnitude)
+        new_mags, new_norms = list(mags), list(norms)
+        for i in chosen:
+            v_new = norms[i] * units[i] + out[i].astype(jnp.float32)
+            new_norms[i] = _col_norm(v_new)
+            new_mags[i] = mags[i] + dms[i].astype(jnp.float32)
+            w_new = new_mags[i] * _safe_div(v_new, new_norms[i])
             out[i] = (w_new - p_leaves[i].astype(jnp.float32)).astype(g_leaves[i].dtype)
-            mags.append(m_new)
-            norms.append(nu_new)
-        new_updates = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(updates), out)
-        return new_updates, WeightNormState(tuple(mags), tuple(norms), inner_state)
+        new_state = WeightNormState(treedef.unflatten(new_mags), treedef.unflatten(new_norms), inner_state)
+        return treedef.unflatten(out), new_state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _direction_labels(label_fn):
-    """A label function over a reparameterized tree: on each direction, ``label_fn``'s label for its W
-    (True when ``label_fn`` is None); False on magnitudes and every other leaf."""
+    """A label function over a reparameterized tree: on each selected leaf of ``direction``,
+    ``label_fn``'s label for its W (True when ``label_fn`` is None); False everywhere else."""
 
     def labels(tree):
-        view = weight_view(tree)
-        top, treedef = jax.tree_util.tree_flatten(tree, is_leaf=_is_parts)
+        view = tree.direction
+        selected = _selected_flags(tree)
         if label_fn is None:
-            flat = [True] * len(top)
+            flat = [True] * len(selected)
         else:
             on_view = label_fn(view) if callable(label_fn) else label_fn
             flat = jax.tree_util.tree_structure(view).flatten_up_to(on_view)
         out = []
-        for node, label, (path, _) in zip(top, flat, jax.tree_util.tree_flatten_with_path(view)[0]):
+        for is_selected, label, (path, _) in zip(selected, flat, jax.tree_util.tree_flatten_with_path(view)[0]):
             on = label is not None and label is not False
-            if _is_parts(node):
-                out.append(WeightNormParts(label if on else False, False))
+            if is_selected:
+                out.append(label if on else False)
             elif on and label_fn is not None:
                 raise ValueError(f"the label function selected {jax.tree_util.keystr(path)}, which is not "
                                  "weight-normalized: GradNormLoRP projects only the directions of weight_normalized")
             else:
                 out.append(False)
-        return jax.tree_util.tree_unflatten(treedef, out)
+        return WeightNormParts(jax.tree_util.tree_structure(view).unflatten(out),
+                               jax.tree.map(lambda _: False, tree.magnitude))
 
     return labels
 
@@ -235,9 +249,10 @@ def scale_by_gradnorm_lorp(
     """GaLore on the directions of a weight-normalized tree: ``α·P·inner(Pᵀ∇_V)``; ``inner`` elsewhere.
 
     Works on the tree :func:`weight_normalized` passes to its inner
-    transformation: each :class:`WeightNormParts` ``direction`` is projected
-    (oriented and refreshed as in :func:`~jaxopt_lab.lowrank.scale_by_galore`),
-    magnitudes and every other leaf go to ``inner`` at full size.
+    transformation, a :class:`WeightNormParts`: the direction V of each
+    weight-normalized matrix is projected (oriented and refreshed as in
+    :func:`~jaxopt_lab.lowrank.scale_by_galore`), magnitudes and every other
+    leaf go to ``inner`` at full size.
 
     Args:
       rank, update_proj_gap, scale, projector, side, stagger, seed: as
@@ -270,7 +285,7 @@ def gradnorm_lorp(
     label_fn: Any = None,
     stagger: bool = False,
     seed: int = 0,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     """GradNormLoRP-AdamW: weight normalization of the selected matrices, GaLore-Adam on the directions.
 
     ``weight_normalized(chain(scale_by_gradnorm_lorp(...Adam moments), bias
@@ -281,7 +296,9 @@ def gradnorm_lorp(
       label_fn: which matrices are weight-normalized and projected (a rank
         label sets that matrix's rank); default
         :func:`~jaxopt_lab.lowrank.default_label_fn`.
-      Other arguments as :func:`~jaxopt_lab.lowrank.galore`.
+      Other arguments as :func:`~jaxopt_lab.lowrank.galore` (``rank``,
+      ``update_proj_gap`` and ``seed`` are ``static_args`` under
+      ``optax.inject_hyperparams``).
     """
     check.in_unit_interval("b1", b1)
     check.in_unit_interval("b2", b2)
@@ -290,8 +307,10 @@ def gradnorm_lorp(
     label_fn = default_label_fn if label_fn is None else label_fn
     resolved = get_projector(projector)
 
-    def decay_mask(tree):
-        return jax.tree.map(lambda x: WeightNormParts(False, True) if _is_parts(x) else True, tree, is_leaf=_is_parts)
+    def decay_mask(tree):  # every leaf but the directions V
+        flags = [not selected for selected in _selected_flags(tree)]
+        return WeightNormParts(jax.tree_util.tree_structure(tree.direction).unflatten(flags),
+                               jax.tree.map(lambda _: True, tree.magnitude))
 
     inner = optax.chain(
         scale_by_gradnorm_lorp(rank, update_proj_gap, scale, scale_by_adam_moments(b1, b2, eps), resolved, side,
@@ -307,4 +326,4 @@ def gradnorm_lorp(
                    projector=resolved, stagger=stagger)
         return tx.init(params)
 
-    return optax.GradientTransformation(init_fn, tx.update)
+    return optax.GradientTransformationExtraArgs(init_fn, tx.update)

@@ -93,6 +93,8 @@ class LazyRefreshState(NamedTuple):
 
 
 def _check_int(name, value, minimum):
+    if isinstance(value, jax.Array):  # e.g. injected by optax.inject_hyperparams without static_args
+        raise check.not_static(name)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
@@ -136,7 +138,7 @@ def scale_by_q_galore(
     """Q-GaLore's direction: GaLore's ``α·P·inner(PᵀG)`` with an int4 basis and lazy refresh.
 
     Args:
-      rank: projection rank r, an int (≤ the smaller dimension) or a fraction
+      rank: projection rank r, an int (capped at min(m, n) per matrix) or a fraction
         of the smaller dimension in (0, 1].
       update_proj_gap: the initial refresh period T of each projector.
       scale: α, applied to the projected-back update.
@@ -199,7 +201,9 @@ def q_galore(
 
     ``W ← W − lr · (α · P · Adam(PᵀG) + λ W)`` with P stored in int4 and
     refreshed lazily; see the module docstring. For int8 weights wrap the
-    result: ``int8_weights(q_galore(...))``.
+    result: ``int8_weights(q_galore(...))``. Under ``optax.inject_hyperparams``
+    list the int arguments ``rank``, ``update_proj_gap``, ``seed``,
+    ``queue_size`` and ``gamma_proj`` in ``static_args``.
     """
     check.in_unit_interval("b1", b1)
     check.in_unit_interval("b2", b2)
@@ -292,13 +296,17 @@ def int8_weights(
         :func:`~jaxopt_lab.lowrank.default_label_fn` (the attention and MLP
         matrices, as the official code). Selected leaves must be floating.
 
+    Under ``optax.inject_hyperparams`` list ``group_size`` and ``seed`` in
+    ``static_args``.
+
     Returns:
       A transformation whose ``update`` needs ``params``.
     """
+    if isinstance(group_size, jax.Array):  # e.g. injected by optax.inject_hyperparams without static_args
+        raise check.not_static("group_size")
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
         raise ValueError(f"group_size must be an int > 0, got {group_size!r}")
-    if int(seed) != seed:
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    seed = check.static_int("seed", seed)
     label_fn = default_label_fn if label_fn is None else label_fn
 
     def selected(params):

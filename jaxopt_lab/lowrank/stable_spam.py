@@ -50,7 +50,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxopt_lab.lowrank._adam import moment_dtype
 from jaxopt_lab.transforms import _validation as check
+from jaxopt_lab.transforms._numerics import abs_sq
 
 
 class ScaleByStableSpamState(NamedTuple):
@@ -93,7 +95,8 @@ def scale_by_stable_spam(
       gamma2: γ₂, decay of the EMA of the squared gradient norm (in [0, 1)).
       theta: θ, decay of the EMA of max|g| (in [0, 1)).
       reset_interval: ΔT, an int > 0: Adam's moments are reset at steps ΔT,
-        2ΔT, ...; None never resets.
+        2ΔT, ...; None never resets. Static: list it in ``static_args``
+        under ``optax.inject_hyperparams``.
 
     Returns:
       A transformation whose update is the bias-corrected Adam direction
@@ -102,15 +105,18 @@ def scale_by_stable_spam(
     for name, value in (("b1", b1), ("b2", b2), ("gamma1", gamma1), ("gamma2", gamma2), ("theta", theta)):
         check.in_unit_interval(name, value)
     check.non_negative("eps", eps)
+    if isinstance(reset_interval, jax.Array):
+        raise check.not_static("reset_interval")
     if reset_interval is not None and (isinstance(reset_interval, bool) or not isinstance(reset_interval, int)
                                        or reset_interval <= 0):
         raise ValueError(f"reset_interval (the momentum-reset period ΔT) must be an int > 0 or None, got {reset_interval!r}")
 
-    def init_fn(params):
-        scalars = jax.tree.map(lambda p: jnp.zeros([], jnp.float32), params)
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        return ScaleByStableSpamState(jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32), scalars, scalars, scalars,
-                                      zeros, zeros)
+    def init_fn(params):  # every field its own buffers (a donated state must not alias)
+        scalars = lambda: jax.tree.map(lambda p: jnp.zeros([], jnp.float32), params)  # noqa: E731
+        mu = jax.tree.map(lambda p: jnp.zeros(p.shape, moment_dtype(p)), params)  # complex64 for complex params
+        nu = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)  # |g|², real
+        return ScaleByStableSpamState(jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32), scalars(), scalars(),
+                                      scalars(), mu, nu)
 
     def update_fn(updates, state, params=None):
         del params
@@ -118,7 +124,7 @@ def scale_by_stable_spam(
         tf = t.astype(jnp.float32)
 
         def stabilize(g, m_max, m_n, v_n):
-            g = g.astype(jnp.float32)
+            g = g.astype(moment_dtype(g))
             # AdaClip
             g_max = jnp.max(jnp.abs(g))
             m_max = theta * m_max + (1 - theta) * g_max
@@ -135,13 +141,14 @@ def scale_by_stable_spam(
         leaves, treedef = jax.tree_util.tree_flatten(updates)
         flat = [jax.tree_util.tree_leaves(x) for x in (state.max_ema, state.norm_ema, state.norm_sq_ema)]
         results = [stabilize(g, a, b, c) for g, a, b, c in zip(leaves, *flat)]
-        grads, m_max, m_n, v_n = (jax.tree_util.tree_unflatten(treedef, list(x)) for x in zip(*results))
+        grads, m_max, m_n, v_n = (jax.tree_util.tree_unflatten(treedef, list(x)) for x in zip(*results)) \
+            if results else (updates,) * 4  # an empty tree
 
         reset = jnp.asarray(False) if reset_interval is None else (t % reset_interval == 0)
         tau = jnp.where(reset, 1, state.adam_count + 1)
         keep = jnp.where(reset, 0.0, 1.0)
         mu = jax.tree.map(lambda m, g: b1 * keep * m + (1 - b1) * g, state.mu, grads)
-        nu = jax.tree.map(lambda v, g: b2 * keep * v + (1 - b2) * g**2, state.nu, grads)
+        nu = jax.tree.map(lambda v, g: b2 * keep * v + (1 - b2) * abs_sq(g), state.nu, grads)
         tauf = tau.astype(jnp.float32)
         out = jax.tree.map(
             lambda m, v, u: ((m / (1 - b1**tauf)) / (jnp.sqrt(v / (1 - b2**tauf)) + eps)).astype(u.dtype),

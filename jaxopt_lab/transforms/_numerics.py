@@ -38,6 +38,13 @@ def one_minus(decay: Any, dtype) -> jax.Array:
     return 1 - jnp.asarray(decay, dtype)
 
 
+def abs_sq(x: jax.Array) -> jax.Array:
+    """:math:`|x|^2`, real (``x * conj(x)`` for complex ``x``), as ``optax``'s Adam squares gradients."""
+    if jnp.iscomplexobj(x):
+        return (x.conj() * x).real
+    return jnp.square(x)
+
+
 def compute_dtype(dtype) -> jnp.dtype:
     """The dtype the arithmetic is done in: float32, or ``dtype`` if wider."""
     return jnp.promote_types(dtype, jnp.float32)

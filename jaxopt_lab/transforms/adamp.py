@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxopt_lab.transforms import _validation as check
-from jaxopt_lab.transforms._numerics import compute_dtype, one_minus, one_minus_power, unzip
+from jaxopt_lab.transforms._numerics import abs_sq, compute_dtype, one_minus, one_minus_power, unzip
 
 
 class ScaleByAdamPState(NamedTuple):
@@ -48,19 +48,22 @@ def _remove_radial(grad, param, perturb, *, delta, wd_ratio, eps, channel_axis):
     per_channel = tuple(i for i in range(param.ndim) if i != axis)
     whole = tuple(range(param.ndim))
 
+    def dot(a, b, axes):  # the real inner product (of complex tensors too, as vectors of R²)
+        return jnp.sum((a.conj() * b).real if jnp.iscomplexobj(a) else a * b, axis=axes, keepdims=True)
+
     def norm(x, axes):
-        return jnp.sqrt(jnp.sum(jnp.square(x), axis=axes, keepdims=True))
+        return jnp.sqrt(jnp.sum(abs_sq(x), axis=axes, keepdims=True))
 
     def view(axes):
         """Whether max |cos(grad, param)| over the slices is below delta/sqrt(slice size); param's norms."""
         w_norm = norm(param, axes)
-        cos = jnp.abs(jnp.sum(grad * param, axis=axes, keepdims=True)) / (norm(grad, axes) + eps) / (w_norm + eps)
+        cos = jnp.abs(dot(grad, param, axes)) / (norm(grad, axes) + eps) / (w_norm + eps)
         size = math.prod(param.shape[i] for i in axes)
         return jnp.max(cos) < delta / math.sqrt(size), w_norm
 
     def project(axes, w_norm):
         unit = param / (w_norm + eps)
-        return perturb - unit * jnp.sum(unit * perturb, axis=axes, keepdims=True)
+        return perturb - unit * dot(unit, perturb, axes)
 
     # The channel view is tried first; the layer view only when it fails.
     channel_ok, channel_norm = view(per_channel)
@@ -98,7 +101,7 @@ def scale_by_adamp(
 
     .. math::
         m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad
-        v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2, \qquad
+        v_t = \beta_2 v_{t-1} + (1-\beta_2) |g_t|^2, \qquad
         p_t = \frac{m_t \;\text{or, nesterov,}\; \beta_1 m_t + (1-\beta_1) g_t}
                    {\sqrt{v_t / (1-\beta_2^t)} + \epsilon},
 
@@ -184,7 +187,7 @@ def scale_by_adamp(
             gf, wf = g.astype(ct), w.astype(ct)
             c1, c2 = beta1.astype(ct), beta2.astype(ct)
             m_new = c1 * m.astype(ct) + one_minus(b1, ct) * gf
-            v_new = c2 * v.astype(ct) + one_minus(b2, ct) * jnp.square(gf)
+            v_new = c2 * v.astype(ct) + one_minus(b2, ct) * abs_sq(gf)
             denom = jnp.sqrt(v_new) / jnp.sqrt(bc2.astype(ct)) + jnp.asarray(eps, ct)
             perturb = (c1 * m_new + one_minus(b1, ct) * gf if nesterov else m_new) / denom
             perturb, ratio = _remove_radial(

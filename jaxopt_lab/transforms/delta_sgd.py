@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxopt_lab.transforms import _validation as check
-from jaxopt_lab.transforms._numerics import compute_dtype
+from jaxopt_lab.transforms._numerics import abs_sq, compute_dtype
 
 
 class DeltaSGDState(NamedTuple):
@@ -42,7 +42,7 @@ def _sq_norm(a_leaves, b_leaves) -> jax.Array:
     for a, b in zip(a_leaves, b_leaves):
         c = compute_dtype(jnp.promote_types(a.dtype, b.dtype))
         d = a.astype(c) - b.astype(c)
-        total = total + jnp.sum(d * d).astype(jnp.float32)
+        total = total + jnp.sum(abs_sq(d)).astype(jnp.float32)
     return total
 
 
@@ -119,7 +119,7 @@ def scale_by_delta_sgd(
             count=jnp.zeros([], jnp.int32),
             step_size=jnp.asarray(initial_step_size, jnp.float32),
             theta=jnp.asarray(initial_theta, jnp.float32),
-            prev_params=params,
+            prev_params=jax.tree.map(jnp.copy, params),  # own buffers: a donated state must not alias the params
             prev_grad=optax.tree.zeros_like(params),
         )
 

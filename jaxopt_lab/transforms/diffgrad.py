@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxopt_lab.transforms import _validation as check
-from jaxopt_lab.transforms._numerics import compute_dtype, one_minus, one_minus_power, unzip
+from jaxopt_lab.transforms._numerics import abs_sq, compute_dtype, one_minus, one_minus_power, unzip
 from jaxopt_lab.transforms.weight_decay import _add_scaled_params
 
 
@@ -39,7 +39,7 @@ def scale_by_diffgrad(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> 
 
     .. math::
         m_t &= \beta_1 m_{t-1} + (1 - \beta_1) g_t, \qquad
-        v_t = \beta_2 v_{t-1} + (1 - \beta_2) g_t^2, \\
+        v_t = \beta_2 v_{t-1} + (1 - \beta_2) |g_t|^2, \\
         \xi_t &= \operatorname{sigmoid}(|g_{t-1} - g_t|)
                = \frac{1}{1 + e^{-|g_{t-1} - g_t|}} \in [\tfrac12, 1), \\
         u_t &= \frac{\sqrt{1 - \beta_2^t}}{1 - \beta_1^t}\,
@@ -95,7 +95,7 @@ def scale_by_diffgrad(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> 
             ct = compute_dtype(g.dtype)
             gf = g.astype(ct)
             m_new = beta1.astype(ct) * m.astype(ct) + one_minus(b1, ct) * gf
-            v_new = beta2.astype(ct) * v.astype(ct) + one_minus(b2, ct) * jnp.square(gf)
+            v_new = beta2.astype(ct) * v.astype(ct) + one_minus(b2, ct) * abs_sq(gf)
             friction = jax.nn.sigmoid(jnp.abs(g_prev.astype(ct) - gf))
             u = step_scale.astype(ct) * friction * m_new / (jnp.sqrt(v_new) + jnp.asarray(eps, ct))
             return u.astype(g.dtype), m_new.astype(m.dtype), v_new.astype(v.dtype), g.astype(g_prev.dtype)

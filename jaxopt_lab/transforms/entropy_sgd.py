@@ -33,6 +33,8 @@ class EntropySGDState(NamedTuple):
 
 
 def _int_arg(name: str, value, minimum: int) -> int:
+    if isinstance(value, jax.Array):  # e.g. injected by optax.inject_hyperparams without static_args
+        raise check.not_static(name)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return int(value)
@@ -115,8 +117,7 @@ def scale_by_entropy_sgd(
       outer optimizer, as :func:`entropy_sgd` does.
     """
     inner_steps = _int_arg("inner_steps", inner_steps, 1)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    seed = check.static_int("seed", seed)
     check.positive("inner_lr", inner_lr)
     check.positive("gamma", gamma)
     check.non_negative("gamma_growth", gamma_growth)

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxopt_lab.transforms import _validation as check
+
 
 class OrthogonalGradState(NamedTuple):
     """⊥Grad keeps no state."""
@@ -42,8 +44,7 @@ def orthogonal_grad(eps: float = 1e-30) -> optax.GradientTransformation:
     Returns:
       An ``optax.GradientTransformation`` that needs ``params`` in ``update``.
     """
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"eps must be a number > 0 (it guards zero weights), got {eps!r}")
+    check.number("eps", eps, lambda v: v > 0, "a number > 0 (it guards zero weights)")
 
     def init_fn(params):
         del params

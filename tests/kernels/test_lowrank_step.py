@@ -67,11 +67,11 @@ def test_fused_step_matches_the_unfused_transform(residual, transpose):
     for t in range(4):  # the growth limiter acts from the second step on
         g = jnp.asarray(base * (1 + 2 * t) + RNG.standard_normal(shape), jnp.float32)
         expected, state = tx.update({"w": g}, state)
-        p = state.projectors[0].basis
+        p = state.projectors.basis["w"]
         update, mu, nu, previous = step(g, p, mu, nu, previous)
         np.testing.assert_allclose(np.asarray(update), np.asarray(expected["w"]), rtol=2e-5, atol=2e-5)
     if residual:
-        np.testing.assert_allclose(float(previous), float(state.extra[0].previous_norm), rtol=1e-4)
+        np.testing.assert_allclose(float(previous), float(state.extra.previous_norm["w"]), rtol=1e-4)
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])

@@ -78,10 +78,10 @@ def test_apollo_and_apollo_mini_match_float64_reference():
         updates, state = step(g, state, params)
         params = optax.apply_updates(params, updates)
         lows = {"w": state.inner_states["apollo"].inner_state[0], "t": state.inner_states["mini"].inner_state[0]}
-        bases.append({k: np.asarray(_basis(lows[k].projectors[0], d, VARIANTS[k][1]), np.float64)
+        bases.append({k: np.asarray(_basis(RandomState(*(f[k] for f in lows[k].projectors)), d, VARIANTS[k][1]), np.float64)
                       for k, d in (("w", 8), ("t", 6))})
     for k, low in lows.items():
-        assert isinstance(low.projectors[0], RandomState) and low.projectors[0].key.shape == (2,)  # only a key
+        assert isinstance(low.projectors, RandomState) and low.projectors.key[k].shape == (2,)  # only a key
         assert low.inner.mu[k].shape == ((3, 12) if k == "w" else (1, 10))
     assert not np.array_equal(bases[0]["w"], bases[2]["w"]) and np.array_equal(bases[0]["w"], bases[1]["w"])  # T = 2
     expected = _reference(bases)
@@ -90,7 +90,8 @@ def test_apollo_and_apollo_mini_match_float64_reference():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"rank": 7}, r"rank 7 is larger than the smaller dimension of \['t'\] \(10, 6\)"),
+    ({"label_fn": {"w": True, "t": 7, "b": False}},
+     r"the label function gives \['t'\] \(10, 6\) rank 7, larger than its smaller dimension 6"),
     ({"rank": 0}, "rank must be > 0, got 0"),
     ({"rank": -3}, "rank must be > 0, got -3"),
     ({"update_proj_gap": 0}, r"update_proj_gap \(the refresh period T\) must be an int > 0, got 0"),

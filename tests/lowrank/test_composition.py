@@ -115,8 +115,9 @@ def test_flax_nnx_optimizer_on_a_tiny_mlp():
     states = {k: opt.opt_state.inner_states[k].inner_state[0] for k in ("galore", "fira")}
     assert all(isinstance(low, LowRankState) and int(low.count[...]) == 25 for low in states.values())
     # the 4 × 8 kernel (GaLore) and the 8 × 3 kernel (Fira) are projected at rank 2 on their smaller side
-    assert [b.basis.shape for b in states["galore"].projectors] == [(4, 2)]
-    assert [b.basis.shape for b in states["fira"].projectors] == [(3, 2)]
+    # (the projectors are laid out like the params, optax.MaskedNode() at the leaves that are not projected)
+    assert [b.shape for b in jax.tree.leaves(states["galore"].projectors.basis)] == [(4, 2)]
+    assert [b.shape for b in jax.tree.leaves(states["fira"].projectors.basis)] == [(3, 2)]
 
 
 def test_as_diloco_inner_optimizer_under_vmap():
@@ -151,7 +152,7 @@ def test_as_diloco_inner_optimizer_under_vmap():
     for name, d in (("galore", 4), ("fira", 3)):
         low = state.inner_state.inner_states[name].inner_state[0]
         assert isinstance(low, LowRankState) and low.count.tolist() == [6, 6]
-        bases = np.asarray(low.projectors[0].basis)  # each worker refreshed its projector from its own gradients
+        bases = np.asarray(low.projectors.basis["w" if name == "galore" else "v"])  # each worker refreshed its projector from its own gradients
         assert bases.shape == (workers, d, 2) and not np.allclose(bases[0], bases[1])
 
 
@@ -179,7 +180,7 @@ def test_dct_galore_at_full_rank_with_identity_inner_is_sgd():
     for k in PARAMS:
         sgd = np.asarray(PARAMS[k], np.float64) - 0.1 * sum(np.asarray(g[k], np.float64) for g in GRADS[:4])
         np.testing.assert_allclose(np.asarray(ours[k]), sgd, atol=1e-5)
-    assert state[0].projectors[0].indices.dtype == jnp.int32  # only indices are stored
+    assert state[0].projectors.indices["w"].dtype == jnp.int32  # only indices are stored
 
 
 def test_dct_and_random_projections_reduce_a_least_squares_loss():

@@ -67,7 +67,7 @@ def test_projection_side_matches_numpy(side):
         expected = _galore_numpy([g[k] for g in GRADS], 3, side, scale=0.5)
         np.testing.assert_allclose(np.asarray(ours[k] - PARAMS[k]), expected, atol=1e-4)
     # the low-rank moments' shapes show the side: smaller projects w's 8 rows and t's 6 columns
-    lows = {k: state[0].projectors[i].basis.shape for i, k in enumerate(["t", "w"])}
+    lows = {k: state[0].projectors.basis[k].shape for k in ["t", "w"]}
     assert lows == ({"t": (6, 3), "w": (8, 3)} if side == "smaller" else {"t": (10, 3), "w": (12, 3)})
 
 
@@ -78,7 +78,7 @@ def test_refresh_every_T_steps_and_moments_are_kept():
     bases = []
     for g in GRADS:
         _, state = step(g, state)
-        bases.append(np.asarray(state.projectors[1].basis))
+        bases.append(np.asarray(state.projectors.basis["w"]))
     same = [np.array_equal(bases[i], bases[i + 1]) for i in range(4)]
     assert same == [True, True, False, True]  # refreshed at steps 0 and 3
     assert int(state.count) == 5 and state.next_refresh.tolist() == [6, 6]
@@ -119,7 +119,8 @@ def test_bf16_params_keep_their_dtype():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"rank": 7}, r"rank 7 is larger than the smaller dimension of \['t'\] \(10, 6\)"),
+    ({"rank": 2, "label_fn": {"w": True, "t": 7, "b": False}},
+     r"the label function gives \['t'\] \(10, 6\) rank 7, larger than its smaller dimension 6"),
     ({"rank": 0}, "rank must be > 0, got 0"),
     ({"rank": -2}, "rank must be > 0, got -2"),
     ({"rank": 1.5}, r"fractional rank must be in \(0, 1\], got 1.5"),
@@ -135,6 +136,13 @@ def test_bad_arguments_are_named(method, kwargs, message):
         tx.init(PARAMS)
 
 
+def test_a_rank_larger_than_a_matrix_projects_it_at_full_rank():
+    # as optax.contrib.galore: the method's rank applies to every matrix, min(m, n) caps it per matrix
+    state = galore(1e-2, rank=7, label_fn=ALL).init(PARAMS)[0]
+    assert {k: state.projectors.basis[k].shape for k in ("w", "t")} == {"w": (8, 7), "t": (6, 6)}
+    assert {k: state.inner.mu[k].shape for k in ("w", "t")} == {"w": (7, 12), "t": (6, 10)}
+
+
 def test_fira_limiter_caps_residual_norm_growth():
     # a gradient that jumps 100x after two steps: the limited residual grows by at most γ per step
     params = {"w": jnp.zeros((6, 10))}
@@ -144,5 +152,5 @@ def test_fira_limiter_caps_residual_norm_growth():
     norms = []
     for scale in [1.0, 1.0, 100.0, 100.0]:
         _, state = tx.update({"w": scale * g0}, state)
-        norms.append(float(state.extra[0].previous_norm))
+        norms.append(float(state.extra.previous_norm["w"]))
     assert norms[2] <= norms[1] * 1.01 * (1 + 1e-5) and norms[3] <= norms[2] * 1.01 * (1 + 1e-5)

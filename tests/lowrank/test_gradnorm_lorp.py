@@ -67,15 +67,16 @@ def test_matches_float64_reference():
     expected, mags, norms = _reference()
     for k in PARAMS:
         np.testing.assert_allclose(np.asarray(params[k]), expected[k], rtol=2e-5, atol=2e-5)
-    # state: magnitude m and ‖V‖_c per matrix (flatten order t, w); the low-rank moments are r × k
-    for i, k in enumerate(["t", "w"]):
-        np.testing.assert_allclose(np.asarray(state.magnitude[i]), mags[k], rtol=1e-5)
-        np.testing.assert_allclose(np.asarray(state.direction_norm[i]), norms[k], rtol=1e-5)
+    # state: magnitude m and ‖V‖_c per matrix, laid out like the params; the low-rank moments are r × k
+    for k in ["t", "w"]:
+        np.testing.assert_allclose(np.asarray(state.magnitude[k]), mags[k], rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(state.direction_norm[k]), norms[k], rtol=1e-5)
         np.testing.assert_allclose(np.linalg.norm(np.asarray(params[k]), axis=0), np.abs(mags[k]), rtol=1e-5)
+    assert isinstance(state.magnitude["b"], optax.MaskedNode)  # b is not weight-normalized
     low = state.inner[0]
-    assert isinstance(low.inner.mu["w"], WeightNormParts)
-    assert low.inner.mu["w"].direction.shape == (RANK, 12) and low.inner.mu["t"].direction.shape == (RANK, 10)
-    assert low.inner.mu["w"].magnitude.shape == (12,)
+    assert isinstance(low.inner.mu, WeightNormParts)
+    assert low.inner.mu.direction["w"].shape == (RANK, 12) and low.inner.mu.direction["t"].shape == (RANK, 10)
+    assert low.inner.mu.magnitude["w"].shape == (12,) and low.inner.mu.direction["b"].shape == (12,)
 
 
 def test_weight_normalized_with_sgd_is_exact_reparameterized_sgd():
@@ -95,7 +96,8 @@ def test_weight_normalized_with_sgd_is_exact_reparameterized_sgd():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"rank": 7}, r"rank 7 is larger than the smaller dimension of \['t'\] \(10, 6\)"),
+    ({"label_fn": {"w": True, "t": 7, "b": False}},
+     r"the label function gives \['t'\] \(10, 6\) rank 7, larger than its smaller dimension 6"),
     ({"rank": 0}, "rank must be > 0, got 0"),
     ({"rank": -2}, "rank must be > 0, got -2"),
     ({"update_proj_gap": 0}, r"update_proj_gap \(the refresh period T\) must be an int > 0, got 0"),

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxopt_lab.lowrank import int8_weights, q_galore, scale_by_q_galore, stochastic_round_int8
+from jaxopt_lab.lowrank import LazyRefreshState, int8_weights, q_galore, scale_by_q_galore, stochastic_round_int8
 from jaxopt_lab.lowrank.projectors import Int4State, dequantize_int4
 
 RNG = np.random.default_rng(3)
@@ -45,7 +45,7 @@ def _refresh_steps(lazy_step, grad_at, steps=40):
         if int(state.next_refresh[0]) != before:  # a refresh at step t sets next = t + period ≠ the old value
             refreshed.append(t)
     # the update is GaLore's α P Pᵀ G (identity inner, α = 0.25) with P the stored int4 basis, dequantized
-    basis = np.asarray(dequantize_int4(state.projectors[0], (D, 2)), np.float64)
+    basis = np.asarray(dequantize_int4(Int4State(*(f["w"] for f in state.projectors)), (D, 2)), np.float64)
     g = np.asarray(grad_at(steps - 1)["w"], np.float64)
     np.testing.assert_allclose(np.asarray(updates["w"]), 0.25 * basis @ (basis.T @ g), rtol=1e-5, atol=1e-6)
     return refreshed, state
@@ -57,10 +57,10 @@ def test_period_doubles_once_the_queue_is_full_of_stable_subspaces(lazy_step):
     # so T doubles at every refresh from then on: 10 + 4 = 14, 14 + 8 = 22, 22 + 16 = 38
     assert refreshed == [0, 2, 4, 6, 8, 10, 14, 22, 38]
     assert int(state.period[0]) == 32 and int(state.next_refresh[0]) == 70
-    extra = state.extra[0]
+    extra = LazyRefreshState(*(f["w"] for f in state.extra))
     assert int(extra.filled) == 5 and int(extra.refreshes) == 9
     np.testing.assert_allclose(np.asarray(extra.queue), 1.0, atol=1e-6)
-    assert isinstance(state.projectors[0], Int4State) and state.projectors[0].packed.dtype == jnp.uint8
+    assert isinstance(state.projectors, Int4State) and state.projectors.packed["w"].dtype == jnp.uint8
 
 
 def test_rotating_subspaces_keep_the_period(lazy_step):
@@ -68,7 +68,7 @@ def test_rotating_subspaces_keep_the_period(lazy_step):
     refreshed, state = _refresh_steps(lazy_step, lambda t: _grad((t // 2) % D, (t // 2 + 3) % D))
     assert refreshed == list(range(0, 40, 2))
     assert int(state.period[0]) == 2
-    np.testing.assert_allclose(np.asarray(state.extra[0].queue), 0.0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(state.extra.queue["w"]), 0.0, atol=1e-6)
 
 
 def test_lazy_state_checkpoints_and_resumes_bit_identically(lazy_step, tmp_path):
@@ -140,7 +140,8 @@ ALL = {"w": True, "t": True, "b": False}
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"rank": 7}, r"rank 7 is larger than the smaller dimension of \['t'\] \(10, 6\)"),
+    ({"label_fn": {"w": True, "t": 7, "b": False}},
+     r"the label function gives \['t'\] \(10, 6\) rank 7, larger than its smaller dimension 6"),
     ({"rank": 0}, "rank must be > 0, got 0"),
     ({"rank": -1}, "rank must be > 0, got -1"),
     ({"update_proj_gap": 0}, r"update_proj_gap \(the refresh period T\) must be an int > 0, got 0"),
