@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from jaxopt_lab.experiment import config as config_lib
 from jaxopt_lab.experiment.build import build
 from jaxopt_lab.experiment.plot import plot_runs
-from jaxopt_lab.experiment.trainer import RunResult, run
+from jaxopt_lab.experiment.trainer import RunResult, check_fresh_run_dir, run, run_dir_of
 
 COLUMNS = (("eval_loss", "final eval loss", "{:.4f}"), ("eval_accuracy", "eval acc", "{:.4f}"),
            ("bytes_communicated", "bytes/worker", "{:.3e}"), ("opt_state_bytes", "opt state bytes", "{:.3e}"),
@@ -20,6 +20,8 @@ RELATIVE = (("opt_state_bytes", "opt state × {}", False), ("steps_per_sec", "st
 def run_variants(path: str, overrides: Iterable[str] = ()) -> tuple[dict[str, RunResult], str]:
     """Run every variant of ``path`` (validating all of them first); return results and the plot path."""
     configs = config_lib.load_variants(path, overrides)
+    for name, cfg in configs.items():  # every variant's folder can be written and holds no run yet
+        check_fresh_run_dir(run_dir_of(cfg), resume_hint=os.path.dirname(run_dir_of(cfg)))
     for name, cfg in configs.items():  # every variant's data/model/method is checked before any training
         try:
             build(cfg)

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxopt_lab.experiment.config import ConfigError, _suggest, apply_overrides, read_toml
+from jaxopt_lab.experiment.config import ConfigError, _suggest, apply_overrides, check_run_name, read_toml
 from jaxopt_lab.experiment.trainer import RunDirError, check_not_a_file
 
 FEDERATED_DEFAULTS: dict[str, Any] = {
@@ -129,6 +129,9 @@ def validate(raw: Mapping[str, Any]) -> dict[str, Any]:
             if not ok:
                 raise ConfigError(f"{section}.{key} must be {type(default).__name__}, got {value!r}")
             out[section][key] = value
+    check_run_name(out["run"]["name"])
+    if not out["run"]["out_dir"].strip():
+        raise ConfigError(f"run.out_dir must not be empty, got {out['run']['out_dir']!r}")
     fed = out["federated"]
     for key in ("sim_time", "client_learning_rate", "step_time"):
         if not fed[key] > 0:

@@ -63,9 +63,26 @@ class RunDirError(RuntimeError):
 
 
 def check_not_a_file(run_dir: str) -> None:
-    """A run directory path that names an existing file is a RunDirError."""
+    """A run directory that cannot be created or written (it, or a folder above it, is a file; a
+    folder on its path is not writable) is a RunDirError; nothing is created."""
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise RunDirError(f"the run directory {run_dir} is a file")
+    path = os.path.abspath(run_dir)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    if not os.path.isdir(path):
+        raise RunDirError(f"cannot create the run directory {run_dir} (run.out_dir/run.name): {path} is a file")
+    import tempfile
+
+    try:  # what os.access cannot tell (root, read-only mounts): try it
+        os.rmdir(tempfile.mkdtemp(prefix=".jaxopt-lab-write-test-", dir=path))
+    except OSError as e:
+        what = "write into" if path == os.path.abspath(run_dir) else "create"
+        raise RunDirError(f"cannot {what} the run directory {run_dir} (run.out_dir/run.name): "
+                          f"{path} is not writable ({e.strerror})") from None
 
 
 @dataclasses.dataclass
@@ -307,6 +324,21 @@ def run_dir_of(cfg: config_lib.ExperimentConfig) -> str:
     return os.path.join(cfg.run.out_dir, cfg.run.name)
 
 
+def has_checkpoints(run_dir: str) -> bool:
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    return os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir))
+
+
+def check_fresh_run_dir(run_dir: str, resume_hint: str | None = None) -> None:
+    """RunDirError unless ``run_dir`` can be created and holds no checkpoints (a run to resume)."""
+    check_not_a_file(run_dir)
+    if has_checkpoints(run_dir):
+        raise RunDirError(
+            f"{run_dir} already holds checkpoints: `jaxopt-lab resume {resume_hint or run_dir}` to continue it, "
+            f"or choose another run.name"
+        )
+
+
 def run(config: str | config_lib.ExperimentConfig, overrides: Iterable[str] = (), run_dir: str | None = None) -> RunResult:
     """Run an experiment from a config (file path or validated config) into a fresh run directory.
 
@@ -316,15 +348,9 @@ def run(config: str | config_lib.ExperimentConfig, overrides: Iterable[str] = ()
     cfg = config_lib.load(config, overrides) if isinstance(config, str) else config
     if not isinstance(config, str) and overrides:
         cfg = config_lib.from_dict(config_lib.apply_overrides(cfg.to_dict(), overrides))
-    experiment = build(cfg)
     run_dir = run_dir or run_dir_of(cfg)
-    check_not_a_file(run_dir)
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    if os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir)):
-        raise RunDirError(
-            f"{run_dir} already holds checkpoints: `jaxopt-lab resume {run_dir}` to continue it, "
-            f"or choose another run.name"
-        )
+    check_fresh_run_dir(run_dir)
+    experiment = build(cfg)
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, CONFIG_FILE), "w") as f:
         f.write(experiment.config.dumps())
