@@ -21,7 +21,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("resume", help="continue a run from its last checkpoint")
     s.add_argument("run_dir")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="only logging.* and checkpoint.* may change on resume")
+                   help="logging.*, checkpoint.* and, to recover a run, the method's hyperparameters (method.learning_rate, ...; recorded in config_history.jsonl)")
 
     w = sub.add_parser("sweep", help="run every point of a grid")
     w.add_argument("config")

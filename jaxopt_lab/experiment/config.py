@@ -90,6 +90,14 @@ SECTIONS = ("run", "data", "model", "method", "train", "workers", "checkpoint", 
 # Keys whose change does not change the numbers a run produces: a resume may differ in these.
 RESUME_MAY_DIFFER = ("run.name", "run.out_dir", "checkpoint", "logging")
 
+
+def is_recovery_key(key: str) -> bool:
+    """A key ``resume --set`` may change to recover a run (recorded in its config history): a
+    hyperparameter of the method (``method.learning_rate``, ``method.inner.b2``, a schedule's
+    values), never which transformation it is (a ``name``) nor data, model, seed or batch."""
+    parts = key.split(".")
+    return parts[0] == "method" and len(parts) > 1 and "name" not in parts[1:] and "schedule" not in parts[1:]
+
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 _POSITIVE = {
     "train.steps", "train.batch_size", "train.grad_accum", "checkpoint.keep", "workers.count", "train.max_batch_size",

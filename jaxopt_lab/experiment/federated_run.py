@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from jaxopt_lab.experiment.config import ConfigError, _suggest, apply_overrides, check_run_name, read_toml
-from jaxopt_lab.experiment.trainer import RunDirError, check_not_a_file
+from jaxopt_lab.experiment.trainer import NonFiniteLossError, RunDirError, check_not_a_file
 
 FEDERATED_DEFAULTS: dict[str, Any] = {
     "num_clients": 100,
@@ -277,11 +277,21 @@ def run_seed(name: str, sim, setup: Mapping[str, Any], cfg: Mapping[str, Any], e
             applied += int(m.sum())
             stale_sum += float(rec.staleness[i][m].sum())
             acc = rec.metrics["eval_accuracy"][i]
+            loss = rec.metrics["eval_loss"][i]
+            if not np.isnan(acc) and not np.isfinite(loss):
+                raise FederatedDivergence(
+                    f"method {name}, seed {seed}: eval_loss is {float(loss)} at server step {steps} "
+                    f"(simulated time {float(rec.time[i]):.1f} s)", records)
             if not np.isnan(acc):
                 records.append({
                     "seed": seed, "step": steps, "version": int(rec.version[i]), "sim_time": float(rec.time[i]),
                     "client_updates": applied, "mean_staleness": stale_sum / max(applied, 1),
                     "eval_loss": float(rec.metrics["eval_loss"][i]), "eval_accuracy": float(acc)})
+        bad = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(state.params)
+               if not np.isfinite(np.asarray(x)).all()]
+        if bad:
+            raise FederatedDivergence(f"method {name}, seed {seed}: the server parameters {', '.join(bad[:3])} are "
+                                      f"not finite after server step {int(state.step)}", records)
         if float(rec.time[-1]) > fed["sim_time"]:
             break
         if not np.isfinite(float(rec.time[-1])):
@@ -289,11 +299,24 @@ def run_seed(name: str, sim, setup: Mapping[str, Any], cfg: Mapping[str, Any], e
     return SeedRun(seed, records, server_steps=steps, client_updates=applied, mean_staleness=stale_sum / max(applied, 1))
 
 
+class FederatedDivergence(NonFiniteLossError):
+    """A method's evaluation loss or server parameters became NaN or inf; carries the records so far."""
+
+    def __init__(self, message: str, records: list[dict[str, Any]]):
+        super().__init__(message)
+        self.records = records
+
+
 def run_method(name: str, sim, setup: Mapping[str, Any], cfg: Mapping[str, Any], eval_every: int) -> MethodResult:
     """Runs one method for every simulation seed (one compile: only the state's key differs)."""
     t0 = time.perf_counter()
     first = cfg["run"]["seed"]
-    runs = [run_seed(name, sim, setup, cfg, eval_every, first + i) for i in range(cfg["federated"]["num_seeds"])]
+    runs = []
+    for i in range(cfg["federated"]["num_seeds"]):
+        try:
+            runs.append(run_seed(name, sim, setup, cfg, eval_every, first + i))
+        except FederatedDivergence as e:  # with the records of the seeds before it
+            raise FederatedDivergence(str(e), [r for run in runs for r in run.records] + e.records) from None
     return MethodResult(name, runs, wall_seconds=time.perf_counter() - t0)
 
 
@@ -424,10 +447,16 @@ def run(path: str, overrides: Iterable[str] = (), run_dir: str | None = None) ->
     print(setup["partition"].summary())
     results = []
     for name, sim in sims.items():
-        res = run_method(name, sim, setup, cfg, cfg["methods"][name].get("eval_every", 1))
         os.makedirs(os.path.join(run_dir, name), exist_ok=True)
+        try:
+            res = run_method(name, sim, setup, cfg, cfg["methods"][name].get("eval_every", 1))
+        except FederatedDivergence as e:  # keep what was evaluated before it (strict JSON), then stop
+            with open(os.path.join(run_dir, name, "metrics.jsonl"), "w") as f:
+                f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in e.records)
+            raise NonFiniteLossError(f"{e}; its finite evaluations so far are in "
+                                     f"{os.path.join(run_dir, name, 'metrics.jsonl')}") from None
         with open(os.path.join(run_dir, name, "metrics.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for run in res.runs for r in run.records)
+            f.writelines(json.dumps(r, allow_nan=False) + "\n" for run in res.runs for r in run.records)
         x = summarize(res, cfg["federated"]["target_accuracy"])
         print(f"{name}: {x['steps']:.0f} server steps, final acc {x['final']:.4f}, time to target "
               f"{'%.1f' % x['time'] if x['time'] is not None else 'not reached'} ({res.wall_seconds:.1f} s)")
