@@ -58,7 +58,22 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 _report(trainer.run(args.config, args.overrides, run_dir=args.run_dir))
         elif args.command == "resume":
-            _report(trainer.resume(args.run_dir, args.overrides))
+            import os
+
+            from jaxopt_lab.experiment import compare
+
+            if compare.is_variants_dir(args.run_dir):  # the folder of a config with variants: finish them all
+                results, plot = compare.resume_variants(args.run_dir, args.overrides)
+                print(compare.format_table(results))
+                print(f"plot: {plot}")
+            else:
+                _report(trainer.resume(args.run_dir, args.overrides))
+                parent = os.path.dirname(os.path.normpath(args.run_dir))
+                if compare.is_variants_dir(parent):  # one variant of several: the comparison, once all are done
+                    plot = compare.refresh_comparison(parent)
+                    print(f"plot: {plot}" if plot else
+                          f"{parent}: other variants are unfinished; `jaxopt-lab resume {parent}` finishes them "
+                          "and rewrites the comparison")
         elif args.command == "sweep":
             from jaxopt_lab.experiment.sweep import format_table, sweep
 
