@@ -62,7 +62,14 @@ def main(argv: list[str] | None = None) -> int:
 
             from jaxopt_lab.experiment import compare
 
-            if compare.is_variants_dir(args.run_dir):  # the folder of a config with variants: finish them all
+            from jaxopt_lab.experiment import federated_run
+            from jaxopt_lab.experiment.config import read_toml
+
+            config_path = os.path.join(args.run_dir, trainer.CONFIG_FILE)
+            if os.path.isfile(config_path) and federated_run.is_federated(read_toml(config_path)):
+                table, _ = federated_run.resume(args.run_dir, args.overrides)
+                print(table)
+            elif compare.is_variants_dir(args.run_dir):  # the folder of a config with variants: finish them all
                 results, plot = compare.resume_variants(args.run_dir, args.overrides)
                 print(compare.format_table(results))
                 print(f"plot: {plot}")

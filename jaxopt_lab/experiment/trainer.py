@@ -441,8 +441,8 @@ def resume(run_dir: str, overrides: Iterable[str] = ()) -> RunResult:
     if not os.path.exists(path):
         raise RunDirError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
     if "federated" in config_lib.read_toml(path):
-        raise RunDirError(f"{run_dir} is a federated simulation: those are not checkpointed; run it again "
-                          "into a new directory (each method takes seconds to minutes)")
+        raise RunDirError(f"{run_dir} is a federated simulation: federated_run.resume continues it "
+                          f"(`jaxopt-lab resume {run_dir}` does)")
     overrides = list(overrides)
     before = config_lib.read_toml(path)
     cfg = config_lib.load(path, overrides)
