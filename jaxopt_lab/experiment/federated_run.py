@@ -187,6 +187,9 @@ def validate(raw: Mapping[str, Any]) -> dict[str, Any]:
                 raise ConfigError(f"unknown config key methods.{name}.{key} for trigger {trigger!r}{_suggest(key, valid)}")
             if key in RULE_KEYS and key not in takes and not (key in ("a", "b") and "staleness_kwargs" in takes):
                 raise ConfigError(f"methods.{name}.{key} is not an argument of rule {rule!r}")
+        momentum = body.get("momentum", 0.0)
+        if isinstance(momentum, (int, float)) and not isinstance(momentum, bool) and not 0 <= momentum < 1:
+            raise ConfigError(f"methods.{name}.momentum must be in [0, 1), got {momentum!r}")
         lr = body.get("learning_rate", 1.0)
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (np.isfinite(lr) and lr > 0):
             raise ConfigError(f"methods.{name}.learning_rate must be a number > 0, got {lr!r}")

@@ -53,6 +53,8 @@ def _write(tmp_path, text):
     (("dirichlet_alpha = 1.0", "dirichlet_alpha = -1.0"), r"federated.dirichlet_alpha must be > 0, got -1.0"),
     (("hidden = []", 'hidden = ["a"]'), r"federated.hidden must be a list of ints >= 1, got \['a'\]"),
     (("eval_every = 2", "learning_rate = -1.0"), r"methods.buffered.learning_rate must be a number > 0, got -1.0"),
+    (('rule = "fedbuff"', 'rule = "fedavg"\nmomentum = 1.5'), r"methods.buffered.momentum must be in \[0, 1\), got 1.5"),
+    (('name = "tiny"', 'name = "../x"'), r"run.name must name a folder inside run.out_dir"),
 ])
 def test_bad_federated_config_is_an_error_naming_the_key(tmp_path, edit, message):
     path = _write(tmp_path, TINY.replace(*edit))
