@@ -98,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, trainer.NonFiniteLossError, trainer.RunDirError, ValueError) as e:
         print(f"jaxopt-lab {args.command}: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, (ConfigError, trainer.RunDirError)) else 1
+    except MemoryError as e:  # past the up-front estimate (a lower bound): say which keys size the arrays
+        print(f"jaxopt-lab {args.command}: error: out of memory ({type(e).__name__}: {e}); the arrays of this "
+              "config do not fit: lower train.batch_size, workers.count or the model size", file=sys.stderr)
+        return 1
     return 0
 
 
