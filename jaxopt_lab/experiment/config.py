@@ -94,9 +94,11 @@ RESUME_MAY_DIFFER = ("run.name", "run.out_dir", "checkpoint", "logging")
 def is_recovery_key(key: str) -> bool:
     """A key ``resume --set`` may change to recover a run (recorded in its config history): a
     hyperparameter of the method (``method.learning_rate``, ``method.inner.b2``, a schedule's
-    values), never which transformation it is (a ``name``) nor data, model, seed or batch."""
+    values), never which transformation or schedule it is (``name``, ``schedule``), a seed, nor
+    data, model or batch. A change that does not fit the checkpoint's optimizer state (a rank, a
+    momentum where there was none) is refused when the checkpoint is restored."""
     parts = key.split(".")
-    return parts[0] == "method" and len(parts) > 1 and "name" not in parts[1:] and "schedule" not in parts[1:]
+    return parts[0] == "method" and len(parts) > 1 and not {"name", "schedule", "seed"} & set(parts[1:])
 
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 _POSITIVE = {

@@ -213,3 +213,18 @@ def test_stable_max_loss_sharpness_and_collapse_are_logged(tmp_path):
     assert np.isfinite(r["sharpness"])
     with pytest.raises(config_lib.ConfigError, match=r"train\.loss must be one of .* got 'hinge'"):
         tiny(train={"loss": "hinge"})
+
+
+def test_resume_refuses_a_hyperparameter_the_checkpoint_state_does_not_fit(tmp_path):
+    """SGD without momentum keeps no trace; `--set method.momentum=0.9` would need one: refused on
+    restore, before config.toml or the history are written."""
+    raw = {"run": {"name": "plain", "out_dir": str(tmp_path)}, "data": {"name": "digits"},
+           "model": {"name": "mlp", "hidden": [4]}, "method": {"name": "sgd", "learning_rate": 0.1},
+           "train": {"steps": 2, "batch_size": 8, "eval_every": 0}, "checkpoint": {"every": 1},
+           "logging": {"progress": False, "tensorboard": False}}
+    run_dir = trainer.run(config_lib.from_dict(raw)).run_dir
+    config_text = open(os.path.join(run_dir, "config.toml")).read()
+    with pytest.raises(config_lib.ConfigError, match=r"checkpoint 2 does not fit the optimizer state"):
+        trainer.resume(run_dir, ["method.momentum=0.9"])
+    assert open(os.path.join(run_dir, "config.toml")).read() == config_text
+    assert not os.path.exists(os.path.join(run_dir, "config_history.jsonl"))
