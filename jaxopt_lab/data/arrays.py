@@ -3,6 +3,7 @@
 import dataclasses
 import functools
 import os
+import zipfile
 from collections.abc import Iterator
 
 import numpy as np
@@ -204,6 +205,11 @@ def load_npz(path: str, name: str | None = None) -> ArrayDataset:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"npz file not found: {path!r}")
+    if not zipfile.is_zipfile(path):  # np.load would try it as .npy, then complain about pickles
+        with open(path, "rb") as f:
+            head = f.read(16)
+        raise ValueError(f"{path!r} is not a .npz archive (a zip of .npy arrays, as np.savez writes; "
+                         f"the file starts with {head!r})")
     with np.load(path, allow_pickle=False) as archive:
         missing = [k for k in NPZ_KEYS if k not in archive.files]
         if missing:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -99,8 +100,10 @@ def _build_data(data: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
     check_kwargs("data", loader, kwargs)
     try:
         dataset = loader(**kwargs)
-    except (TypeError, ValueError, FileNotFoundError) as e:
-        raise ConfigError(f"data ({name}): {e}") from None
+    except (TypeError, ValueError, OSError) as e:
+        path = kwargs.get("path")
+        where = f"data.path = {path!r}" if isinstance(path, str) and path in str(e) else f"data ({name})"
+        raise ConfigError(f"{where}: {e}") from None
     return dataset, {"name": name, **_with_defaults(loader, kwargs)}
 
 
@@ -171,13 +174,92 @@ def _build_method(config: ExperimentConfig) -> tuple[optax.GradientTransformatio
     return tx, _resolve_method_table(method), runner
 
 
+def _tree_bytes(tree: Any) -> int:
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree) if hasattr(x, "shape"))
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} PB"
+
+
+def device_memory_bytes(devices: list[Any]) -> tuple[int | None, str]:
+    """Memory the run's devices can hold, and what that is, in words.
+
+    An accelerator reports its own limit (``memory_stats()["bytes_limit"]``); CPU devices share
+    the host's physical memory (forced host devices split it, they do not add to it).
+    """
+    if devices and devices[0].platform != "cpu":
+        limits = [(d.memory_stats() or {}).get("bytes_limit") for d in devices]
+        if all(limits):
+            return int(sum(limits)), f"{len(devices)} {devices[0].device_kind} device(s)"
+    try:
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None, "unknown"
+    return int(host), "this host's physical memory"
+
+
+def check_memory(exp: Experiment, limit: int | None = None) -> int:
+    """Refuse a config whose arrays cannot fit the device, before anything is allocated.
+
+    A lower bound, from shapes alone (``jax.eval_shape``): per worker the parameters, their
+    gradients and updates, and the optimizer state; per step the batch (held on the host, then
+    on the device) and the model's outputs for it. Returns the estimate in bytes.
+    """
+    cfg = exp.config
+    workers = cfg.workers.count if exp.runner is not None else 1
+    params = nnx.state(exp.model, nnx.Param)
+    p_bytes = _tree_bytes(params)
+    s_bytes = _tree_bytes(jax.eval_shape(exp.tx.init, params))
+    batch = max(cfg.train.batch_size, cfg.train.max_batch_size if cfg.train.norm_test_eta > 0 else 0)
+    x, y = exp.data.batch(0, 1, cfg.run.seed)
+    example = x.nbytes + y.nbytes
+    try:
+        graphdef, state = nnx.split(exp.model)
+        out = jax.eval_shape(lambda st, xs: nnx.merge(graphdef, st)(xs), state,
+                             jax.ShapeDtypeStruct(x.shape, x.dtype))
+        example_out = _tree_bytes(out)
+    except Exception:  # a model that cannot be traced abstractly: count its inputs only
+        example_out = 0
+    per_worker = 3 * p_bytes + s_bytes
+    per_batch = batch * (2 * example + example_out)
+    total = workers * (per_worker + per_batch)
+    if limit is None:
+        devices = jax.devices()
+        if exp.runner is not None and cfg.workers.mode == "shard_map":
+            devices = devices[: min(len(devices), workers)]
+        else:
+            devices = devices[:1]
+        limit, what = device_memory_bytes(devices)
+    else:
+        what = "the given limit"
+    if limit is not None and total > limit:
+        raise ConfigError(
+            f"this run needs at least {_fmt_bytes(total)} of memory, more than {what} ({_fmt_bytes(limit)}): "
+            + (f"workers.count = {workers} x (" if workers > 1 else "")
+            + f"{_fmt_bytes(per_worker)} of parameters, gradients, updates and optimizer state + "
+            f"{_fmt_bytes(per_batch)} for a batch of train.batch_size = {batch} examples of "
+            f"{_fmt_bytes(2 * example + example_out)} each (inputs and outputs)" + (")" if workers > 1 else "")
+        )
+    return total
+
+
 def build(config: ExperimentConfig) -> Experiment:
-    """Build data, model and optimizer; return them with the resolved config."""
+    """Build data, model and optimizer; return them with the resolved config.
+
+    A config whose arrays cannot fit the device is refused here (:func:`check_memory`).
+    """
     dataset, data = _build_data(config.data)
     model, model_cfg = _build_model(config.model, dataset, config.run.seed)
     tx, method, runner = _build_method(config)
     resolved = dataclasses.replace(config, data=data, model=model_cfg, method=method)
-    return Experiment(config=resolved, data=dataset, model=model, tx=tx, runner=runner)
+    experiment = Experiment(config=resolved, data=dataset, model=model, tx=tx, runner=runner)
+    check_memory(experiment)
+    return experiment
 
 
 # ---- losses and metrics per task -------------------------------------------------

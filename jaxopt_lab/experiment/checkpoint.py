@@ -38,6 +38,9 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
     def path(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
 

@@ -21,7 +21,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("resume", help="continue a run from its last checkpoint")
     s.add_argument("run_dir")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="only logging.* and checkpoint.* may change on resume")
+                   help="logging.*, checkpoint.* and, to recover a run, the method's hyperparameters (method.learning_rate, ...; recorded in config_history.jsonl)")
 
     w = sub.add_parser("sweep", help="run every point of a grid")
     w.add_argument("config")
@@ -58,7 +58,29 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 _report(trainer.run(args.config, args.overrides, run_dir=args.run_dir))
         elif args.command == "resume":
-            _report(trainer.resume(args.run_dir, args.overrides))
+            import os
+
+            from jaxopt_lab.experiment import compare
+
+            from jaxopt_lab.experiment import federated_run
+            from jaxopt_lab.experiment.config import read_toml
+
+            config_path = os.path.join(args.run_dir, trainer.CONFIG_FILE)
+            if os.path.isfile(config_path) and federated_run.is_federated(read_toml(config_path)):
+                table, _ = federated_run.resume(args.run_dir, args.overrides)
+                print(table)
+            elif compare.is_variants_dir(args.run_dir):  # the folder of a config with variants: finish them all
+                results, plot = compare.resume_variants(args.run_dir, args.overrides)
+                print(compare.format_table(results))
+                print(f"plot: {plot}")
+            else:
+                _report(trainer.resume(args.run_dir, args.overrides))
+                parent = os.path.dirname(os.path.normpath(args.run_dir))
+                if compare.is_variants_dir(parent):  # one variant of several: the comparison, once all are done
+                    plot = compare.refresh_comparison(parent)
+                    print(f"plot: {plot}" if plot else
+                          f"{parent}: other variants are unfinished; `jaxopt-lab resume {parent}` finishes them "
+                          "and rewrites the comparison")
         elif args.command == "sweep":
             from jaxopt_lab.experiment.sweep import format_table, sweep
 
@@ -76,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, trainer.NonFiniteLossError, trainer.RunDirError, ValueError) as e:
         print(f"jaxopt-lab {args.command}: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, (ConfigError, trainer.RunDirError)) else 1
+    except MemoryError as e:  # past the up-front estimate (a lower bound): say which keys size the arrays
+        print(f"jaxopt-lab {args.command}: error: out of memory ({type(e).__name__}: {e}); the arrays of this "
+              "config do not fit: lower train.batch_size, workers.count or the model size", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable
+
+import tomli_w
 
 from jaxopt_lab.experiment import config as config_lib
 from jaxopt_lab.experiment.build import build
 from jaxopt_lab.experiment.plot import plot_runs
-from jaxopt_lab.experiment.trainer import RunResult, run
+from jaxopt_lab.experiment.trainer import (
+    DIVERGED_FILE,
+    SUMMARY_FILE,
+    RunResult,
+    check_fresh_run_dir,
+    has_checkpoints,
+    resume,
+    run,
+    run_dir_of,
+)
 
 COLUMNS = (("eval_loss", "final eval loss", "{:.4f}"), ("eval_accuracy", "eval acc", "{:.4f}"),
            ("bytes_communicated", "payload bytes/worker", "{:.3e}"), ("wire_bytes", "wire bytes/worker", "{:.3e}"), ("opt_state_bytes", "opt state bytes", "{:.3e}"),
@@ -17,20 +29,97 @@ COLUMNS = (("eval_loss", "final eval loss", "{:.4f}"), ("eval_accuracy", "eval a
 RELATIVE = (("opt_state_bytes", "opt state × {}", False), ("steps_per_sec", "step time × {}", True))
 
 
+MANIFEST = "variants.toml"  # in the variants' common folder: their names, in order, and configs
+
+
 def run_variants(path: str, overrides: Iterable[str] = ()) -> tuple[dict[str, RunResult], str]:
-    """Run every variant of ``path`` (validating all of them first); return results and the plot path."""
+    """Run every variant of ``path`` (validating all of them first); return results and the plot path.
+
+    The variants' folder (``run.out_dir/run.name``) gets ``variants.toml``, the configs of all
+    of them, before the first one starts, so ``jaxopt-lab resume`` on that folder can finish
+    a run killed part-way (:func:`resume_variants`).
+    """
     configs = config_lib.load_variants(path, overrides)
+    base = os.path.dirname(run_dir_of(next(iter(configs.values()))))
+    for name, cfg in configs.items():  # every variant's folder can be written and holds no run yet
+        check_fresh_run_dir(run_dir_of(cfg), resume_hint=base)
     for name, cfg in configs.items():  # every variant's data/model/method is checked before any training
         try:
             build(cfg)
         except config_lib.ConfigError as e:
             raise config_lib.ConfigError(f"variant {name!r}: {e}") from None
+    os.makedirs(base, exist_ok=True)
+    with open(os.path.join(base, MANIFEST), "w") as f:
+        f.write(tomli_w.dumps({"variants": list(configs), "config": {n: c.to_dict() for n, c in configs.items()}}))
     results = {name: run(cfg) for name, cfg in configs.items()}
-    base = os.path.dirname(next(iter(results.values())).run_dir)
+    return results, write_comparison(base, results)
+
+
+def is_variants_dir(run_dir: str) -> bool:
+    return os.path.isfile(os.path.join(run_dir, MANIFEST))
+
+
+def _finished(run_dir: str, steps: int) -> RunResult | None:
+    summary = os.path.join(run_dir, SUMMARY_FILE)
+    if not os.path.isfile(summary) or os.path.exists(os.path.join(run_dir, DIVERGED_FILE)):
+        return None
+    with open(summary) as f:
+        final = json.load(f)
+    return RunResult(run_dir, final) if final.get("step") == steps else None
+
+
+def _manifest(base: str) -> dict[str, config_lib.ExperimentConfig]:
+    raw = config_lib.read_toml(os.path.join(base, MANIFEST))
+    return {name: config_lib.from_dict(raw["config"][name]) for name in raw["variants"]}
+
+
+def resume_variants(base: str, overrides: Iterable[str] = ()) -> tuple[dict[str, RunResult], str]:
+    """Finish a variants run: skip the finished variants, resume the interrupted ones from their
+    last checkpoint, run the ones never started; then rewrite ``compare.md`` and ``compare.png``.
+
+    ``overrides`` are those ``jaxopt-lab resume`` allows (logging, checkpoint, the method's
+    hyperparameters), applied to every unfinished variant.
+    """
+    overrides = list(overrides)
+    configs = _manifest(base)
+    results: dict[str, RunResult] = {}
+    for name, cfg in configs.items():
+        run_dir = os.path.join(base, name)
+        done = _finished(run_dir, cfg.train.steps)
+        if done is not None:
+            print(f"{name}: finished, skipped")
+            results[name] = done
+        elif has_checkpoints(run_dir) or os.path.exists(os.path.join(run_dir, DIVERGED_FILE)):
+            print(f"{name}: resuming")
+            results[name] = resume(run_dir, overrides)
+        else:
+            print(f"{name}: not started, running")
+            if overrides:  # only what a resume may change, as for the others
+                after = config_lib.apply_overrides(cfg.to_dict(), overrides)
+                refused = [k for k in config_lib.differing_keys(cfg.to_dict(), after, ignore=config_lib.RESUME_MAY_DIFFER)
+                           if not config_lib.is_recovery_key(k)]
+                if refused:
+                    raise config_lib.ConfigError(f"cannot resume {base} with {', '.join(refused)} changed")
+            results[name] = run(cfg, overrides, run_dir=run_dir)
+    return results, write_comparison(base, results)
+
+
+def refresh_comparison(base: str) -> str | None:
+    """Rewrite the comparison of a variants folder if every variant is finished (after one of them
+    was resumed on its own); None, and nothing written, while some are not."""
+    configs = _manifest(base)
+    results = {n: _finished(os.path.join(base, n), c.train.steps) for n, c in configs.items()}
+    if any(r is None for r in results.values()):
+        return None
+    return write_comparison(base, results)
+
+
+def write_comparison(base: str, results: dict[str, RunResult]) -> str:
+    """``compare.png`` and ``compare.md`` of the variants in ``base``; returns the plot's path."""
     out = plot_runs([r.run_dir for r in results.values()], os.path.join(base, "compare.png"), labels=list(results))
     with open(os.path.join(base, "compare.md"), "w") as f:
         f.write(format_table(results) + "\n")
-    return results, out
+    return out
 
 
 def format_table(results: dict[str, RunResult]) -> str:

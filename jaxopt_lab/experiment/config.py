@@ -90,6 +90,16 @@ SECTIONS = ("run", "data", "model", "method", "train", "workers", "checkpoint", 
 # Keys whose change does not change the numbers a run produces: a resume may differ in these.
 RESUME_MAY_DIFFER = ("run.name", "run.out_dir", "checkpoint", "logging")
 
+
+def is_recovery_key(key: str) -> bool:
+    """A key ``resume --set`` may change to recover a run (recorded in its config history): a
+    hyperparameter of the method (``method.learning_rate``, ``method.inner.b2``, a schedule's
+    values), never which transformation or schedule it is (``name``, ``schedule``), a seed, nor
+    data, model or batch. A change that does not fit the checkpoint's optimizer state (a rank, a
+    momentum where there was none) is refused when the checkpoint is restored."""
+    parts = key.split(".")
+    return parts[0] == "method" and len(parts) > 1 and not {"name", "schedule", "seed"} & set(parts[1:])
+
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 _POSITIVE = {
     "train.steps", "train.batch_size", "train.grad_accum", "checkpoint.keep", "workers.count", "train.max_batch_size",
@@ -150,6 +160,22 @@ def _check_type(key: str, value: Any, expected: type) -> Any:
     if key in _NON_NEGATIVE and value < 0:
         raise ConfigError(f"{key} must be >= 0, got {value!r}")
     return value
+
+
+def check_run_name(name: str, key: str = "run.name") -> str:
+    """A run name is a relative path inside ``run.out_dir``: not empty, not absolute, no ``.``/``..`` part.
+
+    ``""`` (or ``"."``) would write into ``out_dir`` itself, beside other runs; ``"../x"`` or
+    ``"/x"`` would write outside it. Raises ConfigError naming ``key`` and the value.
+    """
+    if not name.strip():
+        raise ConfigError(f"{key} must not be empty (the run would write into run.out_dir itself), got {name!r}")
+    parts = name.split("/")
+    if name.startswith("/"):
+        raise ConfigError(f"{key} must be a relative name inside run.out_dir, got the absolute path {name!r}")
+    if any(p in (".", "..") or not p.strip() for p in parts):
+        raise ConfigError(f"{key} must name a folder inside run.out_dir (no empty, '.' or '..' parts), got {name!r}")
+    return name
 
 
 def _fixed_section(section: str, raw: Mapping[str, Any]) -> Any:
@@ -230,6 +256,9 @@ def from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
             raise ConfigError(f"{section}.name must be a string, got {body.get('name')!r}")
         values[section] = copy.deepcopy(dict(body))
     cfg = ExperimentConfig(**values)
+    check_run_name(cfg.run.name)
+    if not cfg.run.out_dir.strip():
+        raise ConfigError(f"run.out_dir must not be empty, got {cfg.run.out_dir!r}")
     if cfg.workers.mode not in ("vmap", "shard_map"):
         raise ConfigError(f"workers.mode must be 'vmap' or 'shard_map', got {cfg.workers.mode!r}")
     if cfg.train.loss not in LOSSES:
@@ -321,7 +350,17 @@ def load_variants(path: str, overrides: Iterable[str] = ()) -> dict[str, Experim
     overrides = list(overrides)
     per_variant = [o for o in overrides if o.split("=", 1)[0].strip().startswith("variants.")]
     common = [o for o in overrides if o not in per_variant]
-    raw = apply_overrides(read_toml(path), per_variant)
+    raw = read_toml(path)
+    names = list(raw["variants"]) if isinstance(raw.get("variants"), Mapping) else []
+    for o in per_variant:  # a typo in a variant's name must not make a new variant
+        parts = o.split("=", 1)[0].strip().split(".")
+        if len(parts) < 3 or parts[1] not in names:
+            if not names:
+                raise ConfigError(f"override {o!r}: {path} has no [variants.NAME] tables")
+            if len(parts) < 3:
+                raise ConfigError(f"override {o!r} must look like variants.NAME.section.key=value")
+            raise ConfigError(f"override {o!r}: {path} has no variant {parts[1]!r}{_suggest(parts[1], names)}")
+    raw = apply_overrides(raw, per_variant)
     variants = raw.pop("variants", None)
     if variants is None:
         return {"": from_dict(apply_overrides(raw, common))}
@@ -332,7 +371,10 @@ def load_variants(path: str, overrides: Iterable[str] = ()) -> dict[str, Experim
         try:
             merged = apply_overrides(merge_variant(raw, variant), common)
             run = merged.setdefault("run", {})
-            run["name"] = f"{run.get('name', RunConfig.name)}/{name}"
+            base_name = run.get("name", RunConfig.name)
+            if isinstance(base_name, str):
+                check_run_name(base_name)
+            run["name"] = f"{base_name}/{name}"
             out[name] = from_dict(merged)
         except ConfigError as e:
             raise ConfigError(f"variant {name!r}: {e}") from None

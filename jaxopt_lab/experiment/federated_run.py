@@ -11,7 +11,8 @@ A federated config (``experiments/fed_digits.toml``) is recognized by its
                        time_jitter, dropout, sim_time, target_accuracy, chunk_steps,
                        num_seeds (simulation seeds run.seed, run.seed + 1, ...: the
                        client sampling, jitter, shuffles; data split, speeds and the
-                       initial model stay fixed)
+                       initial model stay fixed), checkpoint_every (server steps between
+                       checkpoints, taken at the end of a chunk), checkpoint_keep
     [methods.NAME]     rule = fedavg | fedprox | fedbuff | fedasync | fedfix | fedcompass,
                        trigger = sync | buffer | every_arrival | window | compass,
                        the trigger's arguments (clients_per_round, buffer_size,
@@ -27,6 +28,14 @@ sim_time, client_updates, mean staleness, eval_loss, eval_accuracy),
 ``accuracy.png`` (test accuracy against simulated wall-clock and against client
 updates) and ``summary.md`` (time and updates to ``target_accuracy``).
 Unknown sections or keys are a ConfigError naming them.
+
+Each method's seeds are checkpointed (orbax: the simulator state and the host-side counters,
+``NAME/seed_<s>/checkpoints/<server step>``) every ``checkpoint_every`` server steps and when
+they end, and the evaluation records are appended to ``NAME/metrics.jsonl`` as they come, so
+``jaxopt-lab resume RUN_DIR`` continues a killed run: finished seeds and methods are read back,
+an interrupted seed continues from its last checkpoint, and the result equals an uninterrupted
+run's, record for record. A NaN or inf evaluation loss or server parameter stops the run (rc 1)
+naming the method, seed, step and last checkpoint.
 """
 
 from __future__ import annotations
@@ -42,8 +51,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxopt_lab.experiment.config import ConfigError, _suggest, apply_overrides, read_toml
-from jaxopt_lab.experiment.trainer import RunDirError, check_not_a_file
+from jaxopt_lab.experiment.config import ConfigError, _suggest, apply_overrides, check_run_name, read_toml
+from jaxopt_lab.experiment.trainer import NonFiniteLossError, RunDirError, check_not_a_file
 
 FEDERATED_DEFAULTS: dict[str, Any] = {
     "num_clients": 100,
@@ -66,6 +75,8 @@ FEDERATED_DEFAULTS: dict[str, Any] = {
     "target_accuracy": 0.9,
     "chunk_steps": 50,
     "num_seeds": 1,
+    "checkpoint_every": 200,
+    "checkpoint_keep": 2,
 }
 RUN_DEFAULTS: dict[str, Any] = {"name": "federated", "seed": 0, "out_dir": "runs"}
 TRIGGER_KEYS = {
@@ -91,6 +102,7 @@ class SeedRun:
     server_steps: int
     client_updates: int
     mean_staleness: float
+    wall_seconds: float = 0.0  # compute time of this seed, summed over the processes that ran it
 
 
 @dataclasses.dataclass
@@ -130,13 +142,17 @@ def validate(raw: Mapping[str, Any]) -> dict[str, Any]:
             if not ok:
                 raise ConfigError(f"{section}.{key} must be {type(default).__name__}, got {value!r}")
             out[section][key] = value
+    check_run_name(out["run"]["name"])
+    if not out["run"]["out_dir"].strip():
+        raise ConfigError(f"run.out_dir must not be empty, got {out['run']['out_dir']!r}")
     fed = out["federated"]
     for key in ("sim_time", "client_learning_rate", "step_time"):
         if not fed[key] > 0:
             raise ConfigError(f"federated.{key} must be > 0, got {fed[key]!r}")
     if not 0 < fed["target_accuracy"] <= 1:
         raise ConfigError(f"federated.target_accuracy must be in (0, 1], got {fed['target_accuracy']!r}")
-    for key in ("num_clients", "batch_size", "local_epochs", "chunk_steps", "num_seeds"):
+    for key in ("num_clients", "batch_size", "local_epochs", "chunk_steps", "num_seeds", "checkpoint_every",
+                "checkpoint_keep"):
         if fed[key] < 1:
             raise ConfigError(f"federated.{key} must be >= 1, got {fed[key]!r}")
     for key, ok, bounds in (
@@ -172,6 +188,9 @@ def validate(raw: Mapping[str, Any]) -> dict[str, Any]:
                 raise ConfigError(f"unknown config key methods.{name}.{key} for trigger {trigger!r}{_suggest(key, valid)}")
             if key in RULE_KEYS and key not in takes and not (key in ("a", "b") and "staleness_kwargs" in takes):
                 raise ConfigError(f"methods.{name}.{key} is not an argument of rule {rule!r}")
+        momentum = body.get("momentum", 0.0)
+        if isinstance(momentum, (int, float)) and not isinstance(momentum, bool) and not 0 <= momentum < 1:
+            raise ConfigError(f"methods.{name}.momentum must be in [0, 1), got {momentum!r}")
         lr = body.get("learning_rate", 1.0)
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (np.isfinite(lr) and lr > 0):
             raise ConfigError(f"methods.{name}.learning_rate must be a number > 0, got {lr!r}")
@@ -257,19 +276,93 @@ def build_setup(cfg: Mapping[str, Any]) -> dict[str, Any]:
             "partition": part}
 
 
-def run_seed(name: str, sim, setup: Mapping[str, Any], cfg: Mapping[str, Any], eval_every: int, seed: int) -> SeedRun:
-    """Runs one method with one simulation seed, in chunks of ``chunk_steps`` server steps, until ``sim_time``."""
+SEED_DIR = "seed_{}"  # per method and simulation seed: its orbax checkpoints
+
+
+def _append_records(path: str, records: list[dict[str, Any]]) -> None:
+    """Append evaluation records to a method's metrics.jsonl (strict JSON: no NaN/Infinity)."""
+    with open(path, "a") as f:
+        f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in records)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _save_checkpoint(ckpt, step: int, state, meta: dict[str, Any]) -> None:
+    """Save the simulator state and the host-side progress of one seed; wait until it is on disk."""
+    ckpt.save(step, state, meta)
+    ckpt.wait()
+
+
+def _read_records(path: str) -> list[dict[str, Any]]:
+    from jaxopt_lab.experiment.metrics import read_metrics
+
+    return read_metrics(path)
+
+
+def run_seed(name: str, sim, setup: Mapping[str, Any], cfg: Mapping[str, Any], eval_every: int, seed: int,
+             method_dir: str | None = None) -> SeedRun:
+    """Runs one method with one simulation seed, in chunks of ``chunk_steps`` server steps, until ``sim_time``.
+
+    With ``method_dir``, the evaluation records are appended to ``method_dir/metrics.jsonl`` as
+    they come, and the simulator state with the host-side counters is checkpointed (orbax, in
+    ``method_dir/seed_<seed>/checkpoints``) at the end of the first chunk at or past every
+    ``checkpoint_every`` server steps and at the end; a seed already checkpointed continues from its
+    last checkpoint (the records after it are dropped first), so a killed run resumes bit-identically.
+    """
     import jax
 
+    from jaxopt_lab.experiment.checkpoint import Checkpointer
+
     fed = cfg["federated"]
-    state = sim.init(setup["params"], seed=seed)
-    e0 = setup["eval_jit"](state.params)
-    records = [{"seed": seed, "step": 0, "version": 0, "sim_time": 0.0, "client_updates": 0, "mean_staleness": 0.0,
-                **{k: float(v) for k, v in e0.items()}}]
-    stale_sum, applied, steps = 0.0, 0, 0
+    chunk, every = fed["chunk_steps"], fed["checkpoint_every"]
+    fresh = sim.init(setup["params"], seed=seed)
+    state, ckpt, metrics = fresh, None, None
+    t0 = time.perf_counter()
+    progress = {"steps": 0, "applied": 0, "stale_sum": 0.0, "num_records": 0, "done": False, "wall_seconds": 0.0}
+    if method_dir is not None:
+        metrics = os.path.join(method_dir, "metrics.jsonl")
+        ckpt = Checkpointer(os.path.join(method_dir, SEED_DIR.format(seed)), keep=fed["checkpoint_keep"])
+        last = ckpt.latest_step()
+        if last is not None:
+            state, meta = ckpt.restore(last, fresh)
+            progress = meta["progress"]
+            from jaxopt_lab.experiment.config import differing_keys
+
+            differ = differing_keys(meta["config"], json.loads(json.dumps(cfg)), ignore=("run.name", "run.out_dir"))
+            if differ:
+                raise ConfigError(f"cannot resume: {ckpt.path(last)} was checkpointed with another config "
+                                  f"(differs in {', '.join(differ)})")
+        on_disk = _read_records(metrics)
+        records = [r for r in on_disk if r["seed"] == seed][: progress["num_records"]]
+        if not progress["done"]:  # keep the earlier seeds' records and this seed's up to its checkpoint
+            tmp = metrics + ".tmp"  # (a kill may have left more; later seeds start after this one is done)
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in on_disk if r["seed"] < seed)
+                f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in records)
+            os.replace(tmp, metrics)
+    else:
+        records = []
+    if progress["done"]:
+        ckpt.close()
+        return SeedRun(seed, records, progress["steps"], progress["applied"],
+                       progress["stale_sum"] / max(progress["applied"], 1), progress["wall_seconds"])
+    if not records:
+        e0 = setup["eval_jit"](state.params)
+        first = {"seed": seed, "step": 0, "version": 0, "sim_time": 0.0, "client_updates": 0, "mean_staleness": 0.0,
+                 **{k: float(v) for k, v in e0.items()}}
+        if not np.isfinite(first["eval_loss"]):
+            raise FederatedDivergence(f"method {name}, seed {seed}: eval_loss is {first['eval_loss']} at server step 0", [])
+        records.append(first)
+        if metrics is not None:
+            _append_records(metrics, [first])
+    stale_sum, applied, steps = progress["stale_sum"], progress["applied"], progress["steps"]
+    wall0 = progress["wall_seconds"]
+    where = "" if ckpt is None else f" (run dir {method_dir})"
     while True:
-        state, rec = sim.run(state, fed["chunk_steps"], setup["eval_fn"], eval_every)
+        before = int(state.step)
+        state, rec = sim.run(state, chunk, setup["eval_fn"], eval_every)
         rec = jax.device_get(rec)
+        new = []
         for i in range(len(rec.time)):
             if rec.time[i] > fed["sim_time"]:
                 break
@@ -278,24 +371,70 @@ def run_seed(name: str, sim, setup: Mapping[str, Any], cfg: Mapping[str, Any], e
             applied += int(m.sum())
             stale_sum += float(rec.staleness[i][m].sum())
             acc = rec.metrics["eval_accuracy"][i]
+            loss = rec.metrics["eval_loss"][i]
+            if not np.isnan(acc) and not np.isfinite(loss):
+                if metrics is not None:
+                    _append_records(metrics, new)
+                raise FederatedDivergence(
+                    f"method {name}, seed {seed}: eval_loss is {float(loss)} at server step {steps} "
+                    f"(simulated time {float(rec.time[i]):.1f} s){_last_checkpoint(ckpt)}", records + new)
             if not np.isnan(acc):
-                records.append({
+                new.append({
                     "seed": seed, "step": steps, "version": int(rec.version[i]), "sim_time": float(rec.time[i]),
                     "client_updates": applied, "mean_staleness": stale_sum / max(applied, 1),
-                    "eval_loss": float(rec.metrics["eval_loss"][i]), "eval_accuracy": float(acc)})
-        if float(rec.time[-1]) > fed["sim_time"]:
+                    "eval_loss": float(loss), "eval_accuracy": float(acc)})
+        records += new
+        if metrics is not None:
+            _append_records(metrics, new)
+        bad = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(state.params)
+               if not np.isfinite(np.asarray(x)).all()]
+        if bad:
+            raise FederatedDivergence(f"method {name}, seed {seed}: the server parameters {', '.join(bad[:3])} are "
+                                      f"not finite after server step {int(state.step)}{_last_checkpoint(ckpt)}",
+                                      records)
+        finished = float(rec.time[-1]) > fed["sim_time"]
+        if not finished and not np.isfinite(float(rec.time[-1])):
+            raise ValueError(f"method {name}: the simulated clock stopped (no client in flight){where}")
+        if ckpt is not None and (finished or (before + chunk) // every > before // every):
+            progress = {"steps": steps, "applied": applied, "stale_sum": stale_sum, "num_records": len(records),
+                        "done": finished, "wall_seconds": wall0 + time.perf_counter() - t0}
+            _save_checkpoint(ckpt, int(state.step), state, {"config": dict(cfg), "progress": progress})
+        if finished:
             break
-        if not np.isfinite(float(rec.time[-1])):
-            raise ValueError(f"method {name}: the simulated clock stopped (no client in flight)")
-    return SeedRun(seed, records, server_steps=steps, client_updates=applied, mean_staleness=stale_sum / max(applied, 1))
+    if ckpt is not None:
+        ckpt.close()
+    return SeedRun(seed, records, server_steps=steps, client_updates=applied, mean_staleness=stale_sum / max(applied, 1),
+                   wall_seconds=wall0 + time.perf_counter() - t0)
 
 
-def run_method(name: str, sim, setup: Mapping[str, Any], cfg: Mapping[str, Any], eval_every: int) -> MethodResult:
-    """Runs one method for every simulation seed (one compile: only the state's key differs)."""
-    t0 = time.perf_counter()
+def _last_checkpoint(ckpt) -> str:
+    if ckpt is None:
+        return ""
+    last = ckpt.latest_step()
+    return (f"; last checkpoint (finite parameters and evaluations): {ckpt.path(last)} (server step {last})"
+            if last is not None else "; no checkpoint saved yet")
+
+
+class FederatedDivergence(NonFiniteLossError):
+    """A method's evaluation loss or server parameters became NaN or inf; carries the records so far."""
+
+    def __init__(self, message: str, records: list[dict[str, Any]]):
+        super().__init__(message)
+        self.records = records
+
+
+def run_method(name: str, sim, setup: Mapping[str, Any], cfg: Mapping[str, Any], eval_every: int,
+               method_dir: str | None = None) -> MethodResult:
+    """Runs one method for every simulation seed (one compile: only the state's key differs);
+    with ``method_dir``, checkpointed and resumable (see :func:`run_seed`)."""
     first = cfg["run"]["seed"]
-    runs = [run_seed(name, sim, setup, cfg, eval_every, first + i) for i in range(cfg["federated"]["num_seeds"])]
-    return MethodResult(name, runs, wall_seconds=time.perf_counter() - t0)
+    runs = []
+    for i in range(cfg["federated"]["num_seeds"]):
+        try:
+            runs.append(run_seed(name, sim, setup, cfg, eval_every, first + i, method_dir))
+        except FederatedDivergence as e:  # with the records of the seeds before it
+            raise FederatedDivergence(str(e), [r for run in runs for r in run.records] + e.records) from None
+    return MethodResult(name, runs, wall_seconds=sum(r.wall_seconds for r in runs))
 
 
 def to_target(records: list[dict[str, Any]], target: float) -> tuple[float | None, int | None]:
@@ -393,8 +532,24 @@ def plot(results: list[MethodResult], cfg: Mapping[str, Any], out: str) -> str:
     return out
 
 
+def _check_methods(cfg: Mapping[str, Any]) -> None:
+    n = cfg["federated"]["num_clients"]
+    dry = {"local_update": lambda p, c, q, k: p, "sizes": np.ones(n), "local_steps": np.ones(n, np.int64)}
+    for name, method in cfg["methods"].items():  # every method's values, checked before loading anything
+        try:
+            build_method(cfg, method, dry)
+        except ValueError as e:
+            raise ConfigError(f"methods.{name}: {e}") from None
+        every = method.get("eval_every", 1)
+        if not (isinstance(every, int) and not isinstance(every, bool) and every >= 1):
+            raise ConfigError(f"methods.{name}.eval_every must be an int >= 1, got {every!r}")
+
+
 def run(path: str, overrides: Iterable[str] = (), run_dir: str | None = None) -> tuple[str, list[MethodResult]]:
     """Validates the whole config, builds every method (errors before any compute), runs them.
+
+    Each method's seeds are checkpointed every ``federated.checkpoint_every`` server steps:
+    :func:`resume` continues a killed run.
 
     Returns:
       The printed summary table and the per-method results.
@@ -406,29 +561,65 @@ def run(path: str, overrides: Iterable[str] = (), run_dir: str | None = None) ->
     run_dir = run_dir or os.path.join(cfg["run"]["out_dir"], cfg["run"]["name"])
     check_not_a_file(run_dir)
     if os.path.exists(os.path.join(run_dir, "config.toml")):  # results are never overwritten
-        raise RunDirError(f"{run_dir} already holds a run: remove it, or choose another run.name or --run-dir")
-    n = cfg["federated"]["num_clients"]
-    dry = {"local_update": lambda p, c, q, k: p, "sizes": np.ones(n), "local_steps": np.ones(n, np.int64)}
-    for name, method in cfg["methods"].items():  # every method's values, checked before loading anything
-        try:
-            build_method(cfg, method, dry)
-        except ValueError as e:
-            raise ConfigError(f"methods.{name}: {e}") from None
-        every = method.get("eval_every", 1)
-        if not (isinstance(every, int) and not isinstance(every, bool) and every >= 1):
-            raise ConfigError(f"methods.{name}.eval_every must be an int >= 1, got {every!r}")
+        raise RunDirError(f"{run_dir} already holds a run: `jaxopt-lab resume {run_dir}` continues it if it was "
+                          "interrupted; or remove it, or choose another run.name or --run-dir")
+    _check_methods(cfg)
     setup = build_setup(cfg)
     sims = {name: build_method(cfg, method, setup) for name, method in cfg["methods"].items()}
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "config.toml"), "w") as f:
         f.write(tomli_w.dumps(copy.deepcopy(cfg)))
+    return _run_all(cfg, setup, sims, run_dir)
+
+
+def resume(run_dir: str, overrides: Iterable[str] = ()) -> tuple[str, list[MethodResult]]:
+    """Continue a killed federated run from its checkpoints: finished methods and seeds are read
+    back from disk, an interrupted seed continues from its last checkpoint (bit-identically), the
+    rest run; then the table, plot and summary are written as by :func:`run`."""
+    overrides = list(overrides)
+    if overrides:
+        raise ConfigError(f"a federated run resumes with its own config; --set {overrides[0]!r} does not apply "
+                          "(run it again into a new directory to change it)")
+    cfg = validate(read_toml(os.path.join(run_dir, "config.toml")))
+    _check_methods(cfg)
+    for name in cfg["methods"]:
+        for i in range(cfg["federated"]["num_seeds"]):
+            _check_checkpoint_config(os.path.join(run_dir, name, SEED_DIR.format(cfg["run"]["seed"] + i)), cfg)
+    setup = build_setup(cfg)
+    sims = {name: build_method(cfg, method, setup) for name, method in cfg["methods"].items()}
+    return _run_all(cfg, setup, sims, run_dir)
+
+
+def _check_checkpoint_config(seed_dir: str, cfg: Mapping[str, Any]) -> None:
+    """ConfigError if the seed's last checkpoint was made with another config than the run's."""
+    from jaxopt_lab.experiment.config import differing_keys
+
+    ckpts = os.path.join(seed_dir, "checkpoints")
+    steps = sorted(int(n) for n in os.listdir(ckpts) if n.isdigit()) if os.path.isdir(ckpts) else []
+    if not steps:
+        return
+    meta_path = os.path.join(ckpts, str(steps[-1]), "config", "metadata")
+    if not os.path.exists(meta_path):
+        return
+    with open(meta_path) as f:
+        saved = json.load(f)["config"]
+    differ = differing_keys(saved, json.loads(json.dumps(cfg)), ignore=("run.name", "run.out_dir"))
+    if differ:
+        raise ConfigError(f"cannot resume: {seed_dir} was checkpointed with another config "
+                          f"(differs in {', '.join(differ)})")
+
+
+def _run_all(cfg: Mapping[str, Any], setup, sims, run_dir: str) -> tuple[str, list[MethodResult]]:
     print(setup["partition"].summary())
     results = []
     for name, sim in sims.items():
-        res = run_method(name, sim, setup, cfg, cfg["methods"][name].get("eval_every", 1))
-        os.makedirs(os.path.join(run_dir, name), exist_ok=True)
-        with open(os.path.join(run_dir, name, "metrics.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for run in res.runs for r in run.records)
+        method_dir = os.path.join(run_dir, name)
+        os.makedirs(method_dir, exist_ok=True)
+        try:
+            res = run_method(name, sim, setup, cfg, cfg["methods"][name].get("eval_every", 1), method_dir)
+        except FederatedDivergence as e:  # its finite records are already in metrics.jsonl
+            raise NonFiniteLossError(f"{e}; its finite evaluations so far are in "
+                                     f"{os.path.join(method_dir, 'metrics.jsonl')}") from None
         x = summarize(res, cfg["federated"]["target_accuracy"])
         print(f"{name}: {x['steps']:.0f} server steps, final acc {x['final']:.4f}, time to target "
               f"{'%.1f' % x['time'] if x['time'] is not None else 'not reached'} ({res.wall_seconds:.1f} s)")

@@ -60,18 +60,64 @@ def resolve_method(name: str, key: str = "method") -> Callable[..., optax.Gradie
     )
 
 
+# optax's schedule factories: every public function of optax.schedules but the hyperparameter
+# injectors (exponential_decay, join_schedules, ... are schedules without the _schedule suffix)
+SCHEDULES = tuple(
+    n for n in dir(optax.schedules)
+    if not n.startswith("_") and not n.startswith("inject") and inspect.isfunction(getattr(optax.schedules, n))
+)
+
+
 def build_schedule(key: str, spec: Mapping[str, Any]) -> optax.Schedule:
-    """Build ``{schedule = "warmup_cosine_decay_schedule", ...}`` into an optax schedule."""
+    """Build ``{schedule = "warmup_cosine_decay_schedule", ...}`` into an optax schedule.
+
+    ``join_schedules`` takes its ``schedules`` as a list of such tables;
+    ``piecewise_constant_schedule``'s ``boundaries_and_scales`` is a table whose keys
+    (TOML keys are strings) are the integer boundary steps.
+    """
     kwargs = dict(spec)
     name = kwargs.pop("schedule")
-    fn = getattr(optax, name, None) if isinstance(name, str) else None
-    if fn is None or not (name.endswith("_schedule") or name in ("constant_schedule",)):
-        raise ConfigError(f"{key}.schedule {name!r} is not an optax schedule (e.g. 'cosine_decay_schedule')")
+    if not isinstance(name, str) or name not in SCHEDULES:
+        close = difflib.get_close_matches(name, SCHEDULES, n=1) if isinstance(name, str) else []
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{key}.schedule {name!r} is not an optax schedule{hint}; valid: {', '.join(SCHEDULES)}")
+    fn = getattr(optax.schedules, name)
     check_kwargs(key, fn, kwargs)
+    if name == "join_schedules" and "schedules" in kwargs:
+        parts = kwargs["schedules"]
+        if not isinstance(parts, list) or not all(isinstance(p, Mapping) and "schedule" in p for p in parts):
+            raise ConfigError(f"{key}.schedules must be a list of schedule tables {{schedule = ..., ...}}, got {parts!r}")
+        kwargs["schedules"] = [build_schedule(f"{key}.schedules[{i}]", p) for i, p in enumerate(parts)]
+    if "boundaries_and_scales" in kwargs and isinstance(kwargs["boundaries_and_scales"], Mapping):
+        table = {}
+        for step, value in kwargs["boundaries_and_scales"].items():
+            try:
+                table[int(step)] = value
+            except ValueError:
+                raise ConfigError(f"{key}.boundaries_and_scales: the key {step!r} is not a step number") from None
+        kwargs["boundaries_and_scales"] = table
     try:
         return fn(**kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{key}: {e}") from None
+
+
+# Ranges of hyperparameters, by argument name, wherever they appear (optax's aliases and ours
+# share the names): exponential-average betas in [0, 1), decays and epsilons >= 0.
+_UNIT_INTERVAL = ("b1", "b2", "b3", "adam_b1", "adam_b2", "decay", "momentum")
+_NON_NEGATIVE = ("weight_decay", "adam_weight_decay", "eps", "eps_root", "adam_eps_root", "epsilon",
+                 "initial_accumulator_value")
+
+
+def check_ranges(key: str, kwargs: Mapping[str, Any]) -> None:
+    """ConfigError for a known hyperparameter outside its range (numbers only: schedules pass)."""
+    for arg, value in kwargs.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if arg in _UNIT_INTERVAL and not 0 <= value < 1:
+            raise ConfigError(f"{key}.{arg} must be in [0, 1), got {value!r}")
+        if arg in _NON_NEGATIVE and not value >= 0:
+            raise ConfigError(f"{key}.{arg} must be >= 0, got {value!r}")
 
 
 def _is_method_table(value: Any) -> bool:
@@ -90,6 +136,7 @@ def build_method(method: Mapping[str, Any], axis_name: Any = None, key: str = "m
     name = kwargs.pop("name")
     fn = resolve_method(name, key)
     check_kwargs(key, fn, kwargs)
+    check_ranges(key, kwargs)
     for arg, value in list(kwargs.items()):
         if _is_method_table(value):
             kwargs[arg] = build_method(value, axis_name, f"{key}.{arg}")

@@ -57,7 +57,7 @@ class MetricsLog:
         kept = [r for r in read_metrics(self.path) if r["step"] <= start_step] if start_step else []
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
+            f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in kept)
         os.replace(tmp, self.path)  # atomic: a kill leaves the old or the new log, never half
         self.last = kept[-1] if kept else None
         self._file = open(self.path, "a", buffering=1)
@@ -69,7 +69,7 @@ class MetricsLog:
             self._tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=start_step + 1 if start_step else None)
 
     def write(self, record: Mapping[str, Any]) -> None:
-        self._file.write(json.dumps(dict(record)) + "\n")
+        self._file.write(json.dumps(dict(record), allow_nan=False) + "\n")  # strict JSON: no NaN/Infinity
         if self._tb is not None:
             step = record["step"]
             for key, value in record.items():

@@ -73,7 +73,10 @@ def sweep(
         if run_dirs.count(d) > 1:
             raise config_lib.ConfigError(f"the grid has the point {os.path.basename(d)!r} twice")
     from jaxopt_lab.experiment.build import build
+    from jaxopt_lab.experiment.trainer import check_fresh_run_dir
 
+    for _, _, run_dir in configs:  # every point's folder can be written and holds no run yet
+        check_fresh_run_dir(run_dir)
     for _, cfg, _ in configs:  # check data/model/method of every point first
         build(cfg)
     return [(point, run(cfg, run_dir=run_dir)) for point, cfg, run_dir in configs]

@@ -32,10 +32,12 @@ from jaxopt_lab.experiment.adaptive_batch import make_norm_test_statistics, next
 from jaxopt_lab.experiment.build import Experiment, build, per_example
 from jaxopt_lab.experiment.checkpoint import Checkpointer
 from jaxopt_lab.experiment.methods import learning_rate_schedule
-from jaxopt_lab.experiment.metrics import MetricsLog
+from jaxopt_lab.experiment.metrics import MetricsLog, read_metrics
 
 CONFIG_FILE = "config.toml"
 SUMMARY_FILE = "summary.json"
+HISTORY_FILE = "config_history.jsonl"  # one line per resume that changed hyperparameters
+DIVERGED_FILE = "diverged.json"  # written when a run stops on a non-finite value
 
 
 def _is_count(x: Any) -> bool:
@@ -64,9 +66,26 @@ class RunDirError(RuntimeError):
 
 
 def check_not_a_file(run_dir: str) -> None:
-    """A run directory path that names an existing file is a RunDirError."""
+    """A run directory that cannot be created or written (it, or a folder above it, is a file; a
+    folder on its path is not writable) is a RunDirError; nothing is created."""
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise RunDirError(f"the run directory {run_dir} is a file")
+    path = os.path.abspath(run_dir)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    if not os.path.isdir(path):
+        raise RunDirError(f"cannot create the run directory {run_dir} (run.out_dir/run.name): {path} is a file")
+    import tempfile
+
+    try:  # what os.access cannot tell (root, read-only mounts): try it
+        os.rmdir(tempfile.mkdtemp(prefix=".jaxopt-lab-write-test-", dir=path))
+    except OSError as e:
+        what = "write into" if path == os.path.abspath(run_dir) else "create"
+        raise RunDirError(f"cannot {what} the run directory {run_dir} (run.out_dir/run.name): "
+                          f"{path} is not writable ({e.strerror})") from None
 
 
 @dataclasses.dataclass
@@ -187,6 +206,7 @@ class Trainer:
             self.initial = self.runner.put(self.runner.replicate(initial))
             self._mean_params = jax.jit(lambda p: jax.tree.map(lambda x: x.mean(axis=0), p))
         self.checkpoints = Checkpointer(run_dir, keep=self.cfg.checkpoint.keep)
+        self.allowed_changes: set[str] = set()  # config keys this resume changes (may differ from a checkpoint's)
         self.lr = learning_rate_schedule(self.cfg.method)
         if self.sharpness is not None and self.lr is None:
             raise config_lib.ConfigError("train.sharpness_every needs a method with a learning_rate (the 2/lr threshold)")
@@ -243,11 +263,20 @@ class Trainer:
             out["consensus_distance"] = float(np.mean(consensus[0]))
         return out
 
-    def restore(self) -> TrainState:
-        """The state of the last checkpoint, after checking it was made with this config."""
-        step = self.checkpoints.latest_step()
-        state, saved = self.checkpoints.restore(step, self.initial)
-        differ = config_lib.differing_keys(saved, self.cfg.to_dict(), ignore=config_lib.RESUME_MAY_DIFFER)
+    def restore(self, step: int | None = None) -> TrainState:
+        """The state of checkpoint ``step`` (default: the last), after checking it was made with this
+        config, up to the hyperparameter changes the run's config history records."""
+        step = self.checkpoints.latest_step() if step is None else step
+        try:
+            state, saved = self.checkpoints.restore(step, self.initial)
+        except Exception as e:  # noqa: BLE001 - orbax raises several kinds for a state that does not fit
+            raise config_lib.ConfigError(
+                f"cannot resume {self.run_dir}: checkpoint {step} does not fit the optimizer state of "
+                f"the method as configured now ({type(e).__name__}: {str(e)[:300]})"
+            ) from None
+        changed = recorded_changes(self.run_dir) | self.allowed_changes
+        differ = [k for k in config_lib.differing_keys(saved, self.cfg.to_dict(), ignore=config_lib.RESUME_MAY_DIFFER)
+                  if not (config_lib.is_recovery_key(k) and k in changed)]
         if differ:
             fa, fb = config_lib.flatten(saved), config_lib.flatten(self.cfg.to_dict())
             detail = "; ".join(f"{k}: checkpoint {fa.get(k, '<absent>')!r} vs now {fb.get(k, '<absent>')!r}" for k in differ)
@@ -256,14 +285,58 @@ class Trainer:
             )
         return state
 
-    def fit(self, resume: bool = False) -> RunResult:
+    def last_good_checkpoint(self, step: int, loss_now: float) -> tuple[int | None, list[str]]:
+        """After a non-finite value at ``step``: the newest kept checkpoint whose parameters are all
+        finite and whose training loss (the loss the next step computed at them) is finite, and why
+        each newer one is not."""
+        losses = {r["step"]: r.get("loss") for r in read_metrics(self.run_dir)}
+        losses[step] = loss_now
+        rejected = []
+        for s in sorted(self.checkpoints.all_steps(), reverse=True):
+            if s >= step:
+                continue
+            loss = losses.get(s + 1)
+            if loss is None or not math.isfinite(loss):
+                rejected.append(f"step {s}: the loss at its parameters is {loss}")
+                continue
+            state, _ = self.checkpoints.restore(s, self.initial)
+            bad = [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_leaves_with_path(state.params)
+                   if jnp.issubdtype(x.dtype, jnp.inexact) and not bool(jnp.isfinite(x).all())]
+            if bad:
+                rejected.append(f"step {s}: non-finite parameters {', '.join(bad[:3])}")
+                continue
+            return s, rejected
+        return None, rejected
+
+    def stop_non_finite(self, step: int, record: dict[str, Any], keys: list[str]) -> None:
+        """Raise NonFiniteLossError naming the value, the step and the last good checkpoint (by
+        :meth:`last_good_checkpoint`), and record them in ``diverged.json`` for ``resume``."""
+        self.checkpoints.wait()
+        good, rejected = self.last_good_checkpoint(step, record["loss"])
+        where = (f"{self.checkpoints.path(good)} (step {good}: finite parameters, training loss "
+                 f"{_loss_at(self.run_dir, good + 1, record, step):.6g} at them)") if good is not None else \
+            "none (no kept checkpoint has finite parameters and a finite loss at them)"
+        with open(os.path.join(self.run_dir, DIVERGED_FILE), "w") as f:
+            json.dump({"step": step, "values": {k: repr(record[k]) for k in keys}, "last_good": good,
+                       "rejected": rejected}, f, indent=1)
+        values = ", ".join(f"{k} is {record[k]}" for k in keys)
+        raise NonFiniteLossError(
+            f"{values} at step {step}; last good checkpoint: {where}"
+            + (f"; not good: {'; '.join(rejected)}" if rejected else "")
+            + f". `jaxopt-lab resume {self.run_dir} --set method.learning_rate=...` continues from "
+            + ("it" if good is not None else "step 0")
+        )
+
+    def fit(self, resume: bool = False, start: int | None = None) -> RunResult:
+        """Train from step 0, or (``resume``) from checkpoint ``start`` (default: the last)."""
         cfg = self.cfg
         t = cfg.train
-        start = self.checkpoints.latest_step() if resume else None
-        state = self.restore() if start is not None else self.initial
+        if resume and start is None:
+            start = self.checkpoints.latest_step()
+        state = self.restore(start) if resume and start else self.initial
         if self.runner is not None:  # the steps donate their input state: keep self.initial intact
             state = jax.tree.map(jnp.copy, state)
-        start = start or 0
+        start = start if resume and start else 0
         log = MetricsLog(self.run_dir, start_step=start, tensorboard=cfg.logging.tensorboard)
         elapsed = (log.last or {}).get("wall_time", 0.0)
         if start == 0:
@@ -282,13 +355,6 @@ class Trainer:
                 if grown is not None:
                     record["batch_size"] = int(state.batch_size)
                     state = state._replace(batch_size=jnp.asarray(grown, jnp.int32))
-                if not math.isfinite(record["loss"]):
-                    self.checkpoints.wait()
-                    last = self.checkpoints.latest_step()
-                    where = f"{self.checkpoints.path(last)} (step {last})" if last is not None else "none (no checkpoint saved yet)"
-                    raise NonFiniteLossError(
-                        f"training loss is {record['loss']} at step {step + 1}; last good checkpoint: {where}"
-                    )
                 if self.lr is not None:
                     record["learning_rate"] = float(self.lr(step))
                 if self.sharpness is not None and (step + 1) % t.sharpness_every == 0:
@@ -296,6 +362,9 @@ class Trainer:
                 done = step + 1
                 if done == t.steps or (t.eval_every and done % t.eval_every == 0):
                     record.update(self.evaluate(state.params))
+                bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+                if bad:  # nothing of this step is logged or checkpointed
+                    self.stop_non_finite(step + 1, record, bad)
                 if done == t.steps:  # median over this process's steps (the first, compiling one, included)
                     record["opt_state_bytes"] = self.opt_state_bytes
                     record["steps_per_sec"] = 1.0 / float(np.median(step_times))
@@ -311,8 +380,23 @@ class Trainer:
             self.checkpoints.wait()
         final = log.last or {}
         with open(os.path.join(self.run_dir, SUMMARY_FILE), "w") as f:
-            json.dump(final, f, indent=1)
+            json.dump(final, f, indent=1, allow_nan=False)
         return RunResult(self.run_dir, final)
+
+
+def _loss_at(run_dir: str, step: int, record: dict[str, Any], now: int) -> float:
+    if step == now:
+        return record["loss"]
+    return next(r["loss"] for r in read_metrics(run_dir) if r["step"] == step)
+
+
+def recorded_changes(run_dir: str) -> set[str]:
+    """Keys that resumes of ``run_dir`` changed (its config history)."""
+    path = os.path.join(run_dir, HISTORY_FILE)
+    if not os.path.exists(path):
+        return set()
+    with open(path) as f:
+        return {k for line in f if line.strip() for k in json.loads(line)["changed"]}
 
 
 def _progress(enabled: bool, total: int, initial: int, desc: str):
@@ -325,6 +409,21 @@ def run_dir_of(cfg: config_lib.ExperimentConfig) -> str:
     return os.path.join(cfg.run.out_dir, cfg.run.name)
 
 
+def has_checkpoints(run_dir: str) -> bool:
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    return os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir))
+
+
+def check_fresh_run_dir(run_dir: str, resume_hint: str | None = None) -> None:
+    """RunDirError unless ``run_dir`` can be created and holds no checkpoints (a run to resume)."""
+    check_not_a_file(run_dir)
+    if has_checkpoints(run_dir):
+        raise RunDirError(
+            f"{run_dir} already holds checkpoints: `jaxopt-lab resume {resume_hint or run_dir}` to continue it, "
+            f"or choose another run.name"
+        )
+
+
 def run(config: str | config_lib.ExperimentConfig, overrides: Iterable[str] = (), run_dir: str | None = None) -> RunResult:
     """Run an experiment from a config (file path or validated config) into a fresh run directory.
 
@@ -334,15 +433,9 @@ def run(config: str | config_lib.ExperimentConfig, overrides: Iterable[str] = ()
     cfg = config_lib.load(config, overrides) if isinstance(config, str) else config
     if not isinstance(config, str) and overrides:
         cfg = config_lib.from_dict(config_lib.apply_overrides(cfg.to_dict(), overrides))
-    experiment = build(cfg)
     run_dir = run_dir or run_dir_of(cfg)
-    check_not_a_file(run_dir)
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    if os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir)):
-        raise RunDirError(
-            f"{run_dir} already holds checkpoints: `jaxopt-lab resume {run_dir}` to continue it, "
-            f"or choose another run.name"
-        )
+    check_fresh_run_dir(run_dir)
+    experiment = build(cfg)
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, CONFIG_FILE), "w") as f:
         f.write(experiment.config.dumps())
@@ -352,14 +445,76 @@ def run(config: str | config_lib.ExperimentConfig, overrides: Iterable[str] = ()
 def resume(run_dir: str, overrides: Iterable[str] = ()) -> RunResult:
     """Continue the run in ``run_dir`` from its last checkpoint, with its own config.
 
-    ``overrides`` may only change keys that do not change the numbers
-    (``logging``, ``checkpoint``); anything else is an error naming the keys.
+    ``overrides`` may change keys that do not change the numbers (``logging``,
+    ``checkpoint``) and, to recover a run, the method's hyperparameters
+    (``method.learning_rate``, ``method.b2``, ...; see :func:`config.is_recovery_key`): those
+    changes are written to the run's ``config.toml`` and appended, with the step they apply
+    from, to ``config_history.jsonl``. Anything else is an error naming the keys.
+
+    A run stopped on a non-finite value (``diverged.json``) continues from its last good
+    checkpoint; the checkpoints after it and the metrics up to the stop are moved, not deleted,
+    to ``diverged/<step>/``.
     """
     path = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.exists(path):
         raise RunDirError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
     if "federated" in config_lib.read_toml(path):
-        raise RunDirError(f"{run_dir} is a federated simulation: those are not checkpointed; run it again "
-                          "into a new directory (each method takes seconds to minutes)")
-    experiment = build(config_lib.load(path, overrides))
-    return Trainer(experiment, run_dir).fit(resume=True)
+        raise RunDirError(f"{run_dir} is a federated simulation: federated_run.resume continues it "
+                          f"(`jaxopt-lab resume {run_dir}` does)")
+    overrides = list(overrides)
+    before = config_lib.read_toml(path)
+    cfg = config_lib.load(path, overrides)
+    if overrides:
+        after = config_lib.apply_overrides(before, overrides)
+        changed = config_lib.differing_keys(before, after, ignore=config_lib.RESUME_MAY_DIFFER)
+        refused = [k for k in changed if not config_lib.is_recovery_key(k)]
+        if refused:
+            raise config_lib.ConfigError(
+                f"cannot resume {run_dir} with {', '.join(refused)} changed: a resume may change only the "
+                f"method's hyperparameters (method.learning_rate, method.b2, ...), logging.* and checkpoint.*"
+            )
+    else:
+        changed = []
+    experiment = build(cfg)
+    diverged = os.path.join(run_dir, DIVERGED_FILE)
+    start = None
+    if os.path.exists(diverged):
+        with open(diverged) as f:
+            stop = json.load(f)
+        start = stop["last_good"] or 0
+        _set_aside(run_dir, stop["step"], after=start)
+    trainer = Trainer(experiment, run_dir)
+    if start is None:
+        start = trainer.checkpoints.latest_step() or 0
+    trainer.allowed_changes = set(changed)
+    if start:
+        trainer.restore(start)  # a checkpoint that refuses the changed config fails here, before any write
+    if changed:
+        flat_before, flat_after = config_lib.flatten(before), config_lib.flatten(experiment.config.to_dict())
+        record = {"step": start, "changed": {k: [flat_before.get(k), flat_after.get(k)] for k in changed}}
+        with open(os.path.join(run_dir, HISTORY_FILE), "a") as f:
+            f.write(json.dumps(record, allow_nan=False) + "\n")
+        with open(path, "w") as f:
+            f.write(experiment.config.dumps())
+    return trainer.fit(resume=True, start=start)
+
+
+def _set_aside(run_dir: str, step: int, after: int) -> None:
+    """Move the checkpoints after step ``after`` and the metrics and stop record of a diverged run
+    to ``run_dir/diverged/<step>/`` (a resume continues from ``after``; nothing is deleted)."""
+    import shutil
+
+    dest = os.path.join(run_dir, "diverged", str(step))
+    n = 1
+    while os.path.exists(dest):
+        dest = os.path.join(run_dir, "diverged", f"{step}.{n}")
+        n += 1
+    os.makedirs(os.path.join(dest, "checkpoints"))
+    ckpts = os.path.join(run_dir, "checkpoints")
+    for name in sorted(os.listdir(ckpts)) if os.path.isdir(ckpts) else []:
+        if name.isdigit() and int(name) > after:
+            os.replace(os.path.join(ckpts, name), os.path.join(dest, "checkpoints", name))
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.exists(metrics):
+        shutil.copy2(metrics, os.path.join(dest, "metrics.jsonl"))
+    os.replace(os.path.join(run_dir, DIVERGED_FILE), os.path.join(dest, DIVERGED_FILE))

@@ -217,3 +217,92 @@ def test_grid_axes_split_at_top_level_commas_only():
     assert config_lib.apply_overrides(base(), [grid_points(axes)[0][0]])["model"]["hidden"] == [8, 8]
     with pytest.raises(config_lib.ConfigError, match="has no values"):
         parse_grid(["method.learning_rate=,"])
+
+
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        (with_("method", name="adam", learning_rate=1e-3, b2=1.5), r"method\.b2 must be in \[0, 1\), got 1\.5"),
+        (with_("method", name="adamw", learning_rate=1e-3, weight_decay=-0.1),
+         r"method\.weight_decay must be >= 0, got -0\.1"),
+        (with_("method", name="adam", learning_rate=1e-3, eps=-1e-8), r"method\.eps must be >= 0, got -1e-08"),
+        (with_("method", name="rmsprop", learning_rate=1e-3, decay=1.0), r"method\.decay must be in \[0, 1\), got 1\.0"),
+        (with_("method", name="sgd", learning_rate=0.1, momentum=-0.5), r"method\.momentum must be in \[0, 1\)"),
+        ({**base(), "method": {"name": "data_parallel", "inner": {"name": "lion", "learning_rate": 1e-3, "b1": 1.0}},
+          "workers": {"count": 2}}, r"method\.inner\.b1 must be in \[0, 1\), got 1\.0"),
+        (with_("data", name="digits", path="PATH"), r"data\.path = '.*not_npz\.npz'.* is not a \.npz archive"),
+        (with_("train", batch_size=1_000_000_000), r"needs at least .* GB of memory.*train\.batch_size = 1000000000"),
+        ({**base(), "data": {"name": "text", "context": 16}, "model": {"name": "gpt", "preset": "micro"},
+          "method": {"name": "data_parallel", "inner": {"name": "sgd", "learning_rate": 0.1}},
+          "workers": {"count": 1_000_000}}, r"needs at least [\d.]+ [GT]B of memory.*workers\.count = 1000000 x"),
+    ],
+)
+def test_bad_values_are_refused_before_compute(raw, match, tmp_path):
+    if raw["data"].get("path") == "PATH":
+        (tmp_path / "not_npz.npz").write_text("x,y\n1,2\n")  # a text file named .npz
+        raw["data"]["path"] = str(tmp_path / "not_npz.npz")
+    with pytest.raises(config_lib.ConfigError, match=match):
+        build_lib.build(config_lib.from_dict(raw))
+
+
+@pytest.mark.parametrize("name, match", [
+    ("", r"run\.name must not be empty"), (".", r"run\.name must name a folder inside run\.out_dir"),
+    ("../../x", r"no empty, '\.' or '\.\.' parts\), got '\.\./\.\./x'"), ("a/../../x", r"got 'a/\.\./\.\./x'"),
+    ("/tmp/x", r"run\.name must be a relative name inside run\.out_dir, got the absolute path '/tmp/x'"),
+])
+def test_run_names_stay_inside_out_dir(name, match):
+    with pytest.raises(config_lib.ConfigError, match=match):
+        config_lib.from_dict(with_("run", name=name))
+    assert config_lib.from_dict(with_("run", name="sweeps/a")).run.name == "sweeps/a"  # subfolders are fine
+
+
+def test_unusable_out_dir_is_refused_before_compute(tmp_path, monkeypatch):
+    from jaxopt_lab.experiment import trainer
+
+    monkeypatch.setattr(trainer, "build", lambda cfg: pytest.fail("built before the run dir was checked"))
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(trainer.RunDirError, match=r"cannot create the run directory .*a_file/sub/t.*a_file is a file"):
+        trainer.run(config_lib.from_dict(with_("run", out_dir=str(tmp_path / "a_file" / "sub"))))
+    with pytest.raises(trainer.RunDirError, match=r"/proc/jaxopt_lab_runs/t.* is not writable"):  # even for root
+        trainer.run(config_lib.from_dict(with_("run", out_dir="/proc/jaxopt_lab_runs")))
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(trainer.RunDirError, match=r"locked is not writable"):
+            trainer.run(config_lib.from_dict(with_("run", out_dir=str(locked))))
+    assert sorted(os.listdir(tmp_path)) == ["a_file"] + (["locked"] if os.geteuid() != 0 else [])
+
+
+def test_variant_overrides_must_name_an_existing_variant(tmp_path):
+    path = tmp_path / "v.toml"
+    path.write_text('[data]\nname = "digits"\n[model]\nname = "mlp"\n[method]\nname = "sgd"\nlearning_rate = 0.1\n'
+                    '[variants.diloco_h10]\ntrain = { steps = 7 }\n[variants.ddp]\ntrain = { steps = 3 }\n')
+    with pytest.raises(config_lib.ConfigError, match=r"has no variant 'diloco_h1O' \(did you mean 'diloco_h10'\?\)"):
+        config_lib.load_variants(str(path), ["variants.diloco_h1O.train.steps=5"])
+    with pytest.raises(config_lib.ConfigError, match=r"must look like variants\.NAME\.section\.key=value"):
+        config_lib.load_variants(str(path), ["variants.ddp=5"])
+    assert config_lib.load_variants(str(path), ["variants.diloco_h10.train.steps=5"])["diloco_h10"].train.steps == 5
+    plain = tmp_path / "p.toml"
+    plain.write_text('[data]\nname = "digits"\n[model]\nname = "mlp"\n[method]\nname = "sgd"\nlearning_rate = 0.1\n')
+    with pytest.raises(config_lib.ConfigError, match=r"has no \[variants\.NAME\] tables"):
+        config_lib.load_variants(str(plain), ["variants.a.train.steps=5"])
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ({"schedule": "exponential_decay", "init_value": 1.0, "transition_steps": 1, "decay_rate": 0.5}, [1.0, 0.5, 0.25]),
+    ({"schedule": "piecewise_constant_schedule", "init_value": 1.0, "boundaries_and_scales": {"1": 0.5, "2": 0.1}},
+     [1.0, 0.5, 0.05]),
+    ({"schedule": "join_schedules", "boundaries": [2], "schedules": [
+        {"schedule": "constant_schedule", "value": 1.0},
+        {"schedule": "linear_schedule", "init_value": 0.5, "end_value": 0.0, "transition_steps": 2}]}, [1.0, 1.0, 0.5]),
+    ({"schedule": "sgdr_schedule", "cosine_kwargs": [{"init_value": 1.0, "peak_value": 1.0, "warmup_steps": 0,
+                                                      "decay_steps": 2}]}, [1.0, 0.5, 0.0]),
+])
+def test_every_optax_schedule_is_accepted(spec, expected):
+    tx = build_method({"name": "sgd", "learning_rate": spec})
+    state = tx.init({"w": jnp.zeros(())})
+    steps = []
+    for _ in range(3):
+        updates, state = tx.update({"w": jnp.ones(())}, state)
+        steps.append(float(-updates["w"]))
+    assert steps == pytest.approx(expected)

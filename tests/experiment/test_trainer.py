@@ -5,6 +5,7 @@ import os
 import shutil
 import tomllib
 
+import numpy as np
 import pytest
 
 from jaxopt_lab.experiment import config as config_lib
@@ -83,20 +84,27 @@ def test_resume_after_a_crash_reproduces_the_run(reference, tmp_path):
 def test_resume_refuses_a_different_config(reference, tmp_path):
     run_dir = str(tmp_path / "changed")
     shutil.copytree(reference.run_dir, run_dir)
-    with pytest.raises(config_lib.ConfigError, match=r"method\.learning_rate.*0\.2.*0\.5"):
-        trainer.resume(run_dir, ["method.learning_rate=0.5"])
-    # hand-editing the run's config.toml is caught too (the checkpoint keeps its own copy)
+    with pytest.raises(config_lib.ConfigError, match=r"with model\.hidden, train\.batch_size changed: a resume may "
+                                                      r"change only the method's hyperparameters"):
+        trainer.resume(run_dir, ["train.batch_size=16", "model.hidden=[4]"])
+    with pytest.raises(config_lib.ConfigError, match=r"method\.name.*changed"):
+        trainer.resume(run_dir, ["method.name=adamw"])
+    # hand-editing the run's config.toml is caught too (the checkpoint keeps its own copy), a
+    # hyperparameter as well: only a change made by `resume --set` is recorded in the history
     path = os.path.join(run_dir, "config.toml")
     with open(path) as f:
-        text = f.read().replace("seed = 3", "seed = 4")
-    with open(path, "w") as f:
-        f.write(text)
-    with pytest.raises(config_lib.ConfigError, match=r"differs from the checkpoint's in run\.seed"):
-        trainer.resume(run_dir)
+        text = f.read()
+    for old, new, key in (("seed = 3", "seed = 4", "run.seed"), ("learning_rate = 0.2", "learning_rate = 0.1",
+                                                                 "method.learning_rate")):
+        with open(path, "w") as f:
+            f.write(text.replace(old, new))
+        with pytest.raises(config_lib.ConfigError, match=rf"differs from the checkpoint's in {key}"):
+            trainer.resume(run_dir)
     # logging may change
     shutil.rmtree(run_dir)
     shutil.copytree(reference.run_dir, run_dir)
     trainer.resume(run_dir, ["logging.tensorboard=false"])
+    assert not os.path.exists(os.path.join(run_dir, "config_history.jsonl"))
 
 
 def test_run_refuses_a_directory_with_checkpoints(reference):
@@ -104,21 +112,56 @@ def test_run_refuses_a_directory_with_checkpoints(reference):
         trainer.run(tiny(), run_dir=reference.run_dir)
 
 
-def test_nan_loss_stops_with_step_and_last_good_checkpoint(tmp_path):
-    cfg = tiny(
-        data={"name": "least_squares"},
-        method={"name": "sgd", "learning_rate": 30.0, "momentum": 0.0},
-        train={"steps": 200, "eval_every": 0},
-        checkpoint={"every": 2, "keep": 1},
-    )
+def _strict(line):
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_divergence_names_the_last_finite_checkpoint_and_resume_recovers_with_a_lower_lr(tmp_path, capsys):
+    """least squares with SGD at lr 1 explodes: loss 16, 30, 9e4, 6e14, then inf at step 5.
+    Checkpoint 4's parameters are finite but the loss at them (step 5's) is not: the last good one
+    is 2 (loss 9e4 at it). `resume --set method.learning_rate=0.001` continues from 2, moves 4 aside
+    and records the change."""
+    run_dir = tmp_path / "div"
+    cfg = tiny(data={"name": "least_squares"}, method={"name": "sgd", "learning_rate": 1.0, "momentum": 0.0},
+               train={"steps": 8, "eval_every": 0}, checkpoint={"every": 2, "keep": 5}, logging={"tensorboard": False})
     with pytest.raises(trainer.NonFiniteLossError) as err:
-        trainer.run(cfg, run_dir=str(tmp_path / "nan"))
+        trainer.run(cfg, run_dir=str(run_dir))
     message = str(err.value)
-    step = int(message.split(" at step ")[1].split(";")[0])
-    saved = int(message.rsplit("(step ", 1)[1].rstrip(")"))
-    assert saved < step and saved == 2 * ((step - 1) // 2)
-    assert os.path.isdir(os.path.join(str(tmp_path / "nan"), "checkpoints", str(saved)))
-    assert read_metrics(str(tmp_path / "nan"))[-1]["step"] == step - 1  # nothing logged for the bad step
+    assert "loss is inf at step 5; last good checkpoint: " in message
+    assert f"{run_dir}/checkpoints/2 (step 2: finite parameters, training loss 8787" in message
+    assert "not good: step 4: the loss at its parameters is inf" in message
+    diverged = [_strict(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in diverged] == [0, 1, 2, 3, 4]  # nothing logged for the bad step
+    assert diverged[4]["loss"] > 1e12
+    # a structural change is refused before anything moves
+    assert main(["resume", str(run_dir), "--set", "train.batch_size=16"]) == 2
+    assert "train.batch_size changed" in capsys.readouterr().err
+    assert main(["resume", str(run_dir), "--set", "method.learning_rate=0.001"]) == 0
+    records = [_strict(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(9))
+    assert records[:3] == diverged[:3]
+    assert records[3]["loss"] == pytest.approx(diverged[3]["loss"], rel=1e-6)  # from checkpoint 2's parameters
+    assert [r["learning_rate"] for r in records[1:]] == [1.0] * 2 + [0.001] * 6
+    assert all(np.isfinite(r["loss"]) for r in records[1:]) and records[-1]["loss"] < records[3]["loss"] / 10
+    assert sorted(os.listdir(run_dir / "diverged" / "5" / "checkpoints")) == ["4"]  # moved, not deleted
+    assert [_strict(x)["step"] for x in (run_dir / "diverged" / "5" / "metrics.jsonl").read_text().splitlines()] == \
+        [0, 1, 2, 3, 4]
+    assert _strict((run_dir / "diverged" / "5" / "diverged.json").read_text())["last_good"] == 2
+    assert not (run_dir / "diverged.json").exists()
+    history = [_strict(line) for line in (run_dir / "config_history.jsonl").read_text().splitlines()]
+    assert history == [{"step": 2, "changed": {"method.learning_rate": [1.0, 0.001]}}]
+    assert tomllib.loads((run_dir / "config.toml").read_text())["method"]["learning_rate"] == 0.001
+    # a later resume accepts the recorded change (the run is complete: nothing more to do), also
+    # from a checkpoint made before it, but not once the history is gone
+    assert trainer.resume(str(run_dir)).final["step"] == 8
+    again = trainer.Trainer(build(config_lib.load(str(run_dir / "config.toml"))), str(run_dir))
+    assert int(again.restore(2).step) == 2
+    os.rename(run_dir / "config_history.jsonl", run_dir / "elsewhere.jsonl")
+    with pytest.raises(config_lib.ConfigError, match=r"differs from the checkpoint's in method\.learning_rate"):
+        again.restore(2)
 
 
 def test_cli_run_sweep_plot_and_errors(tmp_path, capsys):
@@ -170,3 +213,18 @@ def test_stable_max_loss_sharpness_and_collapse_are_logged(tmp_path):
     assert np.isfinite(r["sharpness"])
     with pytest.raises(config_lib.ConfigError, match=r"train\.loss must be one of .* got 'hinge'"):
         tiny(train={"loss": "hinge"})
+
+
+def test_resume_refuses_a_hyperparameter_the_checkpoint_state_does_not_fit(tmp_path):
+    """SGD without momentum keeps no trace; `--set method.momentum=0.9` would need one: refused on
+    restore, before config.toml or the history are written."""
+    raw = {"run": {"name": "plain", "out_dir": str(tmp_path)}, "data": {"name": "digits"},
+           "model": {"name": "mlp", "hidden": [4]}, "method": {"name": "sgd", "learning_rate": 0.1},
+           "train": {"steps": 2, "batch_size": 8, "eval_every": 0}, "checkpoint": {"every": 1},
+           "logging": {"progress": False, "tensorboard": False}}
+    run_dir = trainer.run(config_lib.from_dict(raw)).run_dir
+    config_text = open(os.path.join(run_dir, "config.toml")).read()
+    with pytest.raises(config_lib.ConfigError, match=r"checkpoint 2 does not fit the optimizer state"):
+        trainer.resume(run_dir, ["method.momentum=0.9"])
+    assert open(os.path.join(run_dir, "config.toml")).read() == config_text
+    assert not os.path.exists(os.path.join(run_dir, "config_history.jsonl"))

@@ -53,6 +53,8 @@ def _write(tmp_path, text):
     (("dirichlet_alpha = 1.0", "dirichlet_alpha = -1.0"), r"federated.dirichlet_alpha must be > 0, got -1.0"),
     (("hidden = []", 'hidden = ["a"]'), r"federated.hidden must be a list of ints >= 1, got \['a'\]"),
     (("eval_every = 2", "learning_rate = -1.0"), r"methods.buffered.learning_rate must be a number > 0, got -1.0"),
+    (('rule = "fedbuff"', 'rule = "fedavg"\nmomentum = 1.5'), r"methods.buffered.momentum must be in \[0, 1\), got 1.5"),
+    (('name = "tiny"', 'name = "../x"'), r"run.name must name a folder inside run.out_dir"),
 ])
 def test_bad_federated_config_is_an_error_naming_the_key(tmp_path, edit, message):
     path = _write(tmp_path, TINY.replace(*edit))
@@ -93,3 +95,20 @@ def test_cli_runs_a_federated_config_end_to_end(tmp_path, capsys):
     assert [r["step"] for r in records[1:]] == list(range(2, 2 * len(records) - 1, 2))  # eval_every = 2
     assert all(r["client_updates"] == 2 * r["step"] for r in records)  # K = 2 updates per server step
     assert all(0.0 <= r["eval_accuracy"] <= 1.0 for r in records) and records[-1]["mean_staleness"] > 0
+
+
+def test_a_diverging_method_stops_the_run_and_its_metrics_stay_strict_json(tmp_path, capsys):
+    """A client learning rate of 1e38 overflows at the first server step: the run stops with rc 1
+    naming the method, seed and step, instead of writing NaN (not JSON) and going on."""
+    out = tmp_path / "out"
+    path = _write(tmp_path, TINY.replace("sim_time = 80.0", "sim_time = 30.0\nclient_learning_rate = 1e38"))
+    assert cli.main(["run", path, "--run-dir", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "error: method buffered, seed 0: eval_loss is nan at server step 2" in err
+
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    records = [json.loads(line, parse_constant=refuse) for line in (out / "buffered" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0] and records[0]["eval_loss"] < 3  # the evaluations before it, kept
+    assert not (out / "summary.md").exists()
