@@ -63,9 +63,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "resume":
             _report(trainer.resume(args.run_dir, args.overrides))
         elif args.command == "sweep":
-            from jaxopt_lab.experiment.sweep import format_table, sweep
+            import os
 
-            print(format_table(sweep(args.config, args.grid, args.overrides)))
+            from jaxopt_lab.experiment.sweep import format_table, summary_dir, sweep
+
+            results = sweep(args.config, args.grid, args.overrides)
+            print(format_table(results))
+            print(f"plot: {os.path.join(summary_dir(results), 'compare.png')}")
         elif args.command == "plot":
             from jaxopt_lab.experiment.compare import format_table
             from jaxopt_lab.experiment.metrics import read_metrics
