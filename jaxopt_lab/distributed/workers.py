@@ -37,7 +37,30 @@ MODES = ("vmap", "shard_map")
 
 @dataclasses.dataclass(frozen=True)
 class WorkerRunner:
-    """Runs per-worker functions over ``num_workers`` workers (see the module docstring).
+    """Runs a step written for ONE worker over ``num_workers`` workers (see the module docstring).
+
+    **The one rule: build every multi-worker method with** ``axis_name=runner.axis_name``.
+    The runner names its worker axis ``"workers"`` under ``"vmap"`` and under
+    ``"shard_map"`` with one worker per device, but ``("devices", "workers")``
+    when several workers share a device. A method left at its default
+    ``axis_name="workers"`` then still runs, but its collectives reduce over the
+    workers of one device only: ``data_parallel`` averages gradients in pairs
+    instead of over all W workers, with no error.
+
+    Example (16 workers on 8 devices: 2 per device)::
+
+        runner = WorkerRunner(16, "shard_map")
+        tx = jaxopt_lab.diloco(optax.adamw(1e-3), optax.sgd(0.7, momentum=0.9, nesterov=True),
+                               sync_every=10, axis_name=runner.axis_name)
+
+        def step(params, opt_state, x, y):  # ONE worker's step, as without the runner
+            grads = jax.grad(loss_fn)(params, x, y)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        train_step = runner.map(step)  # jitted; every argument and result gains a leading axis of W
+        params, opt_state = runner.put(runner.replicate((params, tx.init(params))))
+        params, opt_state = train_step(params, opt_state, *runner.put((xs, ys)))  # xs: (W, batch, ...)
 
     Args:
       num_workers: W.

@@ -30,8 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     pl = sub.add_parser("plot", help="plot runs side by side and print their final metrics")
-    pl.add_argument("run_dirs", nargs="+")
+    pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                    help="a run directory, or a folder of runs (a config's variants, a sweep) for all of them")
     pl.add_argument("-o", "--out", required=True, help="output PNG path")
+    pl.add_argument("--labels", default=None, metavar="NAME,NAME,...",
+                    help="names of the runs, in order (default: folder names, parent folders added where they repeat)")
     return p
 
 
@@ -82,19 +85,23 @@ def main(argv: list[str] | None = None) -> int:
                           f"{parent}: other variants are unfinished; `jaxopt-lab resume {parent}` finishes them "
                           "and rewrites the comparison")
         elif args.command == "sweep":
-            from jaxopt_lab.experiment.sweep import format_table, sweep
-
-            print(format_table(sweep(args.config, args.grid, args.overrides)))
-        elif args.command == "plot":
             import os
 
+            from jaxopt_lab.experiment.sweep import format_table, summary_dir, sweep
+
+            results = sweep(args.config, args.grid, args.overrides)
+            print(format_table(results))
+            print(f"plot: {os.path.join(summary_dir(results), 'compare.png')}")
+        elif args.command == "plot":
             from jaxopt_lab.experiment.compare import format_table
             from jaxopt_lab.experiment.metrics import read_metrics
-            from jaxopt_lab.experiment.plot import plot_runs
+            from jaxopt_lab.experiment.plot import plot_runs, resolve_runs
 
-            finals = {os.path.basename(os.path.normpath(d)): trainer.RunResult(d, read_metrics(d)[-1]) for d in args.run_dirs if read_metrics(d)}
-            print(plot_runs(args.run_dirs, args.out))
-            print(format_table(finals))
+            run_dirs, labels, notes = resolve_runs(args.run_dirs, args.labels)
+            for note in notes:
+                print(f"jaxopt-lab plot: {note}", file=sys.stderr)
+            print(plot_runs(run_dirs, args.out, labels=labels))
+            print(format_table({label: trainer.RunResult(d, read_metrics(d)[-1]) for d, label in zip(run_dirs, labels)}))
     except (ConfigError, trainer.NonFiniteLossError, trainer.RunDirError, ValueError) as e:
         print(f"jaxopt-lab {args.command}: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, (ConfigError, trainer.RunDirError)) else 1

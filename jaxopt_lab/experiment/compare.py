@@ -122,13 +122,13 @@ def write_comparison(base: str, results: dict[str, RunResult]) -> str:
     return out
 
 
-def format_table(results: dict[str, RunResult]) -> str:
-    """A Markdown table of each variant's final metrics."""
+def format_table(results: dict[str, RunResult], name_header: str = "variant") -> str:
+    """A Markdown table of each variant's final metrics (``name_header``: the header of the name column)."""
     cols = [c for c in COLUMNS if any(c[0] in r.final for r in results.values())]
     first_name, first = next(iter(results.items()))
     relative = [c for c in RELATIVE if first.final.get(c[0])] if len(results) > 1 else []
     headers = [c[1] for c in cols] + [header.format(first_name) for _, header, _ in relative]
-    lines = ["| variant | " + " | ".join(headers) + " |", "|---|" + "---:|" * len(headers)]
+    lines = [f"| {name_header} | " + " | ".join(headers) + " |", "|---|" + "---:|" * len(headers)]
     for name, r in results.items():
         cells = [fmt.format(r.final[key]) if key in r.final else "-" for key, _, fmt in cols]
         for key, _, inverse in relative:

@@ -2,13 +2,18 @@
 
 Each record carries ``step`` (optimizer steps completed). On resume the log is
 cut back to the checkpoint's step, so a resumed run's log equals, step for
-step, the log of a run that was never interrupted.
+step, the log of a run that was never interrupted. The TensorBoard events are
+on disk by every checkpoint (:meth:`MetricsLog.flush`), and a resumed run
+tells TensorBoard to drop what the killed one logged after its checkpoint, so
+TensorBoard too shows every step once.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -43,8 +48,63 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
     return records
 
 
+class TensorBoardEvents:
+    """One TensorBoard event file, written synchronously: a scalar is in the file's buffer as soon
+    as it is added, and on disk after :meth:`flush`.
+
+    (tensorboardX's ``SummaryWriter`` hands events to a background thread that writes them
+    every two minutes; its ``flush`` does not wait for that queue, so a process killed after a
+    flush could still lose the steps before it.)
+
+    Args:
+      logdir: the directory of the event files (created if missing).
+      purge_step: if set, TensorBoard drops the events earlier files logged at this step or
+        later (a run resumed from the checkpoint of step ``purge_step - 1``).
+    """
+
+    def __init__(self, logdir: str, purge_step: int | None = None):
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+        from tensorboardX.record_writer import RecordWriter
+
+        os.makedirs(logdir, exist_ok=True)
+        # the name TensorBoard expects; a suffix if another writer took it in the same second
+        base = os.path.join(logdir, f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}")
+        path, n = base, 0
+        while os.path.exists(path):
+            n += 1
+            path = f"{base}.{n}"
+        self.path = path
+        self._writer = RecordWriter(path)
+        self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
+        if purge_step is not None:  # what SummaryWriter(purge_step=...) writes
+            self._write(Event(wall_time=time.time(), step=purge_step, session_log=SessionLog(status=SessionLog.START)))
+
+    def _write(self, event) -> None:
+        self._writer.write(event.SerializeToString())
+
+    def add_scalars(self, values: Mapping[str, float], step: int) -> None:
+        """One event holding every scalar of ``values`` at ``step``."""
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        summary = Summary(value=[Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()])
+        self._write(Event(wall_time=time.time(), step=int(step), summary=summary))
+
+    def flush(self) -> None:
+        """Write the buffered events to disk (fsync)."""
+        self._writer.flush()
+
+    def close(self) -> None:
+        self.flush()
+        self._writer.close()
+
+
 class MetricsLog:
     """Appends records to ``metrics.jsonl`` and, optionally, TensorBoard event files.
+
+    Every record is in ``metrics.jsonl`` once written (line-buffered); the
+    TensorBoard events reach the disk at :meth:`flush`, which the trainer calls
+    before every checkpoint, and at :meth:`close`.
 
     Args:
       run_dir: the run's directory.
@@ -63,19 +123,22 @@ class MetricsLog:
         self._file = open(self.path, "a", buffering=1)
         self._tb = None
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
             # purge_step hides the events a killed run wrote after its last checkpoint.
-            self._tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=start_step + 1 if start_step else None)
+            self._tb = TensorBoardEvents(os.path.join(run_dir, "tb"), purge_step=start_step + 1 if start_step else None)
 
     def write(self, record: Mapping[str, Any]) -> None:
         self._file.write(json.dumps(dict(record), allow_nan=False) + "\n")  # strict JSON: no NaN/Infinity
         if self._tb is not None:
-            step = record["step"]
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self._tb.add_scalar(key, value, step)
+            scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+            self._tb.add_scalars(scalars, record["step"])
         self.last = dict(record)
+
+    def flush(self) -> None:
+        """Put every record written so far on disk, TensorBoard events included (before a checkpoint:
+        a run killed after checkpoint k and resumed then shows every step in TensorBoard)."""
+        self._file.flush()
+        if self._tb is not None:
+            self._tb.flush()
 
     def close(self) -> None:
         self._file.close()

@@ -5,9 +5,10 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Iterable, Sequence
-from typing import Any
 
+from jaxopt_lab.experiment import compare
 from jaxopt_lab.experiment import config as config_lib
+from jaxopt_lab.experiment.plot import plot_runs
 from jaxopt_lab.experiment.trainer import RunResult, run
 
 
@@ -58,7 +59,9 @@ def sweep(
     """Run every grid point into ``out_dir/name/<key=value,...>``; return the results.
 
     Every point's config is validated before the first run starts, so a bad
-    value in the last point does not waste the runs before it.
+    value in the last point does not waste the runs before it. Like ``run`` on a
+    config with variants, it writes ``compare.png`` (every point's curves) and
+    ``compare.md`` (their final metrics) beside the points' folders.
     """
     overrides = list(overrides)
     points = grid_points(parse_grid(grid))
@@ -79,18 +82,19 @@ def sweep(
         check_fresh_run_dir(run_dir)
     for _, cfg, _ in configs:  # check data/model/method of every point first
         build(cfg)
-    return [(point, run(cfg, run_dir=run_dir)) for point, cfg, run_dir in configs]
+    results = [(point, run(cfg, run_dir=run_dir)) for point, cfg, run_dir in configs]
+    base = summary_dir(results)
+    plot_runs(run_dirs, os.path.join(base, "compare.png"), labels=[os.path.basename(d) for d in run_dirs])
+    with open(os.path.join(base, "compare.md"), "w") as f:
+        f.write(format_table(results) + "\n")
+    return results
 
 
-def format_table(results: Sequence[tuple[list[str], RunResult]], keys: Sequence[str] = ("loss", "eval_loss", "eval_accuracy")) -> str:
-    """A plain-text table of each grid point's final metrics."""
-    present = [k for k in keys if any(k in r.final for _, r in results)]
-    header = ["point", *present, "run_dir"]
-    rows = [[" ".join(p), *(_fmt(r.final.get(k)) for k in present), r.run_dir] for p, r in results]
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+def summary_dir(results: Sequence[tuple[list[str], RunResult]]) -> str:
+    """The folder of the points' folders (``out_dir/name``), where ``compare.png`` and ``compare.md`` go."""
+    return os.path.commonpath([os.path.dirname(r.run_dir) for _, r in results])
 
 
-def _fmt(value: Any) -> str:
-    return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+def format_table(results: Sequence[tuple[list[str], RunResult]]) -> str:
+    """A Markdown table of each grid point's final metrics (the columns of ``run``'s variant table)."""
+    return compare.format_table({os.path.basename(r.run_dir): r for _, r in results}, name_header="point")

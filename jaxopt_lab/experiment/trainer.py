@@ -371,6 +371,7 @@ class Trainer:
                 record["wall_time"] = time.perf_counter() - t0
                 log.write(record)
                 if done == t.steps or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
+                    log.flush()  # what a resume from this checkpoint keeps is on disk first
                     self.checkpoints.save(done, state, cfg.to_dict())
                 bar.update(1)
                 bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "eval_loss") if k in record}, refresh=False)

@@ -170,12 +170,18 @@ def test_cli_run_sweep_plot_and_errors(tmp_path, capsys):
     assert "cli: step 4" in capsys.readouterr().out
     assert main(["sweep", cfg_path, "--grid", "method.learning_rate=0.1,0.05", "--grid", "model.hidden=[4],[8]"]) == 0
     table = capsys.readouterr().out
-    assert len(table.strip().splitlines()) == 2 + 4 and "learning_rate=0.05,hidden=[8]" in table
-    sweep_dirs = sorted(os.listdir(tmp_path / "runs" / "tiny"))
+    rows = [line for line in table.splitlines() if line.startswith("|")]
+    assert len(rows) == 2 + 4 and "| learning_rate=0.05,hidden=[8] |" in table
+    # like `run` on variants: the table in compare.md, every point's curves in compare.png
+    sweep_base = tmp_path / "runs" / "tiny"
+    assert (sweep_base / "compare.md").read_text().splitlines() == rows
+    assert f"plot: {sweep_base / 'compare.png'}" in table and (sweep_base / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    sweep_dirs = sorted(d for d in os.listdir(sweep_base) if not d.startswith("compare."))
     assert len(sweep_dirs) == 4
     out = tmp_path / "plot.png"
-    assert main(["plot", *(str(tmp_path / "runs" / "tiny" / d) for d in sweep_dirs), "-o", str(out)]) == 0
+    assert main(["plot", str(sweep_base), "-o", str(out)]) == 0  # the sweep's folder: its 4 points
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sum(line.startswith("| learning_rate=") for line in capsys.readouterr().out.splitlines()) == 4
     assert main(["run", cfg_path, "--set", "train.stepz=3"]) == 2
     assert "train.stepz" in capsys.readouterr().err
 

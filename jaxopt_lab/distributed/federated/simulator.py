@@ -411,11 +411,28 @@ class FederatedSimulator:
           state: from :meth:`init` or a previous ``run`` (or a restored checkpoint).
           num_steps: server steps (static: each distinct value compiles once).
           eval_fn: optional ``params -> dict of scalars``, evaluated after every
-            ``eval_every``-th server step (counted by ``state.step``) inside the scan.
+            ``eval_every``-th server step (counted by ``state.step``, so a run
+            continued from a returned state keeps the same period) inside the scan.
           eval_every: evaluation period in server steps.
 
         Returns:
-          The new state and the per-step :class:`StepRecord`, stacked along axis 0.
+          ``(state, records)``: the state after the last step, and a
+          :class:`StepRecord` whose every field has a leading axis of
+          ``num_steps`` (one entry per server step: ``records.time[i]`` is the
+          simulated clock after step i, ``records.staleness[i]`` its arrivals'
+          staleness). The evaluations are in ``records.metrics``: a dict with
+          ``eval_fn``'s keys, each a float32 array of shape ``(num_steps,)``
+          holding the value after the steps that were evaluated and **NaN at
+          every other step**; select the evaluated steps with ``~np.isnan``.
+          Without ``eval_fn``, ``records.metrics`` is ``{}``.
+
+        Example::
+
+            state, records = sim.run(sim.init(params, seed=0), num_steps=100,
+                                     eval_fn=lambda p: {"accuracy": accuracy(p)}, eval_every=10)
+            acc = np.asarray(records.metrics["accuracy"])
+            evaluated = ~np.isnan(acc)                    # steps 10, 20, ..., 100
+            curve = np.asarray(records.time)[evaluated], acc[evaluated]  # accuracy vs sim clock
         """
         num_steps = check_int("num_steps", num_steps, 1)
         eval_every = check_int("eval_every", eval_every, 1)
