@@ -226,6 +226,8 @@ class _BoundedSteps:
         self._pending: collections.deque = collections.deque()
 
     def __call__(self, *args):
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args)):
+            return self._jitted(*args)[0]  # traced into a caller's program: nothing is dispatched here
         while len(self._pending) >= self._bound:
             self._pending.popleft().block_until_ready()
         results, token = self._jitted(*args)

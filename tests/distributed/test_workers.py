@@ -97,6 +97,12 @@ def test_queue_bound_where_cpu_collectives_need_it():
     # not bounded: one device per process (the step runs on the caller's thread), or vmap
     assert WorkerRunner(NUM_WORKERS, mode="shard_map", devices=jax.devices()[:1]).in_flight_bound is None
     assert WorkerRunner(NUM_WORKERS, mode="vmap").in_flight_bound is None
+    # traced into a caller's program (jit, scan, vmap) the bounded step is the plain step
+    cpu4 = WorkerRunner(4, mode="shard_map", devices=jax.devices()[:4])
+    step = cpu4.map(lambda a: a + jax.lax.psum(a, cpu4.axis_name))
+    a = cpu4.put(np.arange(4.0, dtype=np.float32))
+    scanned = jax.jit(lambda a: jax.lax.scan(lambda c, _: (step(c), None), a, None, length=2)[0])(a)
+    np.testing.assert_array_equal(cpu4.get(scanned), cpu4.get(step(step(a))))
     # an explicit bound applies in any mode, and returns the step's results unchanged
     bounded = WorkerRunner(NUM_WORKERS, mode="vmap", max_in_flight=1)
     assert bounded.in_flight_bound == 1
