@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxopt_lab.distributed import WorkerRunner, diloco
+from jaxopt_lab.distributed import WorkerRunner, diloco, streaming_diloco
 
 SEEDS, W, ROWS, DIM = 16, 4, 6, 3
 H, ROUNDS = 3, 4
@@ -107,3 +107,65 @@ def test_diloco_absent_workers_lose_no_update_and_rejoin_from_the_global_paramet
     assert {0, 1, 2, 3, 4} <= set(attendance.ravel().tolist())
     everyone, _ = diloco_replay(x, y, p0, np.ones_like(present))
     assert (np.abs(everyone["w"] - local["w"]).max(axis=(1, 2))[1:] > 1e-3).all()
+
+
+# Streaming DiLoCo: fragments [b] (offset 0) and [w] (offset H_S/P), overlap 1, merge weight ALPHA
+H_S, P, TAU, ALPHA = 4, 2, 1, 0.5
+STEPS_S = 3 * H_S + TAU + 1  # past the last merge
+
+
+def streaming_replay(x, y, p0, present):
+    """Streaming DiLoCo in float64 for all seeds (cf. test_streaming_diloco's reference), with absences."""
+    offsets = {"b": 0, "w": H_S // P}
+    anchor = {k: v.copy() for k, v in p0.items()}
+    momentum = {k: np.zeros_like(v) for k, v in p0.items()}
+    local = {k: np.repeat(v[:, None], W, axis=1) for k, v in p0.items()}
+    missed = {k: np.zeros((SEEDS, W), bool) for k in p0}
+    for t in range(1, present.shape[1] + 1):
+        gw, gb = numpy_grads(local["w"], local["b"], x, y)
+        local = {"w": local["w"] - LR * gw, "b": local["b"] - LR * gb}
+        for k, off in offsets.items():
+            per_seed = lambda v: v.reshape((-1,) + (1,) * (anchor[k].ndim - 1))  # noqa: E731
+            per_worker = lambda v: v.reshape(v.shape + (1,) * (local[k].ndim - 2))  # noqa: E731
+            if t % H_S == off % H_S and t >= max(off, 1):  # fragment k is sent by those present
+                here = present[:, t - 1].astype(np.float64)
+                count = here.sum(axis=1)
+                delta = (per_worker(here) * (anchor[k][:, None] - local[k])).sum(axis=1) / per_seed(np.maximum(count, 1))
+                new_m = MU * momentum[k] + delta
+                new_a = anchor[k] - OUTER_LR * (MU * new_m + delta)
+                momentum[k] = np.where(per_seed(count > 0), new_m, momentum[k])
+                anchor[k] = np.where(per_seed(count > 0), new_a, anchor[k])
+                missed[k] = ~present[:, t - 1]
+            if (t - TAU) % H_S == off % H_S and t - TAU >= max(off, 1):  # its result arrives
+                merged = ALPHA * local[k] + (1 - ALPHA) * anchor[k][:, None]
+                local[k] = np.where(per_worker(missed[k]), anchor[k][:, None], merged)  # missed it: the global one
+    return local, anchor
+
+
+@pytest.mark.parametrize("mode", list(RUNNERS))
+def test_streaming_diloco_absent_workers_lose_no_update_and_rejoin_from_the_global_fragment(mode):
+    x, y, p0, _ = seeded_problems()
+    present = np.random.default_rng(1).random((SEEDS, STEPS_S, W)) < 0.5
+    present[0] = True
+    present[1, H_S // P - 1] = False  # nobody at fragment w's first synchronization
+    runner = RUNNERS[mode]()
+    tx = streaming_diloco(optax.sgd(LR), optax.sgd(OUTER_LR, momentum=MU, nesterov=True), sync_every=H_S,
+                          num_fragments=P, overlap=TAU, merge_alpha=ALPHA, axis_name=runner.axis_name)
+    params, state = run_seeds(runner, tx, x, y, p0, present)
+    local, anchor = streaming_replay(x, y, p0, present)
+    for k in p0:
+        np.testing.assert_allclose(np.asarray(params[k]), local[k], rtol=1e-4, atol=1e-5, err_msg=k)
+        np.testing.assert_allclose(np.asarray(state.anchor[k]), np.repeat(anchor[k][:, None], W, axis=1),
+                                   rtol=1e-4, atol=1e-5, err_msg=k)
+    everyone, _ = streaming_replay(x, y, p0, np.ones_like(present))
+    assert (np.abs(everyone["w"] - local["w"]).max(axis=(1, 2))[1:] > 1e-3).all()
+
+
+def test_streaming_diloco_present_with_a_compressor_is_a_clear_error():
+    from jaxopt_lab.distributed import quantize
+
+    tx = streaming_diloco(optax.sgd(LR), sync_every=H_S, num_fragments=P, compressor=quantize("int8"))
+    p = {"w": jnp.zeros(DIM), "b": jnp.zeros(())}
+    with pytest.raises(ValueError, match="present .* not supported together with a compressor"):
+        jax.vmap(lambda s: tx.update(p, s, p, present=True), axis_name="workers")(
+            jax.tree.map(lambda a: jnp.broadcast_to(a, (W,) + jnp.shape(a)), tx.init(p)))
