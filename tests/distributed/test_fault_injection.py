@@ -169,3 +169,63 @@ def test_streaming_diloco_present_with_a_compressor_is_a_clear_error():
     with pytest.raises(ValueError, match="present .* not supported together with a compressor"):
         jax.vmap(lambda s: tx.update(p, s, p, present=True), axis_name="workers")(
             jax.tree.map(lambda a: jnp.broadcast_to(a, (W,) + jnp.shape(a)), tx.init(p)))
+
+
+# FedBuff: dispatches that never return (the simulator's dropout), 16 seeds in one vmapped run
+FB_SIZES = [2, 3, 4, 5, 3, 2]
+FB_DROPOUT, FB_STEPS, FB_K, FB_LR, FB_MU = 0.3, 15, 2, 0.8, 0.5
+
+
+def test_fedbuff_dropped_clients_lose_no_arrival_and_rejoin_from_the_current_model():
+    from jaxopt_lab.distributed import federated as fl
+    from jaxopt_lab.distributed.federated import _rng
+    from jaxopt_lab.distributed.federated.simulator import _TAG_DISPATCH
+    from tests.distributed.federated import problem as pb
+
+    clients, data, _, _ = pb.make_clients(FB_SIZES, seed=9)
+    steps = fl.epoch_steps(FB_SIZES, 2)
+    sim = fl.FederatedSimulator(
+        pb.local_update(data, batch_size=2), fl.fedbuff(FB_LR, momentum=FB_MU), fl.Buffer(FB_K),
+        num_clients=len(FB_SIZES), concurrency=3, local_steps=steps, speeds="lognormal", time_jitter=0.2,
+        dropout=FB_DROPOUT, **pb.FAST)
+    params0 = pb.init_params()
+    keys = jnp.stack([jax.random.key_data(jax.random.key(s)) for s in range(SEEDS)])
+    states = jax.vmap(lambda k: sim.init(params0, k))(keys)  # vmapped jits (top-level: compiler_options)
+    final, rec = jax.vmap(lambda st: sim.run(st, FB_STEPS))(states)
+    final, rec = jax.tree.map(np.asarray, (final, rec))
+
+    for s in range(SEEDS):
+        mask = rec.mask[s]
+        arrived = rec.dispatch_id[s][mask]
+        in_flight = final.slots.dispatch_id[s][final.slots.client[s] >= 0]
+        # nothing lost: every dispatch that is not in flight either arrived or drew "dropped", never both
+        ids = np.setdiff1d(np.arange(final.dispatched[s]), in_flight)
+        draws = np.asarray(_rng.uniform(jnp.asarray(keys[s]), _TAG_DISPATCH, jnp.asarray(ids), 1))
+        assert len(np.unique(arrived)) == len(arrived)
+        np.testing.assert_array_equal(np.sort(arrived), ids[draws >= np.float32(FB_DROPOUT)])
+        assert final.dropped[s] == (draws < np.float32(FB_DROPOUT)).sum() == rec.num_dropped[s].sum()
+        # a client is sent the current model whenever it is dispatched, also after a dispatch of it dropped
+        sent_version = (rec.version[s] - rec.applied[s])[:, None] - rec.staleness[s]
+        updates_by = np.array([(rec.applied[s] & (rec.time[s] <= t)).sum() for t in rec.dispatch_time[s][mask]])
+        np.testing.assert_array_equal(sent_version[mask], updates_by)
+        # float64 replay of the server from the arrivals: each applied once, trained from the model it was sent
+        history = [pb.to_np(params0)]
+        theta, mom = history[0], {k: 0.0 for k in history[0]}
+        for i in range(FB_STEPS):
+            m = rec.mask[s, i]
+            if not m.any():
+                continue
+            v = rec.version[s, i] - 1
+            d = {k: 0.0 for k in theta}
+            for c, tau in zip(rec.client[s, i][m], rec.staleness[s, i][m]):
+                sent = history[v - tau]
+                x, y = clients[c]
+                trained = pb.np_local_sgd(sent, x, y, int(steps[c]), 2)
+                d = {k: d[k] + (1 + tau) ** -0.5 * (sent[k] - trained[k]) / m.sum() for k in d}
+            mom = {k: d[k] + FB_MU * mom[k] for k in d}
+            theta = {k: theta[k] - FB_LR * mom[k] for k in theta}
+            history.append(theta)
+        pb.assert_close(jax.tree.map(lambda a: a[s], final.params), theta)
+        # the check has teeth: dispatches dropped in every seed, and clients dispatched after a drop arrived
+        first_drop = rec.time[s][rec.num_dropped[s] > 0].min()
+        assert (rec.dispatch_time[s][mask] > first_drop).sum() >= 2
