@@ -111,6 +111,33 @@ def test_queue_bound_where_cpu_collectives_need_it():
     assert_same(params, run(unbounded, diloco_tx(unbounded.axis_name), STEPS, NUM_WORKERS)[0])
 
 
+ONE_PROCESS_QUEUE = """
+import jax, numpy as np
+from jaxopt_lab.distributed import WorkerRunner
+runner = WorkerRunner(4, mode="shard_map")
+step = runner.map(lambda a: a + 1e-3 * jax.lax.psum(a, runner.axis_name))
+a = runner.put(np.ones((4, 2), np.float32))
+for _ in range(200):
+    a = step(a)
+print(runner.get(a)[0, 0])
+"""
+
+
+def test_one_process_many_queued_steps_finish():
+    # the same deadlock in one process with 4 CPU devices (XLA's in-process rendezvous), PJRT_NPROC=1 as above
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PJRT_NPROC="1")
+    proc = subprocess.Popen([sys.executable, "-c", ONE_PROCESS_QUEUE], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    try:
+        out = proc.communicate(timeout=90)[0].decode()
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("200 queued steps on 4 CPU devices did not finish in 90 s (killed):\n"
+                    + proc.communicate()[0].decode()[-2000:])
+    assert proc.returncode == 0, out[-3000:]
+    np.testing.assert_allclose(float(out.split()[-1]), 1.004 ** 200, rtol=1e-4)  # each step: a <- a (1 + 4e-3)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
