@@ -20,9 +20,9 @@ On the CPU backend, with several local devices in a process, a loop that
 dispatches many collective steps without reading anything back deadlocks
 (JAX/jaxlib 0.10.2, 2 cores). Observed: 2 processes x 4 CPU devices (gloo), 60
 or 200 queued DiLoCo steps hang at 0% CPU with no error, 30 finish; one process
-with 4 or 8 CPU devices and 300 queued psum steps hangs the same way (XLA then
-logs "waiting for all reduce RendezvousKey ... may be stuck"); one device per
-process finishes 200. The cause, from gdb stack traces of both hung processes
+with 4 or 8 CPU devices and 300 queued psum steps hangs the same way (XLA logs
+"waiting for all reduce RendezvousKey ... may be stuck" after 20 s; the process
+fails about a minute later); one device per process finishes 200. The cause, from gdb stack traces of both hung processes
 and XLA's ``pjrt/cpu/cpu_client.cc``:
 
 * the XLA CPU client runs a program on several local devices by scheduling one
