@@ -30,6 +30,7 @@ class StreamingDiLoCoState(NamedTuple):
     key: jax.Array  # for stochastic rounding
     bytes_sent: CommBytes  # payload and wire bytes (jaxopt_lab.distributed.accounting)
     next_sync: jax.Array  # int32: the fragment the next update synchronizes, or -1 (see distributed.sync)
+    absent_at_sync: jax.Array = ()  # bool (P,): this worker missed fragment p's last synchronization
 
 
 def balanced_fragments(sizes: Sequence[int], num_fragments: int) -> list[list[int]]:
@@ -163,6 +164,15 @@ def streaming_diloco(
     :mod:`jaxopt_lab.distributed.sync`. Merges τ > 0 steps after a send stay
     in the graph (a select per fragment, no collective).
 
+    Fault tolerance, as in :func:`~jaxopt_lab.distributed.diloco`:
+    ``update(..., present=flag)`` (a bool per worker, read at each fragment's
+    synchronization) averages :math:`\Delta_p` over the workers present only; a
+    worker absent at fragment p's synchronization does not merge at its arrival
+    but takes :math:`\theta^g_p` (its local progress on p is dropped, it continues
+    from the global fragment). If nobody is present, fragment p takes no outer
+    step (anchor and outer momentum stay). Absent workers still count their
+    bytes. Not combined with a compressor.
+
     Args:
       inner: each worker's optimizer (default AdamW as in DiLoCo).
       outer: outer optimizer, one state per fragment (default Nesterov SGD 0.7, 0.9).
@@ -216,19 +226,29 @@ def streaming_diloco(
             key=jax.random.key_data(jax.random.key(seed)),
             bytes_sent=zero_comm(),
             next_sync=next_sync_after(jnp.zeros((), jnp.int32)),
+            absent_at_sync=jnp.zeros((num_fragments,), bool),
         )
 
-    def all_reduce(delta, comp_state, key, step):
+    def all_reduce(delta, comp_state, key, step, weight=None):
+        if weight is not None:  # mean over the workers present (weight 1), and how many there were
+            count = jax.lax.psum(weight, axis_name)
+            mean = [(jax.lax.psum(d * weight.astype(d.dtype), axis_name) / jnp.maximum(count, 1.0)).astype(d.dtype)
+                    for d in delta]
+            return mean, comp_state, tree_bytes(delta), count
         if compressor is None:
             return jax.lax.pmean(delta, axis_name), comp_state, tree_bytes(delta)
         from jaxopt_lab.distributed.compression import compressed_pmean
 
         return compressed_pmean(delta, comp_state, key, step, compressor, axis_name)
 
-    def update_fn(grads, state, params=None, *, sync=None, **extra_args):
+    def update_fn(grads, state, params=None, *, sync=None, present=None, **extra_args):
         if params is None:
             raise ValueError("streaming_diloco needs params: call update(grads, state, params)")
         sync = check_sync(sync, num_fragments, "streaming_diloco")
+        if present is not None and compressor is not None:
+            raise ValueError("streaming_diloco: present (absent workers) is not supported together with a compressor")
+        weight = None if present is None else jnp.asarray(present, jnp.float32)
+        absent = state.absent_at_sync
         inner_updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
         local = optax.apply_updates(params, inner_updates)
         step = state.step + 1
@@ -247,20 +267,31 @@ def streaming_diloco(
             def synchronize(carry, p=p, local_p=local_p):
                 anchor_p, outer_state, comp_state, sent = carry
                 delta = [a - x for a, x in zip(anchor_p, local_p)]
-                mean, comp_state, nbytes = all_reduce(delta, comp_state, jax.random.fold_in(key, p), step)
-                upd, outer_state = outer.update(mean, outer_state, anchor_p)
+                if weight is None:
+                    mean, comp_state, nbytes = all_reduce(delta, comp_state, jax.random.fold_in(key, p), step)
+                else:
+                    mean, comp_state, nbytes, count = all_reduce(delta, comp_state, None, step, weight)
+                upd, new_outer = outer.update(mean, outer_state, anchor_p)
+                new_anchor = optax.apply_updates(anchor_p, upd)
+                if weight is not None:  # nobody present: no outer step (momentum would still move the anchor)
+                    keep = lambda old, new: jax.tree.map(lambda o, n: jnp.where(count > 0, n, o), old, new)  # noqa: E731
+                    new_anchor, new_outer = keep(anchor_p, new_anchor), keep(outer_state, new_outer)
                 sent = add_pmean_bytes(sent, nbytes, axis_name, compressed=compressor is not None)
-                return optax.apply_updates(anchor_p, upd), outer_state, comp_state, sent
+                return new_anchor, new_outer, comp_state, sent
 
             carry = (anchor_p, outer_states[p], comp_states[p], sent)
             if sync is None:  # decided in the graph (under vmap: every fragment's all-reduce runs)
                 due = (step % sync_every == offset % sync_every) & (step >= max(offset, 1))
                 carry = jax.lax.cond(due, synchronize, lambda c: c, carry)
-            elif sync == p:  # decided by the caller, at trace time
-                carry = synchronize(carry)
+            else:  # decided by the caller, at trace time
+                due = sync == p
+                if due:
+                    carry = synchronize(carry)
             anchor_p, outer_states[p], comp_states[p], sent = carry
             for i, a in zip(group, anchor_p):
                 anchor_leaves[i] = a
+            if weight is not None:
+                absent = absent.at[p].set(jnp.where(due, weight == 0, absent[p]))
             if sync is not None and overlap == 0:  # the merge is the synchronization's own step
                 if sync != p:
                     continue
@@ -268,8 +299,9 @@ def streaming_diloco(
             else:
                 merge = ((step - overlap) % sync_every == offset % sync_every) & (step - overlap >= max(offset, 1))
             touched.update(group)
+            alpha = merge_alpha if weight is None else jnp.where(absent[p], 0.0, merge_alpha)  # missed it: global
             for i in group:
-                merged = merge_alpha * local_leaves[i] + (1 - merge_alpha) * anchor_leaves[i]
+                merged = alpha * local_leaves[i] + (1 - alpha) * anchor_leaves[i]
                 local_leaves[i] = jnp.where(merge, merged.astype(local_leaves[i].dtype), local_leaves[i])
         param_leaves = jax.tree.leaves(params)
         update_leaves = [  # leaves left alone get the inner update as it is (exact, no extra pass)
@@ -278,7 +310,7 @@ def streaming_diloco(
         ]
         return jax.tree.unflatten(treedef, update_leaves), StreamingDiLoCoState(
             step, jax.tree.unflatten(treedef, anchor_leaves), inner_state, tuple(outer_states), tuple(comp_states),
-            state.key, sent, next_sync_after(step),
+            state.key, sent, next_sync_after(step), absent,
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

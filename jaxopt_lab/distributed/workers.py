@@ -15,16 +15,61 @@ size W. Methods that synchronize every few steps run through :meth:`WorkerRunner
 which decides on the host whether a step synchronizes and calls one of two
 compiled programs (see :mod:`jaxopt_lab.distributed.sync`). With k > 1 workers per device the collectives run over two names,
 ``("devices", "workers")``; build the methods with ``axis_name=runner.axis_name``.
+
+Bounded dispatch on CPU (why the mapped step sometimes waits)
+-------------------------------------------------------------
+On the CPU backend, with several local devices in a process, a loop that
+dispatches many collective steps without reading anything back deadlocks
+(JAX/jaxlib 0.10.2, 2 cores). Observed: 2 processes x 4 CPU devices (gloo), 60
+or 200 queued DiLoCo steps hang at 0% CPU with no error, 30 finish; one process
+with 4 or 8 CPU devices and 300 queued psum steps hangs the same way (XLA logs
+"waiting for all reduce RendezvousKey ... may be stuck" after 20 s; the process
+fails about a minute later); one device per process finishes 200. The cause, from gdb stack traces of both hung processes
+and XLA's ``pjrt/cpu/cpu_client.cc``:
+
+* the XLA CPU client runs a program on several local devices by scheduling one
+  dispatch task per device on its client thread pool, of ``max(#cores, #local
+  devices)`` threads (``PJRT_NPROC`` overrides #cores) -- 4 on a 2-core machine
+  with 4 devices -- and runs the executions on the same pool;
+* a dispatch task takes a slot of the device's in-flight semaphore (32 slots),
+  *blocking its pool thread* while the device has 32 computations queued;
+* a program with a collective needs all its local participants running at once
+  (each waits in the all-reduce until every rank has joined).
+
+So once a device has 32 steps queued, the next dispatch task holds one pool
+thread waiting for a slot, the queued collective gets only 3 of the 4 threads it
+needs, and no slot is ever freed. In the traces: process 0 has 3 pool threads in
+``gloo::allreduce`` and the 4th in ``xla::Semaphore::Acquire`` under
+``CpuPjRtRawLoadedExecutable::Execute``; process 1 has 4 threads in
+``gloo::allreduce`` waiting for the missing rank; both main threads wait in
+``PjitFunction::Call``. With one local device the dispatch runs on the caller's
+thread, which is why that case does not hang. Checks: with ``PJRT_NPROC=8`` (8
+pool threads) the 200 steps finish, and so they do when the loop waits on every
+8th step; a queue bound of 16 finishes, of 40 hangs. (The hung processes ignore
+SIGTERM because ``jax.distributed``'s preemption notifier catches it: kill them
+with SIGKILL.)
+
+So in that setting (``shard_map`` mode, CPU, more than one device of the mesh in
+this process) the mapped step bounds its own queue: before dispatching a step it
+waits until at most ``max_in_flight - 1`` earlier steps are unfinished (default
+:data:`CPU_MAX_IN_FLIGHT`). It waits on a one-byte-per-device token the step
+returns beside its results (the runner keeps it; the caller never sees it), so
+the bound holds even when the caller donates or deletes the results. Other
+programs the caller dispatches between steps take slots too: leave room (32
+slots per device, shared by everything queued on it). ``max_in_flight`` may be
+given explicitly in any mode (1: each step finishes before the next starts).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -33,6 +78,11 @@ from jaxopt_lab._compat import shard_map
 from jaxopt_lab.distributed.sync import refresh_counters, static_decisions, sync_flags
 
 MODES = ("vmap", "shard_map")
+
+# Steps a mapped step lets run ahead on CPU with several local devices (see the module
+# docstring): far below XLA's 32 in-flight computations per device, while still letting
+# the host prepare the next step while one runs.
+CPU_MAX_IN_FLIGHT = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,11 +117,17 @@ class WorkerRunner:
       mode: ``"vmap"`` or ``"shard_map"``.
       devices: devices for ``shard_map`` (default: all global devices, or the
         first W of them when W is smaller and there is one process).
+      max_in_flight: most mapped steps queued or running at once (a step's
+        dispatch first waits for the oldest). None: :data:`CPU_MAX_IN_FLIGHT` in
+        ``shard_map`` mode on CPU with several of the mesh's devices in this
+        process (where an unbounded queue deadlocks, see the module docstring),
+        unbounded otherwise.
     """
 
     num_workers: int
     mode: str = "vmap"
     devices: Sequence[Any] | None = None
+    max_in_flight: int | None = None
 
     def __post_init__(self):
         w = self.num_workers
@@ -79,6 +135,9 @@ class WorkerRunner:
             raise ValueError(f"num_workers must be an int >= 1, got {w!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        m = self.max_in_flight
+        if m is not None and (not isinstance(m, int) or isinstance(m, bool) or m < 1):
+            raise ValueError(f"max_in_flight must be None or an int >= 1, got {m!r}")
         if self.mode == "shard_map":
             devices = list(self.devices) if self.devices is not None else jax.devices()
             if w < len(devices) and self.devices is None and jax.process_count() == 1 and len(devices) % w == 0:
@@ -108,16 +167,36 @@ class WorkerRunner:
         name = "devices" if self.workers_per_device > 1 else "workers"
         return Mesh(np.asarray(self.devices), (name,))
 
+    @property
+    def in_flight_bound(self) -> int | None:
+        """The bound the mapped steps keep on their queue (None: unbounded); see ``max_in_flight``."""
+        if self.max_in_flight is not None:
+            return self.max_in_flight
+        if self.mode == "shard_map":
+            local = [d for d in self.devices if d.process_index == jax.process_index()]
+            if len(local) > 1 and any(d.platform == "cpu" for d in local):
+                return CPU_MAX_IN_FLIGHT
+        return None
+
     def map(self, step: Callable[..., Any], donate_argnums: int | Sequence[int] = ()) -> Callable[..., Any]:
         """Jit ``step`` (written for one worker) over the worker axis of its arguments.
 
-        ``donate_argnums`` (as in ``jax.jit``) lets outputs reuse the buffers of
-        those arguments, which the caller must not use again: state that a step
-        passes through unchanged (DiLoCo's anchor and outer momentum between
-        synchronizations) then costs no copy.
+        The result is called like ``step`` with worker-stacked arguments. Where
+        :attr:`in_flight_bound` is set, calling it may first wait for the oldest
+        queued step (see the module docstring). ``donate_argnums`` (as in
+        ``jax.jit``) lets outputs reuse the buffers of those arguments, which the
+        caller must not use again: state that a step passes through unchanged
+        (DiLoCo's anchor and outer momentum between synchronizations) then costs
+        no copy.
         """
+        bound = self.in_flight_bound
         if self.mode == "vmap":
-            return jax.jit(jax.vmap(step, axis_name="workers"), donate_argnums=donate_argnums)
+            mapped = jax.vmap(step, axis_name="workers")
+            if bound is None:
+                return jax.jit(mapped, donate_argnums=donate_argnums)
+            return _BoundedSteps(
+                jax.jit(lambda *args: (mapped(*args), jnp.zeros((1,), jnp.int8)), donate_argnums=donate_argnums), bound
+            )
         mesh = self.mesh
         spec = PartitionSpec(mesh.axis_names[0])
         if self.workers_per_device == 1:
@@ -128,7 +207,14 @@ class WorkerRunner:
 
         else:
             per_device = jax.vmap(step, axis_name="workers")
-        return jax.jit(shard_map(per_device, mesh=mesh, in_specs=spec, out_specs=spec), donate_argnums=donate_argnums)
+        if bound is None:
+            return jax.jit(shard_map(per_device, mesh=mesh, in_specs=spec, out_specs=spec), donate_argnums=donate_argnums)
+
+        def with_token(*args):  # one byte per device, ready when this device's step is done
+            return per_device(*args), jnp.zeros((1,), jnp.int8)
+
+        jitted = jax.jit(shard_map(with_token, mesh=mesh, in_specs=spec, out_specs=spec), donate_argnums=donate_argnums)
+        return _BoundedSteps(jitted, bound)
 
     def map_sync(self, step: Callable[..., Any], donate_argnums: int | Sequence[int] = ()) -> "SyncedStep":
         """Like :meth:`map` for a ``step(*args, sync=...)`` that passes ``sync`` to a periodic transform.
@@ -208,3 +294,29 @@ class SyncedStep:
     def __call__(self, *args: Any, **decisions: Any) -> Any:
         """Run the step; ``decisions`` given here replace those read from the states."""
         return self.program(**{**self.decisions(*args), **decisions})(*args)
+
+
+class _BoundedSteps:
+    """A jitted step returning ``(results, token)``, called so that at most ``bound`` calls are unfinished.
+
+    Before each dispatch it blocks on the tokens of the oldest calls until fewer
+    than ``bound`` remain; it returns the results only. Other attributes
+    (``lower``, ...) are the jitted function's, whose outputs include the token.
+    """
+
+    def __init__(self, jitted: Callable[..., Any], bound: int):
+        self._jitted = jitted
+        self._bound = bound
+        self._pending: collections.deque = collections.deque()
+
+    def __call__(self, *args):
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args)):
+            return self._jitted(*args)[0]  # traced into a caller's program: nothing is dispatched here
+        while len(self._pending) >= self._bound:
+            self._pending.popleft().block_until_ready()
+        results, token = self._jitted(*args)
+        self._pending.append(token)
+        return results
+
+    def __getattr__(self, name):
+        return getattr(self._jitted, name)

@@ -1,7 +1,9 @@
-"""One process of the multi-process DiLoCo check: python multiprocess_diloco.py PORT PID OUT.
+"""One process of the multi-process DiLoCo check: python multiprocess_diloco.py PORT PID OUT [STEPS].
 
 Two such processes, each with 4 CPU devices, form one 8-device mesh with
-jax.distributed and run the shared DiLoCo problem in shard_map mode.
+jax.distributed and run the shared DiLoCo problem in shard_map mode for STEPS
+steps (default: test_workers.STEPS), dispatched without reading anything back
+until the end, and process 0 saves the parameters to OUT.
 """
 
 import os
@@ -24,9 +26,10 @@ from tests.distributed.test_workers import NUM_WORKERS, STEPS, diloco_tx  # noqa
 
 from jaxopt_lab.distributed import WorkerRunner  # noqa: E402
 
+steps = int(sys.argv[4]) if len(sys.argv) > 4 else STEPS
 runner = WorkerRunner(NUM_WORKERS, mode="shard_map")
 assert len(runner.devices) == 8 and jax.process_count() == 2
-params, _ = run(runner, diloco_tx(runner.axis_name), STEPS, NUM_WORKERS)
+params, _ = run(runner, diloco_tx(runner.axis_name), steps, NUM_WORKERS)
 if pid == 0:
     np.savez(out, **params)
 jax.distributed.shutdown()
