@@ -183,6 +183,7 @@ def scale_by_projected(
     init_extra: Callable[[LeafSpec], Any] = lambda spec: (),
     on_refresh: Optional[RefreshFn] = None,
     prepare: Optional[Callable[[LeafSpec, Any, Array], tuple[Array, dict]]] = None,
+    aligned_refresh: bool = False,
 ) -> optax.GradientTransformation:
     """The shared low-rank transform; see the module docstring.
 
@@ -193,6 +194,12 @@ def scale_by_projected(
     raw_grad) -> (R, aux)`` replaces the projection ``R = Pᵀ G`` (a fused
     kernel reads the gradient as stored); ``aux`` is passed to ``finish`` as
     keyword arguments.
+
+    A refresh at step ``count`` schedules the next one at ``count + period``;
+    with ``aligned_refresh`` at the next step ≡ ``offset`` (mod period) instead
+    (the official Q-GaLore's ``step % T == 0``; the same while the period is
+    fixed, earlier after the period grows at a step that is not a multiple of
+    the new period).
     """
     check_common(rank, update_proj_gap, side)
     projector = get_projector(projector)
@@ -244,6 +251,8 @@ def scale_by_projected(
                     leaf_period, extra = on_refresh(spec, old, new, extra, leaf_period)
                 first = jnp.where(count == 0, spec.offset, 0)  # staggered first period
                 nxt = count + jnp.where(first > 0, first, leaf_period)
+                if aligned_refresh:  # also gives the staggered first period: 0 + T − (−offset mod T)
+                    nxt = count + leaf_period - jnp.mod(count - spec.offset, leaf_period)
                 return new, leaf_period, nxt, extra
 
             def keep(old=old, i=i):
