@@ -147,9 +147,10 @@ def scale_by_stable_spam(
         t = state.count + 1
         reset = jnp.asarray(False) if reset_interval is None else (t % reset_interval == 0)
         # the counter of AdaClip's and AdaGN's bias corrections: the official code's per-tensor step
-        # (bumped before its reset, so c = ΔT + 1 at the reset step, then 2, 3, ...), or the global t
-        c = state.adam_count + 1 if official else t
-        tf = c.astype(jnp.float32)
+        # (bumped before its reset: ΔT at the first reset step, ΔT + 1 at later ones, then 2, 3, ...),
+        # or the global t
+        clip_count = state.adam_count + 1 if official else t
+        tf = clip_count.astype(jnp.float32)
 
         def stabilize(g, m_max, m_n, v_n):
             g = g.astype(jnp.float32)
