@@ -184,6 +184,7 @@ def scale_by_projected(
     on_refresh: Optional[RefreshFn] = None,
     prepare: Optional[Callable[[LeafSpec, Any, Array], tuple[Array, dict]]] = None,
     aligned_refresh: bool = False,
+    transposed_projector=None,
 ) -> optax.GradientTransformation:
     """The shared low-rank transform; see the module docstring.
 
@@ -200,16 +201,22 @@ def scale_by_projected(
     (the official Q-GaLore's ``step % T == 0``; the same while the period is
     fixed, earlier after the period grows at a step that is not a multiple of
     the new period).
+
+    ``transposed_projector`` (default: ``projector``) serves the matrices whose
+    projected side is their second dimension (e.g. Q-GaLore's int4 storage,
+    laid out as the official code stores a tall matrix's basis).
     """
     check_common(rank, update_proj_gap, side)
     projector = get_projector(projector)
+    transposed_projector = projector if transposed_projector is None else get_projector(transposed_projector)
     label_fn = default_label_fn if label_fn is None else label_fn
     if int(seed) != seed:
         raise ValueError(f"seed must be an int, got {seed!r}")
 
     def specs_of(tree):
-        return leaf_specs(tree, rank=rank, update_proj_gap=update_proj_gap, side=side, label_fn=label_fn,
-                          projector=projector, stagger=stagger)
+        specs = leaf_specs(tree, rank=rank, update_proj_gap=update_proj_gap, side=side, label_fn=label_fn,
+                           projector=projector, stagger=stagger)
+        return tuple(dataclasses.replace(s, projector=transposed_projector) if s.transpose else s for s in specs)
 
     def low_rank_tree(tree, specs, lows):
         leaves, treedef = jax.tree_util.tree_flatten(tree)
@@ -221,7 +228,7 @@ def scale_by_projected(
         specs = specs_of(params)
         pstates = []
         for spec in specs:
-            shape = jax.eval_shape(lambda g, key, r=spec.rank: projector.init(g, r, key),
+            shape = jax.eval_shape(lambda g, key, r=spec.rank, p=spec.projector: p.init(g, r, key),
                                    jax.ShapeDtypeStruct((spec.d, spec.k), jnp.float32), jax.random.PRNGKey(0))
             pstates.append(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shape))
         lows = [jnp.zeros((spec.rank, spec.k), jnp.float32) for spec in specs]
@@ -245,7 +252,7 @@ def scale_by_projected(
             due = count >= next_refresh[i]
 
             def refresh(raw=raw, spec=spec, old=old, i=i):
-                new = projector.init(spec.orient(raw.astype(jnp.float32)), spec.rank, _key(seed, spec, count))
+                new = spec.projector.init(spec.orient(raw.astype(jnp.float32)), spec.rank, _key(seed, spec, count))
                 leaf_period, extra = period[i], extras[i]
                 if on_refresh is not None:
                     leaf_period, extra = on_refresh(spec, old, new, extra, leaf_period)

@@ -6,7 +6,9 @@ GaLore (see :mod:`jaxopt_lab.lowrank.galore`) with three changes:
 1. **int4 projection.** Each projector's basis P is stored in int4, per group
    of 256 values, asymmetrically with a scale and a zero point, as the
    official ``q_galore_projector.py`` (:func:`~jaxopt_lab.lowrank.int4_projector`
-   over the exact SVD projector, by default).
+   over the exact SVD projector, by default), laid out as it stores the basis:
+   U[:, :r] row by row for a wide matrix, Vh[:r] row by row (the groups run
+   along each singular vector) for a tall or square one.
 2. **Lazy, layer-adaptive refresh.** At each refresh of a matrix's projector
    the new basis is computed and the cosine similarity of the successive
    leading singular vectors (taken before quantization, as the official code)
@@ -51,10 +53,6 @@ Remaining differences from the official code:
 
 * the singular vectors' signs are fixed (largest-magnitude entry positive);
   the official code takes LAPACK's, so its signed cosine can see a sign flip;
-* the int4 groups of 256 run along the stored (d × r) basis flattened row by
-  row; for a tall matrix the official code stores the basis as (r × n) and its
-  groups run along one singular vector (the same for wide matrices, and for any
-  basis of at most one group);
 * the int8 weight grid is symmetric (s = max|x| / 127 per group), so that
   stochastic rounding never needs clamping and is exactly unbiased; the
   official code uses an asymmetric uint8 grid with a zero point;
@@ -76,7 +74,7 @@ from jaxopt_lab.lowrank._adam import scale_by_adam_bias_correction, scale_by_ada
 from jaxopt_lab.lowrank._projected import default_label_fn, scale_by_projected
 from jaxopt_lab.lowrank._weight_decay import decay_updated_weights
 from jaxopt_lab.lowrank.galore import _galore_finish
-from jaxopt_lab.lowrank.projectors import Projector, get_projector, int4_projector, svd_projector
+from jaxopt_lab.lowrank.projectors import PROJECTORS, get_projector, int4_projector
 from jaxopt_lab.transforms import _validation as check
 
 MAX_PERIOD = 2**30  # the period stops growing here, so that step + period stays an int32
@@ -106,14 +104,14 @@ def _check_int(name, value, minimum):
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
-def _lazy_refresh(projector: Projector, queue_size: int, cos_threshold: float, gamma_proj: int, signed: bool):
+def _lazy_refresh(queue_size: int, cos_threshold: float, gamma_proj: int, signed: bool):
     def init_extra(spec):
         return LazyRefreshState(jnp.zeros((spec.d,), jnp.float32), jnp.zeros((queue_size,), jnp.float32),
                                 jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32))
 
     def on_refresh(spec, old, new, extra, period):
         del old
-        vec = projector.leading_vector(new, spec.d, spec.rank).astype(jnp.float32)
+        vec = spec.projector.leading_vector(new, spec.d, spec.rank).astype(jnp.float32)
         prev = extra.previous
         cos = jnp.vdot(vec, prev) / jnp.maximum(jnp.linalg.norm(vec) * jnp.linalg.norm(prev), 1e-8)
         cos = cos if signed else jnp.abs(cos)
@@ -127,6 +125,26 @@ def _lazy_refresh(projector: Projector, queue_size: int, cos_threshold: float, g
         return period, LazyRefreshState(vec, queue, filled, extra.refreshes + 1)
 
     return init_extra, on_refresh
+
+
+def _projectors(projector, group_size):
+    """The projectors of the wide and of the tall matrices (those projected on their second dimension).
+
+    int4 storage given by default or by name (``"int4_svd"``, ``"int4_sym_svd"``, ...) is laid out as the
+    official code stores the basis: U[:, :r] row by row for a wide matrix, Vh[:r] row by row (groups along
+    each singular vector) for a tall one, in groups of ``group_size``. A Projector object serves both.
+    """
+    if projector is None:
+        projector = "int4_svd"
+    if isinstance(projector, str) and projector.startswith("int4_"):
+        symmetric = projector.startswith("int4_sym_")
+        base = projector[len("int4_sym_" if symmetric else "int4_"):]
+        if base in PROJECTORS:
+            make = PROJECTORS[base]
+            return (int4_projector(make(), group_size, symmetric),
+                    int4_projector(make(), group_size, symmetric, vector_major=True))
+    projector = get_projector(projector)
+    return projector, projector
 
 
 def scale_by_q_galore(
@@ -143,6 +161,7 @@ def scale_by_q_galore(
     stagger: bool = False,
     seed: int = 0,
     refresh: str = "official",
+    proj_group_size: int = 256,
 ) -> optax.GradientTransformation:
     """Q-GaLore's direction: GaLore's ``α·P·inner(PᵀG)`` with an int4 basis and lazy refresh.
 
@@ -153,10 +172,13 @@ def scale_by_q_galore(
       scale: α, applied to the projected-back update.
       inner: the optimizer run on the low-rank gradients (and every
         non-projected parameter); ``optax.scale_by_adam()`` by default.
-      projector: a Projector or its name; default
-        ``int4_projector(svd_projector())`` (asymmetric int4 storage, groups
-        of 256, as the official code). It must have a leading vector (an SVD
-        projector, int4 or not; not the random one).
+      projector: a Projector or its name; default ``"int4_svd"``: the exact
+        SVD basis in asymmetric int4 storage, laid out as the official code
+        stores it (row by row for a wide matrix, along each singular vector
+        for a tall one; :func:`~jaxopt_lab.lowrank.int4_projector` with
+        ``vector_major``). A name ``"int4_<name>"`` gets the same layout; a
+        Projector object is used as given for every matrix. It must have a
+        leading vector (an SVD projector, int4 or not; not the random one).
       queue_size: how many successive similarities must be collected before
         the period can grow (official default 5).
       cos_threshold: the period grows when the mean of a full queue is at
@@ -169,6 +191,8 @@ def scale_by_q_galore(
         ``step % T == 0``, as the official code) or ``"robust"`` (``|cos|``,
         refresh T steps after the last one: robust to SVD sign flips; see the
         module docstring).
+      proj_group_size: values per int4 group of a projector given by default
+        or by name (official default 256).
 
     The state is a :class:`~jaxopt_lab.lowrank.LowRankState` whose ``period``
     holds each matrix's current period and whose ``extra`` holds one
@@ -180,19 +204,20 @@ def scale_by_q_galore(
     check.require("cos_threshold", cos_threshold, lambda v: 0 <= v <= 1, "in [0, 1]")
     if refresh not in REFRESH_RULES:
         raise ValueError(f"refresh must be one of {REFRESH_RULES}, got {refresh!r}")
-    projector = int4_projector(svd_projector()) if projector is None else get_projector(projector)
+    _check_int("proj_group_size", proj_group_size, 2)
+    projector, tall_projector = _projectors(projector, proj_group_size)
     try:  # a projector without a leading vector fails here, before any compute
         jax.eval_shape(lambda g: projector.leading_vector(projector.init(g, 1, jax.random.PRNGKey(0)), 2, 1),
                        jax.ShapeDtypeStruct((2, 2), jnp.float32))
     except ValueError as err:
         raise ValueError(f"Q-GaLore's lazy refresh needs a projector with a leading vector: {err}") from None
     official = refresh == "official"
-    init_extra, on_refresh = _lazy_refresh(projector, queue_size, cos_threshold, gamma_proj, signed=official)
+    init_extra, on_refresh = _lazy_refresh(queue_size, cos_threshold, gamma_proj, signed=official)
     return scale_by_projected(
         inner=optax.scale_by_adam() if inner is None else inner,
         rank=rank, update_proj_gap=update_proj_gap, projector=projector, side=side,
         label_fn=label_fn, stagger=stagger, seed=seed, finish=_galore_finish(scale),
-        init_extra=init_extra, on_refresh=on_refresh, aligned_refresh=official,
+        init_extra=init_extra, on_refresh=on_refresh, aligned_refresh=official, transposed_projector=tall_projector,
     )
 
 
@@ -214,6 +239,7 @@ def q_galore(
     stagger: bool = False,
     seed: int = 0,
     refresh: str = "official",
+    proj_group_size: int = 256,
 ) -> optax.GradientTransformation:
     """Q-GaLore-AdamW: :func:`scale_by_q_galore` over Adam, learning rate, then decoupled weight decay.
 
@@ -228,7 +254,7 @@ def q_galore(
     check.non_negative("weight_decay", weight_decay)
     return optax.chain(
         scale_by_q_galore(rank, update_proj_gap, scale, scale_by_adam_moments(b1, b2, eps), projector, queue_size,
-                          cos_threshold, gamma_proj, side, label_fn, stagger, seed, refresh),
+                          cos_threshold, gamma_proj, side, label_fn, stagger, seed, refresh, proj_group_size),
         scale_by_adam_bias_correction(b1, b2),
         optax.scale_by_learning_rate(learning_rate),
         decay_updated_weights(learning_rate, weight_decay),

@@ -114,6 +114,17 @@ def test_int4_official_quantizer_clips_a_group_that_does_not_straddle_zero():
     np.testing.assert_allclose(back, 1.0, rtol=1e-6)
 
 
+def test_int4_vector_major_groups_run_along_each_basis_vector():
+    # the official Q-GaLore stores a tall matrix's basis as Vh[:r] (r × d) and quantizes that row by row
+    p = int4_projector(svd_projector(), 8, vector_major=True)
+    state = p.init(jnp.asarray(G), 4, None)
+    exact = np.asarray(svd_projector().init(jnp.asarray(G), 4, None).basis)  # (24, 4)
+    deq = np.asarray(p.project_back(state, jnp.eye(4), 24))
+    np.testing.assert_allclose(deq, _official_int4(exact.T, 8).T, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(deq, _official_int4(exact, 8), atol=1e-4)  # not the row-major grid
+    np.testing.assert_allclose(np.asarray(p.leading_vector(state, 24, 4)), exact[:, 0], rtol=1e-6)
+
+
 @pytest.mark.parametrize("shape", [(24, 5), (7, 3), (512, 2)])
 def test_int4_symmetric_round_trip_error_within_half_a_step(shape):
     x = RNG.standard_normal(shape).astype(np.float32)

@@ -168,7 +168,7 @@ def _parity_grads(shape):
 def _run_q_galore(grads, group_size, **kwargs):
     tx = scale_by_q_galore(rank=P_RANK, update_proj_gap=P_GAP, scale=P_ALPHA, inner=optax.identity(),
                            queue_size=P_QUEUE, cos_threshold=P_THRESHOLD, gamma_proj=2, label_fn={"w": True},
-                           **{"projector": int4_projector(svd_projector(), group_size), **kwargs})
+                           proj_group_size=group_size, **kwargs)
     state = tx.init({"w": jnp.zeros(grads[0].shape)})
     step = jax.jit(tx.update)
     updates, refreshed = [], []
@@ -181,10 +181,10 @@ def _run_q_galore(grads, group_size, **kwargs):
     return np.stack(updates), refreshed
 
 
-# wide: P (6 × 2) in 3 groups of 4 values, laid out as the official (m × r) basis. tall: the official code
-# stores (r × n) and groups along a singular vector, we group (n × r) row by row: one group of 12 for both.
-@pytest.mark.parametrize("shape, group_size", [((6, 16), 4), ((16, 6), 12)], ids=["wide", "tall"])
-def test_matches_float64_replay_of_the_official_projector_and_refresh(shape, group_size):
+# P (6 × 2) in 3 groups of 4 values: for the wide matrix U[:, :2] row by row, for the tall one Vh[:2] row by row
+@pytest.mark.parametrize("shape", [(6, 16), (16, 6)], ids=["wide", "tall"])
+def test_matches_float64_replay_of_the_official_projector_and_refresh(shape):
+    group_size = 4
     grads = _parity_grads(shape)
     expected, expected_refreshed = _official_replay(grads, group_size)
     # signed cos at 2 is < 0, so the queue [c2, c4] stays below 0.6; [c4, c6] ≈ [1, 1] doubles T to 4 at step 6,
@@ -199,8 +199,14 @@ def test_matches_float64_replay_of_the_official_projector_and_refresh(shape, gro
     assert robust_refreshed == [0, 2, 4, 8, 16]
     assert np.abs(robust - expected).max() > 1e-2 * scale
     # ... and symmetric int4 storage
-    symmetric, _ = _run_q_galore(grads, group_size, projector=int4_projector(svd_projector(), group_size, True))
+    symmetric, _ = _run_q_galore(grads, group_size, projector="int4_sym_svd")
     assert np.abs(symmetric - expected).max() > 1e-2 * scale
+    # the layout matters: one row-major layout for every matrix matches the official code on wide matrices only
+    row_major, _ = _run_q_galore(grads, group_size, projector=int4_projector(svd_projector(), group_size))
+    if shape[0] < shape[1]:
+        np.testing.assert_allclose(row_major, expected, rtol=1e-4, atol=1e-5)
+    else:
+        assert np.abs(row_major - expected).max() > 1e-2 * scale
 
 
 def test_stochastic_rounding_is_unbiased_and_lands_on_the_neighbouring_grid_points():
@@ -258,6 +264,7 @@ ALL = {"w": True, "t": True, "b": False}
     ({"gamma_proj": 0}, "gamma_proj must be an int >= 1, got 0"),
     ({"projector": "random"}, "lazy refresh needs a projector with a leading vector"),
     ({"refresh": "lazy"}, r"refresh must be one of \('official', 'robust'\), got 'lazy'"),
+    ({"proj_group_size": 0}, "proj_group_size must be an int >= 2, got 0"),
 ])
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):

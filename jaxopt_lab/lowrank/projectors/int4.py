@@ -1,6 +1,7 @@
 """int4 group-quantized storage of a projector's basis (Q-GaLore, Zhang et al. 2024).
 
-The basis P (d × r) is flattened (row by row) and cut into groups of
+The basis P (d × r) is flattened (row by row, or Pᵀ row by row with
+``vector_major``) and cut into groups of
 ``group_size`` values (256 by default, as Q-GaLore); each group keeps a
 float32 scale ``s``, a zero point ``z`` and its values as 4-bit codes
 ``q ∈ [0, 15]``, two per byte, dequantized as ``s · (q − z)``.
@@ -86,7 +87,8 @@ def dequantize_int4(state: Int4State, shape: tuple[int, ...], group_size: int = 
     return (scales * (codes - zeros)).reshape(shape).astype(dtype)
 
 
-def int4_projector(projector: Projector, group_size: int = 256, symmetric: bool = False) -> Projector:
+def int4_projector(projector: Projector, group_size: int = 256, symmetric: bool = False,
+                   vector_major: bool = False) -> Projector:
     """``projector`` with its basis stored in int4 (per-group scales and zero points), dequantized on use.
 
     Only a projector that stores its basis can be wrapped (SVD, randomized
@@ -100,6 +102,10 @@ def int4_projector(projector: Projector, group_size: int = 256, symmetric: bool 
         official Q-GaLore code; True: symmetric groups (``s = max|x| / 7``),
         which keep 0 exact and bound every entry's error by s/2 (see the
         module docstring).
+      vector_major: False (default): P (d × r) is flattened row by row, as the
+        official code stores the basis of a wide matrix (U[:, :r]); True: Pᵀ
+        (r × d) is, so that the groups run along each basis vector, as the
+        official code stores the basis of a tall matrix (Vh[:r]).
     """
     if not isinstance(projector, Projector):
         raise TypeError(f"int4_projector wraps a Projector, got {type(projector).__name__}")
@@ -107,13 +113,19 @@ def int4_projector(projector: Projector, group_size: int = 256, symmetric: bool 
         raise ValueError(f"the {projector.name!r} projector stores no basis matrix; int4 storage applies to svd/randomized_svd")
     if int(group_size) != group_size or group_size <= 0 or group_size % 2:
         raise ValueError(f"group_size must be a positive even int, got {group_size!r}")
-    if not isinstance(symmetric, bool):
-        raise ValueError(f"symmetric must be a bool, got {symmetric!r}")
+    for flag, value in (("symmetric", symmetric), ("vector_major", vector_major)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{flag} must be a bool, got {value!r}")
 
     def init(grad, rank, key):
-        return quantize_int4(projector.init(grad, rank, key).basis, group_size, symmetric)
+        p = projector.init(grad, rank, key).basis
+        if not vector_major:
+            return quantize_int4(p, group_size, symmetric)
+        return quantize_int4(p.T, group_size, symmetric)._replace(leading=p[:, 0].astype(jnp.float32))
 
     def basis(state, d, rank, dtype):
+        if vector_major:
+            return dequantize_int4(state, (rank, d), group_size, dtype).T
         return dequantize_int4(state, (d, rank), group_size, dtype)
 
     def project(state, grad, rank):
