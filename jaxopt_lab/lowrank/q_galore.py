@@ -56,10 +56,11 @@ Remaining differences from the official code:
 * the int8 weight grid is symmetric (s = max|x| / 127 per group), so that
   stochastic rounding never needs clamping and is exactly unbiased; the
   official code uses an asymmetric uint8 grid with a zero point;
-* Adam's moments are float32 (the official code uses bitsandbytes' 8-bit Adam,
-  whose ε sits beside the corrected √v̂; here it is 1e-8 / √(1 − β₂ᵗ) of that,
-  3.2e-7 at t = 1), and the non-projected parameters are decayed after the step
-  like the projected ones (bitsandbytes decays them before it).
+* Adam's moments are float32: the official code runs bitsandbytes' 8-bit
+  Adam, whose ε sits beside the corrected √v̂ (the effective ε here is
+  ε / √(1 − β₂ᵗ) on that scale: 3.2e-7 at t = 1 for ε = 1e-8); and the
+  non-projected parameters are decayed after the step like the projected
+  ones, where the official code leaves their decay to bitsandbytes' kernel.
 """
 
 from __future__ import annotations
