@@ -276,8 +276,11 @@ class Int8WeightsState(NamedTuple):
 
     Attributes:
       key: (2,) uint32 raw key data, split at every step for the rounding.
-      scales: per parameter leaf, the (n_groups,) float32 grid scales of its
-        current values (an empty array for a leaf kept in float).
+      scales: a tree like the params: at each leaf stored in int8, the
+        (n_groups,) float32 grid scales of its current values;
+        ``optax.MaskedNode()`` at a leaf kept in float (as the rest of the
+        low-rank state: orbax cannot save the zero-size arrays stored there
+        before, and ``optax.tree.map_params`` maps over it).
       inner: the wrapped transformation's state.
     """
 
@@ -371,7 +374,7 @@ def int8_weights(
 
     def init_fn(params):
         flags, treedef = selected(params)
-        scales = [jnp.zeros((-(-leaf.size // group_size),) if on else (0,), jnp.float32)
+        scales = [jnp.zeros((-(-leaf.size // group_size),), jnp.float32) if on else optax.MaskedNode()
                   for on, leaf in zip(flags, jax.tree_util.tree_leaves(params))]
         key = jax.random.key_data(jax.random.PRNGKey(seed)).astype(jnp.uint32)
         return Int8WeightsState(key, jax.tree_util.tree_unflatten(treedef, scales), tx.init(params))
@@ -384,8 +387,8 @@ def int8_weights(
         flags, treedef = selected(params)
         key, step_key = jax.random.split(jax.random.wrap_key_data(state.key, impl="threefry2x32"))
         out, scales = [], []
-        leaves = zip(flags, jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(inner_updates),
-                     jax.tree_util.tree_leaves(state.scales))
+        leaves = zip(flags, jax.tree_util.tree_leaves(params), treedef.flatten_up_to(inner_updates),
+                     treedef.flatten_up_to(state.scales))  # a MaskedNode at a leaf kept in float
         for i, (on, p, u, s) in enumerate(leaves):
             if on:
                 target = p.astype(jnp.float32) + u.astype(jnp.float32)

@@ -242,7 +242,7 @@ def test_int8_weights_keep_params_on_the_grid_and_leave_the_rest_alone():
         np.testing.assert_allclose(q, np.round(q), atol=1e-4)
         assert np.abs(q).max() <= 127 + 1e-4 and scales.shape == (4,)
     np.testing.assert_allclose(np.asarray(p["b"]), b_ref, atol=1e-6)  # not selected: plain SGD
-    assert state.scales["b"].shape == (0,)
+    assert isinstance(state.scales["b"], optax.MaskedNode)  # kept in float: no scales (laid out like the params)
     assert all(not np.array_equal(a, b) for a, b in zip(keys, keys[1:]))  # the key advances every step
     with pytest.raises(ValueError, match="int8_weights needs params"):
         tx.update(grads[0], state)
@@ -250,6 +250,48 @@ def test_int8_weights_keep_params_on_the_grid_and_leave_the_rest_alone():
 
 PARAMS = {"w": jnp.zeros((8, 12)), "t": jnp.zeros((10, 6)), "b": jnp.zeros((12,))}
 ALL = {"w": True, "t": True, "b": False}
+
+
+def test_int8_q_galore_state_round_trips_through_orbax(tmp_path):
+    # The state of int8_weights(q_galore(...)) holds MaskedNode (not zero-size arrays, which orbax cannot
+    # save) at the leaves it does not quantize or project, and uint8 int4 codes for the wide and the tall
+    # matrix: saved and restored into a fresh transformation's template, a resumed run is bit-identical.
+    ocp = pytest.importorskip("orbax.checkpoint")
+    params = {"w": jnp.asarray(RNG.standard_normal((8, 12)), jnp.float32),
+              "t": jnp.asarray(RNG.standard_normal((10, 6)), jnp.float32),
+              "b": jnp.zeros((12,), jnp.float32)}
+    grads = [jax.tree.map(lambda p: jnp.asarray(RNG.standard_normal(p.shape), jnp.float32), params)
+             for _ in range(6)]
+    labels = {"w": True, "t": True, "b": False}
+
+    def make():
+        return int8_weights(q_galore(1e-2, rank=2, update_proj_gap=2, label_fn=labels, proj_group_size=8),
+                            group_size=16, seed=3, label_fn=labels)
+
+    def run(state, params, grads):
+        for g in grads:
+            updates, state = step(g, state, params)
+            params = optax.apply_updates(params, updates)
+        return params, state
+
+    tx = make()
+    step = jax.jit(tx.update)
+    params_3, state_3 = run(tx.init(params), params, grads[:3])
+    assert isinstance(state_3.scales["b"], optax.MaskedNode)
+    assert isinstance(state_3.inner[0].projectors.packed["b"], optax.MaskedNode)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(tmp_path / "ckpt", (params_3, state_3))
+        ckpt.wait_until_finished()
+        template = jax.tree.map(ocp.utils.to_shape_dtype_struct, (params, make().init(params)))
+        restored = ckpt.restore(tmp_path / "ckpt", template)
+    assert jax.tree.structure(restored) == jax.tree.structure((params_3, state_3))
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves((params_3, state_3)), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    resumed = run(restored[1], restored[0], grads[3:])
+    uninterrupted = run(tx.init(params), params, grads)
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.parametrize("kwargs, message", [
