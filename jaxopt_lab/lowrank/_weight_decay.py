@@ -60,7 +60,12 @@ def decay_updated_weights(
 
         def leaf(u, p):
             ct = jnp.promote_types(u.dtype, jnp.float32)
-            c = jnp.asarray(lr, ct) * jnp.asarray(weight_decay, ct)
+            c = jnp.asarray(lr) * jnp.asarray(weight_decay)
+            if not jnp.issubdtype(ct, jnp.complexfloating):
+                # optax.inject_hyperparams casts the hyperparameters to complex64 when the params' first
+                # leaf is complex: a real leaf takes the real part (the imaginary part is 0), no warning
+                c = jnp.real(c)
+            c = c.astype(ct)
             u32 = u.astype(ct)
             return (u32 - c * (p.astype(ct) + u32)).astype(u.dtype)
 

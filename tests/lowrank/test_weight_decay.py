@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -38,3 +41,20 @@ def test_decay_needs_params():
     tx = decay_updated_weights(0.1, WD)
     with pytest.raises(ValueError, match="needs params"):
         tx.update({"w": jnp.ones(2)}, tx.init({"w": jnp.ones(2)}))
+
+
+def test_decay_takes_complex_hyperparameters_and_complex_leaves():
+    # inject_hyperparams casts lr and λ to complex64 when the params' first leaf is complex: a real leaf
+    # keeps its dtype and takes no ComplexWarning, a complex leaf is decayed as a complex number
+    params = {"a": jnp.asarray([1.0 + 2j, -1j], jnp.complex64), "w": jnp.asarray([[1.0, -2.0]], jnp.float32)}
+    updates = {"a": jnp.asarray([0.5j, 1.0], jnp.complex64), "w": jnp.asarray([[0.25, 0.5]], jnp.float32)}
+    tx = optax.inject_hyperparams(decay_updated_weights)(learning_rate=0.1, weight_decay=WD)
+    state = tx.init(params)
+    assert state.hyperparams["weight_decay"].dtype == jnp.complex64
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, _ = jax.jit(tx.update)(updates, state, params)
+    assert out["a"].dtype == jnp.complex64 and out["w"].dtype == jnp.float32
+    for k in params:
+        p, u = np.asarray(params[k], np.complex128), np.asarray(updates[k], np.complex128)
+        np.testing.assert_allclose(np.asarray(out[k]), u - 0.1 * WD * (p + u), rtol=1e-6)
