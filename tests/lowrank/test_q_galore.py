@@ -69,6 +69,27 @@ def test_period_doubles_once_the_queue_is_full_of_stable_subspaces(lazy_step):
     assert isinstance(state.projectors, Int4State) and state.projectors.packed["w"].dtype == jnp.uint8
 
 
+def test_host_refresh_decision_follows_the_lazy_schedule(lazy_step):
+    # wt-sync's update(..., refresh=False) on the steps where the host sees no projector due
+    # (count < next_refresh, as jaxopt_lab.distributed.sync reads it) gives the in-graph run exactly,
+    # with the official (step % T == 0) and the robust schedule alike, after the period has grown
+    from jaxopt_lab.distributed.sync import refresh_counters
+
+    tx, step, _ = lazy_step
+    host_step = jax.jit(tx.update, static_argnames="refresh")
+    graph = host = tx.init({"w": jnp.zeros((D, K))})
+    skipped = []
+    for t in range(40):
+        g = _grad(0, 1)
+        due = any(bool(jnp.any(c >= n)) for c, n in refresh_counters(host))
+        _, graph = step(g, graph)
+        _, host = host_step(g, host, refresh=None if due else False)
+        skipped.append(not due)
+    assert skipped.count(False) == 9  # the refreshes of test_period_doubles_once_the_queue_is_full...
+    for u, v in zip(jax.tree.leaves(graph), jax.tree.leaves(host), strict=True):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
 def test_rotating_subspaces_keep_the_period(lazy_step):
     # the leading vector moves to the next coordinate axis at every refresh: |cos| = 0
     refreshed, state = _refresh_steps(lazy_step, lambda t: _grad((t // 2) % D, (t // 2 + 3) % D))
