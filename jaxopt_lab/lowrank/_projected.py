@@ -260,6 +260,8 @@ def scale_by_projected(
     init_extra: Callable[[LeafSpec], Any] = lambda spec: (),
     on_refresh: Optional[RefreshFn] = None,
     prepare: Optional[Callable[[LeafSpec, Any, Array], tuple[Array, dict]]] = None,
+    aligned_refresh: bool = False,
+    transposed_projector=None,
 ) -> optax.GradientTransformation:
     """The shared low-rank transform; see the module docstring.
 
@@ -271,6 +273,16 @@ def scale_by_projected(
     kernel reads the gradient as stored); ``aux`` is passed to ``finish`` as
     keyword arguments.
 
+    A refresh at step ``count`` schedules the next one at ``count + period``;
+    with ``aligned_refresh`` at the next step ≡ ``offset`` (mod period) instead
+    (the official Q-GaLore's ``step % T == 0``; the same while the period is
+    fixed, earlier after the period grows at a step that is not a multiple of
+    the new period).
+
+    ``transposed_projector`` (default: ``projector``) serves the matrices whose
+    projected side is their second dimension (e.g. Q-GaLore's int4 storage,
+    laid out as the official code stores a tall matrix's basis).
+
     ``update(..., refresh=False)`` (static) says no projector is due this
     step (``state.count < state.next_refresh`` everywhere), so no refresh is
     traced: under a worker ``vmap`` (a low-rank inner optimizer of DiLoCo) the
@@ -280,15 +292,23 @@ def scale_by_projected(
     """
     check_common(rank, update_proj_gap, side)
     projector = get_projector(projector)
+    transposed_projector = projector if transposed_projector is None else get_projector(transposed_projector)
     label_fn = default_label_fn if label_fn is None else label_fn
     seed = check.static_int("seed", seed)
     example = LeafSpec(0, "", (2, 2), False, 1, 0, projector)  # any matrix: fixes the per-matrix structures
     pstate_layout = _Layout(lambda: projector.init(jnp.zeros((2, 2), jnp.float32), 1, jax.random.PRNGKey(0)))
+    if transposed_projector is not projector:  # one laid-out tree per field: both must store the same fields
+        other = _Layout(lambda: transposed_projector.init(jnp.zeros((2, 2), jnp.float32), 1, jax.random.PRNGKey(0)))
+        if other.treedef != pstate_layout.treedef:
+            raise ValueError(f"transposed_projector {transposed_projector.name!r} stores a state of structure "
+                             f"{other.treedef}, projector {projector.name!r} one of {pstate_layout.treedef}: "
+                             "the state is laid out per field, so both must store the same fields")
     extra_layout = _Layout(lambda: init_extra(example))
 
     def specs_of(tree):
-        return leaf_specs(tree, rank=rank, update_proj_gap=update_proj_gap, side=side, label_fn=label_fn,
-                          projector=projector, stagger=stagger)
+        specs = leaf_specs(tree, rank=rank, update_proj_gap=update_proj_gap, side=side, label_fn=label_fn,
+                           projector=projector, stagger=stagger)
+        return tuple(dataclasses.replace(s, projector=transposed_projector) if s.transpose else s for s in specs)
 
     def low_rank_tree(tree, specs, lows):
         leaves, treedef = jax.tree_util.tree_flatten(tree)
@@ -300,7 +320,7 @@ def scale_by_projected(
         specs = specs_of(params)
         pstates = []
         for spec in specs:
-            shape = jax.eval_shape(lambda g, key, r=spec.rank: projector.init(g, r, key),
+            shape = jax.eval_shape(lambda g, key, r=spec.rank, p=spec.projector: p.init(g, r, key),
                                    jax.ShapeDtypeStruct((spec.d, spec.k), jnp.float32), jax.random.PRNGKey(0))
             pstates.append(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shape))
         lows = [jnp.zeros((spec.rank, spec.k), jnp.float32) for spec in specs]
@@ -329,12 +349,14 @@ def scale_by_projected(
             due = count >= next_refresh[i]
 
             def refresh_leaf(raw=raw, spec=spec, old=old, i=i):
-                new = projector.init(spec.orient(raw.astype(jnp.float32)), spec.rank, _key(seed, spec, count))
+                new = spec.projector.init(spec.orient(raw.astype(jnp.float32)), spec.rank, _key(seed, spec, count))
                 leaf_period, extra = period[i], extras[i]
                 if on_refresh is not None:
                     leaf_period, extra = on_refresh(spec, old, new, extra, leaf_period)
                 first = jnp.where(count == 0, spec.offset, 0)  # staggered first period
                 nxt = count + jnp.where(first > 0, first, leaf_period)
+                if aligned_refresh:  # also gives the staggered first period: 0 + T − (−offset mod T)
+                    nxt = count + leaf_period - jnp.mod(count - spec.offset, leaf_period)
                 return new, leaf_period, nxt, extra
 
             def keep(old=old, i=i):

@@ -17,8 +17,9 @@ every T steps):
 
 and, as for every method of the official Adam split, the bias correction
 ``√(1 − β₂ᵗ) / (1 − β₁ᵗ)`` multiplies the learning rate, and weight decay is
-decoupled. APOLLO-Mini (:func:`apollo_mini`) uses rank 1 and one tensor-wise
-factor ``s = ‖N‖ / (‖R‖ + 1e-8)`` with α = 128.
+decoupled and, as in the official ``APOLLOAdamW``, applied to the updated
+weights: ``W ← (1 − lr·λ)(W − lr·b_t·ΔW)``. APOLLO-Mini (:func:`apollo_mini`)
+uses rank 1 and one tensor-wise factor ``s = ‖N‖ / (‖R‖ + 1e-8)`` with α = 128.
 
 As in the official code: the channel norms are taken over the rank axis (one
 factor per non-projected channel), the limiter compares with the previous
@@ -41,6 +42,7 @@ import optax
 from jaxopt_lab.kernels.lowrank_step_reference import norm_growth_limiter
 from jaxopt_lab.lowrank._adam import scale_by_adam_bias_correction, scale_by_adam_moments
 from jaxopt_lab.lowrank._projected import scale_by_projected
+from jaxopt_lab.lowrank._weight_decay import decay_updated_weights
 from jaxopt_lab.lowrank.fira import FiraLimiterState
 from jaxopt_lab.transforms import _validation as check
 
@@ -121,9 +123,11 @@ def apollo(
     stagger: bool = False,
     seed: int = 0,
 ) -> optax.GradientTransformation:
-    """APOLLO-AdamW: :func:`scale_by_apollo` over Adam moments, bias correction, decoupled weight decay, lr.
+    """APOLLO-AdamW: :func:`scale_by_apollo` over Adam moments, bias correction, lr, then decoupled weight decay.
 
-    ``W ← W − lr · (√(1 − β₂ᵗ)/(1 − β₁ᵗ) · √α · limit(G · diag(s)) + λ W)``; see the module docstring.
+    ``W ← (1 − lr·λ) · (W − lr · √(1 − β₂ᵗ)/(1 − β₁ᵗ) · √α · limit(G · diag(s)))``: as the
+    official ``APOLLOAdamW``, the weights are decayed *after* the step (see
+    :func:`~jaxopt_lab.lowrank._weight_decay.decay_updated_weights`); see the module docstring.
 
     Under ``optax.inject_hyperparams`` list the int arguments ``rank``,
     ``update_proj_gap`` and ``seed`` in ``static_args`` (they fix shapes and
@@ -137,8 +141,8 @@ def apollo(
         scale_by_apollo(rank, update_proj_gap, scale, scale_type, growth_limit, scale_by_adam_moments(b1, b2, eps),
                         projector, side, label_fn, stagger, seed),
         scale_by_adam_bias_correction(b1, b2),
-        optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
+        decay_updated_weights(learning_rate, weight_decay),
     )
 
 

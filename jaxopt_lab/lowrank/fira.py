@@ -28,6 +28,7 @@ from jaxopt_lab.kernels.lowrank_step_reference import norm_growth_limiter
 from jaxopt_lab.lowrank._adam import scale_by_adam_bias_correction, scale_by_adam_moments
 from jaxopt_lab.lowrank._fused import fira_fused_finish, fused_impl, fused_prepare
 from jaxopt_lab.lowrank._projected import scale_by_projected
+from jaxopt_lab.lowrank._weight_decay import decay_updated_weights
 from jaxopt_lab.transforms import _validation as check
 
 
@@ -99,7 +100,11 @@ def fira(
     seed: int = 0,
     fused: bool | str = False,
 ) -> optax.GradientTransformation:
-    """Fira-AdamW: :func:`scale_by_fira` over Adam, decoupled weight decay, learning rate.
+    """Fira-AdamW: :func:`scale_by_fira` over Adam, learning rate, then decoupled weight decay.
+
+    As the official ``FiraAdamW``, the weights are decayed *after* the Adam step:
+    ``W ← (1 − lr·λ)(W − lr·U)`` (see
+    :func:`~jaxopt_lab.lowrank._weight_decay.decay_updated_weights`).
 
     Under ``optax.inject_hyperparams`` list the int arguments ``rank``,
     ``update_proj_gap`` and ``seed`` in ``static_args`` (they fix shapes and
@@ -113,6 +118,6 @@ def fira(
         scale_by_fira(rank, update_proj_gap, scale, growth_limit, scale_by_adam_moments(b1, b2, eps), projector, side,
                       label_fn, stagger, seed, fused),
         scale_by_adam_bias_correction(b1, b2),
-        optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
+        decay_updated_weights(learning_rate, weight_decay),
     )

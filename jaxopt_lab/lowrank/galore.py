@@ -22,6 +22,7 @@ import optax
 from jaxopt_lab.lowrank._adam import scale_by_adam_bias_correction, scale_by_adam_moments
 from jaxopt_lab.lowrank._fused import fused_impl, fused_prepare, galore_fused_finish
 from jaxopt_lab.lowrank._projected import scale_by_projected
+from jaxopt_lab.lowrank._weight_decay import decay_updated_weights
 from jaxopt_lab.transforms import _validation as check
 
 
@@ -103,9 +104,12 @@ def galore(
     seed: int = 0,
     fused: bool | str = False,
 ) -> optax.GradientTransformation:
-    """GaLore-AdamW: :func:`scale_by_galore` over Adam, decoupled weight decay, learning rate.
+    """GaLore-AdamW: :func:`scale_by_galore` over Adam, learning rate, then decoupled weight decay.
 
-    ``W ← W − lr · (α · P · Adam(PᵀG) + λ W)``; see :func:`scale_by_galore`.
+    ``W ← (1 − lr·λ) · (W − lr · α · P · Adam(PᵀG))``: as the official
+    ``GaLoreAdamW``, the weight decay shrinks the weights *after* the Adam step
+    (:func:`~jaxopt_lab.lowrank._weight_decay.decay_updated_weights`; optax's
+    AdamW order ``W − lr (U + λW)`` differs by lr²·λ·U). See :func:`scale_by_galore`.
 
     Under ``optax.inject_hyperparams`` list the int arguments ``rank``,
     ``update_proj_gap`` and ``seed`` in ``static_args`` (they fix shapes and
@@ -119,6 +123,6 @@ def galore(
         scale_by_galore(rank, update_proj_gap, scale, scale_by_adam_moments(b1, b2, eps), projector, side, label_fn,
                         stagger, seed, fused),
         scale_by_adam_bias_correction(b1, b2),
-        optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
+        decay_updated_weights(learning_rate, weight_decay),
     )

@@ -3,20 +3,26 @@ Gradients (Zhang et al., 2024, https://arxiv.org/abs/2407.08296).
 
 GaLore (see :mod:`jaxopt_lab.lowrank.galore`) with three changes:
 
-1. **int4 projection.** Each projector's basis P is stored in int4 with one
-   scale per group of 256 values (:func:`~jaxopt_lab.lowrank.int4_projector`
-   over the exact SVD projector, by default).
-2. **Lazy, layer-adaptive refresh.** At each scheduled refresh of a matrix's
-   projector the new basis is computed and the absolute cosine similarity of
-   the successive leading singular vectors
+1. **int4 projection.** Each projector's basis P is stored in int4, per group
+   of 256 values, asymmetrically with a scale and a zero point, as the
+   official ``q_galore_projector.py`` (:func:`~jaxopt_lab.lowrank.int4_projector`
+   over the exact SVD projector, by default), laid out as it stores the basis:
+   U[:, :r] row by row for a wide matrix, Vh[:r] row by row (the groups run
+   along each singular vector) for a tall or square one.
+2. **Lazy, layer-adaptive refresh.** At each refresh of a matrix's projector
+   the new basis is computed and the cosine similarity of the successive
+   leading singular vectors (taken before quantization, as the official code)
 
-       c_k = |⟨p_k, p_{k−1}⟩| / (‖p_k‖ ‖p_{k−1}‖)      (p = first column of P)
+       c_k = ⟨p_k, p_{k−1}⟩ / (‖p_k‖ ‖p_{k−1}‖)      (p = first column of P)
 
    is pushed into that matrix's queue of the last ``queue_size`` values
    (first-in first-out). When the queue is full and its mean is at least
    ``cos_threshold``, the matrix's refresh period is multiplied by
-   ``gamma_proj``:  T ← γ · T. A matrix whose subspace has stopped moving
-   pays fewer and fewer SVDs; one whose subspace keeps rotating keeps T.
+   ``gamma_proj``:  T ← γ · T (the queue is not cleared, so every further
+   refresh of a stable matrix multiplies T again). The projector refreshes
+   at the steps where ``step % T == 0`` (step = 0, 1, ...). A matrix whose
+   subspace has stopped moving pays fewer and fewer SVDs; one whose subspace
+   keeps rotating keeps T.
 3. **int8 weights with stochastic rounding** (optional, :func:`int8_weights`):
    the parameters live on a per-group int8 grid and every update lands them on
    the grid with stochastic rounding (unbiased), instead of being stored in
@@ -26,37 +32,35 @@ GaLore (see :mod:`jaxopt_lab.lowrank.galore`) with three changes:
 The update of a projected matrix is GaLore's: ``ΔW = α · P · Adam(Pᵀ G)``
 with the Adam split of the official GaLore code (moments without bias
 correction in the low-rank space, bias correction with the learning rate, so
-ε sits beside the uncorrected √v). Q-GaLore's own code runs bitsandbytes' 8-bit
-Adam, whose ε sits beside the corrected √v̂: the two differ only while
-√(1 − β₂ᵗ) is small (the effective ε is 1e-8 / √(1 − β₂ᵗ) here: 3.2e-7 at t = 1).
+ε sits beside the uncorrected √v), and the weights are decayed after the step,
+``W ← (1 − lr λ)(W − lr ΔW)``, as the official optimizer.
 
 Defaults follow the official code (``VITA-Group/Q-GaLore``): queue size 5,
 cosine threshold 0.4, γ = 2, int4 projection in groups of 256, int8 weights in
 groups of 256, α = 0.25 and T = 200 (its pre-training scripts).
 
-Differences from the official code, all deliberate:
+``refresh="robust"`` (opt-in) changes two things of the lazy refresh. The
+similarity is taken in absolute value, ``|c_k|``: a singular vector's sign is
+arbitrary, and an SVD that flips it between two refreshes (LAPACK may, for
+nearly the same matrix) turns c ≈ 1 into c ≈ −1, which stops the period from
+growing for ``queue_size`` refreshes; our SVD projector fixes the signs, but
+a user's projector may not. And the next refresh is ``T`` steps after the
+current one, so a matrix is never refreshed sooner than its period; the
+official ``step % T == 0`` refreshes at the next multiple of the new period,
+which after a growth at a step that is not one comes only T_old steps later.
 
-* the period is doubled while the queue stays full with a mean above the
-  threshold, as in the official code (the queue is not cleared after a
-  doubling, so every further refresh of a stable matrix doubles T again); the
-  next refresh is then ``step + T`` (the official code refreshes when
-  ``step % T == 0``, which is the same until T changes);
-* the similarity is taken in absolute value (the sign of a singular vector is
-  arbitrary; the official code uses the signed cosine, which agrees whenever
-  the signs are fixed, as our SVD projector does) and is computed from the
-  stored (int4, dequantized) basis, where the official code uses the float
-  basis before quantization;
-* the int4 basis is stored symmetrically (``round(x / s)``, s = max|x| / 7),
-  the official code quantizes asymmetrically with a zero point;
-* the int8 weight grid is symmetric too (s = max|x| / 127 per group), so that
+Remaining differences from the official code:
+
+* the singular vectors' signs are fixed (largest-magnitude entry positive);
+  the official code takes LAPACK's, so its signed cosine can see a sign flip;
+* the int8 weight grid is symmetric (s = max|x| / 127 per group), so that
   stochastic rounding never needs clamping and is exactly unbiased; the
   official code uses an asymmetric uint8 grid with a zero point;
-* the int4 groups of 256 run along the stored (d × r) basis flattened row by
-  row; for a tall matrix the official code stores the basis as (r × n) and its
-  groups run along one singular vector (the same for wide matrices);
-* weight decay is applied with the update, ``W − lr (U + λW)``; the official
-  code decays after it, ``(W − lr U)(1 − lr λ)`` (a difference of lr² λ U);
-* Adam's moments are float32 (the official code uses 8-bit Adam).
+* Adam's moments are float32: the official code runs bitsandbytes' 8-bit
+  Adam, whose ε sits beside the corrected √v̂ (the effective ε here is
+  ε / √(1 − β₂ᵗ) on that scale: 3.2e-7 at t = 1 for ε = 1e-8); and the
+  non-projected parameters are decayed after the step like the projected
+  ones, where the official code leaves their decay to bitsandbytes' kernel.
 """
 
 from __future__ import annotations
@@ -69,18 +73,22 @@ import optax
 
 from jaxopt_lab.lowrank._adam import scale_by_adam_bias_correction, scale_by_adam_moments
 from jaxopt_lab.lowrank._projected import default_label_fn, scale_by_projected
+from jaxopt_lab.lowrank._weight_decay import decay_updated_weights
 from jaxopt_lab.lowrank.galore import _galore_finish
-from jaxopt_lab.lowrank.projectors import Projector, get_projector, int4_projector, svd_projector
+from jaxopt_lab.lowrank.projectors import PROJECTORS, get_projector, int4_projector
 from jaxopt_lab.transforms import _validation as check
 
 MAX_PERIOD = 2**30  # the period stops growing here, so that step + period stays an int32
+
+
+REFRESH_RULES = ("official", "robust")
 
 
 class LazyRefreshState(NamedTuple):
     """One projected matrix's lazy-refresh bookkeeping.
 
     Attributes:
-      previous: (d,) the leading vector of the previous basis.
+      previous: (d,) the leading vector of the previous basis (before quantization).
       queue: (queue_size,) the last similarities, oldest first.
       filled: how many entries of ``queue`` are valid (int32, at most queue_size).
       refreshes: how many refreshes this matrix had (int32).
@@ -99,16 +107,17 @@ def _check_int(name, value, minimum):
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
-def _lazy_refresh(projector: Projector, queue_size: int, cos_threshold: float, gamma_proj: int):
+def _lazy_refresh(queue_size: int, cos_threshold: float, gamma_proj: int, signed: bool):
     def init_extra(spec):
         return LazyRefreshState(jnp.zeros((spec.d,), jnp.float32), jnp.zeros((queue_size,), jnp.float32),
                                 jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32))
 
     def on_refresh(spec, old, new, extra, period):
         del old
-        vec = projector.leading_vector(new, spec.d, spec.rank).astype(jnp.float32)
+        vec = spec.projector.leading_vector(new, spec.d, spec.rank).astype(jnp.float32)
         prev = extra.previous
-        cos = jnp.abs(jnp.vdot(vec, prev)) / jnp.maximum(jnp.linalg.norm(vec) * jnp.linalg.norm(prev), 1e-8)
+        cos = jnp.vdot(vec, prev) / jnp.maximum(jnp.linalg.norm(vec) * jnp.linalg.norm(prev), 1e-8)
+        cos = cos if signed else jnp.abs(cos)
         has_previous = extra.refreshes > 0
         queue = jnp.where(has_previous, jnp.concatenate([extra.queue[1:], cos[None]]), extra.queue)
         filled = jnp.where(has_previous, jnp.minimum(extra.filled + 1, queue_size), extra.filled)
@@ -119,6 +128,26 @@ def _lazy_refresh(projector: Projector, queue_size: int, cos_threshold: float, g
         return period, LazyRefreshState(vec, queue, filled, extra.refreshes + 1)
 
     return init_extra, on_refresh
+
+
+def _projectors(projector, group_size):
+    """The projectors of the wide and of the tall matrices (those projected on their second dimension).
+
+    int4 storage given by default or by name (``"int4_svd"``, ``"int4_sym_svd"``, ...) is laid out as the
+    official code stores the basis: U[:, :r] row by row for a wide matrix, Vh[:r] row by row (groups along
+    each singular vector) for a tall one, in groups of ``group_size``. A Projector object serves both.
+    """
+    if projector is None:
+        projector = "int4_svd"
+    if isinstance(projector, str) and projector.startswith("int4_"):
+        symmetric = projector.startswith("int4_sym_")
+        base = projector[len("int4_sym_" if symmetric else "int4_"):]
+        if base in PROJECTORS:
+            make = PROJECTORS[base]
+            return (int4_projector(make(), group_size, symmetric),
+                    int4_projector(make(), group_size, symmetric, vector_major=True))
+    projector = get_projector(projector)
+    return projector, projector
 
 
 def scale_by_q_galore(
@@ -134,6 +163,8 @@ def scale_by_q_galore(
     label_fn: Any = None,
     stagger: bool = False,
     seed: int = 0,
+    refresh: str = "official",
+    proj_group_size: int = 256,
 ) -> optax.GradientTransformation:
     """Q-GaLore's direction: GaLore's ``α·P·inner(PᵀG)`` with an int4 basis and lazy refresh.
 
@@ -144,38 +175,53 @@ def scale_by_q_galore(
       scale: α, applied to the projected-back update.
       inner: the optimizer run on the low-rank gradients (and every
         non-projected parameter); ``optax.scale_by_adam()`` by default.
-      projector: a Projector or its name; default
-        ``int4_projector(svd_projector())`` (int4 storage, groups of 256). It
-        must have a leading vector (an SVD projector, int4 or not; not the
-        random one).
+      projector: a Projector or its name; default ``"int4_svd"``: the exact
+        SVD basis in asymmetric int4 storage, laid out as the official code
+        stores it (row by row for a wide matrix, along each singular vector
+        for a tall one; :func:`~jaxopt_lab.lowrank.int4_projector` with
+        ``vector_major``). A name ``"int4_<name>"`` gets the same layout; a
+        Projector object is used as given for every matrix. It must have a
+        leading vector (an SVD projector, int4 or not; not the random one).
       queue_size: how many successive similarities must be collected before
         the period can grow (official default 5).
       cos_threshold: the period grows when the mean of a full queue is at
         least this (in [0, 1]; official default 0.4).
       gamma_proj: the factor the period is multiplied by (an int ≥ 1;
         official default 2; 1 disables lazy refresh).
-      side, label_fn, stagger, seed: as :func:`~jaxopt_lab.lowrank.scale_by_galore`.
+      side, label_fn, stagger, seed: as :func:`~jaxopt_lab.lowrank.scale_by_galore`
+        (with ``stagger`` a matrix refreshes at the steps ≡ its offset mod T).
+      refresh: ``"official"`` (default: signed cosine, refresh where
+        ``step % T == 0``, as the official code) or ``"robust"`` (``|cos|``,
+        refresh T steps after the last one: robust to SVD sign flips; see the
+        module docstring).
+      proj_group_size: values per int4 group of a projector given by default
+        or by name (official default 256).
 
     The state is a :class:`~jaxopt_lab.lowrank.LowRankState` whose ``period``
-    holds each matrix's current period and whose ``extra`` holds one
-    :class:`LazyRefreshState` per projected matrix.
+    holds each matrix's current period and whose ``extra`` is a
+    :class:`LazyRefreshState` laid out like the params (``state.extra.queue["w"]``;
+    ``optax.MaskedNode()`` at a leaf that is not projected).
     """
     check.positive("scale", scale)
     _check_int("queue_size", queue_size, 1)
     _check_int("gamma_proj", gamma_proj, 1)
     check.require("cos_threshold", cos_threshold, lambda v: 0 <= v <= 1, "in [0, 1]")
-    projector = int4_projector(svd_projector()) if projector is None else get_projector(projector)
+    if refresh not in REFRESH_RULES:
+        raise ValueError(f"refresh must be one of {REFRESH_RULES}, got {refresh!r}")
+    _check_int("proj_group_size", proj_group_size, 2)
+    projector, tall_projector = _projectors(projector, proj_group_size)
     try:  # a projector without a leading vector fails here, before any compute
         jax.eval_shape(lambda g: projector.leading_vector(projector.init(g, 1, jax.random.PRNGKey(0)), 2, 1),
                        jax.ShapeDtypeStruct((2, 2), jnp.float32))
     except ValueError as err:
         raise ValueError(f"Q-GaLore's lazy refresh needs a projector with a leading vector: {err}") from None
-    init_extra, on_refresh = _lazy_refresh(projector, queue_size, cos_threshold, gamma_proj)
+    official = refresh == "official"
+    init_extra, on_refresh = _lazy_refresh(queue_size, cos_threshold, gamma_proj, signed=official)
     return scale_by_projected(
         inner=optax.scale_by_adam() if inner is None else inner,
         rank=rank, update_proj_gap=update_proj_gap, projector=projector, side=side,
         label_fn=label_fn, stagger=stagger, seed=seed, finish=_galore_finish(scale),
-        init_extra=init_extra, on_refresh=on_refresh,
+        init_extra=init_extra, on_refresh=on_refresh, aligned_refresh=official, transposed_projector=tall_projector,
     )
 
 
@@ -196,14 +242,17 @@ def q_galore(
     label_fn: Any = None,
     stagger: bool = False,
     seed: int = 0,
+    refresh: str = "official",
+    proj_group_size: int = 256,
 ) -> optax.GradientTransformation:
-    """Q-GaLore-AdamW: :func:`scale_by_q_galore` over Adam, decoupled weight decay, learning rate.
+    """Q-GaLore-AdamW: :func:`scale_by_q_galore` over Adam, learning rate, then decoupled weight decay.
 
-    ``W ← W − lr · (α · P · Adam(PᵀG) + λ W)`` with P stored in int4 and
-    refreshed lazily; see the module docstring. For int8 weights wrap the
-    result: ``int8_weights(q_galore(...))``. Under ``optax.inject_hyperparams``
-    list the int arguments ``rank``, ``update_proj_gap``, ``seed``,
-    ``queue_size`` and ``gamma_proj`` in ``static_args``.
+    ``W ← (1 − lr·λ) · (W − lr · α · P · Adam(PᵀG))`` with P stored in int4 and
+    refreshed lazily (the weights decayed after the step, as the official
+    optimizer); see the module docstring. For int8 weights wrap the result:
+    ``int8_weights(q_galore(...))``. Under ``optax.inject_hyperparams`` list
+    the int arguments ``rank``, ``update_proj_gap``, ``seed``, ``queue_size``,
+    ``gamma_proj`` and ``proj_group_size`` in ``static_args``.
     """
     check.in_unit_interval("b1", b1)
     check.in_unit_interval("b2", b2)
@@ -211,10 +260,10 @@ def q_galore(
     check.non_negative("weight_decay", weight_decay)
     return optax.chain(
         scale_by_q_galore(rank, update_proj_gap, scale, scale_by_adam_moments(b1, b2, eps), projector, queue_size,
-                          cos_threshold, gamma_proj, side, label_fn, stagger, seed),
+                          cos_threshold, gamma_proj, side, label_fn, stagger, seed, refresh, proj_group_size),
         scale_by_adam_bias_correction(b1, b2),
-        optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
+        decay_updated_weights(learning_rate, weight_decay),
     )
 
 
@@ -227,8 +276,11 @@ class Int8WeightsState(NamedTuple):
 
     Attributes:
       key: (2,) uint32 raw key data, split at every step for the rounding.
-      scales: per parameter leaf, the (n_groups,) float32 grid scales of its
-        current values (an empty array for a leaf kept in float).
+      scales: a tree like the params: at each leaf stored in int8, the
+        (n_groups,) float32 grid scales of its current values;
+        ``optax.MaskedNode()`` at a leaf kept in float (as the rest of the
+        low-rank state: orbax cannot save the zero-size arrays stored there
+        before, and ``optax.tree.map_params`` maps over it).
       inner: the wrapped transformation's state.
     """
 
@@ -322,7 +374,7 @@ def int8_weights(
 
     def init_fn(params):
         flags, treedef = selected(params)
-        scales = [jnp.zeros((-(-leaf.size // group_size),) if on else (0,), jnp.float32)
+        scales = [jnp.zeros((-(-leaf.size // group_size),), jnp.float32) if on else optax.MaskedNode()
                   for on, leaf in zip(flags, jax.tree_util.tree_leaves(params))]
         key = jax.random.key_data(jax.random.PRNGKey(seed)).astype(jnp.uint32)
         return Int8WeightsState(key, jax.tree_util.tree_unflatten(treedef, scales), tx.init(params))
@@ -335,8 +387,8 @@ def int8_weights(
         flags, treedef = selected(params)
         key, step_key = jax.random.split(jax.random.wrap_key_data(state.key, impl="threefry2x32"))
         out, scales = [], []
-        leaves = zip(flags, jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(inner_updates),
-                     jax.tree_util.tree_leaves(state.scales))
+        leaves = zip(flags, jax.tree_util.tree_leaves(params), treedef.flatten_up_to(inner_updates),
+                     treedef.flatten_up_to(state.scales))  # a MaskedNode at a leaf kept in float
         for i, (on, p, u, s) in enumerate(leaves):
             if on:
                 target = p.astype(jnp.float32) + u.astype(jnp.float32)

@@ -16,30 +16,48 @@ the tree, matrices and vectors alike), at step t = 1, 2, ...:
        m_n ← γ₁ m_n + (1 − γ₁) ‖g‖,   v_n ← γ₂ v_n + (1 − γ₂) ‖g‖²
        g   ← g / ‖g‖ · m̂_n / (√v̂_n + ε),   m̂_n = m_n / (1 − γ₁ᵗ),  v̂_n = v_n / (1 − γ₂ᵗ)
 
+   (t in these bias corrections is the global step until the first momentum
+   reset; after it, it depends on ``reset_mode``, below.)
+
 3. **Momentum reset (MoRet, from SPAM).** Every ΔT steps (t ≡ 0 mod ΔT)
-   Adam's moments are set to zero before the step, and Adam's bias-correction
-   counter restarts (τ = 1 at the reset step)::
+   Adam's moments are reset and its bias-correction counter τ restarts.
 
-       m ← β₁ m + (1 − β₁) g,  v ← β₂ v + (1 − β₂) g²
-       u = (m / (1 − β₁^τ)) / (√(v / (1 − β₂^τ)) + ε)
+Defaults are the official code's (``TianjinYellow/StableSPAM``,
+``galore_torch/stablespam.py``): θ = 0.999, γ₁ = 0.7, γ₂ = 0.9, ΔT = 1000,
+β = (0.9, 0.999), ε = 1e-8 (the same ε in AdaGN and Adam), decoupled weight
+decay ``W ← W(1 − lr λ) − lr u``.
 
-Defaults are the official code's (``TianjinYellow/StableSPAM``): θ = 0.999,
-γ₁ = 0.7, γ₂ = 0.9, ΔT = 1000, β = (0.9, 0.999), ε = 1e-8 (the same ε in AdaGN
-and Adam), decoupled weight decay.
+**The reset, as released** (``reset_mode="official"``, the default). One
+counter c per tensor drives AdaClip's, AdaGN's and Adam's bias corrections
+(c = t until the first reset). At a reset step the official code bumps c,
+runs AdaClip and AdaGN with it, then sets c = 1 and swaps fresh zero moments
+into its state *after* taking its local handles on the old ones, so::
 
-Where the official code differs from the paper's equations, we follow the
-equations: AdaClip and AdaGN are bias-corrected with the global step t (the
-official code shares Adam's counter, so that right after a reset their
-estimates are divided by 1 − θ² ≈ 0.002, which switches clipping off for a
-while). At a reset step our moments restart from zero with that step's
-gradient (the paper's MoRet); the official code swaps in zero moments only
-after computing the reset step's update from the old ones (bias-corrected as
-if at step 1), so its reset step is damped and its new moments start one step
-later. Before the first reset the two agree to float precision (checked
-against the official optimizer on CPU). Not implemented: the official code's
-``total_T`` option, a cosine decay of γ₁ and β₁ over the whole run (from 1× to
-``eta_min`` = 0.5× over ``total_T`` steps; off in its constructor, on in its
-training scripts with ``total_T`` = 20000).
+    reset step:  m' = β₁ m + (1 − β₁) g,  v' = β₂ v + (1 − β₂) g²   (old moments)
+                 u  = (m' / (1 − β₁)) / (√(v' / (1 − β₂)) + ε)      (τ = 1)
+                 stored: m = v = 0, c = 1
+    next steps:  c = 2, 3, ...  for AdaClip, AdaGN and Adam alike
+
+The reset step is therefore damped (old moments divided by the step-1 bias
+corrections: about 0.32× a normal step at β = (0.9, 0.999)), the fresh
+moments start one step later and are bias-corrected as if they held one more
+gradient than they do, and right after a reset AdaClip's threshold is divided
+by 1 − θ² ≈ 0.002, which switches spike clipping off for a while.
+
+``reset_mode="paper"`` follows the paper's equations instead: AdaClip and
+AdaGN are bias-corrected with the global step t (clipping stays on through a
+reset), and at a reset step the moments restart from zero with that step's
+gradient, τ = 1 (an undamped step from fresh moments)::
+
+    m ← (1 − β₁) g,  v ← (1 − β₂) g²,  u = (m / (1 − β₁^τ)) / (√(v / (1 − β₂^τ)) + ε)
+
+It is more robust to a spike that lands just after a reset. The two modes
+agree to float precision before the first reset.
+
+Not implemented: the official code's ``total_T`` option, a cosine decay of γ₁
+and β₁ over the whole run (from 1× to ``eta_min`` = 0.5× over ``total_T``
+steps; off in its constructor, on in its training scripts with ``total_T`` =
+20000).
 """
 
 from __future__ import annotations
@@ -54,13 +72,17 @@ from jaxopt_lab.lowrank._adam import moment_dtype
 from jaxopt_lab.transforms import _validation as check
 from jaxopt_lab.transforms._numerics import abs_sq
 
+RESET_MODES = ("official", "paper")
+
 
 class ScaleByStableSpamState(NamedTuple):
     """State of :func:`scale_by_stable_spam`.
 
     Attributes:
       count: steps taken (int32), t − 1.
-      adam_count: steps since the last moment reset (int32), τ − 1.
+      adam_count: the bias-correction counter after the last step (int32): the
+        official code's ``state["step"]`` (``reset_mode="official"``), or the
+        steps since the last reset, τ (``reset_mode="paper"``).
       max_ema: per leaf, the EMA m_max of max|g| (float32 scalar).
       norm_ema: per leaf, the EMA m_n of ‖g‖.
       norm_sq_ema: per leaf, the EMA v_n of ‖g‖².
@@ -85,6 +107,7 @@ def scale_by_stable_spam(
     gamma2: float = 0.9,
     theta: float = 0.999,
     reset_interval: Optional[int] = 1000,
+    reset_mode: str = "official",
 ) -> optax.GradientTransformation:
     """Stable-SPAM's direction: AdaClip, AdaGN, then Adam with periodic moment reset.
 
@@ -97,6 +120,10 @@ def scale_by_stable_spam(
       reset_interval: ΔT, an int > 0: Adam's moments are reset at steps ΔT,
         2ΔT, ...; None never resets. Static: list it in ``static_args``
         under ``optax.inject_hyperparams``.
+      reset_mode: ``"official"`` (default: the released code's reset, see the
+        module docstring) or ``"paper"`` (the paper's equations: AdaClip and
+        AdaGN keep the global step, moments restart with the reset step's
+        gradient; spike clipping stays on through a reset).
 
     Returns:
       A transformation whose update is the bias-corrected Adam direction
@@ -110,6 +137,9 @@ def scale_by_stable_spam(
     if reset_interval is not None and (isinstance(reset_interval, bool) or not isinstance(reset_interval, int)
                                        or reset_interval <= 0):
         raise ValueError(f"reset_interval (the momentum-reset period ΔT) must be an int > 0 or None, got {reset_interval!r}")
+    if reset_mode not in RESET_MODES:
+        raise ValueError(f"reset_mode must be one of {RESET_MODES}, got {reset_mode!r}")
+    official = reset_mode == "official"
 
     def init_fn(params):  # every field its own buffers (a donated state must not alias)
         scalars = lambda: jax.tree.map(lambda p: jnp.zeros([], jnp.float32), params)  # noqa: E731
@@ -121,7 +151,12 @@ def scale_by_stable_spam(
     def update_fn(updates, state, params=None):
         del params
         t = state.count + 1
-        tf = t.astype(jnp.float32)
+        reset = jnp.asarray(False) if reset_interval is None else (t % reset_interval == 0)
+        # the counter of AdaClip's and AdaGN's bias corrections: the official code's per-tensor step
+        # (bumped before its reset: ΔT at the first reset step, ΔT + 1 at later ones, then 2, 3, ...),
+        # or the global t
+        clip_count = state.adam_count + 1 if official else t
+        tf = clip_count.astype(jnp.float32)
 
         def stabilize(g, m_max, m_n, v_n):
             g = g.astype(moment_dtype(g))
@@ -144,15 +179,18 @@ def scale_by_stable_spam(
         grads, m_max, m_n, v_n = (jax.tree_util.tree_unflatten(treedef, list(x)) for x in zip(*results)) \
             if results else (updates,) * 4  # an empty tree
 
-        reset = jnp.asarray(False) if reset_interval is None else (t % reset_interval == 0)
         tau = jnp.where(reset, 1, state.adam_count + 1)
-        keep = jnp.where(reset, 0.0, 1.0)
+        tauf = tau.astype(jnp.float32)
+        # official: the reset step updates the old moments and the zeros are stored after it;
+        # paper: the moments are zeroed before the reset step
+        keep = jnp.asarray(1.0) if official else jnp.where(reset, 0.0, 1.0)
         mu = jax.tree.map(lambda m, g: b1 * keep * m + (1 - b1) * g, state.mu, grads)
         nu = jax.tree.map(lambda v, g: b2 * keep * v + (1 - b2) * abs_sq(g), state.nu, grads)
-        tauf = tau.astype(jnp.float32)
         out = jax.tree.map(
             lambda m, v, u: ((m / (1 - b1**tauf)) / (jnp.sqrt(v / (1 - b2**tauf)) + eps)).astype(u.dtype),
             mu, nu, updates)
+        if official:
+            mu, nu = (jax.tree.map(lambda x: jnp.where(reset, jnp.zeros_like(x), x), tree) for tree in (mu, nu))
         return out, ScaleByStableSpamState(t, tau, m_max, m_n, v_n, mu, nu)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -168,11 +206,17 @@ def stable_spam(
     theta: float = 0.999,
     reset_interval: Optional[int] = 1000,
     weight_decay: float = 0.0,
+    reset_mode: str = "official",
 ) -> optax.GradientTransformation:
-    """Stable-SPAM (AdamW form): ``W ← W − lr · (u + λ W)`` with u from :func:`scale_by_stable_spam`."""
+    """Stable-SPAM (AdamW form): ``W ← W − lr · (u + λ W)`` with u from :func:`scale_by_stable_spam`.
+
+    The weights are decayed before the step, as the official code
+    (``p.mul_(1 - lr * weight_decay)``, then the Adam step). ``reset_mode``:
+    see :func:`scale_by_stable_spam`.
+    """
     check.non_negative("weight_decay", weight_decay)
     return optax.chain(
-        scale_by_stable_spam(b1, b2, eps, gamma1, gamma2, theta, reset_interval),
+        scale_by_stable_spam(b1, b2, eps, gamma1, gamma2, theta, reset_interval, reset_mode),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
     )

@@ -58,7 +58,7 @@ def scale_by_entropy_sgd(
 
     .. math::
         x'_{k+1} &= x'_k - \eta' \bigl(\nabla f_k(x'_k) - \gamma_t (x - x'_k)\bigr)
-                    + \sqrt{\eta'}\, \varepsilon\, \xi_k,
+                    - \sqrt{2\eta'}\, \varepsilon\, \xi_k,
                     \qquad \xi_k \sim \mathcal N(0, I), \\
         \mu_{k+1} &= (1 - \alpha)\, \mu_k + \alpha\, x'_{k+1},
 
@@ -70,6 +70,13 @@ def scale_by_entropy_sgd(
     the gradient of the negative local entropy, which the outer optimizer then
     descends (Algorithm 1's :math:`x \leftarrow x - \eta\, \gamma (x - \mu)`).
     :math:`f_k` is the loss on the minibatch of inner step :math:`k`.
+
+    The Langevin noise is the authors' code's: it adds
+    :math:`\varepsilon / \sqrt{\eta'/2}\; \xi_k` to the gradient, i.e.
+    :math:`\sqrt{2\eta'}\, \varepsilon\, \xi_k` on :math:`x'` (SGLD at
+    temperature :math:`\varepsilon^2`). Algorithm 1 of the paper writes
+    :math:`\sqrt{\eta'}\, \varepsilon\, \xi_k`; pass
+    ``noise = ε / √2`` to get that.
 
     Against the authors' code (``ucla-vision/entropy-sgd``): it returns
     :math:`x - \mu` without the factor :math:`\gamma_t` (its outer learning
@@ -161,7 +168,8 @@ def scale_by_entropy_sgd(
                 lr, gam, a = (jnp.asarray(v, jnp.float32).astype(c) for v in (inner_lr, gamma_t, alpha))
                 step = xpi - lr * (gi.astype(c) - gam * (xi - xpi))
                 eps = jnp.asarray(noise, jnp.float32).astype(c)
-                step = step + jnp.sqrt(lr) * eps * jax.random.normal(kk, xi.shape, c)
+                # the official code adds eps / sqrt(lr / 2) * xi to the gradient: sqrt(2 lr) eps xi on x'
+                step = step - jnp.sqrt(2 * lr) * eps * jax.random.normal(kk, xi.shape, c)
                 new_xp.append(step)
                 new_mu.append((1 - a) * mi + a * step)
             return new_xp, new_mu

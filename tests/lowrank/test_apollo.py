@@ -61,7 +61,7 @@ def _reference(bases):
                 scaled, prev[k] = scaled / limiter, norm / limiter
                 direction = np.sqrt(alpha) * scaled
                 direction = direction if k == "w" else direction.T
-            new[k] = p[k] - LR * (bc * direction + WD * p[k])
+            new[k] = (1 - LR * WD) * (p[k] - LR * bc * direction)  # official: decay the updated weights
         p = new
     return p
 

@@ -82,17 +82,60 @@ def test_random_projector_is_regenerated_from_its_key_and_unbiased():
     np.testing.assert_allclose(np.asarray(mean), np.eye(d), atol=0.08)
 
 
+def _official_int4(x, group_size):
+    """float64 replay of Q-GaLore's ``GaLoreProjector._quantize`` (n_bit = 4) and its dequantization
+    ``scales * (q - zeros)``; a last group shorter than ``group_size`` keeps its own range."""
+    flat, out = np.asarray(x, np.float64).reshape(-1), []
+    for i in range(0, flat.size, group_size):
+        w = flat[i:i + group_size]
+        scale = max(w.max() - w.min(), 1e-5) / 15
+        zero = np.clip(-np.round(w.min() / scale), 0, 15)
+        q = np.clip(np.round(w / scale) + zero, 0, 15)
+        out.append(scale * (q - zero))
+    return np.concatenate(out).reshape(np.shape(x))
+
+
 @pytest.mark.parametrize("shape", [(24, 5), (7, 3), (512, 2)])
-def test_int4_round_trip_error_within_half_a_step(shape):
+def test_int4_matches_the_official_asymmetric_quantizer(shape):
     x = RNG.standard_normal(shape).astype(np.float32)
     q = quantize_int4(jnp.asarray(x), 256)
-    assert q.packed.dtype == jnp.uint8 and q.packed.shape == (-(-x.size // 2),)
+    assert q.packed.dtype == jnp.uint8 and q.packed.shape == (-(-x.size // 2),) and q.zeros.dtype == jnp.uint8
+    back = np.asarray(dequantize_int4(q, shape, 256))
+    np.testing.assert_allclose(back, _official_int4(x, 256), rtol=1e-6, atol=1e-7)
+    assert np.abs(back - x).max() > 0  # it is quantized
+    np.testing.assert_array_equal(np.asarray(q.leading), x[:, 0])  # the first column, unquantized
+
+
+def test_int4_official_quantizer_clips_a_group_that_does_not_straddle_zero():
+    # all positive: the zero point clips to 0 and every value lands on the top code, min + 15 s = 1.0
+    x = np.linspace(1.0, 2.0, 8, dtype=np.float32).reshape(4, 2)
+    back = np.asarray(dequantize_int4(quantize_int4(jnp.asarray(x), 8), (4, 2), 8))
+    np.testing.assert_allclose(back, _official_int4(x, 8), rtol=1e-6)
+    np.testing.assert_allclose(back, 1.0, rtol=1e-6)
+
+
+def test_int4_vector_major_groups_run_along_each_basis_vector():
+    # the official Q-GaLore stores a tall matrix's basis as Vh[:r] (r × d) and quantizes that row by row
+    p = int4_projector(svd_projector(), 8, vector_major=True)
+    state = p.init(jnp.asarray(G), 4, None)
+    exact = np.asarray(svd_projector().init(jnp.asarray(G), 4, None).basis)  # (24, 4)
+    deq = np.asarray(p.project_back(state, jnp.eye(4), 24))
+    np.testing.assert_allclose(deq, _official_int4(exact.T, 8).T, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(deq, _official_int4(exact, 8), atol=1e-4)  # not the row-major grid
+    np.testing.assert_allclose(np.asarray(p.leading_vector(state, 24, 4)), exact[:, 0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(24, 5), (7, 3), (512, 2)])
+def test_int4_symmetric_round_trip_error_within_half_a_step(shape):
+    x = RNG.standard_normal(shape).astype(np.float32)
+    q = quantize_int4(jnp.asarray(x), 256, symmetric=True)
     back = np.asarray(dequantize_int4(q, shape, 256))
     flat = np.pad(x.reshape(-1), (0, -x.size % 256)).reshape(-1, 256)
     step = np.abs(flat).max(axis=1) / 7
     bound = np.repeat(step / 2, 256)[: x.size].reshape(shape)
     assert (np.abs(back - x) <= bound + 1e-7).all()
-    assert np.abs(back - x).max() > 0  # it is quantized
+    assert np.abs(back - x).max() > 0
+    assert not np.allclose(back, _official_int4(x, 256))  # a different grid from the official one
 
 
 def test_int4_projector_wraps_basis_projectors_only():
@@ -105,5 +148,6 @@ def test_int4_projector_wraps_basis_projectors_only():
     with pytest.raises(ValueError, match="'dct' projector stores no basis"):
         int4_projector(dct_projector())
     assert get_projector("int4_svd").name == "int4_svd"
+    assert get_projector("int4_sym_svd").name == "int4_sym_svd"
     with pytest.raises(ValueError, match="'qr'"):
         get_projector("qr")

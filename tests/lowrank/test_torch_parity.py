@@ -53,10 +53,10 @@ def _patch_signs(monkeypatch, projector_cls):
     monkeypatch.setattr(projector_cls, "get_orthogonal_matrix", get_orthogonal_matrix)
 
 
-def _run_torch(opt_cls, group_extra, w0, grads):
+def _run_torch(opt_cls, group_extra, w0, grads, weight_decay=0.0):
     p = torch.nn.Parameter(torch.tensor(w0))
     opt = opt_cls([{"params": [p], "rank": RANK, "update_proj_gap": GAP, "proj_type": "std", **group_extra}],
-                  lr=LR, eps=EPS, weight_decay=0.0)
+                  lr=LR, eps=EPS, weight_decay=weight_decay)
     out = []
     for g in grads:
         p.grad = torch.tensor(g)
@@ -92,25 +92,35 @@ def problem(request):
     return w0, grads
 
 
-def test_galore_matches_galore_torch(problem, monkeypatch):
+# WD: large enough that decaying the old weights instead of the updated ones (a difference of
+# lr²·λ·U per step, 7e-4·U here) is far outside the tolerance
+WD = 7.0
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, WD], ids=["no_decay", "decay"])
+def test_galore_matches_galore_torch(problem, monkeypatch, weight_decay):
     from galore_torch.galore_projector import GaLoreProjector
 
     _patch_signs(monkeypatch, GaLoreProjector)
     w0, grads = problem
-    expected = _run_torch(galore_torch.GaLoreAdamW, {"scale": 0.25}, w0, grads)
-    ours = _run_ours(galore(LR, rank=RANK, update_proj_gap=GAP, scale=0.25, eps=EPS, label_fn=_label_all), w0, grads)
+    expected = _run_torch(galore_torch.GaLoreAdamW, {"scale": 0.25}, w0, grads, weight_decay)
+    ours = _run_ours(galore(LR, rank=RANK, update_proj_gap=GAP, scale=0.25, eps=EPS, weight_decay=weight_decay,
+                            label_fn=_label_all), w0, grads)
     np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
     assert np.abs(np.diff(expected, axis=0)).max() > 1e-3  # the weights did move
 
 
-def test_fira_matches_official_fira(problem, monkeypatch):
+@pytest.mark.parametrize("weight_decay", [0.0, WD], ids=["no_decay", "decay"])
+def test_fira_matches_official_fira(problem, monkeypatch, weight_decay):
     from fira.gradient_projection import GradientProjector
 
     _patch_signs(monkeypatch, GradientProjector)
     w0, grads = problem
-    expected = _run_torch(fira_pkg.FiraAdamW, {"alpha": 1.0}, w0, grads)
-    ours = _run_ours(fira(LR, rank=RANK, update_proj_gap=GAP, scale=1.0, eps=EPS, label_fn=_label_all), w0, grads)
+    expected = _run_torch(fira_pkg.FiraAdamW, {"alpha": 1.0}, w0, grads, weight_decay)
+    ours = _run_ours(fira(LR, rank=RANK, update_proj_gap=GAP, scale=1.0, eps=EPS, weight_decay=weight_decay,
+                          label_fn=_label_all), w0, grads)
     np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
     # Fira differs from GaLore (the residual is used) on these matrices
-    galore_path = _run_ours(galore(LR, rank=RANK, update_proj_gap=GAP, scale=1.0, eps=EPS, label_fn=_label_all), w0, grads)
+    galore_path = _run_ours(galore(LR, rank=RANK, update_proj_gap=GAP, scale=1.0, eps=EPS, weight_decay=weight_decay,
+                                   label_fn=_label_all), w0, grads)
     assert np.abs(galore_path - expected).max() > 1e-3

@@ -283,7 +283,7 @@ TRANSFORMS = [
         solve=dict(quadratic=dict(learning_rate=0.1, **NO_DECAY), rosenbrock=dict(learning_rate=3e-3, **NO_DECAY),
                    complex=dict(learning_rate=0.1, label_fn=real_matrices, **NO_DECAY)),
         covers=(q_galore, scale_by_q_galore),
-        static_args=LOW_RANK_STATIC + ("queue_size", "gamma_proj"),
+        static_args=LOW_RANK_STATIC + ("queue_size", "gamma_proj", "proj_group_size"),
         complex_params="vectors",
     ),
     Case(
@@ -490,7 +490,7 @@ FACTORY_ARGS: dict[Callable, dict[str, Any]] = {
 # ints that index a shape or a period, or seed a key: static under inject_hyperparams
 # (optax's test lists its own: warmup_steps, rank, update_proj_gap, ...)
 STATIC_INTS = ("rank", "update_proj_gap", "seed", "inner_steps", "reset_interval", "channel_axis", "queue_size",
-               "gamma_proj", "group_size")
+               "gamma_proj", "group_size", "proj_group_size")
 
 
 def _covered_factories():

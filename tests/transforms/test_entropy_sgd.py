@@ -34,8 +34,14 @@ def jax_grad_fn(p, k):
     return {"x": (jnp.asarray(A, jnp.float32) @ (p["x"] - jnp.asarray(C, jnp.float32)[k])).astype(p["x"].dtype)}
 
 
-def numpy_entropy_sgd(x, steps, learning_rate, momentum, nesterov, inner_steps, inner_lr, gamma, gamma_growth, alpha):
-    """Algorithm 1 with noise 0, then optax's SGD momentum; float64, parameters after each outer step."""
+def numpy_entropy_sgd(x, steps, learning_rate, momentum, nesterov, inner_steps, inner_lr, gamma, gamma_growth, alpha,
+                      noise=0.0, xis=None):
+    """Algorithm 1, then optax's SGD momentum; float64, parameters after each outer step.
+
+    The Langevin step is the official code's (``ucla-vision/entropy-sgd``, python/optim.py):
+    ``dw = grad - g (wc - w) + eps / sqrt(0.5 lr) * xi;  w -= lr * dw``, with ``xis[t][k]``
+    the standard normal draw of outer step t, inner step k.
+    """
     x = x.astype(np.float64)
     m = np.zeros_like(x)
     out = []
@@ -43,7 +49,10 @@ def numpy_entropy_sgd(x, steps, learning_rate, momentum, nesterov, inner_steps, 
         g_t = gamma * (1 + gamma_growth) ** t
         xp, mu = x.copy(), x.copy()
         for k in range(inner_steps):
-            xp = xp - inner_lr * (grad_k(xp, k) - g_t * (x - xp))
+            dw = grad_k(xp, k) - g_t * (x - xp)
+            if noise:
+                dw = dw + noise / np.sqrt(0.5 * inner_lr) * xis[t][k]
+            xp = xp - inner_lr * dw
             mu = (1 - alpha) * mu + alpha * xp
         u = g_t * (x - mu)
         m = u + momentum * m
@@ -102,7 +111,27 @@ def test_noise_is_deterministic_per_seed_and_differs_across_seeds():
     assert not np.allclose(a, c)
     clean = numpy_entropy_sgd(X0, 3, momentum=0.9, nesterov=True, **{k: v for k, v in kw.items() if k != "noise"})
     assert not np.allclose(a, clean, atol=1e-4)  # the noise is there
-    np.testing.assert_allclose(a, clean, atol=0.5)  # and of the size sqrt(inner_lr) * noise
+    np.testing.assert_allclose(a, clean, atol=0.5)  # and of the size sqrt(2 inner_lr) * noise
+
+
+def _draws(seed, steps, inner_steps):
+    """The transform's standard normal draws (one leaf of shape (4,)), in the order it uses them."""
+    key, out = jax.random.PRNGKey(seed), []
+    for _ in range(steps):
+        key, step_key = jax.random.split(key)
+        out.append([np.asarray(jax.random.normal(jax.random.split(jax.random.fold_in(step_key, k), 1)[0], (4,)),
+                               np.float64) for k in range(inner_steps)])
+    return out
+
+
+def test_langevin_noise_matches_the_official_code():
+    # sqrt(2 lr) * eps * xi on x' (the official eps / sqrt(lr / 2) on the gradient), not Algorithm 1's sqrt(lr)
+    kw = dict(learning_rate=0.3, momentum=0.5, nesterov=True, noise=0.05, **HP)
+    got = run(entropy_sgd(seed=3, **kw), 3)
+    want = numpy_entropy_sgd(X0, 3, xis=_draws(3, 3, HP["inner_steps"]), **kw)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    paper = numpy_entropy_sgd(X0, 3, xis=_draws(3, 3, HP["inner_steps"]), **{**kw, "noise": 0.05 / np.sqrt(2)})
+    assert np.abs(paper - want).max() > 1e-3  # sqrt(lr) eps would be caught
 
 
 def test_reduces_a_quadratic():

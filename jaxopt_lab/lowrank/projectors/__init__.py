@@ -22,17 +22,20 @@ PROJECTORS = {
 
 def get_projector(projector) -> Projector:
     """A Projector from itself or its name (``"svd"``, ``"svd_gram"``, ``"svd_lapack"``,
-    ``"randomized_svd"``, ``"dct"``, ``"random"``, or ``"int4_<name>"`` for int4 storage)."""
+    ``"randomized_svd"``, ``"dct"``, ``"random"``, or ``"int4_<name>"`` for int4 storage, asymmetric
+    as Q-GaLore, ``"int4_sym_<name>"`` symmetric)."""
     if isinstance(projector, Projector):
         return projector
     if isinstance(projector, str):
         name = projector
+        if name.startswith("int4_sym_") and name[9:] in PROJECTORS:
+            return int4_projector(PROJECTORS[name[9:]](), symmetric=True)
         if name.startswith("int4_") and name[5:] in PROJECTORS:
             return int4_projector(PROJECTORS[name[5:]]())
         if name in PROJECTORS:
             return PROJECTORS[name]()
     raise ValueError(
-        f"projector must be a Projector or one of {sorted(PROJECTORS)} (optionally prefixed 'int4_'), got {projector!r}"
+        f"projector must be a Projector or one of {sorted(PROJECTORS)} (optionally prefixed 'int4_' or 'int4_sym_'), got {projector!r}"
     )
 
 
