@@ -32,8 +32,8 @@ The step runs as ``jax.jit(jax.vmap(step, axis_name="workers",
 spmd_axis_name="workers"))`` over arrays placed with ``NamedSharding`` on the
 2-D mesh, its results constrained to the same layout: the vmapped worker
 dimension is partitioned over the mesh's ``"workers"`` axis, and everything
-inside one worker (the FSDP all-gathers of the parameters, the reduce-scatter
-of their gradients) is left to XLA's SPMD partitioner over ``"model"``. The
+inside one worker (the FSDP all-gathers of the parameters, the reduction of
+their gradients) is left to XLA's SPMD partitioner over ``"model"``. The
 methods' collectives (``pmean``, ``psum``, ``ppermute``, ``all_gather``,
 ``axis_index`` over ``"workers"``) are vmap's batched collectives, which the
 partitioner lowers to collectives across the worker groups only: the methods
@@ -41,10 +41,11 @@ run unchanged, and :attr:`WorkerRunner.axis_name` is ``"workers"`` for any k.
 This is how DrJAX (github:google-research/drjax, used by MaxText's DiLoCo)
 maps its per-worker functions. The other way the design allows, a
 partial-manual ``shard_map`` over ``"workers"`` with ``"model"`` left automatic,
-needs a ``("devices", "workers")`` pair of names when k > 1 and JAX's
-partial-auto support on every backend; the vmap form needs neither. A step that
+needs a vmap inside it and a ``("devices", "workers")`` pair of names when
+k > 1; the vmap form keeps one name. A step that
 does not synchronize (``map_sync``'s ``sync=-1`` program) has no collective
-over ``"workers"``: its only collectives are inside each group.
+over ``"workers"``: its only collectives are inside each group (tested on
+the compiled HLO's replica groups).
 
 Bounded dispatch on CPU (why the mapped step sometimes waits)
 -------------------------------------------------------------
