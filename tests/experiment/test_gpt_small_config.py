@@ -3,10 +3,11 @@
 The config is meant for a GPU or a pod. Here it is built with ``jax.eval_shape`` (nothing
 allocated) and its memory estimate checked against one H200; then its model is shrunk by
 overrides and trained 2 steps through the trainer, on 4 workers of 2 CPU devices each (the
-(workers x model) mesh, FSDP inside each worker).
+(workers x model) mesh, FSDP inside each worker), checkpointed and resumed.
 """
 
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -36,8 +37,12 @@ def test_full_size_builds_from_shapes():
 def test_shrunk_runs_two_steps_with_workers_spanning_devices(tmp_path):
     tiny = ["model.layers=1", "model.width=32", "model.heads=2", "model.context=16", "model.vocab_size=256",
             "data.context=16", "train.steps=2", "train.batch_size=4", "train.eval_every=0", "train.eval_batches=1",
-            "method.sync_every=1", "workers.count=4", "workers.devices_per_worker=2", "checkpoint.every=0",
+            "method.sync_every=1", "workers.count=4", "workers.devices_per_worker=2", "checkpoint.every=1",
             "logging.progress=false", "logging.tensorboard=false", f"run.out_dir={tmp_path}"]
     result = trainer.run(PATH, tiny)
     assert result.final["step"] == 2 and np.isfinite(result.final["loss"]) and np.isfinite(result.final["eval_loss"])
     assert result.final["bytes_communicated"] > 0  # both steps synchronize (one compiled program)
+    # the sharded state checkpoints and resumes: step 2 again from checkpoint 1 gives the same numbers
+    shutil.rmtree(os.path.join(result.run_dir, "checkpoints", "2"))
+    resumed = trainer.resume(result.run_dir)
+    assert {k: resumed.final[k] for k in ("loss", "eval_loss")} == {k: result.final[k] for k in ("loss", "eval_loss")}
