@@ -1,6 +1,6 @@
 """Workers that span devices: a 2-D (workers x model) mesh gives the vmap run's numbers, 1/d of the memory.
 
-On the 8 forced CPU devices of the test session, W x d = 8x1, 4x2, 2x4 (and 1x8
+On the 8 forced CPU devices of the test session, W x d = 8x1, 4x2, 2x4 (8x2: two workers per group; 1x8
 for data parallelism) against ``vmap`` with the same W, for DiLoCo, Streaming
 DiLoCo and gossip, through ``map_sync`` with donated state (as the trainer runs
 them). Each worker's state is FSDP-sharded over its d devices; the bytes each
@@ -74,7 +74,8 @@ def run(runner, method, steps=STEPS):
     return runner.get(state), state
 
 
-LAYOUTS = {"diloco": [(8, 1), (4, 2), (2, 4)], "streaming": [(8, 1), (4, 2), (2, 4)],
+LAYOUTS = {"diloco": [(8, 1), (4, 2), (2, 4), (8, 2)],  # 8 x 2: two workers per group of 2 devices
+           "streaming": [(8, 1), (4, 2), (2, 4)],
            "gossip": [(8, 1), (4, 2), (2, 4)], "ddp": [(1, 8)]}
 CASES = [(m, w, d) for m, layouts in LAYOUTS.items() for w, d in layouts]
 
@@ -230,3 +231,14 @@ def test_a_step_that_does_not_synchronize_has_no_collective_across_workers():
     assert no_sync and all(g == inside for g in no_sync), no_sync
     across = [g for g in sync if g != inside]
     assert len(across) == 1 and "axis_1" not in across[0].split("{")[-1], sync  # over the worker axis only
+
+
+def test_spanning_layouts_take_their_devices_and_keep_the_cpu_queue_bound():
+    from jaxopt_lab.distributed.workers import CPU_MAX_IN_FLIGHT
+
+    small = WorkerRunner(2, "shard_map", devices_per_worker=2)  # W x d = 4 of 8 devices, in one process
+    assert small.devices == tuple(jax.devices()[:4]) and small.mesh.shape == {"workers": 2, "model": 2}
+    stacked = WorkerRunner(8, "shard_map", devices_per_worker=2)  # 2 workers per group of 2 devices
+    assert (stacked.worker_groups, stacked.workers_per_device, stacked.axis_name) == (4, 2, "workers")
+    # several CPU devices of this process run each program: the queue bound of workers.py applies
+    assert stacked.in_flight_bound == CPU_MAX_IN_FLIGHT
