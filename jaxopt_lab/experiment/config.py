@@ -401,12 +401,22 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Keys added to resolved configs after runs were made: a config written before holds none of them,
+# which means the value here (the behaviour of its time), so resuming such a run is not refused.
+ADDED_KEYS: dict[str, Any] = {"workers.devices_per_worker": 1, "model.tie_embeddings": False}
+
+
 def differing_keys(a: Mapping[str, Any], b: Mapping[str, Any], ignore: Iterable[str] = ()) -> list[str]:
-    """Dotted keys whose values differ between two nested configs (``ignore``: key prefixes)."""
+    """Dotted keys whose values differ between two nested configs (``ignore``: key prefixes).
+
+    A key of :data:`ADDED_KEYS` absent from one side counts as its value there."""
     fa, fb = flatten(a), flatten(b)
     ignore = tuple(ignore)
 
     def ignored(key: str) -> bool:
         return any(key == p or key.startswith(p + ".") for p in ignore)
 
-    return sorted(k for k in set(fa) | set(fb) if not ignored(k) and fa.get(k, "<absent>") != fb.get(k, "<absent>"))
+    def value(flat: dict[str, Any], key: str) -> Any:
+        return flat.get(key, ADDED_KEYS.get(key, "<absent>"))
+
+    return sorted(k for k in set(fa) | set(fb) if not ignored(k) and value(fa, k) != value(fb, k))

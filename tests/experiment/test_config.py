@@ -129,6 +129,13 @@ def test_differing_keys():
     a = {"method": {"learning_rate": 1.0, "b1": 0.9}, "logging": {"progress": True}}
     b = {"method": {"learning_rate": 2.0}, "logging": {"progress": False}}
     assert config_lib.differing_keys(a, b, ignore=["logging"]) == ["method.b1", "method.learning_rate"]
+    # a run resolved before workers.devices_per_worker / model.tie_embeddings existed resumes
+    old = {"workers": {"count": 8, "mode": "vmap"}, "model": {"name": "gpt", "width": 128}}
+    new = {"workers": {"count": 8, "mode": "vmap", "devices_per_worker": 1},
+           "model": {"name": "gpt", "width": 128, "tie_embeddings": False}}
+    assert config_lib.differing_keys(old, new) == []
+    assert config_lib.differing_keys(old, {**new, "workers": {**new["workers"], "devices_per_worker": 2}}) == [
+        "workers.devices_per_worker"]
 
 
 ABSTRACT_ONLY = {"diloco_gpt_small.toml"}  # tests/experiment/test_gpt_small_config.py
