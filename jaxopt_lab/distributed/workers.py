@@ -10,11 +10,42 @@ runner decides how the W workers are laid out:
   same mode spans several processes after ``jax.distributed.initialize()``,
   since the mesh is built from the global device list.
 
+* ``"shard_map"`` with ``devices_per_worker = d > 1``: one worker spans d
+  devices. The mesh is 2-D, ``("workers", "model")`` of shape (n/d, d); W must
+  be a multiple of n/d (k = W·d/n workers per group of d devices). Every
+  leaf of a worker's parameters and optimizer state is sharded over the d
+  devices of its group (FSDP-style: along its largest axis that d divides, see
+  :func:`fsdp_spec`; a model's flax nnx partitioning annotations instead where
+  given, see :func:`nnx_partition_specs` and ``param_specs``), batches along
+  their batch axis (:meth:`WorkerRunner.put` with ``batch_axis``). See
+  "Workers that span devices" below.
+
 Every argument and result of the mapped step carries a leading worker axis of
 size W. Methods that synchronize every few steps run through :meth:`WorkerRunner.map_sync`,
 which decides on the host whether a step synchronizes and calls one of two
 compiled programs (see :mod:`jaxopt_lab.distributed.sync`). With k > 1 workers per device the collectives run over two names,
 ``("devices", "workers")``; build the methods with ``axis_name=runner.axis_name``.
+
+Workers that span devices (``devices_per_worker > 1``)
+----------------------------------------------------
+The step runs as ``jax.jit(jax.vmap(step, axis_name="workers",
+spmd_axis_name="workers"))`` over arrays placed with ``NamedSharding`` on the
+2-D mesh, its results constrained to the same layout: the vmapped worker
+dimension is partitioned over the mesh's ``"workers"`` axis, and everything
+inside one worker (the FSDP all-gathers of the parameters, the reduction of
+their gradients) is left to XLA's SPMD partitioner over ``"model"``. The
+methods' collectives (``pmean``, ``psum``, ``ppermute``, ``all_gather``,
+``axis_index`` over ``"workers"``) are vmap's batched collectives, which the
+partitioner lowers to collectives across the worker groups only: the methods
+run unchanged, and :attr:`WorkerRunner.axis_name` is ``"workers"`` for any k.
+This is how DrJAX (github:google-research/drjax, used by MaxText's DiLoCo)
+maps its per-worker functions. The other way the design allows, a
+partial-manual ``shard_map`` over ``"workers"`` with ``"model"`` left automatic,
+needs a vmap inside it and a ``("devices", "workers")`` pair of names when
+k > 1; the vmap form keeps one name. A step that
+does not synchronize (``map_sync``'s ``sync=-1`` program) has no collective
+over ``"workers"``: its only collectives are inside each group (tested on
+the compiled HLO's replica groups).
 
 Bounded dispatch on CPU (why the mapped step sometimes waits)
 -------------------------------------------------------------
@@ -78,6 +109,8 @@ from jaxopt_lab._compat import shard_map
 from jaxopt_lab.distributed.sync import refresh_counters, static_decisions, sync_flags
 
 MODES = ("vmap", "shard_map")
+WORKER_AXIS = "workers"
+MODEL_AXIS = "model"  # the mesh axis inside one worker (devices_per_worker > 1)
 
 # Steps a mapped step lets run ahead on CPU with several local devices (see the module
 # docstring): far below XLA's 32 in-flight computations per device, while still letting
@@ -122,12 +155,33 @@ class WorkerRunner:
         ``shard_map`` mode on CPU with several of the mesh's devices in this
         process (where an unbounded queue deadlocks, see the module docstring),
         unbounded otherwise.
+      devices_per_worker: d, the devices one worker spans (``shard_map`` mode
+        only). d > 1: a 2-D mesh ``("workers", "model")`` of shape (n/d, d) over
+        the n devices, each worker's state sharded over its d devices (see the
+        module docstring); d must divide n and W must be a multiple of n/d (in
+        one process W·d may also divide n: the first W·d devices are used).
+      param_specs: with d > 1, one worker's parameters as a tree of
+        ``PartitionSpec`` over ``"model"`` (e.g. :func:`nnx_partition_specs` of
+        an annotated model). Every subtree of a placed or returned tree that has
+        the parameters' tree structure (the parameters themselves, Adam's
+        moments, DiLoCo's anchor, ...) is laid out by it; every other leaf by
+        :func:`fsdp_spec`. None: :func:`fsdp_spec` everywhere.
+
+    Example (8 devices, 4 workers of 2 devices each; DiLoCo across the workers,
+    FSDP inside each)::
+
+        runner = WorkerRunner(4, "shard_map", devices_per_worker=2)
+        tx = jaxopt_lab.diloco(optax.adamw(1e-3), sync_every=10, axis_name=runner.axis_name)
+        state = runner.put(runner.replicate((params, tx.init(params))))  # sharded (workers, model)
+        xs, ys = runner.put((xs, ys), batch_axis=1)  # (W, batch, ...): each worker's batch over its devices
     """
 
     num_workers: int
     mode: str = "vmap"
     devices: Sequence[Any] | None = None
     max_in_flight: int | None = None
+    devices_per_worker: int = 1
+    param_specs: Any = None
 
     def __post_init__(self):
         w = self.num_workers
@@ -138,7 +192,32 @@ class WorkerRunner:
         m = self.max_in_flight
         if m is not None and (not isinstance(m, int) or isinstance(m, bool) or m < 1):
             raise ValueError(f"max_in_flight must be None or an int >= 1, got {m!r}")
-        if self.mode == "shard_map":
+        d = self.devices_per_worker
+        if not isinstance(d, int) or isinstance(d, bool) or d < 1:
+            raise ValueError(f"devices_per_worker must be an int >= 1, got {d!r}")
+        if d > 1 and self.mode != "shard_map":
+            raise ValueError(f"devices_per_worker={d} needs mode='shard_map' (mode {self.mode!r} runs every "
+                             f"worker on one device)")
+        if self.param_specs is not None and d == 1:
+            raise ValueError("param_specs lay a worker's parameters out over its devices: they need "
+                             "devices_per_worker > 1")
+        if d > 1:
+            devices = list(self.devices) if self.devices is not None else jax.devices()
+            n = len(devices)
+            if n % d:
+                raise ValueError(f"devices_per_worker={d} does not divide the {n} devices: a worker spans d "
+                                 f"devices, so d must divide the device count")
+            if self.devices is None and jax.process_count() == 1 and w * d < n and n % (w * d) == 0:
+                devices = devices[: w * d]
+            groups = len(devices) // d
+            if w % groups:
+                raise ValueError(
+                    f"num_workers={w} does not fit {n} devices as groups of devices_per_worker={d}: "
+                    f"it must be a multiple of the {groups} groups (or, in one process, W x d must divide "
+                    f"the device count)"
+                )
+            object.__setattr__(self, "devices", tuple(devices))
+        elif self.mode == "shard_map":
             devices = list(self.devices) if self.devices is not None else jax.devices()
             if w < len(devices) and self.devices is None and jax.process_count() == 1 and len(devices) % w == 0:
                 devices = devices[:w]
@@ -150,22 +229,91 @@ class WorkerRunner:
             object.__setattr__(self, "devices", tuple(devices))
 
     @property
+    def spans_devices(self) -> bool:
+        """Whether one worker spans several devices (``devices_per_worker > 1``)."""
+        return self.devices_per_worker > 1
+
+    @property
+    def worker_groups(self) -> int:
+        """Groups of ``devices_per_worker`` devices the workers are spread over (1 under vmap)."""
+        return 1 if self.mode == "vmap" else len(self.devices) // self.devices_per_worker
+
+    @property
     def workers_per_device(self) -> int:
-        return 1 if self.mode == "vmap" else self.num_workers // len(self.devices)
+        """Workers per device (d = 1), or per group of d devices (d > 1)."""
+        return 1 if self.mode == "vmap" else self.num_workers // self.worker_groups
 
     @property
     def axis_name(self) -> str | tuple[str, str]:
         """The axis name(s) the methods' collectives must use under this runner."""
-        if self.mode == "shard_map" and self.workers_per_device > 1:
+        if self.mode == "shard_map" and not self.spans_devices and self.workers_per_device > 1:
             return ("devices", "workers")
-        return "workers"
+        return WORKER_AXIS
 
     @property
     def mesh(self) -> Mesh | None:
         if self.mode == "vmap":
             return None
+        if self.spans_devices:
+            grid = np.asarray(self.devices, dtype=object).reshape(self.worker_groups, self.devices_per_worker)
+            return Mesh(grid, (WORKER_AXIS, MODEL_AXIS))
         name = "devices" if self.workers_per_device > 1 else "workers"
         return Mesh(np.asarray(self.devices), (name,))
+
+    def specs(self, tree: Any, batch_axis: int | None = None) -> Any:
+        """The ``PartitionSpec`` of each leaf of a worker-stacked ``tree`` (leading axis W) on :attr:`mesh`.
+
+        d = 1: the worker axis only. d > 1: also one axis of each leaf over
+        ``"model"``: ``batch_axis`` where given (and d divides it), else the
+        parameters' layout for subtrees shaped like them (``param_specs``), else
+        :func:`fsdp_spec`. Leaves are anything with a ``shape``.
+        """
+        if self.mode == "vmap":
+            raise ValueError("specs: a vmap runner has no mesh")
+        name = self.mesh.axis_names[0]
+        d = self.devices_per_worker
+
+        def default(x):
+            shape = tuple(np.shape(x))
+            if not self.spans_devices:
+                return PartitionSpec(name)
+            if batch_axis is not None:
+                if not 1 <= batch_axis < len(shape):
+                    raise ValueError(f"batch_axis={batch_axis} is not an axis after the worker axis of shape {shape}")
+                inner = [None] * (len(shape) - 1)
+                if shape[batch_axis] % d == 0:
+                    inner[batch_axis - 1] = MODEL_AXIS
+                return PartitionSpec(name, *inner)
+            return PartitionSpec(name, *fsdp_spec(shape[1:], d))
+
+        if self.param_specs is None or batch_axis is not None or not self.spans_devices:
+            return jax.tree.map(default, tree)
+        is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+        param_def = jax.tree.structure(self.param_specs, is_leaf=is_spec)
+        param_leaves = jax.tree.leaves(self.param_specs, is_leaf=is_spec)
+
+        def like_params(node):
+            try:
+                return jax.tree.structure(node) == param_def
+            except Exception:  # noqa: BLE001 - not a pytree we can compare
+                return False
+
+        def place(node):
+            if not like_params(node):
+                return default(node)
+            specs = []
+            for x, spec in zip(jax.tree.leaves(node), param_leaves):
+                shape = tuple(np.shape(x))
+                specs.append(PartitionSpec(name, *_checked_spec(spec, shape[1:], d)))
+            return jax.tree.unflatten(param_def, specs)
+
+        return jax.tree.map(place, tree, is_leaf=like_params)
+
+    def shardings(self, tree: Any, batch_axis: int | None = None) -> Any:
+        """``NamedSharding`` of each leaf of a worker-stacked ``tree`` (see :meth:`specs`)."""
+        mesh = self.mesh
+        return jax.tree.map(lambda spec: NamedSharding(mesh, spec), self.specs(tree, batch_axis),
+                            is_leaf=lambda x: isinstance(x, PartitionSpec))
 
     @property
     def in_flight_bound(self) -> int | None:
@@ -188,8 +336,14 @@ class WorkerRunner:
         caller must not use again: state that a step passes through unchanged
         (DiLoCo's anchor and outer momentum between synchronizations) then costs
         no copy.
+
+        With ``devices_per_worker > 1`` the arguments should be placed by
+        :meth:`put` (the program takes their shardings); every result is laid
+        out by :meth:`specs` (so the state stays sharded step after step).
         """
         bound = self.in_flight_bound
+        if self.spans_devices:
+            return self._map_spanning(step, donate_argnums, bound)
         if self.mode == "vmap":
             mapped = jax.vmap(step, axis_name="workers")
             if bound is None:
@@ -216,6 +370,25 @@ class WorkerRunner:
         jitted = jax.jit(shard_map(with_token, mesh=mesh, in_specs=spec, out_specs=spec), donate_argnums=donate_argnums)
         return _BoundedSteps(jitted, bound)
 
+    def _map_spanning(self, step, donate_argnums, bound):
+        """d > 1: vmap over the workers, partitioned over the mesh's worker axis; see the module docstring."""
+        mesh = self.mesh
+        mapped = jax.vmap(step, axis_name=WORKER_AXIS, spmd_axis_name=WORKER_AXIS)
+
+        def program(*args):
+            out = mapped(*args)
+            return jax.lax.with_sharding_constraint(out, self.shardings(out))
+
+        if bound is None:
+            return jax.jit(program, donate_argnums=donate_argnums)
+        token_sharding = NamedSharding(mesh, PartitionSpec(WORKER_AXIS, MODEL_AXIS))
+
+        def with_token(*args):  # one byte per device, ready when the step is done everywhere
+            token = jnp.zeros((self.worker_groups, self.devices_per_worker), jnp.int8)
+            return program(*args), jax.lax.with_sharding_constraint(token, token_sharding)
+
+        return _BoundedSteps(jax.jit(with_token, donate_argnums=donate_argnums), bound)
+
     def map_sync(self, step: Callable[..., Any], donate_argnums: int | Sequence[int] = ()) -> "SyncedStep":
         """Like :meth:`map` for a ``step(*args, sync=...)`` that passes ``sync`` to a periodic transform.
 
@@ -235,24 +408,28 @@ class WorkerRunner:
         """
         return SyncedStep(self, step, donate_argnums)
 
-    def put(self, tree: Any) -> Any:
+    def put(self, tree: Any, batch_axis: int | None = None) -> Any:
         """Place a host tree whose leaves have a leading worker axis of size W.
 
         vmap: on the default device. shard_map: split over the mesh; in several
         processes each process passes the same full tree (e.g. generated from a
-        seed) and contributes its own devices' slices.
+        seed) and contributes its own devices' slices. With ``devices_per_worker
+        > 1`` each worker's slice is also sharded over its devices (see
+        :meth:`specs`): parameters and optimizer state by their layout, or, for
+        a batch, along ``batch_axis`` (an axis of the stacked array, after the
+        worker axis), so each device computes on its part of its worker's batch.
         """
         if self.mode == "vmap":
             return jax.device_put(tree)
-        sharding = NamedSharding(self.mesh, PartitionSpec(self.mesh.axis_names[0]))
+        for x in jax.tree.leaves(tree):
+            if np.shape(x)[:1] != (self.num_workers,):
+                raise ValueError(f"leading axis must be the {self.num_workers} workers, got shape {np.shape(x)}")
 
-        def place(x):
+        def place(x, sharding):
             x = np.asarray(x)
-            if x.shape[:1] != (self.num_workers,):
-                raise ValueError(f"leading axis must be the {self.num_workers} workers, got shape {x.shape}")
             return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
-        return jax.tree.map(place, tree)
+        return jax.tree.map(place, tree, self.shardings(tree, batch_axis))
 
     def get(self, tree: Any) -> Any:
         """Bring a worker-stacked tree back to host numpy arrays (all processes get all of it)."""
@@ -320,3 +497,75 @@ class _BoundedSteps:
 
     def __getattr__(self, name):
         return getattr(self._jitted, name)
+
+
+def fsdp_spec(shape: Sequence[int], d: int, axis: str = MODEL_AXIS) -> tuple[Any, ...]:
+    """FSDP layout of one worker's leaf of ``shape`` over ``d`` devices: its largest axis that d divides.
+
+    Ties go to the first such axis (an embedding (vocab, width) and a kernel
+    (in, out) of equal sides shard their rows). Scalars, and leaves with no axis
+    d divides, stay replicated over the worker's devices (they are small: biases,
+    norms, counters; a large one is a sign to pick another d).
+    """
+    spec: list[Any] = [None] * len(shape)
+    best = None
+    for i, n in enumerate(shape):
+        if n % d == 0 and n >= d and (best is None or n > shape[best]):
+            best = i
+    if best is not None and d > 1:
+        spec[best] = axis
+    return tuple(spec)
+
+
+def _checked_spec(spec: Any, shape: Sequence[int], d: int) -> tuple[Any, ...]:
+    """An annotated per-worker spec, padded to ``shape``'s rank, checked against d."""
+    spec = tuple(spec) + (None,) * (len(shape) - len(tuple(spec)))
+    if len(spec) != len(shape):
+        raise ValueError(f"param_specs: spec {PartitionSpec(*spec)} has more axes than the leaf's shape {tuple(shape)}")
+    for n, name in zip(shape, spec):
+        names = name if isinstance(name, tuple) else (name,)
+        if any(x not in (None, MODEL_AXIS) for x in names):
+            raise ValueError(f"param_specs: spec {PartitionSpec(*spec)} names {name!r}; inside a worker the "
+                             f"only mesh axis is {MODEL_AXIS!r} (map other names with nnx_partition_specs(rules=))")
+        if MODEL_AXIS in names and n % d:
+            raise ValueError(f"param_specs: axis of size {n} (shape {tuple(shape)}, spec {PartitionSpec(*spec)}) "
+                             f"is not divisible by devices_per_worker={d}")
+    return spec
+
+
+def nnx_partition_specs(params: Any, rules: dict[str, Any] | None = None) -> Any:
+    """One worker's ``PartitionSpec`` tree from a flax nnx model's partitioning annotations.
+
+    ``params``: an ``nnx.State`` of the parameters (``nnx.split(model, nnx.Param, ...)[1]``)
+    or the model. Each ``nnx.with_partitioning`` annotation names a mesh axis per
+    array axis; ``"model"`` (the axis inside a worker) is kept, ``rules`` maps
+    any other name (a logical name such as ``"embed"``, or another mesh's axis)
+    to ``"model"`` or None. A name neither ``"model"`` nor in ``rules`` is an
+    error naming it. Unannotated parameters get ``PartitionSpec()`` (replicated
+    over the worker's devices), as flax reads them; leave ``param_specs`` unset
+    for FSDP everywhere.
+
+    Create an annotated model with ``nnx.use_eager_sharding(False)`` (or under a
+    mesh) when it is built outside one.
+    """
+    from flax import nnx
+
+    if isinstance(params, nnx.Module):
+        params = nnx.state(params, nnx.Param)
+    rules = dict(rules or {})
+    specs = nnx.get_partition_spec(params)
+
+    def translate(spec):
+        out = []
+        for name in tuple(spec):
+            if name is None or name == MODEL_AXIS:
+                out.append(name)
+            elif isinstance(name, str) and name in rules:
+                out.append(rules[name])
+            else:
+                raise ValueError(f"nnx_partition_specs: annotation axis {name!r} is neither {MODEL_AXIS!r} nor "
+                                 f"in rules ({sorted(rules)}): say which mesh axis it is (rules={{{name!r}: "
+                                 f"{MODEL_AXIS!r}}} or None)")
+        return PartitionSpec(*out)
+
+    return jax.tree.map(translate, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))

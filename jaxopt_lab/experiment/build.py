@@ -28,7 +28,7 @@ from jaxopt_lab.experiment.config import (
     check_kwargs,
     signature_params,
 )
-from jaxopt_lab.distributed.workers import WorkerRunner
+from jaxopt_lab.distributed.workers import WorkerRunner, nnx_partition_specs
 from jaxopt_lab.experiment.methods import _is_method_table, build_method, resolve_method, takes_axis_name
 from jaxopt_lab.models import MODELS
 
@@ -107,7 +107,8 @@ def _build_data(data: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
     return dataset, {"name": name, **_with_defaults(loader, kwargs)}
 
 
-def _build_model(model: Mapping[str, Any], dataset: Any, seed: int) -> tuple[nnx.Module, dict[str, Any]]:
+def _build_model(model: Mapping[str, Any], dataset: Any, seed: int, abstract: bool = False
+                 ) -> tuple[nnx.Module, dict[str, Any]]:
     kwargs = dict(model)
     name = kwargs.pop("name")
     if name not in MODELS:
@@ -134,7 +135,8 @@ def _build_model(model: Mapping[str, Any], dataset: Any, seed: int) -> tuple[nnx
     kwargs = {**base, **derived, **kwargs}
     try:
         # one compiled init instead of an eager op-by-op one (seconds faster on CPU)
-        module = nnx.jit(lambda: cls(**kwargs, rngs=nnx.Rngs(params=seed)))()
+        make = lambda: cls(**kwargs, rngs=nnx.Rngs(params=seed))  # noqa: E731
+        module = nnx.eval_shape(make) if abstract else nnx.jit(make)()
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model ({name}): {e}") from None
     resolved = {"name": name, **({"preset": preset} if preset is not None else {})}
@@ -150,7 +152,19 @@ def _resolve_method_table(method: Mapping[str, Any]) -> dict[str, Any]:
     return {"name": method["name"], **_with_defaults(fn, kwargs)}
 
 
-def _build_method(config: ExperimentConfig) -> tuple[optax.GradientTransformation, dict, WorkerRunner | None]:
+def _param_specs(model: nnx.Module | None) -> Any:
+    """The model's nnx partitioning annotations as per-worker specs, or None (unannotated: FSDP)."""
+    if model is None:
+        return None
+    annotated = any(
+        (v.get_metadata() or {}).get("out_sharding") or (v.get_metadata() or {}).get("sharding_names")
+        for _, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)
+    )
+    return nnx_partition_specs(model) if annotated else None
+
+
+def _build_method(config: ExperimentConfig, model: nnx.Module | None = None
+                  ) -> tuple[optax.GradientTransformation, dict, WorkerRunner | None]:
     method, workers = config.method, config.workers
     multi_worker = takes_axis_name(resolve_method(method["name"]))
     if workers.count > 1 and not multi_worker:
@@ -165,7 +179,9 @@ def _build_method(config: ExperimentConfig) -> tuple[optax.GradientTransformatio
     runner = None
     if multi_worker:
         try:
-            runner = WorkerRunner(workers.count, workers.mode)
+            d = workers.devices_per_worker
+            runner = WorkerRunner(workers.count, workers.mode, devices_per_worker=d,
+                                  param_specs=_param_specs(model) if d > 1 else None)
         except ValueError as e:
             raise ConfigError(f"workers: {e}") from None
     tx = build_method(method, axis_name=runner.axis_name if runner else None)
@@ -231,7 +247,7 @@ def check_memory(exp: Experiment, limit: int | None = None) -> int:
     if limit is None:
         devices = jax.devices()
         if exp.runner is not None and cfg.workers.mode == "shard_map":
-            devices = devices[: min(len(devices), workers)]
+            devices = list(exp.runner.devices)
         else:
             devices = devices[:1]
         limit, what = device_memory_bytes(devices)
@@ -248,17 +264,22 @@ def check_memory(exp: Experiment, limit: int | None = None) -> int:
     return total
 
 
-def build(config: ExperimentConfig) -> Experiment:
+def build(config: ExperimentConfig, abstract: bool = False) -> Experiment:
     """Build data, model and optimizer; return them with the resolved config.
 
     A config whose arrays cannot fit the device is refused here (:func:`check_memory`).
+    ``abstract=True``: the model's parameters are shapes only (``nnx.eval_shape``),
+    nothing is allocated and the memory check is left to the caller (which may pass
+    the memory of the machine the config is meant for): how a config written for a
+    GPU or a pod is checked on a laptop.
     """
     dataset, data = _build_data(config.data)
-    model, model_cfg = _build_model(config.model, dataset, config.run.seed)
-    tx, method, runner = _build_method(config)
+    model, model_cfg = _build_model(config.model, dataset, config.run.seed, abstract=abstract)
+    tx, method, runner = _build_method(config, model)
     resolved = dataclasses.replace(config, data=data, model=model_cfg, method=method)
     experiment = Experiment(config=resolved, data=dataset, model=model, tx=tx, runner=runner)
-    check_memory(experiment)
+    if not abstract:
+        check_memory(experiment)
     return experiment
 
 

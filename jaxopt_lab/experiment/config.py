@@ -11,7 +11,9 @@ A config has seven sections::
                   ``{schedule = "cosine_decay_schedule", init_value = 1e-3, decay_steps = 500}``
     [train]       steps, batch_size, grad_accum, eval_every, eval_batches, loss, sharpness_every,
                   norm_test_eta, max_batch_size
-    [workers]     count, mode ("vmap" | "shard_map"); batch_size is per worker
+    [workers]     count, mode ("vmap" | "shard_map"), devices_per_worker (d > 1: each worker
+                  spans d devices and shards its state over them; shard_map only); batch_size
+                  is per worker
     [checkpoint]  every, keep
     [logging]     tensorboard, progress
 
@@ -63,6 +65,9 @@ class TrainConfig:
 class WorkersConfig:
     count: int = 1  # W; > 1 needs a multi-worker method (data_parallel, diloco, gossip, ...)
     mode: str = "vmap"  # "vmap" (one device) or "shard_map" (over the devices)
+    # d: devices one worker spans (shard_map): a (workers x model) mesh, each worker's parameters,
+    # gradients and optimizer state sharded over its d devices (FSDP, or the model's nnx annotations)
+    devices_per_worker: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +108,7 @@ def is_recovery_key(key: str) -> bool:
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 _POSITIVE = {
     "train.steps", "train.batch_size", "train.grad_accum", "checkpoint.keep", "workers.count", "train.max_batch_size",
+    "workers.devices_per_worker",
 }
 _NON_NEGATIVE = {"train.eval_every", "train.eval_batches", "train.sharpness_every", "checkpoint.every", "run.seed"}
 LOSSES = ("cross_entropy", "stable_max")
@@ -261,6 +267,9 @@ def from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
         raise ConfigError(f"run.out_dir must not be empty, got {cfg.run.out_dir!r}")
     if cfg.workers.mode not in ("vmap", "shard_map"):
         raise ConfigError(f"workers.mode must be 'vmap' or 'shard_map', got {cfg.workers.mode!r}")
+    if cfg.workers.devices_per_worker > 1 and cfg.workers.mode != "shard_map":
+        raise ConfigError(f"workers.devices_per_worker = {cfg.workers.devices_per_worker} needs workers.mode = "
+                          f"'shard_map' (vmap runs every worker on one device)")
     if cfg.train.loss not in LOSSES:
         raise ConfigError(f"train.loss must be one of {LOSSES}, got {cfg.train.loss!r}")
     if cfg.train.sharpness_every and cfg.workers.count > 1:
@@ -392,12 +401,22 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Keys added to resolved configs after runs were made: a config written before holds none of them,
+# which means the value here (the behaviour of its time), so resuming such a run is not refused.
+ADDED_KEYS: dict[str, Any] = {"workers.devices_per_worker": 1, "model.tie_embeddings": False}
+
+
 def differing_keys(a: Mapping[str, Any], b: Mapping[str, Any], ignore: Iterable[str] = ()) -> list[str]:
-    """Dotted keys whose values differ between two nested configs (``ignore``: key prefixes)."""
+    """Dotted keys whose values differ between two nested configs (``ignore``: key prefixes).
+
+    A key of :data:`ADDED_KEYS` absent from one side counts as its value there."""
     fa, fb = flatten(a), flatten(b)
     ignore = tuple(ignore)
 
     def ignored(key: str) -> bool:
         return any(key == p or key.startswith(p + ".") for p in ignore)
 
-    return sorted(k for k in set(fa) | set(fb) if not ignored(k) and fa.get(k, "<absent>") != fb.get(k, "<absent>"))
+    def value(flat: dict[str, Any], key: str) -> Any:
+        return flat.get(key, ADDED_KEYS.get(key, "<absent>"))
+
+    return sorted(k for k in set(fa) | set(fb) if not ignored(k) and value(fa, k) != value(fb, k))

@@ -220,7 +220,9 @@ class Trainer:
         w = self.runner.num_workers
         xs, ys = zip(*(self.exp.data.batch(step * w + i, t.batch_size, self.cfg.run.seed) for i in range(w)))
         x, y = np.stack(xs), np.stack(ys)
-        return self.runner.put((x.reshape((w, k, -1) + x.shape[2:]), y.reshape((w, k, -1) + y.shape[2:])))
+        # (W, grad_accum, batch, ...): a worker spanning devices splits its batch over them (axis 2)
+        return self.runner.put((x.reshape((w, k, -1) + x.shape[2:]), y.reshape((w, k, -1) + y.shape[2:])),
+                               batch_axis=2 if self.runner.spans_devices else None)
 
     def evaluate(self, params) -> dict[str, float]:
         """Held-out metrics; with several workers, of the workers' average parameters."""

@@ -99,10 +99,16 @@ class TransformerBlock(nnx.Module):
 # "nano" (~0.47M parameters at vocab 256) trains on 2 CPU cores in about a
 # minute: 0.11-0.14 s per jitted adamw step at batch 32 x 64 tokens (after
 # warm-up, idle machine), so 300 steps take 32-42 s. "micro" is for tests.
+# "mini" (4.8M at vocab 256) is the largest that is still practical on a CPU.
+# "small" is GPT-2 small's shape (Radford et al. 2019; nanoGPT's gpt2 config):
+# 12 layers, width 768, 12 heads, context 1024, embeddings tied to the output
+# head: 124.4M parameters at GPT-2's vocab of 50257 (85.9M at vocab 256). It is
+# meant for a GPU or a pod (experiments/diloco_gpt_small.toml).
 GPT_PRESETS: dict[str, dict[str, Any]] = {
     "micro": dict(layers=1, width=32, heads=2, context=16),
     "nano": dict(layers=2, width=128, heads=4, context=64),
-    "small": dict(layers=6, width=256, heads=8, context=128),
+    "mini": dict(layers=6, width=256, heads=8, context=128),
+    "small": dict(layers=12, width=768, heads=12, context=1024, tie_embeddings=True),
 }
 
 
@@ -120,6 +126,8 @@ class GPT(nnx.Module):
         heads: number of attention heads per block.
         context: maximum sequence length (size of the positional embedding).
         dropout: dropout rate on the embeddings and residual branches.
+        tie_embeddings: compute the logits with the token embedding
+            (``token_embed.attend``) instead of a separate head, as GPT-2 does.
         rngs: random streams for the parameter initialisation (and dropout).
     """
 
@@ -133,6 +141,7 @@ class GPT(nnx.Module):
         heads: int = 4,
         context: int = 64,
         dropout: float = 0.0,
+        tie_embeddings: bool = False,
         *,
         rngs: nnx.Rngs,
     ):
@@ -155,7 +164,9 @@ class GPT(nnx.Module):
              for _ in range(layers)]
         )
         self.ln_final = nnx.LayerNorm(width, rngs=rngs)
-        self.head = nnx.Linear(width, vocab_size, use_bias=False, kernel_init=_INIT, rngs=rngs)
+        self.tie_embeddings = bool(tie_embeddings)
+        self.head = None if tie_embeddings else nnx.Linear(width, vocab_size, use_bias=False, kernel_init=_INIT,
+                                                           rngs=rngs)
 
     @classmethod
     def from_preset(cls, name: str, *, rngs: nnx.Rngs, **overrides: Any) -> "GPT":
@@ -184,4 +195,5 @@ class GPT(nnx.Module):
         x = self.embed_dropout(x, deterministic=deterministic)
         for block in self.blocks:
             x = block(x, deterministic=deterministic)
-        return self.head(self.ln_final(x))
+        x = self.ln_final(x)
+        return self.token_embed.attend(x) if self.tie_embeddings else self.head(x)

@@ -340,3 +340,25 @@ def test_dropout_only_when_not_deterministic(tokens):
     forward = nnx.jit(lambda m, t: (m(t), m(t, deterministic=False)))
     evaluation, train = forward(model, tokens)  # deterministic by default
     assert float(jnp.max(jnp.abs(train - evaluation))) > 1e-3
+
+
+def test_small_preset_is_gpt2_small():
+    # GPT-2 small (nanoGPT's "gpt2"): 12 x 768, 12 heads, context 1024, tied embeddings: 124,439,808
+    # parameters at GPT-2's vocabulary of 50257, counted from shapes only
+    model = abstract(lambda: GPT.from_preset("small", vocab_size=50257, rngs=nnx.Rngs(0)))
+    assert n_params(model) == 124_439_808
+    assert model.head is None and model.tie_embeddings
+    # untied, as the other presets: one more vocab x width matrix
+    untied = abstract(lambda: GPT.from_preset("small", vocab_size=50257, tie_embeddings=False, rngs=nnx.Rngs(0)))
+    assert n_params(untied) == 124_439_808 + 50257 * 768
+
+
+def test_tied_embeddings_compute_logits_with_the_token_embedding():
+    model = GPT.from_preset("micro", vocab_size=11, tie_embeddings=True, rngs=nnx.Rngs(0))
+    tokens = jnp.arange(8, dtype=jnp.int32).reshape(2, 4) % 11
+    logits = model(tokens)
+    assert logits.shape == (2, 4, 11)
+    hidden = model.token_embed(tokens) + model.pos_embed(jnp.arange(4))
+    for block in model.blocks:
+        hidden = block(hidden)
+    np.testing.assert_allclose(logits, model.ln_final(hidden) @ model.token_embed.embedding[...].T, rtol=1e-5, atol=1e-6)
