@@ -54,4 +54,9 @@ nb_execution_mode = "off"  # show the outputs committed with the notebooks
 
 html_theme = "sphinx_book_theme"
 html_title = "jaxopt_lab"
-html_theme_options = {"show_toc_level": 2}
+import tomllib  # noqa: E402
+
+with open(os.path.join(ROOT, "pyproject.toml"), "rb") as _f:
+    _REPOSITORY = tomllib.load(_f)["project"]["urls"]["Repository"]  # the one place the URL is set
+html_theme_options = {"show_toc_level": 2, "repository_url": _REPOSITORY, "use_repository_button": True,
+                      "path_to_docs": "docs/source"}
