@@ -103,7 +103,7 @@ QUICKSTART = [
         "    if (step + 1) % max(1, STEPS // 6) == 0 or step + 1 == STEPS:\n"
         "        history['val_step'].append(step + 1)\n"
         "        history['val'].append(validation_loss(model))\n"
-        "print(f\"validation loss {history['val'][0]:.3f} -> {history['val'][-1]:.3f} after {STEPS} steps\")"
+        "show_table([{'step': t, 'validation loss (nats/byte)': f'{v:.3f}'} for t, v in zip(history['val_step'], history['val'])])"
     ),
     new_code_cell(
         "import matplotlib.pyplot as plt\n"
