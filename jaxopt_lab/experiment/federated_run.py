@@ -1,7 +1,7 @@
 """Run a federated-simulation config: several methods on one client population, side by side.
 
 A federated config (``experiments/fed_digits.toml``) is recognized by its
-``[federated]`` table; ``jaxopt-lab run`` hands it here. Sections:
+``[federated]`` table; ``jaxopt-lab run`` hands it here. Sections::
 
     [run]              name, seed, out_dir
     [federated]        the population and the budget, shared by every method:

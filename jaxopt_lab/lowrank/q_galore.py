@@ -8,7 +8,7 @@ GaLore (see :mod:`jaxopt_lab.lowrank.galore`) with three changes:
    over the exact SVD projector, by default).
 2. **Lazy, layer-adaptive refresh.** At each scheduled refresh of a matrix's
    projector the new basis is computed and the absolute cosine similarity of
-   the successive leading singular vectors
+   the successive leading singular vectors::
 
        c_k = |⟨p_k, p_{k−1}⟩| / (‖p_k‖ ‖p_{k−1}‖)      (p = first column of P)
 
