@@ -1,23 +1,54 @@
-"""Write the notebooks in notebooks/ from the cell sources below (outputs stay empty).
+"""Write the notebooks in notebooks/ from the cell sources below, and run them for their outputs.
 
-Editing a notebook by hand works too; this script keeps their source reviewable.
-    python scripts/make_notebooks.py
+    python scripts/make_notebooks.py --execute   # write every notebook and run it: outputs committed
+    python scripts/make_notebooks.py [NAME ...]  # write (these) notebooks without outputs
+
+The notebooks are committed with their outputs (tables and plots show where the repository is
+browsed, and in the documentation site, which does not run them); regenerate them with
+``--execute`` after changing a cell below. Each opens with an "Open in Colab" badge, and its
+install cell installs ``git+<repository URL>`` when jaxopt_lab is missing. The repository's URL
+is read from pyproject.toml's ``[project.urls] Repository``: change it there, then rerun this.
 """
 
 import os
+import sys
+import tomllib
 
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-INSTALL = '''\
-# Colab / fresh kernel: install jaxopt_lab when it is missing.
-# SOURCE: where to install it from (a git URL or a local checkout), or set JAXOPT_LAB_SOURCE.
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+with open(os.path.join(ROOT, "pyproject.toml"), "rb") as _f:
+    REPOSITORY_URL = tomllib.load(_f)["project"]["urls"]["Repository"].rstrip("/")
+BRANCH = "main"
+
+
+def colab_badge(name: str) -> str:
+    """Markdown of the "Open in Colab" badge of ``notebooks/<name>`` (Colab opens it from GitHub)."""
+    path = REPOSITORY_URL.removeprefix("https://github.com/")
+    url = f"https://colab.research.google.com/github/{path}/blob/{BRANCH}/notebooks/{name}"
+    return f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({url})"
+
+
+INSTALL = f'''\
+# Colab / a fresh kernel: install jaxopt_lab when it is missing (from its repository by default;
+# JAXOPT_LAB_SOURCE may name another git URL or a local checkout).
 import importlib.util, os, subprocess, sys
-SOURCE = os.environ.get("JAXOPT_LAB_SOURCE", "")
+SOURCE = os.environ.get("JAXOPT_LAB_SOURCE", "git+{REPOSITORY_URL}")
 if importlib.util.find_spec("jaxopt_lab") is None:
-    if not SOURCE:
-        raise RuntimeError("jaxopt_lab is not installed: set SOURCE above to its git URL or a local checkout")
     subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", SOURCE])'''
+
+# Results print as Markdown tables (pandas is not a dependency): Jupyter, Colab and GitHub render them.
+TABLE = '''\
+from IPython.display import display
+
+def show_table(rows):
+    """A list of dicts (one per row, the same keys) as a Markdown table."""
+    cols = list(rows[0])
+    lines = ['| ' + ' | '.join(cols) + ' |', '|---|' + '---:|' * (len(cols) - 1)]
+    lines += ['| ' + ' | '.join(str(r[c]) for c in cols) + ' |' for r in rows]
+    text = '\\n'.join(lines)
+    display({'text/markdown': text, 'text/plain': text}, raw=True)'''
 
 QUICKSTART = [
     new_markdown_cell(
@@ -72,7 +103,7 @@ QUICKSTART = [
         "    if (step + 1) % max(1, STEPS // 6) == 0 or step + 1 == STEPS:\n"
         "        history['val_step'].append(step + 1)\n"
         "        history['val'].append(validation_loss(model))\n"
-        "print(f\"validation loss {history['val'][0]:.3f} -> {history['val'][-1]:.3f} after {STEPS} steps\")"
+        "show_table([{'step': t, 'validation loss (nats/byte)': f'{v:.3f}'} for t, v in zip(history['val_step'], history['val'])])"
     ),
     new_code_cell(
         "import matplotlib.pyplot as plt\n"
@@ -143,8 +174,8 @@ DILOCO = [
         "    'DiLoCo H=50': train(jaxopt_lab.diloco(inner(), sync_every=50)),\n"
         "    'gossip ring': train(jaxopt_lab.gossip(inner(), 'ring')),\n"
         "}\n"
-        "for name, c in runs.items():\n"
-        "    print(f'{name:14s} final test loss {c[-1, 2]:.3f}  bytes/worker {c[-1, 1]:.3e}')"
+        "show_table([{'method': name, 'final test loss': f'{c[-1, 2]:.3f}', 'bytes/worker': f'{c[-1, 1]:.3e}'}\n"
+        "            for name, c in runs.items()])"
     ),
     new_code_cell(
         "import matplotlib.pyplot as plt\n"
@@ -227,8 +258,9 @@ SHARPNESS = [
         "}\n"
         "runs = {}\n"
         "for name, (make, lr) in zoo.items():\n"
-        "    runs[name] = r = train(make(lr), lr)\n"
-        "    print(f\"{name:13s} final test accuracy {r['acc'][-1, 1]:.3f}  sharpness {r['sharp'][-1, 1]:.2f}\")"
+        "    runs[name] = train(make(lr), lr)\n"
+        "show_table([{'optimizer': name, 'final test accuracy': f\"{r['acc'][-1, 1]:.3f}\",\n"
+        "             'sharpness': f\"{r['sharp'][-1, 1]:.2f}\"} for name, r in runs.items()])"
     ),
     new_code_cell(
         "import matplotlib.pyplot as plt\n"
@@ -281,11 +313,11 @@ KERNELS_INTRO = [
         "def max_rel_err(got, want):\n"
         "    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)\n"
         "    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))\n\n"
-        "def report_timing(label, seconds, nbytes, baselines):\n"
+        "def timing_row(label, seconds, nbytes, baselines):\n"
         "    bw = nbytes / seconds\n"
         "    base = ', '.join(f'{k} {t * 1e3:.3f} ms ({t / seconds:.2f}x)' for k, t in baselines.items())\n"
-        "    print(f'{label:28s} {seconds * 1e3:8.3f} ms  {bw / 1e9:7.1f} GB/s  '\n"
-        "          f'{devices.fraction(bw, SPEC and SPEC.hbm_bytes_per_s):>6s} of HBM  | {base}')"
+        "    return {'kernel': label, 'ms': f'{seconds * 1e3:.3f}', 'GB/s': f'{bw / 1e9:.1f}',\n"
+        "            'of HBM': devices.fraction(bw, SPEC and SPEC.hbm_bytes_per_s), 'vs': base}"
     ),
 ]
 
@@ -325,14 +357,16 @@ GRKAN_SECTION = [
         "def forward_and_grads(x, a, b, dy, impl):\n"
         "    y, vjp = jax.vjp(lambda x, a, b: grkan(x, a, b, impl=impl), x, a, b)\n"
         "    return y, *vjp(dy)\n\n"
+        "errors = []\n"
         "for dtype in (jnp.float32, jnp.bfloat16):\n"
         "    x = (1.5 * jax.random.normal(k[2], shape)).astype(dtype)\n"
         "    dy = jax.random.normal(k[3], shape).astype(dtype)\n"
         "    got = forward_and_grads(x, a, b, dy, IMPL)\n"
         "    # the reference path: jnp forward, plain jax autodiff, in float32 from the same (rounded) inputs\n"
         "    want = forward_and_grads(x.astype(jnp.float32), a, b, dy.astype(jnp.float32), 'reference')\n"
-        "    errs = '  '.join(f'{n} {max_rel_err(g, w):.1e}' for n, g, w in zip(('y', 'dx', 'da', 'db'), got, want))\n"
-        "    print(f'grkan {jnp.dtype(dtype).name:8s} max rel err vs reference: {errs}')"
+        "    errors.append({'grkan': jnp.dtype(dtype).name, **{f'max rel err {n}': f'{max_rel_err(g, w):.1e}'\n"
+        "                   for n, g, w in zip(('y', 'dx', 'da', 'db'), got, want)}})\n"
+        "show_table(errors)"
     ),
     new_code_cell(
         "# Timing (GPU / TPU only): KAT-B's hidden activation, 128 images x 197 tokens x 3072 channels, bf16.\n"
@@ -347,10 +381,11 @@ GRKAN_SECTION = [
         "    bwd = {i: jax.jit(functools.partial(grkan_bwd, impl=i)) for i in ('pallas', 'reference')}\n"
         "    autodiff = jax.jit(lambda x, a, b, dy: jax.vjp(grkan_reference, x, a, b)[1](dy))\n"
         "    t = {i: devices.time_fn(f, x, a, b) for i, f in fwd.items()}\n"
-        "    report_timing('grkan fwd', t['pallas'], 2 * nbytes, {'XLA ref': t['reference']})\n"
+        "    rows = [timing_row('grkan fwd', t['pallas'], 2 * nbytes, {'XLA ref': t['reference']})]\n"
         "    t = {i: devices.time_fn(f, x, a, b, dy) for i, f in bwd.items()}\n"
-        "    report_timing('grkan bwd', t['pallas'], 3 * nbytes,\n"
-        "                  {'XLA ref': t['reference'], 'autodiff': devices.time_fn(autodiff, x, a, b, dy)})"
+        "    rows.append(timing_row('grkan bwd', t['pallas'], 3 * nbytes,\n"
+        "                           {'XLA ref': t['reference'], 'autodiff': devices.time_fn(autodiff, x, a, b, dy)}))\n"
+        "    show_table(rows)"
     ),
 ]
 
@@ -372,28 +407,58 @@ LOWRANK_STEP_SECTION = [
         "P, _ = jnp.linalg.qr(jax.random.normal(key[0], (d, r)))\n"
         "mu = 0.1 * jax.random.normal(key[1], (r, k)); nu = mu**2 + 1e-3; prev = jnp.asarray(1.0)\n"
         "step = {i: jax.jit(functools.partial(lowrank_step, scale=0.25, residual=True, impl=i)) for i in (IMPL, 'reference')}\n"
+        "errors, timings = [], []\n"
         "for dtype in (jnp.float32, jnp.bfloat16):\n"
         "    G = jax.random.normal(key[2], (d, k)).astype(dtype)\n"
         "    got, want = step[IMPL](G, P, mu, nu, prev), step['reference'](G, P, mu, nu, prev)\n"
-        "    print(f'fira step {jnp.dtype(dtype).name:8s} max rel err vs reference: update {max_rel_err(got[0], want[0]):.1e}'\n"
-        "          f'  moments {max_rel_err(got[1], want[1]):.1e}  limiter norm {max_rel_err(got[3], want[3]):.1e}')\n"
+        "    errors.append({'fira step': jnp.dtype(dtype).name, 'max rel err update': f'{max_rel_err(got[0], want[0]):.1e}',\n"
+        "                   'moments': f'{max_rel_err(got[1], want[1]):.1e}', 'limiter norm': f'{max_rel_err(got[3], want[3]):.1e}'})\n"
         "    if ACCELERATOR:\n"
         "        t = {i: devices.time_fn(f, G, P, mu, nu, prev) for i, f in step.items()}\n"
-        "        report_timing(f'fira step {jnp.dtype(dtype).name}', t[IMPL], 2 * G.size * G.dtype.itemsize,\n"
-        "                      {'XLA 2-pass': t['reference']})"
+        "        timings.append(timing_row(f'fira step {jnp.dtype(dtype).name}', t[IMPL], 2 * G.size * G.dtype.itemsize,\n"
+        "                                  {'XLA 2-pass': t['reference']}))\n"
+        "show_table(errors)\n"
+        "if timings:\n"
+        "    show_table(timings)"
     ),
 ]
 
 KERNELS = [*KERNELS_INTRO, *GRKAN_SECTION, *LOWRANK_STEP_SECTION]
 
 
-def write(name, cells):
-    nb = new_notebook(cells=cells, metadata={
+def notebook(name, cells):
+    """The notebook ``name``: the Colab badge above its title, ``show_table`` after the install cell."""
+    cells = [nbformat.from_dict(dict(c)) for c in cells]  # copies: the module-level lists stay as written
+    cells[0].source = colab_badge(name) + "\n\n" + cells[0].source
+    if any("show_table(" in c.source for c in cells if c.cell_type == "code"):
+        at = next(i for i, c in enumerate(cells) if c.source == INSTALL) + 1
+        cells.insert(at, new_code_cell(TABLE))
+    return new_notebook(cells=cells, metadata={
         "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
         "language_info": {"name": "python"},
         "colab": {"provenance": []},
     })
-    path = os.path.join(os.path.dirname(__file__), "..", "notebooks", name)
+
+
+def execute(nb, timeout=3600):
+    """Run ``nb`` top to bottom from the repository root (this checkout first on the path), in place."""
+    from nbclient import NotebookClient
+
+    env_path = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = os.path.abspath(ROOT) + (os.pathsep + env_path if env_path else "")
+    os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": ROOT}}).execute()
+    # no machine-specific execution metadata (timestamps) in the committed file
+    for cell in nb.cells:
+        cell.metadata.pop("execution", None)
+    return nb
+
+
+def write(name, cells, run=False):
+    nb = notebook(name, cells)
+    if run:
+        execute(nb)
+    path = os.path.join(ROOT, "notebooks", name)
     nbformat.write(nb, path)
     print(path)
 
@@ -434,15 +499,16 @@ G = jnp.asarray((u * 0.9 ** np.arange(64)) @ v.T, jnp.float32)
 rank = 8
 best = float(jnp.sum((0.9 ** np.arange(64))[:rank] ** 2) / jnp.sum(0.9 ** (2 * np.arange(64))))
 print(f'G: {G.shape}, rank {rank}; the best rank-{rank} subspace has cos(PPᵀG, G) = {best ** 0.5:.3f}')
-print(f"{'projector':16s} {'cos(PPᵀG, G)':>12s} {'state bytes':>11s}  state")
+rows = []
 for name in ['svd', 'randomized_svd', 'int4_svd', 'dct', 'random']:
     p = get_projector(name)
     state = p.init(G, rank, jax.random.PRNGKey(0))
     low = p.project(state, G, rank)
     back = p.project_back(state, low, G.shape[0])  # P Pᵀ G
     cos = float(jnp.sum(back * G) / (jnp.linalg.norm(back) * jnp.linalg.norm(G)))
-    print(f"{name:16s} {cos:12.3f} {optimizer_state_bytes(state):11d}  "
-          + ', '.join(f'{k} {tuple(x.shape)} {x.dtype}' for k, x in state._asdict().items()))'''),
+    rows.append({'projector': name, 'cos(PPᵀG, G)': f'{cos:.3f}', 'state bytes': optimizer_state_bytes(state),
+                 'state': ', '.join(f'{k} {tuple(x.shape)} {x.dtype}' for k, x in state._asdict().items())})
+show_table(rows)'''),
         new_markdown_cell(
             "## GaLore and Fira on a small problem\n\n"
             "A 64-256-10 MLP on the digits, both weight matrices projected at rank 8, refreshed every 50 steps, "
@@ -483,13 +549,14 @@ zoo = {
     'Fira r=8': fira(1e-3, rank=8, update_proj_gap=50, label_fn=every_matrix),
     'GaLore-DCT r=8': galore(1e-3, rank=8, update_proj_gap=50, scale=1.0, projector='dct', label_fn=every_matrix),
 }
-runs = {}
+runs, rows = {}, []
 for name, tx in zoo.items():
     t0 = time.perf_counter()
     curve, acc, state = train(tx)
     runs[name] = curve
-    print(f'{name:15s} final test accuracy {acc:.3f}  optimizer state {optimizer_state_bytes(state):7d} bytes  '
-          f'({time.perf_counter() - t0:.1f} s)')'''),
+    rows.append({'optimizer': name, 'final test accuracy': f'{acc:.3f}',
+                 'optimizer state bytes': optimizer_state_bytes(state), 'seconds': f'{time.perf_counter() - t0:.1f}'})
+show_table(rows)'''),
         new_code_cell('''import matplotlib.pyplot as plt
 smooth = lambda c: np.convolve(c, np.ones(10) / 10, mode='valid')
 plt.figure(figsize=(6, 3.5))
@@ -512,13 +579,15 @@ plt.tight_layout(); plt.show()'''),
     return {'embed': s(vocab, hidden), 'layers': [block] * layers, 'final_norm': s(hidden), 'head': s(hidden, vocab)}
 
 models = {'LLaMA-60M (r=128)': (llama(512, 1376, 8), 128), 'LLaMA-350M (r=256)': (llama(1024, 2736, 24), 256)}
-print(f"{'model':20s} {'method':14s} {'state GB':>9s} {'x Adam':>7s}")
+rows = []
 for model, (params, r) in models.items():
     for name, tx in {'GaLore': galore(1e-3, rank=r), 'Fira': fira(1e-3, rank=r),
                      'GaLore int4': galore(1e-3, rank=r, projector='int4_svd'),
                      'GaLore-DCT': galore(1e-3, rank=r, projector='dct')}.items():
         report = state_bytes_report(tx, params)  # against optax.adam, both via jax.eval_shape
-        print(f"{model:20s} {name:14s} {report['bytes'] / 1e9:9.3f} {report['ratio']:7.3f}")'''),
+        rows.append({'model': model, 'method': name, 'state GB': f"{report['bytes'] / 1e9:.3f}",
+                     '× Adam': f"{report['ratio']:.3f}"})
+show_table(rows)'''),
     ]
 
 
@@ -619,7 +688,7 @@ def run(sim, chunk, every):
     return jax.tree.map(lambda x: x[rec.time <= SIM_TIME], rec)
 
 acc0 = float(jax.jit(eval_fn)(params0)['accuracy'])
-runs = {}
+runs, rows = {}, []
 for name, (sim, chunk, every) in methods.items():
     t0 = time.perf_counter()
     rec = run(sim, chunk, every)
@@ -628,15 +697,18 @@ for name, (sim, chunk, every) in methods.items():
     runs[name] = r = dict(time=np.r_[0.0, rec.time[done]], updates=np.r_[0, updates[done]],
                           accuracy=np.r_[acc0, rec.metrics['accuracy'][done]], staleness=rec.staleness[rec.mask],
                           step_time=rec.time, step_updates=updates)
-    print(f"{name:8s} final test accuracy {r['accuracy'][-1]:.3f}  client updates {updates[-1]:4d}  "
-          f"server updates {int(rec.version[-1]):4d}  mean staleness {r['staleness'].mean():5.2f}  "
-          f"({time.perf_counter() - t0:.0f} s to simulate)")
+    rows.append({'method': name, 'final test accuracy': f"{r['accuracy'][-1]:.3f}", 'client updates': int(updates[-1]),
+                 'server updates': int(rec.version[-1]), 'mean staleness': f"{r['staleness'].mean():.2f}",
+                 'seconds to simulate': f'{time.perf_counter() - t0:.0f}'})
+show_table(rows)
 
 U = int(runs['FedAvg']['step_updates'][-1])
-print(f'simulated time to apply the first {U} client updates:')
+rows = []
 for name, r in runs.items():
     k = np.searchsorted(r['step_updates'], U)  # first server step with >= U updates applied
-    print(f"  {name:8s} {r['step_time'][k]:7.1f} s" if k < len(r['step_time']) else f'  {name:8s} not reached')'''),
+    reached = f"{r['step_time'][k]:.1f}" if k < len(r['step_time']) else 'not reached'
+    rows.append({'method': name, f'simulated seconds to apply the first {U} client updates': reached})
+show_table(rows)'''),
         new_code_cell('''fig, axes = plt.subplots(1, 2, figsize=(12, 3.5), sharey=True)
 for name, r in runs.items():
     axes[0].plot(r['time'], r['accuracy'], label=name)
@@ -672,8 +744,12 @@ NOTEBOOKS = {
 }
 
 if __name__ == "__main__":
-    import sys
-
-    # python scripts/make_notebooks.py [NAME ...]: regenerate only those (all by default)
-    for name in sys.argv[1:] or NOTEBOOKS:
-        write(name, NOTEBOOKS[name]())
+    # python scripts/make_notebooks.py [--execute] [NAME ...]: only those (all by default)
+    args = sys.argv[1:]
+    run = "--execute" in args
+    names = [a for a in args if a != "--execute"] or list(NOTEBOOKS)
+    if "/OWNER/" in REPOSITORY_URL:
+        print(f"note: {REPOSITORY_URL} is a placeholder (pyproject.toml [project.urls]): the badges and the "
+              "install cells point there until it is set", file=sys.stderr)
+    for name in names:
+        write(name, NOTEBOOKS[name](), run=run)

@@ -59,6 +59,10 @@ class Checkpointer:
         )
         return out.state, out.config
 
+    def saved_config(self, step: int) -> dict[str, Any]:
+        """The config stored with the checkpoint at ``step`` (its state is not read)."""
+        return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
     def wait(self) -> None:
         self._manager.wait_until_finished()
 

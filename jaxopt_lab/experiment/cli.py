@@ -5,29 +5,64 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxopt_lab.experiment.config import ConfigError
+from jaxopt_lab.experiment.config import RESUME_EXTEND_KEYS, ConfigError, unset, unset_hint
+
+
+class _Version(argparse.Action):
+    """``--version``: this package's version and those of the libraries its numbers depend on
+    (imported only when asked: ``jaxopt-lab --help`` stays fast)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib import metadata
+
+        import jaxopt_lab
+
+        def version(dist: str) -> str:
+            try:
+                return metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                return "not installed"
+
+        print(f"jaxopt-lab {jaxopt_lab.__version__} (jax {version('jax')}, jaxlib {version('jaxlib')}, "
+              f"optax {version('optax')}, flax {version('flax')})")
+        parser.exit()
+
+
+def _edit_flags(parser: argparse.ArgumentParser, set_help: str) -> None:
+    """``--set KEY=VALUE`` and ``--unset KEY``, kept in one list in the order given."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    parser.add_argument("--unset", dest="overrides", action="append", type=unset, metavar="KEY",
+                        help="remove a key from the config (repeatable), e.g. the method's arguments the "
+                             "new one does not take after --set method.name=...")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxopt-lab", description=__doc__)
+    p.add_argument("--version", action=_Version, help="print the versions of jaxopt-lab, jax, optax, flax and exit")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run an experiment config into RUN.out_dir/RUN.name")
     r.add_argument("config", help="a TOML file (see experiments/)")
-    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set method.learning_rate=1e-3 (repeatable)")
+    _edit_flags(r, "override a config key, e.g. --set method.learning_rate=1e-3 (repeatable)")
     r.add_argument("--run-dir", default=None, help="write here instead of run.out_dir/run.name")
+    r.add_argument("--only", action="append", default=None, metavar="NAME[,NAME]",
+                   help="run only these [variants.NAME] (or a federated config's [methods.NAME]); a later "
+                        "--only run of the others joins the same comparison")
 
-    s = sub.add_parser("resume", help="continue a run from its last checkpoint")
+    s = sub.add_parser("resume", help="continue a run from its last checkpoint, or extend a finished one")
     s.add_argument("run_dir")
-    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="logging.*, checkpoint.* and, to recover a run, the method's hyperparameters (method.learning_rate, ...; recorded in config_history.jsonl)")
+    _edit_flags(s, f"{', '.join(RESUME_EXTEND_KEYS)} (train.steps=N extends a finished run), logging.*, "
+                   "checkpoint.* and, to recover a run, the method's hyperparameters (method.learning_rate, ...); "
+                   "recorded in config_history.jsonl")
 
     w = sub.add_parser("sweep", help="run every point of a grid")
     w.add_argument("config")
     w.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
                    help="a grid axis (repeatable; the grid is their Cartesian product)")
-    w.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _edit_flags(w, "override a config key for every point (repeatable)")
 
     pl = sub.add_parser("plot", help="plot runs side by side and print their final metrics")
     pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
@@ -35,11 +70,25 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("-o", "--out", required=True, help="output PNG path")
     pl.add_argument("--labels", default=None, metavar="NAME,NAME,...",
                     help="names of the runs, in order (default: folder names, parent folders added where they repeat)")
+    p.subcommands = sub.choices  # name -> its parser, for errors in its own usage
     return p
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; an unknown flag is reported with the usage of the subcommand it was given to
+    (argparse reports it with the top-level usage, which lists no flag of a subcommand)."""
+    parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        before_command = argv.index(extra[0]) < argv.index(args.command) if extra[0] in argv else False
+        (parser if before_command else parser.subcommands[args.command]).error(
+            f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     from jaxopt_lab.experiment import trainer
 
     try:
@@ -48,16 +97,18 @@ def main(argv: list[str] | None = None) -> int:
             from jaxopt_lab.experiment.config import load_variants, read_toml
 
             if federated_run.is_federated(read_toml(args.config)):  # a [federated] simulation config
-                table, _ = federated_run.run(args.config, args.overrides, run_dir=args.run_dir)
+                table, _ = federated_run.run(args.config, args.overrides, run_dir=args.run_dir, only=args.only)
                 print(table)
             elif set(load_variants(args.config)) != {""}:  # a config with [variants.NAME]: run them all
                 from jaxopt_lab.experiment.compare import format_table, run_variants
 
                 if args.run_dir:
                     raise ConfigError("--run-dir does not apply to a config with variants (each gets run.name/NAME)")
-                results, plot = run_variants(args.config, args.overrides)
+                results, plot = run_variants(args.config, args.overrides, only=args.only)
                 print(format_table(results))
                 print(f"plot: {plot}")
+            elif args.only is not None:
+                raise ConfigError(f"--only selects variants, and {args.config} has no [variants.NAME] tables")
             else:
                 _report(trainer.run(args.config, args.overrides, run_dir=args.run_dir))
         elif args.command == "resume":
@@ -77,7 +128,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(compare.format_table(results))
                 print(f"plot: {plot}")
             else:
-                _report(trainer.resume(args.run_dir, args.overrides))
+                result = trainer.resume(args.run_dir, args.overrides)
+                _report(result)
+                if result.note:
+                    return 0
                 parent = os.path.dirname(os.path.normpath(args.run_dir))
                 if compare.is_variants_dir(parent):  # one variant of several: the comparison, once all are done
                     plot = compare.refresh_comparison(parent)
@@ -103,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             print(plot_runs(run_dirs, args.out, labels=labels))
             print(format_table({label: trainer.RunResult(d, read_metrics(d)[-1]) for d, label in zip(run_dirs, labels)}))
     except (ConfigError, trainer.NonFiniteLossError, trainer.RunDirError, ValueError) as e:
-        print(f"jaxopt-lab {args.command}: error: {e}", file=sys.stderr)
+        hint = unset_hint(e, args.overrides + getattr(args, "grid", [])) if isinstance(e, ConfigError) else ""
+        print(f"jaxopt-lab {args.command}: error: {e}{hint}", file=sys.stderr)
         return 2 if isinstance(e, (ConfigError, trainer.RunDirError)) else 1
     except MemoryError as e:  # past the up-front estimate (a lower bound): say which keys size the arrays
         print(f"jaxopt-lab {args.command}: error: out of memory ({type(e).__name__}: {e}); the arrays of this "
@@ -113,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report(result) -> None:
+    if result.note:  # nothing was run (a finished run resumed): say so, and where it stands
+        print(result.note)
     final = result.final
     shown = ", ".join(f"{k} {final[k]:.4f}" for k in ("loss", "eval_loss", "eval_accuracy") if k in final)
     print(f"{result.run_dir}: step {final.get('step')}: {shown}")

@@ -41,6 +41,24 @@ class ConfigError(ValueError):
     """A config key or value that cannot be used; the message names it."""
 
 
+class UnknownKeyError(ConfigError):
+    """A key the callable a table names does not take; ``key`` is its dotted name (``method.momentum``),
+    ``keys`` every such key of the table (the message names the first)."""
+
+    def __init__(self, message: str, key: str, keys: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.key = key
+        self.keys = keys or (key,)
+
+
+def with_prefix(error: ConfigError, prefix: str) -> ConfigError:
+    """``error`` (same class and attributes) with ``prefix`` before its message (``variant 'a': ``)."""
+    out = type(error).__new__(type(error))
+    out.__dict__.update(error.__dict__)
+    out.args = (prefix + str(error),)
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     name: str = "run"
@@ -94,6 +112,20 @@ SECTIONS = ("run", "data", "model", "method", "train", "workers", "checkpoint", 
 
 # Keys whose change does not change the numbers a run produces: a resume may differ in these.
 RESUME_MAY_DIFFER = ("run.name", "run.out_dir", "checkpoint", "logging")
+
+
+# Keys ``resume --set`` may change to extend (or shorten what is left of) a run: how many steps,
+# and when and on how much it evaluates. None of them changes the numbers of the steps already
+# taken, the batch of a step (drawn from (run.seed, step)) nor a learning-rate schedule (its
+# decay_steps is a method key of its own). Recorded in the run's config history like a recovery key.
+RESUME_EXTEND_KEYS = ("train.steps", "train.eval_every", "train.eval_batches")
+
+
+def may_change_on_resume(key: str) -> bool:
+    """A key ``resume --set``/``--unset`` may change (recorded in the run's config history): a recovery
+    key (:func:`is_recovery_key`) or one of :data:`RESUME_EXTEND_KEYS`. (``logging.*``,
+    ``checkpoint.*``, ``run.name`` and ``run.out_dir`` may differ too, unrecorded.)"""
+    return key in RESUME_EXTEND_KEYS or is_recovery_key(key)
 
 
 def is_recovery_key(key: str) -> bool:
@@ -223,12 +255,15 @@ def check_kwargs(section: str, fn: Callable, kwargs: Mapping[str, Any], extra: I
     takes a number, or a non-finite number."""
     params = signature_params(fn)
     valid = set(params) | set(extra)
+    unknown = tuple(f"{section}.{k}" for k in kwargs if k not in valid)
     for key, value in kwargs.items():
         if key not in valid:
-            raise ConfigError(
+            raise UnknownKeyError(
                 f"unknown config key {section}.{key} for "
                 f"{getattr(fn, '__qualname__', getattr(fn, '__name__', fn)).removesuffix('.__init__')}"
-                f"{_suggest(key, valid)}"
+                f"{_suggest(key, valid)}",
+                key=f"{section}.{key}",
+                keys=unknown,
             )
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{section}.{key} must be finite, got {value!r}")
@@ -298,10 +333,36 @@ def parse_value(text: str) -> Any:
         return text
 
 
+UNSET = "-"  # an override ``-section.key`` removes the key (``--unset section.key``)
+
+
+def unset(key: str) -> str:
+    """The override that removes ``key`` from a config (what ``--unset KEY`` passes on)."""
+    return UNSET + key
+
+
+def _override_path(item: str) -> str:
+    return item.removeprefix(UNSET) if item.startswith(UNSET) else item.split("=", 1)[0].strip()
+
+
 def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` (or ``section.key.sub=value``) overrides to a raw config."""
+    """Apply ``section.key=value`` (or ``section.key.sub=value``) overrides to a raw config, in order;
+    an item ``-section.key`` (:func:`unset`, the CLI's ``--unset``) removes that key, and is an
+    error if the config does not have it."""
     out = copy.deepcopy(dict(raw))
     for item in overrides:
+        if item.startswith(UNSET):
+            path = item[len(UNSET):].strip()
+            keys = path.split(".")
+            if len(keys) < 2 or not all(keys):
+                raise ConfigError(f"--unset {path!r}: the key must look like section.key")
+            node = out
+            for key in keys[:-1]:
+                node = node.get(key) if isinstance(node, dict) else None
+            if not isinstance(node, dict) or keys[-1] not in node:
+                raise ConfigError(f"--unset {path}: the config has no key {path}")
+            del node[keys[-1]]
+            continue
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         path, text = item.split("=", 1)
@@ -315,6 +376,29 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[st
                 raise ConfigError(f"override {path!r}: {key} is not a table")
         node[keys[-1]] = parse_value(text.strip())
     return out
+
+
+def unset_hint(error: ConfigError, edits: Iterable[str]) -> str:
+    """For an unknown key left over after ``--set TABLE.name=...`` switched what its table builds:
+    the ``--unset`` that drops it; "" otherwise. ``edits``: the ``--set``/``--grid`` items."""
+    if not isinstance(error, UnknownKeyError) or "." not in error.key:
+        return ""
+    table, arg = error.key.rsplit(".", 1)
+
+    def switches(edit: str) -> bool:
+        path = _override_path(edit)
+        if path.startswith("variants.") and path.count(".") >= 2:  # variants.NAME.method.name=...
+            path = path.split(".", 2)[2]
+        return not edit.startswith(UNSET) and path == f"{table}.name"
+
+    switch = next((e for e in edits if switches(e)), None)
+    if switch is None:
+        return ""
+    keys = [k for k in error.keys if k.rsplit(".", 1)[0] == table]
+    args = ", ".join(k.rsplit(".", 1)[1] for k in keys)
+    return (f"; {switch!r} switched {table}.name and the new one does not take {args} (the config sets "
+            f"{'it' if len(keys) == 1 else 'them'} for the old one): "
+            f"`{' '.join('--unset ' + k for k in keys)}` drops {'it' if len(keys) == 1 else 'them'}")
 
 
 def read_toml(path: str) -> dict[str, Any]:
@@ -357,12 +441,12 @@ def load_variants(path: str, overrides: Iterable[str] = ()) -> dict[str, Experim
     changes that variant's table. A file without variants gives ``{"": config}``.
     """
     overrides = list(overrides)
-    per_variant = [o for o in overrides if o.split("=", 1)[0].strip().startswith("variants.")]
+    per_variant = [o for o in overrides if _override_path(o).startswith("variants.")]
     common = [o for o in overrides if o not in per_variant]
     raw = read_toml(path)
     names = list(raw["variants"]) if isinstance(raw.get("variants"), Mapping) else []
     for o in per_variant:  # a typo in a variant's name must not make a new variant
-        parts = o.split("=", 1)[0].strip().split(".")
+        parts = _override_path(o).split(".")
         if len(parts) < 3 or parts[1] not in names:
             if not names:
                 raise ConfigError(f"override {o!r}: {path} has no [variants.NAME] tables")
@@ -386,7 +470,7 @@ def load_variants(path: str, overrides: Iterable[str] = ()) -> dict[str, Experim
             run["name"] = f"{base_name}/{name}"
             out[name] = from_dict(merged)
         except ConfigError as e:
-            raise ConfigError(f"variant {name!r}: {e}") from None
+            raise with_prefix(e, f"variant {name!r}: ") from None
     return out
 
 

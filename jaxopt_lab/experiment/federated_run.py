@@ -1,7 +1,7 @@
 """Run a federated-simulation config: several methods on one client population, side by side.
 
 A federated config (``experiments/fed_digits.toml``) is recognized by its
-``[federated]`` table; ``jaxopt-lab run`` hands it here. Sections:
+``[federated]`` table; ``jaxopt-lab run`` hands it here. Sections::
 
     [run]              name, seed, out_dir
     [federated]        the population and the budget, shared by every method:
@@ -545,8 +545,12 @@ def _check_methods(cfg: Mapping[str, Any]) -> None:
             raise ConfigError(f"methods.{name}.eval_every must be an int >= 1, got {every!r}")
 
 
-def run(path: str, overrides: Iterable[str] = (), run_dir: str | None = None) -> tuple[str, list[MethodResult]]:
+def run(path: str, overrides: Iterable[str] = (), run_dir: str | None = None, only: Iterable[str] | None = None
+        ) -> tuple[str, list[MethodResult]]:
     """Validates the whole config, builds every method (errors before any compute), runs them.
+
+    ``only``: run just these ``[methods.NAME]`` (names, or comma-separated names); the run's
+    ``config.toml`` then holds only them.
 
     Each method's seeds are checkpointed every ``federated.checkpoint_every`` server steps:
     :func:`resume` continues a killed run.
@@ -557,6 +561,13 @@ def run(path: str, overrides: Iterable[str] = (), run_dir: str | None = None) ->
     import tomli_w
 
     raw = apply_overrides(read_toml(path), overrides)
+    if only is not None:
+        names = [n.strip() for item in only for n in item.split(",") if n.strip()]
+        methods = raw.get("methods") if isinstance(raw.get("methods"), Mapping) else {}
+        for n in names or [""]:
+            if n not in methods:
+                raise ConfigError(f"--only {n!r}: {path} has no [methods.{n or 'NAME'}]{_suggest(n, methods)}")
+        raw["methods"] = {n: m for n, m in methods.items() if n in names}
     cfg = validate(raw)
     run_dir = run_dir or os.path.join(cfg["run"]["out_dir"], cfg["run"]["name"])
     check_not_a_file(run_dir)
@@ -578,31 +589,49 @@ def resume(run_dir: str, overrides: Iterable[str] = ()) -> tuple[str, list[Metho
     rest run; then the table, plot and summary are written as by :func:`run`."""
     overrides = list(overrides)
     if overrides:
-        raise ConfigError(f"a federated run resumes with its own config; --set {overrides[0]!r} does not apply "
+        flag = f"--unset {overrides[0][1:]}" if overrides[0].startswith("-") else f"--set {overrides[0]}"
+        raise ConfigError(f"a federated run resumes with its own config; {flag!r} does not apply "
                           "(run it again into a new directory to change it)")
     cfg = validate(read_toml(os.path.join(run_dir, "config.toml")))
     _check_methods(cfg)
     for name in cfg["methods"]:
         for i in range(cfg["federated"]["num_seeds"]):
             _check_checkpoint_config(os.path.join(run_dir, name, SEED_DIR.format(cfg["run"]["seed"] + i)), cfg)
+    if all(_seed_done(os.path.join(run_dir, name, SEED_DIR.format(cfg["run"]["seed"] + i)))
+           for name in cfg["methods"] for i in range(cfg["federated"]["num_seeds"])):
+        print(f"{run_dir} already finished: every method ran to federated.sim_time = {cfg['federated']['sim_time']} "
+              "for every seed; nothing to resume (the results below are read back)")
     setup = build_setup(cfg)
     sims = {name: build_method(cfg, method, setup) for name, method in cfg["methods"].items()}
     return _run_all(cfg, setup, sims, run_dir)
+
+
+def _last_meta(seed_dir: str) -> dict[str, Any] | None:
+    """What the seed's last checkpoint records beside its state (config, progress), or None."""
+    ckpts = os.path.join(seed_dir, "checkpoints")
+    steps = sorted(int(n) for n in os.listdir(ckpts) if n.isdigit()) if os.path.isdir(ckpts) else []
+    if not steps:
+        return None
+    meta_path = os.path.join(ckpts, str(steps[-1]), "config", "metadata")
+    if not os.path.exists(meta_path):
+        return None
+    with open(meta_path) as f:
+        return json.load(f)
+
+
+def _seed_done(seed_dir: str) -> bool:
+    meta = _last_meta(seed_dir)
+    return bool(meta and meta.get("progress", {}).get("done"))
 
 
 def _check_checkpoint_config(seed_dir: str, cfg: Mapping[str, Any]) -> None:
     """ConfigError if the seed's last checkpoint was made with another config than the run's."""
     from jaxopt_lab.experiment.config import differing_keys
 
-    ckpts = os.path.join(seed_dir, "checkpoints")
-    steps = sorted(int(n) for n in os.listdir(ckpts) if n.isdigit()) if os.path.isdir(ckpts) else []
-    if not steps:
+    meta = _last_meta(seed_dir)
+    if meta is None:
         return
-    meta_path = os.path.join(ckpts, str(steps[-1]), "config", "metadata")
-    if not os.path.exists(meta_path):
-        return
-    with open(meta_path) as f:
-        saved = json.load(f)["config"]
+    saved = meta["config"]
     differ = differing_keys(saved, json.loads(json.dumps(cfg)), ignore=("run.name", "run.out_dir"))
     if differ:
         raise ConfigError(f"cannot resume: {seed_dir} was checkpointed with another config "

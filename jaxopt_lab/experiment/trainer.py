@@ -92,6 +92,7 @@ def check_not_a_file(run_dir: str) -> None:
 class RunResult:
     run_dir: str
     final: dict[str, Any]  # the last metrics record
+    note: str | None = None  # what a resume found instead of work to do (a run already finished)
 
 
 def make_loss_fn(graphdef: Any, rest: Any, task: str, loss: str = "cross_entropy"):
@@ -276,15 +277,7 @@ class Trainer:
                 f"cannot resume {self.run_dir}: checkpoint {step} does not fit the optimizer state of "
                 f"the method as configured now ({type(e).__name__}: {str(e)[:300]})"
             ) from None
-        changed = recorded_changes(self.run_dir) | self.allowed_changes
-        differ = [k for k in config_lib.differing_keys(saved, self.cfg.to_dict(), ignore=config_lib.RESUME_MAY_DIFFER)
-                  if not (config_lib.is_recovery_key(k) and k in changed)]
-        if differ:
-            fa, fb = config_lib.flatten(saved), config_lib.flatten(self.cfg.to_dict())
-            detail = "; ".join(f"{k}: checkpoint {fa.get(k, '<absent>')!r} vs now {fb.get(k, '<absent>')!r}" for k in differ)
-            raise config_lib.ConfigError(
-                f"cannot resume {self.run_dir}: the config differs from the checkpoint's in {', '.join(differ)} ({detail})"
-            )
+        check_checkpoint_config(self.run_dir, saved, self.cfg.to_dict(), self.allowed_changes)
         return state
 
     def last_good_checkpoint(self, step: int, loss_now: float) -> tuple[int | None, list[str]]:
@@ -387,6 +380,22 @@ class Trainer:
         return RunResult(self.run_dir, final)
 
 
+def check_checkpoint_config(run_dir: str, saved: dict[str, Any], now: dict[str, Any], allowed: Iterable[str] = ()
+                            ) -> None:
+    """ConfigError unless the config ``now`` equals the one a checkpoint of ``run_dir`` was made with
+    (``saved``), up to what may differ on a resume and the changes its config history records
+    (``allowed``: this resume's own)."""
+    changed = recorded_changes(run_dir) | set(allowed)
+    differ = [k for k in config_lib.differing_keys(saved, now, ignore=config_lib.RESUME_MAY_DIFFER)
+              if not (config_lib.may_change_on_resume(k) and k in changed)]
+    if differ:
+        fa, fb = config_lib.flatten(saved), config_lib.flatten(now)
+        detail = "; ".join(f"{k}: checkpoint {fa.get(k, '<absent>')!r} vs now {fb.get(k, '<absent>')!r}" for k in differ)
+        raise config_lib.ConfigError(
+            f"cannot resume {run_dir}: the config differs from the checkpoint's in {', '.join(differ)} ({detail})"
+        )
+
+
 def _loss_at(run_dir: str, step: int, record: dict[str, Any], now: int) -> float:
     if step == now:
         return record["loss"]
@@ -448,15 +457,19 @@ def run(config: str | config_lib.ExperimentConfig, overrides: Iterable[str] = ()
 def resume(run_dir: str, overrides: Iterable[str] = ()) -> RunResult:
     """Continue the run in ``run_dir`` from its last checkpoint, with its own config.
 
-    ``overrides`` may change keys that do not change the numbers (``logging``,
-    ``checkpoint``) and, to recover a run, the method's hyperparameters
-    (``method.learning_rate``, ``method.b2``, ...; see :func:`config.is_recovery_key`): those
-    changes are written to the run's ``config.toml`` and appended, with the step they apply
-    from, to ``config_history.jsonl``. Anything else is an error naming the keys.
+    ``overrides`` (``section.key=value``, or ``-section.key`` to remove a key: see
+    :func:`config.apply_overrides`) may change keys that do not change the numbers
+    (``logging``, ``checkpoint``); how far the run goes and how it evaluates on the way
+    (``train.steps``, ``train.eval_every``, ``train.eval_batches``: a finished run is extended, an
+    interrupted one stops elsewhere); and, to recover a run, the method's hyperparameters
+    (``method.learning_rate``, ``method.b2``, ...; see :func:`config.is_recovery_key`). Those
+    changes are written to the run's ``config.toml`` and appended, with the step they apply from,
+    to ``config_history.jsonl``. Anything else is an error naming the keys.
 
-    A run stopped on a non-finite value (``diverged.json``) continues from its last good
-    checkpoint; the checkpoints after it and the metrics up to the stop are moved, not deleted,
-    to ``diverged/<step>/``.
+    A run that already reached ``train.steps`` is left as it is: the result's ``note`` says so
+    (and that ``train.steps=N`` extends it). A run stopped on a non-finite value
+    (``diverged.json``) continues from its last good checkpoint; the checkpoints after it and the
+    metrics up to the stop are moved, not deleted, to ``diverged/<step>/``.
     """
     path = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.exists(path):
@@ -470,21 +483,44 @@ def resume(run_dir: str, overrides: Iterable[str] = ()) -> RunResult:
     if overrides:
         after = config_lib.apply_overrides(before, overrides)
         changed = config_lib.differing_keys(before, after, ignore=config_lib.RESUME_MAY_DIFFER)
-        refused = [k for k in changed if not config_lib.is_recovery_key(k)]
+        refused = [k for k in changed if not config_lib.may_change_on_resume(k)]
         if refused:
             raise config_lib.ConfigError(
-                f"cannot resume {run_dir} with {', '.join(refused)} changed: a resume may change only the "
-                f"method's hyperparameters (method.learning_rate, method.b2, ...), logging.* and checkpoint.*"
+                f"cannot resume {run_dir} with {', '.join(refused)} changed: a resume may change only "
+                f"{', '.join(config_lib.RESUME_EXTEND_KEYS)}, the method's hyperparameters (method.learning_rate, "
+                f"method.b2, ...), logging.* and checkpoint.*"
             )
     else:
         changed = []
-    experiment = build(cfg)
     diverged = os.path.join(run_dir, DIVERGED_FILE)
-    start = None
+    stop = None
     if os.path.exists(diverged):
         with open(diverged) as f:
             stop = json.load(f)
+    reached = latest_checkpoint_step(run_dir)
+    steps_before = before.get("train", {}).get("steps", config_lib.TrainConfig.steps)
+    if stop is None and reached is not None and reached >= cfg.train.steps:
+        if reached > cfg.train.steps:
+            raise config_lib.ConfigError(
+                f"cannot resume {run_dir} with train.steps = {cfg.train.steps}: it reached step {reached} already")
+        # the run's config.toml must still be the one it ran with (a hand edit is caught here too)
+        ckpt = Checkpointer(run_dir, keep=cfg.checkpoint.keep)
+        try:
+            check_checkpoint_config(run_dir, ckpt.saved_config(reached), before)
+        finally:
+            ckpt.close()
+        final = next((r for r in reversed(read_metrics(run_dir)) if r["step"] == reached), {"step": reached})
+        ignored = f"; the --set/--unset ({', '.join(changed)}) changed nothing" if changed else ""
+        return RunResult(run_dir, final, note=(
+            f"{run_dir} already finished: step {reached} of train.steps = {steps_before}; nothing to resume "
+            f"(`--set train.steps=N` with N > {reached} extends it){ignored}"))
+    experiment = build(cfg)
+    start = None
+    if stop is not None:
         start = stop["last_good"] or 0
+        if start > cfg.train.steps:
+            raise config_lib.ConfigError(
+                f"cannot resume {run_dir} with train.steps = {cfg.train.steps}: it continues from step {start}")
         _set_aside(run_dir, stop["step"], after=start)
     trainer = Trainer(experiment, run_dir)
     if start is None:
@@ -500,6 +536,13 @@ def resume(run_dir: str, overrides: Iterable[str] = ()) -> RunResult:
         with open(path, "w") as f:
             f.write(experiment.config.dumps())
     return trainer.fit(resume=True, start=start)
+
+
+def latest_checkpoint_step(run_dir: str) -> int | None:
+    """The step of the newest complete checkpoint in ``run_dir`` (orbax's numbered folders), or None."""
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    steps = [int(n) for n in os.listdir(ckpt_dir) if n.isdigit()] if os.path.isdir(ckpt_dir) else []
+    return max(steps, default=None)
 
 
 def _set_aside(run_dir: str, step: int, after: int) -> None:

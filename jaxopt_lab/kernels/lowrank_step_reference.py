@@ -6,15 +6,17 @@ Notation (oriented: the projected side first): G (d × k), P (d × r),
 moments m, v (r × k), α the scale, β₁, β₂, ε Adam's (the official split:
 no bias correction here, it is applied with the learning rate).
 
-Pass 1 (reads G):     R = PᵀG,   g2_j = ‖G_{:,j}‖²
-small (r × k, XLA):   m ← β₁m + (1−β₁)R,  v ← β₂v + (1−β₂)R²,  N = m/(√v+ε)
-  GaLore:             M = αN, s = 0
-  Fira:               φ_j = ‖N_{:,j}‖/(‖R_{:,j}‖+1e-8)
-                      ‖S‖² = Σ_j φ_j² (g2_j − 2α‖R_j‖² + α² R_jᵀ(PᵀP)R_j)   (S = (G − αPR)·diag φ)
-                      c = 1/limiter,  limiter = max(‖S‖/‖S_prev‖, γ)/γ  (1 on the first step)
-                      M = αN − cα φ⊙R,  s = cφ
-Pass 2 (reads G once more for Fira, writes the update once):
-                      U = P M + G·diag(s)  =  αPN + c·S
+The step, pass by pass::
+
+    Pass 1 (reads G):     R = PᵀG,   g2_j = ‖G_{:,j}‖²
+    small (r × k, XLA):   m ← β₁m + (1−β₁)R,  v ← β₂v + (1−β₂)R²,  N = m/(√v+ε)
+      GaLore:             M = αN, s = 0
+      Fira:               φ_j = ‖N_{:,j}‖/(‖R_{:,j}‖+1e-8)
+                          ‖S‖² = Σ_j φ_j² (g2_j − 2α‖R_j‖² + α² R_jᵀ(PᵀP)R_j)   (S = (G − αPR)·diag φ)
+                          c = 1/limiter,  limiter = max(‖S‖/‖S_prev‖, γ)/γ  (1 on the first step)
+                          M = αN − cα φ⊙R,  s = cφ
+    Pass 2 (reads G once more for Fira, writes the update once):
+                          U = P M + G·diag(s)  =  αPN + c·S
 
 ``‖S‖`` comes from pass 1's column norms by the identity above (exact for any
 P), so the update is written once, by pass 2. A "transposed" matrix (the

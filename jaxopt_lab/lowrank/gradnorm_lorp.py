@@ -290,15 +290,14 @@ def gradnorm_lorp(
 
     ``weight_normalized(chain(scale_by_gradnorm_lorp(...Adam moments), bias
     correction, weight decay on magnitudes and other leaves, learning rate))``;
-    see the module docstring. ``update`` needs ``params``.
+    see the module docstring. ``update`` needs ``params``. Arguments other than ``label_fn`` are
+    those of :func:`~jaxopt_lab.lowrank.galore` (``rank``, ``update_proj_gap`` and ``seed`` are
+    ``static_args`` under ``optax.inject_hyperparams``).
 
     Args:
       label_fn: which matrices are weight-normalized and projected (a rank
         label sets that matrix's rank); default
         :func:`~jaxopt_lab.lowrank.default_label_fn`.
-      Other arguments as :func:`~jaxopt_lab.lowrank.galore` (``rank``,
-      ``update_proj_gap`` and ``seed`` are ``static_args`` under
-      ``optax.inject_hyperparams``).
     """
     check.in_unit_interval("b1", b1)
     check.in_unit_interval("b2", b2)

@@ -11,7 +11,7 @@ GaLore (see :mod:`jaxopt_lab.lowrank.galore`) with three changes:
    along each singular vector) for a tall or square one.
 2. **Lazy, layer-adaptive refresh.** At each refresh of a matrix's projector
    the new basis is computed and the cosine similarity of the successive
-   leading singular vectors (taken before quantization, as the official code)
+   leading singular vectors (taken before quantization, as the official code)::
 
        c_k = ⟨p_k, p_{k−1}⟩ / (‖p_k‖ ‖p_{k−1}‖)      (p = first column of P)
 

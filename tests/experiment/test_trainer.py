@@ -85,7 +85,7 @@ def test_resume_refuses_a_different_config(reference, tmp_path):
     run_dir = str(tmp_path / "changed")
     shutil.copytree(reference.run_dir, run_dir)
     with pytest.raises(config_lib.ConfigError, match=r"with model\.hidden, train\.batch_size changed: a resume may "
-                                                      r"change only the method's hyperparameters"):
+                                                      r"change only train\.steps, .*the method's hyperparameters"):
         trainer.resume(run_dir, ["train.batch_size=16", "model.hidden=[4]"])
     with pytest.raises(config_lib.ConfigError, match=r"method\.name.*changed"):
         trainer.resume(run_dir, ["method.name=adamw"])
@@ -223,7 +223,8 @@ def test_stable_max_loss_sharpness_and_collapse_are_logged(tmp_path):
 
 def test_resume_refuses_a_hyperparameter_the_checkpoint_state_does_not_fit(tmp_path):
     """SGD without momentum keeps no trace; `--set method.momentum=0.9` would need one: refused on
-    restore, before config.toml or the history are written."""
+    restore, before config.toml or the history are written. (On the finished run alone it changes
+    nothing: the resume says the run is finished.)"""
     raw = {"run": {"name": "plain", "out_dir": str(tmp_path)}, "data": {"name": "digits"},
            "model": {"name": "mlp", "hidden": [4]}, "method": {"name": "sgd", "learning_rate": 0.1},
            "train": {"steps": 2, "batch_size": 8, "eval_every": 0}, "checkpoint": {"every": 1},
@@ -231,6 +232,9 @@ def test_resume_refuses_a_hyperparameter_the_checkpoint_state_does_not_fit(tmp_p
     run_dir = trainer.run(config_lib.from_dict(raw)).run_dir
     config_text = open(os.path.join(run_dir, "config.toml")).read()
     with pytest.raises(config_lib.ConfigError, match=r"checkpoint 2 does not fit the optimizer state"):
-        trainer.resume(run_dir, ["method.momentum=0.9"])
+        trainer.resume(run_dir, ["train.steps=3", "method.momentum=0.9"])  # extended: it has steps to take
     assert open(os.path.join(run_dir, "config.toml")).read() == config_text
     assert not os.path.exists(os.path.join(run_dir, "config_history.jsonl"))
+    note = trainer.resume(run_dir, ["method.momentum=0.9"]).note
+    assert "already finished: step 2 of train.steps = 2" in note and "(method.momentum) changed nothing" in note
+    assert open(os.path.join(run_dir, "config.toml")).read() == config_text

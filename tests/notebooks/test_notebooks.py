@@ -1,7 +1,6 @@
 """Every notebook runs top to bottom (on a tiny setting)."""
 
 import os
-import re
 
 import nbformat
 import numpy as np
@@ -27,73 +26,113 @@ def outputs(nb):
     return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
 
 
+def tables(nb):
+    """The Markdown tables the notebook displayed (``show_table``), each a list of {column: cell} rows."""
+    out = []
+    for c in nb.cells:
+        for o in c.get("outputs", []) if c.cell_type == "code" else []:
+            text = o.get("data", {}).get("text/markdown")
+            if text is None:
+                continue
+            lines = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in text.splitlines()]
+            out.append([dict(zip(lines[0], row)) for row in lines[2:]])
+    return out
+
+
 def test_quickstart_trains_and_plots():
     nb = execute("00_quickstart.ipynb", {"QUICKSTART_STEPS": "60", "MPLBACKEND": "Agg"})
-    text = outputs(nb)
-    before, after = text.split("validation loss ")[1].split(" after")[0].split(" -> ")
-    assert float(after) < float(before) - 0.5, text  # bytes: ln 256 = 5.5 at start
+    [rows] = tables(nb)
+    assert [int(r["step"]) for r in rows][::len(rows) - 1] == [0, 60], rows
+    before, after = (float(r["validation loss (nats/byte)"]) for r in (rows[0], rows[-1]))
+    assert after < before - 0.5, rows  # bytes: ln 256 = 5.5 at start
 
 
 def test_diloco_notebook_compares_methods():
     nb = execute("01_diloco.ipynb", {"DILOCO_STEPS": "50", "MPLBACKEND": "Agg"})
-    lines = [line for line in outputs(nb).splitlines() if "final test loss" in line]
-    assert len(lines) == 4
-    sent = {line.split(" final")[0].strip(): float(line.rsplit(" ", 1)[1]) for line in lines}
+    [rows] = tables(nb)
+    assert len(rows) == 4 and all(float(r["final test loss"]) < 2.3 for r in rows), rows  # ln 10 = 2.30 at chance
+    sent = {r["method"]: float(r["bytes/worker"]) for r in rows}
     assert sent["data parallel"] == 10 * sent["DiLoCo H=10"] > 0  # 1/H of the bytes
 
 
 def test_02_federated_notebook():
     nb = execute("02_federated.ipynb", {"NB02_SIM_TIME": "100", "MPLBACKEND": "Agg"})
     text = outputs(nb)
-    lines = {line.split()[0]: line for line in text.splitlines() if "final test accuracy" in line}
-    assert set(lines) == {"FedAvg", "FedBuff", "FedAsync"}, text
-    acc = {k: float(v.split("final test accuracy ")[1].split()[0]) for k, v in lines.items()}
-    updates = {k: int(v.split("client updates ")[1].split()[0]) for k, v in lines.items()}
-    stale = {k: float(v.split("mean staleness ")[1].split()[0]) for k, v in lines.items()}
+    results, to_target = tables(nb)
+    rows = {r["method"]: r for r in results}
+    assert set(rows) == {"FedAvg", "FedBuff", "FedAsync"}, results
+    acc = {k: float(r["final test accuracy"]) for k, r in rows.items()}
+    updates = {k: int(r["client updates"]) for k, r in rows.items()}
+    stale = {k: float(r["mean staleness"]) for k, r in rows.items()}
     assert all(a > 0.4 for a in acc.values()), text  # 10 classes: chance is 0.1
     assert stale["FedAvg"] == 0 < stale["FedBuff"] < stale["FedAsync"], text  # synchronous rounds are never stale
     # same simulated time: the asynchronous servers, never waiting for stragglers, apply more client updates
     assert updates["FedBuff"] > 2 * updates["FedAvg"] and updates["FedAsync"] > 2 * updates["FedAvg"], text
-    times = dict(re.findall(r"^  (\w+) +([\d.]+) s$", text.split("simulated time to apply the first")[1],
-                             re.MULTILINE))
-    assert set(times) == {"FedAvg", "FedBuff", "FedAsync"}, text
+    [column] = [c for c in to_target[0] if c.startswith("simulated seconds to apply the first")]
+    times = {r["method"]: r[column] for r in to_target}
+    assert set(times) == {"FedAvg", "FedBuff", "FedAsync"}, to_target
     assert float(times["FedBuff"]) < float(times["FedAvg"]) <= 100, text  # the same client updates, sooner
 
 
 def test_03_lowrank_notebook():
     nb = execute("03_lowrank.ipynb", {"NB03_STEPS": "30", "MPLBACKEND": "Agg"})
     text = outputs(nb)
-    assert len([line for line in text.splitlines() if "final test accuracy" in line]) == 4, text
-    svd_cos = float(text.split("\nsvd ")[1].split()[0])
+    projectors, trained, memory = tables(nb)
+    assert len(trained) == 4 and all(0 <= float(r["final test accuracy"]) <= 1 for r in trained), trained
+    svd_cos = float(next(r for r in projectors if r["projector"] == "svd")["cos(PPᵀG, G)"])
     best = float(text.split("cos(PPᵀG, G) = ")[1].split()[0])
-    assert abs(svd_cos - best) < 1e-3, text  # the SVD projector keeps the best rank-r subspace
-    ratios = [float(line.split()[-1]) for line in text.splitlines() if line.startswith("LLaMA-")]
-    assert len(ratios) == 8 and all(0 < r < 1 for r in ratios), text  # every method holds less than Adam
+    assert abs(svd_cos - best) < 1e-3, projectors  # the SVD projector keeps the best rank-r subspace
+    ratios = [float(r["× Adam"]) for r in memory if r["model"].startswith("LLaMA-")]
+    assert len(ratios) == 8 and all(0 < r < 1 for r in ratios), memory  # every method holds less than Adam
 
 def test_05_optimizers_and_sharpness_notebook():
     nb = execute("05_optimizers_and_sharpness.ipynb", {"NB05_STEPS": "20", "MPLBACKEND": "Agg"})
-    lines = [line for line in outputs(nb).splitlines() if "final test accuracy" in line]
-    assert len(lines) == 5, outputs(nb)
-    for line in lines:
-        acc = float(line.split("final test accuracy ")[1].split()[0])
-        sharp = float(line.split("sharpness ")[1])
-        assert 0.0 <= acc <= 1.0, line
-        assert np.isfinite(sharp) and sharp > 0, line
+    [rows] = tables(nb)
+    assert len(rows) == 5, rows
+    for r in rows:
+        acc, sharp = float(r["final test accuracy"]), float(r["sharpness"])
+        assert 0.0 <= acc <= 1.0, r
+        assert np.isfinite(sharp) and sharp > 0, r
 
 
 def test_04_kernels_notebook():
     nb = execute("04_kernels.ipynb", {"MPLBACKEND": "Agg"})
     text = outputs(nb)
-    lines = [line for line in text.splitlines() if line.startswith("grkan") and "max rel err vs reference" in line]
-    assert len(lines) == 2, text  # float32 and bfloat16
-    for line in lines:
-        errs = dict(zip(*[iter(line.split("reference: ")[1].split())] * 2))
-        assert set(errs) == {"y", "dx", "da", "db"}, line
-        limit = 1e-5 if "float32" in line else 1e-2
-        assert all(float(v) < limit for v in errs.values()), line
-    assert "timing skipped" in text or "grkan bwd" in text, text
-    fused = [line for line in text.splitlines() if line.startswith("fira step") and "max rel err" in line]
-    assert len(fused) == 2, text  # the fused low-rank step, float32 and bfloat16
-    for line in fused:
-        errs = [float(v) for v in re.findall(r"\d\.\de[-+]\d+", line.split("reference: ")[1])]
-        assert len(errs) == 3 and all(e < (1e-5 if "float32" in line else 1e-2) for e in errs), line
+    found = tables(nb)
+    grkan = next(t for t in found if "grkan" in t[0])
+    assert [r["grkan"] for r in grkan] == ["float32", "bfloat16"], grkan
+    for r in grkan:
+        errs = {k.removeprefix("max rel err "): float(v) for k, v in r.items() if k != "grkan"}
+        assert set(errs) == {"y", "dx", "da", "db"}, r
+        assert all(e < (1e-5 if r["grkan"] == "float32" else 1e-2) for e in errs.values()), r
+    assert "timing skipped" in text or any(r.get("kernel") == "grkan bwd" for t in found for r in t), text
+    fused = next(t for t in found if "fira step" in t[0])
+    assert [r["fira step"] for r in fused] == ["float32", "bfloat16"], fused  # the fused low-rank step
+    for r in fused:
+        errs = [float(v) for k, v in r.items() if k != "fira step"]
+        assert len(errs) == 3 and all(e < (1e-5 if r["fira step"] == "float32" else 1e-2) for e in errs), r
+
+
+def test_committed_notebooks_are_the_generators_with_badge_install_and_outputs():
+    """notebooks/ is what scripts/make_notebooks.py writes (cell for cell), each opens with its
+    Colab badge, installs from the repository URL of pyproject.toml with no edit, and is
+    committed with its outputs (`python scripts/make_notebooks.py --execute`)."""
+    import importlib.util
+    import tomllib
+
+    spec = importlib.util.spec_from_file_location("make_notebooks", os.path.join(ROOT, "scripts", "make_notebooks.py"))
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        urls = tomllib.load(f)["project"]["urls"]
+    assert gen.REPOSITORY_URL == urls["Repository"].rstrip("/")
+    for name, cells in gen.NOTEBOOKS.items():
+        committed = nbformat.read(os.path.join(ROOT, "notebooks", name), as_version=4)
+        expected = gen.notebook(name, cells())
+        assert [c.source for c in committed.cells] == [c.source for c in expected.cells], \
+            f"{name} differs from scripts/make_notebooks.py: run it with --execute"
+        assert committed.cells[0].source.startswith("[![Open In Colab]"), name
+        assert f"notebooks/{name})" in committed.cells[0].source, name
+        assert f'"git+{gen.REPOSITORY_URL}"' in committed.cells[1].source, name
+        code = [c for c in committed.cells if c.cell_type == "code"]
+        assert all(c.get("execution_count") for c in code), f"{name} is committed without its outputs"

@@ -9,16 +9,16 @@ A trigger is a small frozen dataclass handed to
   start of the next server step (every other trigger), from the then-current
   model.
 
-=====================  ==========================================  =====================
-trigger                server step happens                         replacement dispatch
-=====================  ==========================================  =====================
-``SyncRound(m)``       all m clients of the round have returned    next round: m new ones
-``Buffer(K)``          K client updates have arrived               on each arrival
-``every_arrival()``    each arrival (``Buffer(1)``; FedAsync)      on each arrival
-``TimeWindow(dt)``     every ``dt`` simulated seconds              at the window's end
-``Compass(qmin,qmax)`` the last member of a group has arrived      after the step, with
-                                                                   new step counts
-=====================  ==========================================  =====================
+=======================  ==========================================  =====================
+trigger                  server step happens                         replacement dispatch
+=======================  ==========================================  =====================
+``SyncRound(m)``         all m clients of the round have returned    next round: m new ones
+``Buffer(K)``            K client updates have arrived               on each arrival
+``every_arrival()``      each arrival (``Buffer(1)``; FedAsync)      on each arrival
+``TimeWindow(dt)``       every ``dt`` simulated seconds              at the window's end
+``Compass(qmin,qmax)``   the last member of a group has arrived      after the step, with
+                                                                     new step counts
+=======================  ==========================================  =====================
 """
 
 from __future__ import annotations

@@ -112,3 +112,20 @@ def test_a_diverging_method_stops_the_run_and_its_metrics_stay_strict_json(tmp_p
     records = [json.loads(line, parse_constant=refuse) for line in (out / "buffered" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0] and records[0]["eval_loss"] < 3  # the evaluations before it, kept
     assert not (out / "summary.md").exists()
+
+
+def test_run_only_some_methods_writes_only_them(tmp_path, capsys, monkeypatch):
+    """`run --only` on a federated config keeps the named [methods.NAME]; its config.toml (what a
+    resume continues) holds only them. A name the config lacks is an error naming it, before compute."""
+    from jaxopt_lab.experiment import federated_run
+
+    two = TINY + '\n[methods.sync]\nrule = "fedavg"\ntrigger = "sync"\nclients_per_round = 4\n'
+    path = _write(tmp_path, two)
+    assert cli.main(["run", path, "--run-dir", str(tmp_path / "bad"), "--only", "sunc"]) == 2
+    assert "--only 'sunc': " in (err := capsys.readouterr().err) and "did you mean 'sync'" in err
+    assert not os.path.exists(tmp_path / "bad")
+    ran = []
+    monkeypatch.setattr(federated_run, "_run_all", lambda cfg, setup, sims, run_dir: (ran.append(list(sims)) or "", []))
+    assert cli.main(["run", path, "--run-dir", str(tmp_path / "out"), "--only", "sync"]) == 0
+    assert ran == [["sync"]]
+    assert "[methods.buffered]" not in (tmp_path / "out" / "config.toml").read_text()
