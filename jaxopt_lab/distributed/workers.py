@@ -27,7 +27,7 @@ compiled programs (see :mod:`jaxopt_lab.distributed.sync`). With k > 1 workers p
 ``("devices", "workers")``; build the methods with ``axis_name=runner.axis_name``.
 
 Workers that span devices (``devices_per_worker > 1``)
-----------------------------------------------------
+------------------------------------------------------
 The step runs as ``jax.jit(jax.vmap(step, axis_name="workers",
 spmd_axis_name="workers"))`` over arrays placed with ``NamedSharding`` on the
 2-D mesh, its results constrained to the same layout: the vmapped worker
