@@ -85,6 +85,7 @@ def diloco_vs_ddp_fast(runs: str) -> str:
 
 
 def quickstart(runs: str) -> str:
+    _read_json(os.path.join(runs, "quickstart", "summary.json"))  # written when the run has finished
     records = _read_jsonl(os.path.join(runs, "quickstart", "metrics.jsonl"))
     evals = {r["step"]: r for r in records if "eval_loss" in r}
     last = max(evals)
@@ -127,6 +128,7 @@ def grokking(runs: str) -> str:
     """First step with training-batch accuracy ≥ 0.99 and with test accuracy ≥ 0.99, final test accuracy,
     the largest softmax-collapse fraction logged."""
     base = os.path.join(runs, "grokking_modular_addition")
+    _finals(base)  # every variant finished
     rows = []
     for name in _variants(base):
         records = _read_jsonl(os.path.join(base, name, "metrics.jsonl"))

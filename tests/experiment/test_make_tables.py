@@ -54,6 +54,7 @@ def test_quickstart_rows_and_unknown_marker(tmp_path):
     records = [{"step": 0, "eval_loss": 5.5876, "eval_accuracy": 0.0012, "wall_time": 0.2},
                {"step": 1, "loss": 5.0}, {"step": 100, "eval_loss": 2.9941, "eval_accuracy": 0.2271, "wall_time": 30.4},
                {"step": 300, "eval_loss": 2.6851, "eval_accuracy": 0.2812, "wall_time": 61.6}]
+    (tmp_path / "quickstart" / "summary.json").write_text("{}")
     (tmp_path / "quickstart" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert make_tables.quickstart(str(tmp_path)).splitlines()[2:] == [
         "| 0 | 5.588 | 0.001 | 0 s |", "| 100 | 2.994 | 0.227 | 30 s |", "| 300 | 2.685 | 0.281 | 62 s |"]
