@@ -173,6 +173,7 @@ def async_local_sgd(runs: str) -> str:
     spec = importlib.util.spec_from_file_location("async_local_sgd_lm", os.path.join(ROOT, "scripts",
                                                                                       "async_local_sgd_lm.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     results = data["results"]
     ref_steps = results["diloco"]["inner_steps"] if "diloco" in results else min(
