@@ -53,7 +53,7 @@ def show_table(rows):
 QUICKSTART = [
     new_markdown_cell(
         "# jaxopt_lab quickstart\n\n"
-        "Train the `nano` GPT on the byte-level text that ships with Python, with an optax pipeline that "
+        "Train the `nano` GPT on the byte-level text of Python's own docs (a snapshot shipped with the package, the same bytes on every Python), with an optax pipeline that "
         "chains a jaxopt_lab transform (⊥Grad) in front of AdamW, in a flax nnx `Optimizer`. "
         "Runs on a CPU in a few minutes; a Colab GPU runtime is faster."
     ),

@@ -20,7 +20,13 @@ from jaxopt_lab.data.partition import (
 )
 from jaxopt_lab.data.splits import shuffled_split, stratified_split
 from jaxopt_lab.data.synthetic import least_squares, logistic_regression, true_weights
-from jaxopt_lab.data.text import CORPUS_MODULES, TextCorpus, default_corpus_text, load_text
+from jaxopt_lab.data.text import (
+    CORPUS_MODULES,
+    TextCorpus,
+    default_corpus_text,
+    load_text,
+    snapshot_corpus_bytes,
+)
 
 DATASETS: dict[str, Callable] = {
     "digits": load_digits,
@@ -52,6 +58,7 @@ __all__ = [
     "modular_arithmetic",
     "modular_table",
     "shuffled_split",
+    "snapshot_corpus_bytes",
     "stratified_split",
     "true_weights",
 ]

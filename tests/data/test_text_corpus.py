@@ -1,13 +1,19 @@
 """Byte-level text corpus: default corpus, windows, eval iteration, loading."""
 
+import hashlib
 import inspect
+import sys
 import textwrap
 
 import numpy as np
 import pytest
 
 import jaxopt_lab.data.text as text_module
-from jaxopt_lab.data import CORPUS_MODULES, TextCorpus, default_corpus_text, load_text
+from jaxopt_lab.data import CORPUS_MODULES, TextCorpus, default_corpus_text, load_text, snapshot_corpus_bytes
+
+# SHA-256 of the default corpus's bytes (train then val): the same on every
+# Python, because the default is the shipped snapshot (CPython 3.11.7's docs).
+DEFAULT_CORPUS_SHA256 = "2d8e960000161a988034229ab37afe11b4f6f7b5b20d8cc1ea6b7d56133f5992"
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +76,32 @@ def test_docstrings_come_from_source_without_importing(tmp_path):
     assert got == ["Module doc.", "Class doc.", "Method doc.", "Guarded doc.", "Inner doc.", "Handler doc."]
 
 
+def test_default_corpus_is_the_same_on_every_python(corpus):
+    data = np.concatenate([corpus.train, corpus.val]).tobytes()
+    assert len(data) == 680_486
+    assert hashlib.sha256(data).hexdigest() == DEFAULT_CORPUS_SHA256
+    assert snapshot_corpus_bytes() is snapshot_corpus_bytes()  # cached
+    if sys.version_info[:3] == (3, 11, 7):  # the Python the snapshot was built by
+        assert default_corpus_text().encode("utf-8") == data
+
+
+def test_source_python_builds_from_the_running_python():
+    live = load_text(context=16, source="python")
+    raw = default_corpus_text().encode("utf-8")
+    np.testing.assert_array_equal(np.concatenate([live.train, live.val]), np.frombuffer(raw, np.uint8))
+    assert live.name == f"python_docs_{sys.version_info.major}.{sys.version_info.minor}"
+    with pytest.raises(ValueError, match="source must be one of 'snapshot', 'python', got 'pypi'"):
+        load_text(source="pypi")
+
+
+def test_damaged_snapshot_is_an_error(monkeypatch):
+    monkeypatch.setattr(text_module, "SNAPSHOT_SHA256", "0" * 64)
+    with pytest.raises(ValueError, match="has SHA-256 2d8e9600.*expected 0000.*damaged"):
+        text_module.snapshot_corpus_bytes.__wrapped__()
+
+
 def test_load_default_split_is_contiguous_tail(corpus):
-    raw = np.frombuffer(default_corpus_text().encode("utf-8"), np.uint8)
+    raw = np.frombuffer(snapshot_corpus_bytes(), np.uint8)
     assert corpus.train.dtype == np.uint8 and corpus.val.dtype == np.uint8
     assert len(corpus.val) == round(0.1 * len(raw))
     np.testing.assert_array_equal(corpus.val, raw[len(raw) - len(corpus.val):])
