@@ -8,13 +8,14 @@ rounding; what differs is the program when the worker axis is a ``vmap`` axis
 
 * ``jax.lax.psum`` over a vmapped axis batches to a reduction over the
   leading (worker) dimension, and XLA:CPU runs that reduction 25--95x slower
-  than adding the W slices (the mean of (8, 512, 2048) floats: ~135 ms
-  against ~1.5 ms; ``scripts/bench_collectives.py``);
-* here each vmapped name is summed as slices, in a fixed pairwise order
-  :math:`((x_0 + x_1) + (x_2 + x_3)) + \dots` (deterministic, and the error
-  grows as :math:`\log W`, not :math:`W`), and the sum is computed once for
-  all workers (an ``optimization_barrier`` keeps XLA from fusing it into each
-  worker's consumer, which would redo the W-slice sum per worker).
+  than adding the W slices (``scripts/bench_collectives.py``);
+* here each vmapped name is summed as slices, ``x_0 + x_1 + ... + x_{W-1}``
+  in that order (deterministic; float32 error grows as W, fine for the tens
+  of workers a vmap holds), in a loop that writes the sum once, for all
+  workers. The loop matters: an unrolled sum of slices is fused by XLA into
+  each worker's consumer of the (broadcast) result and computed W times, and
+  ``optimization_barrier`` does not stop that on CPU (it is removed before
+  fusion).
 
 A name that is an axis of the current mesh (a ``shard_map`` axis, where the
 sum is a real all-reduce between devices) goes to ``jax.lax.psum`` unchanged,
@@ -58,17 +59,17 @@ def _split(axis_name: AxisName) -> tuple[tuple, tuple]:
     return tuple(n for n in names if n not in mesh), tuple(n for n in names if n in mesh)
 
 
-def _pairwise_sum(rows: list[jax.Array]) -> jax.Array:
-    if len(rows) == 1:
-        return rows[0]
-    half = len(rows) // 2
-    return _pairwise_sum(rows[:half]) + _pairwise_sum(rows[half:])
+def _sum_slices(leaves: list[jax.Array], name: Any) -> list[jax.Array]:
+    """Sums of ``leaves`` over the vmapped axis ``name``: ``x_0 + x_1 + ... + x_{W-1}`` in that order.
 
-
-def _sum_slices(x: jax.Array, name: Any) -> jax.Array:
-    """Sum of ``x`` over the vmapped axis ``name``, as slices in a fixed order (unbatched result)."""
-    stacked = jax.lax.all_gather(x, name)  # under vmap: the batched array itself, (W, *x.shape)
-    return _pairwise_sum([stacked[i] for i in range(stacked.shape[0])])
+    ``all_gather`` over a vmapped name is the batched array itself, (W, *x.shape),
+    unbatched. The slices are added in a loop (not unrolled), so the sum is one
+    buffer written once: unrolled, XLA fuses the W-slice sum into each worker's
+    consumer of the broadcast result and computes it W times.
+    """
+    stacked = [jax.lax.all_gather(x, name) for x in leaves]
+    add_row = lambda i, acc: [a + s[i] for a, s in zip(acc, stacked)]  # noqa: E731
+    return jax.lax.fori_loop(1, stacked[0].shape[0], add_row, [s[0] for s in stacked])
 
 
 def _reduce(tree: Any, axis_name: AxisName, mean: bool) -> Any:
@@ -87,13 +88,12 @@ def _reduce(tree: Any, axis_name: AxisName, mean: bool) -> Any:
             out[i] = r
     sums = [jnp.asarray(leaves[i]) for i in fast]
     for name in vmapped:
-        sums = [_sum_slices(s, name) for s in sums]
+        sums = _sum_slices(sums, name)
     if mesh:
         sums = jax.lax.psum(sums, mesh)
     if mean:
         n = int(jax.lax.axis_size(axis_name))
         sums = [s / n for s in sums]  # as jax.lax.pmean: the sum divided by the axis size
-    sums = jax.lax.optimization_barrier(sums)  # computed once, read by every worker
     for i, s in zip(fast, sums):
         out[i] = s
     return jax.tree.unflatten(treedef, out)
