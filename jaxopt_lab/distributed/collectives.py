@@ -17,7 +17,10 @@ rounding; what differs is the program when the worker axis is a ``vmap`` axis
   workers. The loop matters: an unrolled sum of slices is fused by XLA into
   each worker's consumer of the (broadcast) result and computed W times, and
   ``optimization_barrier`` does not stop that on CPU (it is removed before
-  fusion).
+  fusion). That is the CPU program: lowered for GPU or TPU (chosen at
+  lowering, by ``jax.lax.platform_dependent``) the same gathered stack is
+  reduced with ``jnp.sum``, since there a loop costs W - 1 kernel launches
+  and the slow reduce is XLA:CPU's (not measured on a GPU yet).
 
 A name that is an axis of the current mesh (a ``shard_map`` axis, where the
 sum is a real all-reduce between devices) goes to ``jax.lax.psum`` unchanged,
@@ -70,8 +73,15 @@ def _sum_slices(leaves: list[jax.Array], name: Any) -> list[jax.Array]:
     consumer of the broadcast result and computes it W times.
     """
     stacked = [jax.lax.all_gather(x, name) for x in leaves]
-    add_row = lambda i, acc: [a + s[i] for a, s in zip(acc, stacked)]  # noqa: E731
-    return jax.lax.fori_loop(1, stacked[0].shape[0], add_row, [s[0] for s in stacked])
+
+    def in_a_loop(*stacked):  # XLA:CPU
+        add_row = lambda i, acc: [a + s[i] for a, s in zip(acc, stacked)]  # noqa: E731
+        return jax.lax.fori_loop(1, stacked[0].shape[0], add_row, [s[0] for s in stacked])
+
+    def reduced(*stacked):  # GPU/TPU reduce the leading axis well; a loop there is W - 1 launches
+        return [jnp.sum(s, axis=0) for s in stacked]
+
+    return jax.lax.platform_dependent(*stacked, cpu=in_a_loop, default=reduced)
 
 
 def _reduce(tree: Any, axis_name: AxisName, mean: bool) -> Any:
