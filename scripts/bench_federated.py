@@ -20,6 +20,9 @@ epoch of batch 16 with SGD(0.1), example-weighted FedAvg.
   client (the same ``local_update`` function, jitted alone), then a jitted
   weighted average: the floor any JAX user gets without a simulator.
 - Flower (``flwr``) and fedjax, when installed (import-guarded).
+- bookkeeping only: the vmapped round and our sync simulator with the local
+  training replaced by a no-op (selection, dispatch draws, sorting, the
+  weighted average, the records), to split each round's time.
 
 Rates are medians over ``--repeats`` timed runs after a warm-up, the
 contenders timed in turn so that load from other processes hits them alike;
@@ -100,7 +103,7 @@ def python_loop_runner(part, params, local, steps, rounds):
     return go
 
 
-def vmapped_round_runner(clients, sizes, steps, params, loss_fn, rounds):
+def vmapped_round_runner(clients, sizes, steps, params, loss_fn, rounds, train=True):
     """The plain "vmapped JAX round": rounds in a ``lax.scan``; each samples 10 clients and vmaps a
     masked one-epoch local loop (shuffled minibatches of 16, SGD) over them, then averages by
     example count. The simplest fast code a JAX user would write, without any simulator."""
@@ -125,6 +128,8 @@ def vmapped_round_runner(clients, sizes, steps, params, loss_fn, rounds):
             g = jax.grad(batch_loss)(p, xc[idx], yc[idx], valid)
             return jax.tree.map(lambda w, gw: jnp.where(s < n_steps, w - LR * gw, w), p, g)
 
+        if not train:  # the round's bookkeeping alone (selection, weights, average)
+            return jax.tree.map(lambda w: w + 0 * n_steps.astype(w.dtype), p0)
         return jax.lax.fori_loop(0, max_steps, body, p0)
 
     def one_round(p, key):
@@ -190,6 +195,10 @@ def main():
                                       concurrency=2 * PER_ROUND, num_examples=part.sizes, local_steps=steps,
                                       speeds="lognormal", speed_sigma=1.0, max_speed_spread=10.0)
     sync_fn, _ = simulator_runner(sync_sim, params, args.rounds)
+    no_training = lambda p, client, n, key: jax.tree.map(lambda w: w + 0 * n.astype(w.dtype), p)  # noqa: E731
+    book_sim = fl.FederatedSimulator(no_training, fl.fedavg(), fl.SyncRound(PER_ROUND), num_clients=NUM_CLIENTS,
+                                     num_examples=part.sizes, local_steps=steps)
+    book_fn, _ = simulator_runner(book_sim, params, args.rounds)
     async_fn, astate = simulator_runner(async_sim, params, args.rounds)
     loop_rounds = max(args.rounds // 8, 20)
     rates, cpu_rates = interleaved_rates({
@@ -197,12 +206,17 @@ def main():
         "vmapped": (vmapped_round_runner(clients, part.sizes, steps, params, loss_fn, args.rounds), args.rounds),
         "sync": (sync_fn, args.rounds),
         "async": (async_fn, args.rounds),
+        "vmapped_book": (vmapped_round_runner(clients, part.sizes, steps, params, loss_fn, args.rounds, train=False),
+                         args.rounds),
+        "sync_book": (book_fn, args.rounds),
     }, args.repeats)
     loop, sync, asyn = rates["loop"], rates["sync"], rates["async"]
     rows = [("python loop over clients (jitted local epoch)", "loop", "rounds/s"),
             ("vmapped JAX round (scan + vmap, masked loop)", "vmapped", "rounds/s"),
             ("ours: sync FedAvg, lax.scan + vmap", "sync", "rounds/s"),
-            ("ours: async FedBuff K=10, concurrency 20", "async", "server steps/s (10 updates each)")]
+            ("ours: async FedBuff K=10, concurrency 20", "async", "server steps/s (10 updates each)"),
+            ("vmapped JAX round, no local training", "vmapped_book", "rounds/s (bookkeeping only)"),
+            ("ours: sync FedAvg, no local training", "sync_book", "rounds/s (bookkeeping only)")]
     print(f"\n{'contender':<48} | {'rate':>10} | {'vs loop':>7} | {'per CPU-s':>9} | unit")
     print("-" * 110)
     for name, key, unit in rows:
@@ -214,6 +228,8 @@ def main():
             print(f"{name:<48} | {'installed, not wired up in this script':>10} |")
     print(f"\nours sync / vmapped JAX round = {sync / rates['vmapped']:.2f} "
           f"(per CPU-s: {cpu_rates['sync'] / cpu_rates['vmapped']:.2f})")
+    for key in ("vmapped", "sync", "vmapped_book", "sync_book"):
+        print(f"{key:>12}: {1e6 / rates[key]:7.1f} us/round wall, {1e6 / cpu_rates[key]:7.1f} us/round CPU")
     st = astate[0]
     print(f"\nasync/sync = {asyn / sync:.2f}; FedBuff over all its runs: {int(st.version)} server steps, "
           f"{int(st.applied)} updates applied, {float(st.time):.0f} simulated seconds")

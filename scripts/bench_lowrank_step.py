@@ -1,6 +1,6 @@
 """The low-rank optimizer step alone: jitted update + apply, params and state donated.
 
-    python scripts/bench_lowrank_step.py [--shapes 1024x4096 4096x1024] [--rank 128] [--repeats 15]
+    python scripts/bench_lowrank_step.py [--shapes 1024x4096 4096x1024] [--rank 128] [--repeats 15] [--rows REGEX]
 
 For one matrix of each shape (no forward/backward: a fixed random gradient),
 times the step of
@@ -8,7 +8,10 @@ times the step of
   * ``optax.contrib.galore`` (exact SVD of the larger side's projector),
   * ours: ``jaxopt_lab.galore`` with the default exact refresh (``"svd"``, which
     for d ≤ k takes the eigenvectors of G Gᵀ), with LAPACK's SVD as refresh,
-    and with the randomized SVD; ``jaxopt_lab.fira`` (default refresh),
+    and with the randomized SVD; ``jaxopt_lab.fira`` (default refresh) as the
+    default two passes in XLA, with ``fused=False`` (the residual formed, as
+    the official code) and ``fused=True``, and the default on a gradient of
+    rank r/2 (where it computes ‖S‖ from the residual),
   * the floor: the two bare projection matmuls ``Pᵀ G`` and ``P N`` of the same
     shapes (what any low-rank step must compute),
 on a normal step and on a refresh step separately (a refresh step is timed by
@@ -27,8 +30,8 @@ take anywhere from 0.4 to 8.6 s, one thread 0.2-0.3 s.
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
+import re
 import statistics
 import time
 
@@ -119,7 +122,7 @@ class Floor:
         self.times["normal"].append(time.perf_counter() - t0)
 
 
-def cases_for(shape, rank):
+def cases_for(shape, rank, rows=""):
     key = jax.random.PRNGKey(0)
     params = {"w": jax.random.normal(key, shape, jnp.float32) * 0.02}
     grads = {"w": jax.random.normal(jax.random.fold_in(key, 1), shape, jnp.float32)}
@@ -132,12 +135,18 @@ def cases_for(shape, rank):
                                                           projector=svd_projector("svd")),
         "ours galore, randomized_svd": jaxopt_lab.galore(1e-3, rank=rank, update_proj_gap=T, label_fn=every,
                                                         projector="randomized_svd"),
-        "ours fira, svd (auto)": jaxopt_lab.fira(1e-3, rank=rank, update_proj_gap=T, label_fn=every),
+        "ours fira, fused=False (S formed: 3 matmuls)": jaxopt_lab.fira(1e-3, rank=rank, update_proj_gap=T,
+                                                                         label_fn=every, fused=False),
+        "ours fira, default (two passes in XLA)": jaxopt_lab.fira(1e-3, rank=rank, update_proj_gap=T, label_fn=every),
+        "ours fira, fused=True": jaxopt_lab.fira(1e-3, rank=rank, update_proj_gap=T, label_fn=every, fused=True),
     }
-    if "fused" in inspect.signature(jaxopt_lab.fira).parameters:  # the fused-kernel path (XLA on CPU)
-        variants["ours fira, fused=True"] = jaxopt_lab.fira(1e-3, rank=rank, update_proj_gap=T, label_fn=every,
-                                                            fused=True)
-    return [Case(name, tx, params, grads) for name, tx in variants.items()]
+    cases = [Case(name, tx, params, grads) for name, tx in variants.items()]
+    # a gradient of rank r / 2: the residual is rounding noise, so the default takes its exact-norm branch
+    low = jax.random.normal(jax.random.fold_in(key, 2), (shape[0], rank // 2)) @ jax.random.normal(
+        jax.random.fold_in(key, 3), (rank // 2, shape[1]))
+    name = "ours fira, default, gradient of rank r/2 (exact ‖S‖ branch)"
+    cases.append(Case(name, jaxopt_lab.fira(1e-3, rank=rank, update_proj_gap=T, label_fn=every), params, {"w": low}))
+    return [c for c in cases if c.name in ("optax.adamw", "optax.contrib.galore") or re.search(rows, c.name)]
 
 
 def fmt_ms(s):
@@ -150,13 +159,14 @@ def main():
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--refresh-repeats", type=int, default=3)
+    ap.add_argument("--rows", default="", help="regular expression: time only the variants it finds (optax rows always)")
     args = ap.parse_args()
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  jax {jax.__version__}  "
           f"optax {optax.__version__}  rank {args.rank}  T {T}  OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}")
     for text in args.shapes:
         shape = tuple(int(s) for s in text.split("x"))
         floor = Floor(shape, args.rank)
-        cases = cases_for(shape, args.rank)
+        cases = cases_for(shape, args.rank, args.rows)
         for _ in range(args.repeats):  # interleaved rounds: a slow round slows every variant
             floor.time_normal()
             for c in cases:

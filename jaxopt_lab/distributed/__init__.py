@@ -16,9 +16,10 @@ from jaxopt_lab.distributed.choco_gossip import ChocoGossipState, choco_gossip
 from jaxopt_lab.distributed.diloco import DiLoCoState, diloco, diloco_inner, diloco_outer
 from jaxopt_lab.distributed.sync import next_sync
 from jaxopt_lab.distributed.workers import SyncedStep, WorkerRunner
-from jaxopt_lab.distributed import federated
+from jaxopt_lab.distributed import collectives, federated
 
 __all__ = [
+    "collectives",
     "federated",
     "ChocoGossipState",
     "choco_gossip",

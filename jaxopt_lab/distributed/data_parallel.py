@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxopt_lab.distributed import collectives
 from jaxopt_lab.distributed.accounting import CommBytes, add_pmean_bytes, tree_bytes, zero_comm
 from jaxopt_lab.distributed.compression import compressed_pmean
 
@@ -65,7 +66,7 @@ def data_parallel(
 
     def update_fn(updates, state, params=None):
         if compressor is None:
-            mean, comp_state, nbytes = jax.lax.pmean(updates, axis_name), (), tree_bytes(updates)
+            mean, comp_state, nbytes = collectives.pmean(updates, axis_name), (), tree_bytes(updates)
             sent = add_pmean_bytes(state.bytes_sent, nbytes, axis_name)
         else:
             key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)

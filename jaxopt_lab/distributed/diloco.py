@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxopt_lab.distributed import collectives
 from jaxopt_lab.distributed.accounting import CommBytes, add_pmean_bytes, tree_bytes, zero_comm
 from jaxopt_lab.distributed.compression import compressed_pmean
 from jaxopt_lab.distributed.sync import NO_SYNC, check_sync
@@ -143,13 +144,13 @@ def diloco(
                     outer_grad, comp_state, key, step, compressor, axis_name
                 )
             elif present is None:
-                outer_grad = jax.lax.pmean(outer_grad, axis_name)
+                outer_grad = collectives.pmean(outer_grad, axis_name)
             else:  # average over the workers present
                 weight = jnp.asarray(present, jnp.float32)
-                count = jax.lax.psum(weight, axis_name)
+                count = collectives.psum(weight, axis_name)
+                sums = collectives.psum(jax.tree.map(lambda d: d * weight.astype(d.dtype), outer_grad), axis_name)
                 outer_grad = jax.tree.map(
-                    lambda d: (jax.lax.psum(d * weight.astype(d.dtype), axis_name) / jnp.maximum(count, 1.0)).astype(d.dtype),
-                    outer_grad,
+                    lambda s, d: (s / jnp.maximum(count, 1.0)).astype(d.dtype), sums, outer_grad
                 )
             outer_updates, outer_state = outer.update(outer_grad, state.outer_state, state.anchor)
             anchor = optax.apply_updates(state.anchor, outer_updates)

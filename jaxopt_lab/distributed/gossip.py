@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxopt_lab.distributed import collectives
 from jaxopt_lab.distributed.accounting import CommBytes, add_message_bytes, tree_bytes, zero_comm
 from jaxopt_lab.distributed.topology import TOPOLOGIES, Topology, topology_for
 
@@ -131,9 +132,9 @@ def consensus_distance(params: Any, axis_name: AxisName = "workers") -> jax.Arra
     if not leaves:
         return jnp.zeros((), jnp.float32)
     wide = [x.astype(jnp.promote_types(x.dtype, jnp.float32)) for x in leaves]
-    means = jax.lax.pmean(wide, axis_name)
+    means = collectives.pmean(wide, axis_name)
     sq = sum(jnp.sum(jnp.square(x - m)) for x, m in zip(wide, means))
-    return jnp.sqrt(jax.lax.pmean(sq, axis_name))
+    return jnp.sqrt(collectives.pmean(sq, axis_name))
 
 
 def gossip(

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxopt_lab.distributed import collectives
 from jaxopt_lab.distributed.accounting import CommBytes, add_pmean_bytes, tree_bytes, zero_comm
 from jaxopt_lab.distributed.sync import NO_SYNC, check_sync
 
@@ -115,7 +116,7 @@ def local_sgd(
 
         def synchronize(_):
             local = optax.apply_updates(params, inner_updates)
-            mean = jax.lax.pmean(local, axis_name)
+            mean = collectives.pmean(local, axis_name)
             zero = jnp.zeros((), jnp.int32)
             updates = jax.tree.map(lambda n, p: n - p, mean, params)
             return updates, zero, period_at(step), add_pmean_bytes(state.bytes_sent, tree_bytes(local), axis_name)

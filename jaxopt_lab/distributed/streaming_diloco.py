@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxopt_lab.distributed import collectives
 from jaxopt_lab.distributed.accounting import CommBytes, add_pmean_bytes, tree_bytes, zero_comm
 from jaxopt_lab.distributed.diloco import diloco_inner, diloco_outer
 from jaxopt_lab.distributed.sync import NO_SYNC, check_sync
@@ -236,7 +237,7 @@ def streaming_diloco(
                     for d in delta]
             return mean, comp_state, tree_bytes(delta), count
         if compressor is None:
-            return jax.lax.pmean(delta, axis_name), comp_state, tree_bytes(delta)
+            return collectives.pmean(delta, axis_name), comp_state, tree_bytes(delta)
         from jaxopt_lab.distributed.compression import compressed_pmean
 
         return compressed_pmean(delta, comp_state, key, step, compressor, axis_name)

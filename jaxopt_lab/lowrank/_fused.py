@@ -53,8 +53,14 @@ def galore_fused_finish(scale, impl):
 
 def fira_fused_finish(scale, growth_limit, impl, state_type):
     def finish(spec, pstate, g, low, direction, extra, count, raw, g2, p):
+        def exact_norm(phi):  # the unfused residual, for a gradient nearly inside the projection (see fira_combine)
+            # in G's stored layout: the oriented view of a tall G would be a transposing copy made every step
+            back = spec.orient(spec.project_back(pstate, low))
+            col = phi[:, None] if spec.transpose else phi[None, :]
+            return jnp.linalg.norm((raw.astype(jnp.float32) - scale * back) * col)
+
         m, s, norm = fira_combine(low, direction.astype(jnp.float32), g2, p, extra.previous_norm, scale=scale,
-                                  growth_limit=growth_limit)
+                                  growth_limit=growth_limit, exact_norm=exact_norm)
         out = lowrank_apply(raw, p, m, s, transpose=spec.transpose, impl=impl)
         return spec.orient(out), state_type(norm)
 

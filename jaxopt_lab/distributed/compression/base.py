@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxopt_lab.distributed import collectives
 from jaxopt_lab.distributed.accounting import tree_bytes
 
 PyTree = Any
@@ -75,7 +76,7 @@ def compressed_pmean(
     """Mean over the worker axis of what each worker's compressed payload decodes to.
 
     Each worker compresses its ``tree`` locally, then the decoded trees are
-    averaged with ``jax.lax.pmean`` (a simulation of the all-gather / all-reduce
+    averaged with ``collectives.pmean`` (a simulation of the all-gather / all-reduce
     of the payloads: the receivers decode each payload and average). Returns
     ``(mean, new_state, nbytes)`` with ``nbytes`` this worker's payload bytes;
     add them to the caller's :class:`~jaxopt_lab.distributed.accounting.CommBytes`
@@ -86,4 +87,4 @@ def compressed_pmean(
     independent stochastic rounding.
     """
     decoded, state, nbytes = compressor.compress(tree, state, key, step)
-    return jax.lax.pmean(decoded, axis_name), state, nbytes
+    return collectives.pmean(decoded, axis_name), state, nbytes
