@@ -36,6 +36,8 @@ it is never used on a mesh axis, where it would be a real all-gather.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any
 
 import jax
@@ -56,10 +58,29 @@ def _mesh_axes() -> frozenset | None:
     return frozenset(get().axis_names)
 
 
+_LAX_ONLY = contextvars.ContextVar("jaxopt_lab_lax_collectives", default=False)
+
+
+@contextlib.contextmanager
+def lax_collectives():
+    """While tracing inside this block, :func:`psum` and :func:`pmean` are ``jax.lax``'s.
+
+    For a worker axis that ``vmap`` shards over devices (``spmd_axis_name``,
+    workers spanning devices): there the worker dimension is split across
+    devices, so adding its slices would move each slice between devices
+    (several collectives across workers where one all-reduce does).
+    """
+    token = _LAX_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _LAX_ONLY.reset(token)
+
+
 def _split(axis_name: AxisName) -> tuple[tuple, tuple]:
     """``(vmapped, mesh)`` names of ``axis_name``; every name is mesh when the mesh is unknown."""
     names, mesh = _names(axis_name), _mesh_axes()
-    if mesh is None:
+    if mesh is None or _LAX_ONLY.get():
         return (), names
     return tuple(n for n in names if n not in mesh), tuple(n for n in names if n in mesh)
 

@@ -106,6 +106,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxopt_lab._compat import shard_map
+from jaxopt_lab.distributed.collectives import lax_collectives
 from jaxopt_lab.distributed.sync import refresh_counters, static_decisions, sync_flags
 
 MODES = ("vmap", "shard_map")
@@ -376,7 +377,8 @@ class WorkerRunner:
         mapped = jax.vmap(step, axis_name=WORKER_AXIS, spmd_axis_name=WORKER_AXIS)
 
         def program(*args):
-            out = mapped(*args)
+            with lax_collectives():  # the worker axis is split over devices: one all-reduce, not slices
+                out = mapped(*args)
             return jax.lax.with_sharding_constraint(out, self.shardings(out))
 
         if bound is None:
