@@ -6,9 +6,10 @@ https://arxiv.org/abs/1611.01838 (Algorithm 1, with the "scoping" of
 :math:`\gamma` of its Section 4.3).
 
 Each outer step runs ``inner_steps`` stochastic gradient Langevin (SGLD) steps
-from the current parameters and returns the local-entropy gradient
-:math:`\gamma(x - \mu)`; any outer optimizer can follow (the paper: SGD with
-Nesterov momentum, :func:`entropy_sgd`). See :func:`scale_by_entropy_sgd`.
+from the current parameters and returns :math:`x - \mu`, as the authors'
+code does (Algorithm 1's local-entropy gradient :math:`\gamma(x - \mu)` is
+opt-in); any outer optimizer can follow (the paper: SGD with Nesterov
+momentum, :func:`entropy_sgd`). See :func:`scale_by_entropy_sgd`.
 """
 
 from __future__ import annotations
@@ -45,11 +46,12 @@ def scale_by_entropy_sgd(
     inner_lr: float = 0.1,
     gamma: float = 0.03,
     gamma_growth: float = 1e-3,
-    alpha: float = 0.75,
+    alpha: float = 0.25,
     noise: float = 1e-4,
     seed: int = 0,
+    scale_by_gamma: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-    r"""Replace the gradient by Entropy-SGD's local-entropy gradient (Algorithm 1).
+    r"""Replace the gradient by Entropy-SGD's local-entropy direction (the authors' code's Algorithm 1).
 
     At outer step :math:`t = 0, 1, \dots` with parameters :math:`x`, coupling
     :math:`\gamma_t = \gamma_0 (1 + \gamma_1)^t` (``gamma``, ``gamma_growth``),
@@ -63,13 +65,16 @@ def scale_by_entropy_sgd(
         \mu_{k+1} &= (1 - \alpha)\, \mu_k + \alpha\, x'_{k+1},
 
     (:math:`\eta'` = ``inner_lr``, :math:`\varepsilon` = ``noise``, the paper's
-    thermal noise, :math:`\alpha` = ``alpha``), and return
+    thermal noise, :math:`\alpha` = ``alpha``, default 0.25: the authors' code's
+    ``mw = 0.75 mw + 0.25 w'``), and return
 
-    .. math:: u_t = \gamma_t\, (x - \mu_L),
+    .. math:: u_t = x - \mu_L,
 
-    the gradient of the negative local entropy, which the outer optimizer then
-    descends (Algorithm 1's :math:`x \leftarrow x - \eta\, \gamma (x - \mu)`).
-    :math:`f_k` is the loss on the minibatch of inner step :math:`k`.
+    as the authors' code does (``w.grad = wc - mw``), which the outer optimizer
+    then descends. It is the gradient of the negative local entropy divided by
+    :math:`\gamma_t`; ``scale_by_gamma=True`` returns Algorithm 1's
+    :math:`u_t = \gamma_t (x - \mu_L)` instead. :math:`f_k` is the loss on the
+    minibatch of inner step :math:`k`.
 
     The Langevin noise is the authors' code's: it adds
     :math:`\varepsilon / \sqrt{\eta'/2}\; \xi_k` to the gradient, i.e.
@@ -78,12 +83,14 @@ def scale_by_entropy_sgd(
     :math:`\sqrt{\eta'}\, \varepsilon\, \xi_k`; pass
     ``noise = ε / √2`` to get that.
 
-    Against the authors' code (``ucla-vision/entropy-sgd``): it returns
-    :math:`x - \mu` without the factor :math:`\gamma_t` (its outer learning
-    rates, 1 then 0.2, assume that: with ours the same rate steps
-    :math:`\gamma_t` times as far), weights the newest iterate 0.25 where our
-    default :math:`\alpha` is 0.75 (the paper's value as we read it), and adds
-    momentum and weight decay inside the Langevin loop. The scoping has no cap:
+    Against the authors' code (``ucla-vision/entropy-sgd``, ``python/optim.py``):
+    the defaults follow it in returning :math:`x - \mu` and in the weight 0.25
+    of the newest iterate; it also applies its momentum and weight decay
+    inside the Langevin loop (we do not), its outer momentum buffer starts at
+    the first minibatch gradient (optax's, in :func:`entropy_sgd`, at zero), and
+    its PyTorch version never advances the step count of the scoping (its
+    :math:`\gamma` stays :math:`\gamma_0`; its README and Lua version scope as
+    here, the Lua one from :math:`t = 1`). The scoping has no cap:
     the inner loop is stable only while :math:`\eta' \gamma_t < 2`, i.e. with
     the defaults for about the first 6,500 outer steps (the paper's runs are
     shorter); for longer runs lower ``gamma_growth``.
@@ -112,11 +119,22 @@ def scale_by_entropy_sgd(
       gamma_growth: :math:`\gamma_1 \ge 0`, the scoping rate: :math:`\gamma_t =
         \gamma_0 (1 + \gamma_1)^t`.
       alpha: :math:`\alpha \in (0, 1]`, the weight of the newest iterate in
-        the running average :math:`\mu`.
+        the running average :math:`\mu`. The default 0.25 is the authors'
+        code's (``beta1 = 0.75`` on the old average); Algorithm 1 writes
+        :math:`\mu \leftarrow (1 - \alpha)\mu + \alpha x'` with
+        :math:`\alpha = 0.75` as we read the paper: pass ``alpha=0.75`` for
+        that reading.
       noise: :math:`\varepsilon \ge 0`, the thermal noise (0: plain gradient
         steps in the inner loop).
       seed: the int seed of the noise's PRNG key (static under
         ``optax.inject_hyperparams``).
+      scale_by_gamma: return :math:`\gamma_t (x - \mu_L)`, the local-entropy
+        gradient as Algorithm 1 writes it, instead of the authors' code's
+        :math:`x - \mu_L` (default ``False``). Learning rates tuned on the
+        authors' code assume the unscaled form: with ``True`` the same rate
+        steps :math:`\gamma_t` times as far. ``alpha=0.75,
+        scale_by_gamma=True`` is Algorithm 1 as we read the paper (a Python
+        bool; static under ``optax.inject_hyperparams``).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs
@@ -130,6 +148,10 @@ def scale_by_entropy_sgd(
     check.non_negative("gamma_growth", gamma_growth)
     check.require("alpha", alpha, lambda v: 0 < v <= 1, "in (0, 1]")
     check.non_negative("noise", noise)
+    if isinstance(scale_by_gamma, jax.Array):
+        raise check.not_static("scale_by_gamma")
+    if not isinstance(scale_by_gamma, bool):
+        raise ValueError(f"scale_by_gamma must be a bool, got {scale_by_gamma!r}")
     seed = int(seed)
 
     def init_fn(params):
@@ -186,9 +208,8 @@ def scale_by_entropy_sgd(
 
             xp, mu = jax.lax.fori_loop(1, inner_steps, body, (xp, mu))
 
-        out = [
-            (gamma_t.astype(c) * (xi - mi)).astype(g.dtype) for xi, mi, g, c in zip(x, mu, g0, ctypes)
-        ]
+        scale = gamma_t if scale_by_gamma else jnp.ones([], jnp.float32)
+        out = [(scale.astype(c) * (xi - mi)).astype(g.dtype) for xi, mi, g, c in zip(x, mu, g0, ctypes)]
         return treedef.unflatten(out), EntropySGDState(count=optax.safe_increment(state.count), key=next_key)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -202,9 +223,10 @@ def entropy_sgd(
     inner_lr: float = 0.1,
     gamma: float = 0.03,
     gamma_growth: float = 1e-3,
-    alpha: float = 0.75,
+    alpha: float = 0.25,
     noise: float = 1e-4,
     seed: int = 0,
+    scale_by_gamma: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The Entropy-SGD optimizer (Chaudhari et al., 2017): SGD with momentum on the local entropy.
 
@@ -212,19 +234,22 @@ def entropy_sgd(
         m_t = \beta m_{t-1} + u_t, \qquad
         x_{t+1} = x_t - \eta_t\, (u_t + \beta m_t \text{ if Nesterov, else } m_t),
 
-    with :math:`u_t = \gamma_t (x_t - \mu)` the direction of
-    :func:`scale_by_entropy_sgd`: the chain of that transformation,
-    ``optax.trace(momentum, nesterov)`` (optax's SGD momentum) and
-    ``optax.scale_by_learning_rate(learning_rate)``. ``momentum=0`` gives
-    Algorithm 1's plain step :math:`x \leftarrow x - \eta\, \gamma (x - \mu)`.
+    with :math:`u_t = x_t - \mu` the direction of :func:`scale_by_entropy_sgd`
+    (:math:`\gamma_t (x_t - \mu)` with ``scale_by_gamma=True``): the chain of
+    that transformation, ``optax.trace(momentum, nesterov)`` (optax's SGD
+    momentum) and ``optax.scale_by_learning_rate(learning_rate)``.
+    ``momentum=0`` gives the authors' code's step (with their
+    ``momentum=0``) :math:`x \leftarrow x - \eta\, (x - \mu)`, or with
+    ``alpha=0.75, scale_by_gamma=True`` Algorithm 1's :math:`x \leftarrow x -
+    \eta\, \gamma (x - \mu)`.
 
     Args:
       learning_rate: :math:`\eta`, a float >= 0 or an optax schedule.
       momentum: :math:`\beta \in [0, 1)`.
       nesterov: Nesterov momentum (the paper's choice).
-      inner_steps, inner_lr, gamma, gamma_growth, alpha, noise, seed: as in
-        :func:`scale_by_entropy_sgd` (``inner_steps`` and ``seed`` are static
-        under ``optax.inject_hyperparams``).
+      inner_steps, inner_lr, gamma, gamma_growth, alpha, noise, seed, scale_by_gamma: as in
+        :func:`scale_by_entropy_sgd` (``inner_steps``, ``seed`` and
+        ``scale_by_gamma`` are static under ``optax.inject_hyperparams``).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
@@ -241,6 +266,7 @@ def entropy_sgd(
             alpha=alpha,
             noise=noise,
             seed=seed,
+            scale_by_gamma=scale_by_gamma,
         ),
         optax.trace(decay=momentum, nesterov=nesterov),
         optax.scale_by_learning_rate(learning_rate),

@@ -1,4 +1,4 @@
-"""Entropy-SGD against a float64 numpy version of Algorithm 1 (Chaudhari et al. 2017)."""
+"""Entropy-SGD against float64 replays of the authors' code and of Algorithm 1 (Chaudhari et al. 2017)."""
 
 import functools
 
@@ -23,7 +23,8 @@ _B = _RNG.normal(size=(4, 4))
 A = _B @ _B.T / 4 + np.eye(4)
 C = _RNG.normal(size=(8, 4))  # one target per inner step k
 X0 = _RNG.normal(size=(4,))
-HP = dict(inner_steps=4, inner_lr=0.2, gamma=0.5, gamma_growth=0.1, alpha=0.75)
+HP = dict(inner_steps=4, inner_lr=0.2, gamma=0.5, gamma_growth=0.1)  # alpha, scale_by_gamma: the defaults
+PAPER = dict(alpha=0.75, scale_by_gamma=True)  # Algorithm 1 as written (opt-in)
 
 
 def grad_k(x, k):
@@ -34,13 +35,15 @@ def jax_grad_fn(p, k):
     return {"x": (jnp.asarray(A, jnp.float32) @ (p["x"] - jnp.asarray(C, jnp.float32)[k])).astype(p["x"].dtype)}
 
 
-def numpy_entropy_sgd(x, steps, learning_rate, momentum, nesterov, inner_steps, inner_lr, gamma, gamma_growth, alpha,
-                      noise=0.0, xis=None):
-    """Algorithm 1, then optax's SGD momentum; float64, parameters after each outer step.
+def numpy_entropy_sgd(x, steps, learning_rate, momentum, nesterov, inner_steps, inner_lr, gamma, gamma_growth,
+                      alpha=0.25, scale_by_gamma=False, noise=0.0, xis=None):
+    """The official step's Langevin loop, then optax's SGD momentum; float64, parameters after each outer step.
 
     The Langevin step is the official code's (``ucla-vision/entropy-sgd``, python/optim.py):
     ``dw = grad - g (wc - w) + eps / sqrt(0.5 lr) * xi;  w -= lr * dw``, with ``xis[t][k]``
-    the standard normal draw of outer step t, inner step k.
+    the standard normal draw of outer step t, inner step k; alpha is the newest iterate's
+    weight in mu. The defaults are the official code's (alpha = 0.25, returns wc - mw);
+    ``alpha=0.75, scale_by_gamma=True`` is Algorithm 1's gamma (x - mu).
     """
     x = x.astype(np.float64)
     m = np.zeros_like(x)
@@ -54,10 +57,37 @@ def numpy_entropy_sgd(x, steps, learning_rate, momentum, nesterov, inner_steps, 
                 dw = dw + noise / np.sqrt(0.5 * inner_lr) * xis[t][k]
             xp = xp - inner_lr * dw
             mu = (1 - alpha) * mu + alpha * xp
-        u = g_t * (x - mu)
+        u = g_t * (x - mu) if scale_by_gamma else x - mu
         m = u + momentum * m
         x = x - learning_rate * (u + momentum * m if nesterov else m)
         out.append(x)
+    return np.stack(out)
+
+
+def official_step_replay(x, steps, lr, L, g0, g1, llr, eps=0.0, xis=None):
+    """A float64 transcription of ``EntropySGD.step`` (ucla-vision/entropy-sgd, python/optim.py) with
+    ``momentum=0, weight_decay=0`` (so neither its inner nor its outer momentum acts), its
+    ``lp['lr']`` = ``llr`` and its fixed ``beta1 = 0.75``. Its inner step k = 0 draws a fresh
+    minibatch at wc; here minibatch k of outer step t is ``C[k]``, as the transform's grads/grad_fn.
+    Scoping: optim.py never advances ``state['t']``; this follows its README, g = g0 (1 + g1)^t, t = 0, 1, ...
+    """
+    w = x.astype(np.float64)
+    out = []
+    for t in range(steps):
+        wc, mw = w.copy(), w.copy()
+        beta1 = 0.75
+        g = g0 * (1 + g1) ** t
+        for i in range(L):
+            dw = grad_k(w, i)
+            dw = dw - g * (wc - w)
+            if eps:
+                dw = dw + eps / np.sqrt(0.5 * llr) * xis[t][i]
+            w = w - llr * dw
+            mw = beta1 * mw + (1 - beta1) * w
+        w = wc.copy()
+        dw = w - mw  # w.grad = wc - mw: no gamma
+        w = w - lr * dw
+        out.append(w)
     return np.stack(out)
 
 
@@ -82,23 +112,51 @@ def run(tx, steps, grad_fn=jax_grad_fn):
     return runner(tx, steps, grad_fn)(tx.init(p))
 
 
+def test_defaults_match_a_float64_replay_of_the_official_step():
+    # Defaults only (alpha, scale_by_gamma, noise scaling): the official mu (0.25 on the newest
+    # iterate) and its unscaled x - mu; the old defaults (alpha 0.75, gamma (x - mu)) would fail.
+    lr, L, llr, g0, g1, eps = 0.3, HP["inner_steps"], HP["inner_lr"], HP["gamma"], HP["gamma_growth"], 0.05
+    xis = _draws(3, 3, L)
+    got = run(entropy_sgd(lr, momentum=0.0, noise=eps, seed=3, **HP), 3)
+    want = official_step_replay(X0, 3, lr, L, g0, g1, llr, eps=eps, xis=xis)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for old in (dict(alpha=0.75), dict(scale_by_gamma=True), PAPER):  # each old default alone is caught
+        other = numpy_entropy_sgd(X0, 3, lr, 0.0, False, **HP, **old, noise=eps, xis=xis)
+        assert np.abs(other - want).max() > 1e-3, old
+    clean = official_step_replay(X0, 3, lr, L, g0, g1, llr)
+    np.testing.assert_allclose(run(entropy_sgd(lr, momentum=0.0, noise=0.0, **HP), 3), clean, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("form", [{}, PAPER], ids=["official", "paper"])
 @pytest.mark.parametrize("nesterov", [True, False])
-def test_matches_numpy_algorithm_1_without_noise(nesterov):
-    kw = dict(learning_rate=0.3, momentum=0.5, nesterov=nesterov, **HP)
+def test_matches_numpy_without_noise(nesterov, form):
+    kw = dict(learning_rate=0.3, momentum=0.5, nesterov=nesterov, **HP, **form)
     got = run(entropy_sgd(noise=0.0, **kw), 3)
     want = numpy_entropy_sgd(X0, 3, **kw)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert not np.allclose(want[0], X0)
 
 
-def test_scale_by_returns_local_entropy_gradient():
-    # One outer step of the bare transform: u = gamma (x - mu), with k = 0 taken from grads.
-    tx = scale_by_entropy_sgd(noise=0.0, **HP)
+@pytest.mark.parametrize("form", [{}, PAPER], ids=["official", "paper"])
+def test_scale_by_returns_local_entropy_direction(form):
+    # One outer step of the bare transform: u = x - mu (official) or gamma (x - mu) (paper), k = 0 from grads.
+    tx = scale_by_entropy_sgd(noise=0.0, **HP, **form)
     p = {"x": jnp.asarray(X0, jnp.float32)}
     u, state = jit(lambda p, s: tx.update(jax_grad_fn(p, 0), s, p, grad_fn=jax_grad_fn))(p, tx.init(p))
-    want = X0 - numpy_entropy_sgd(X0, 1, learning_rate=1.0, momentum=0.0, nesterov=False, **HP)[0]
+    want = X0 - numpy_entropy_sgd(X0, 1, learning_rate=1.0, momentum=0.0, nesterov=False, **HP, **form)[0]
     np.testing.assert_allclose(np.asarray(u["x"]), want, rtol=1e-5, atol=1e-6)
     assert isinstance(state, EntropySGDState) and int(state.count) == 1
+
+
+def test_paper_form_is_gamma_times_the_official_direction_with_the_same_mu():
+    # scale_by_gamma only rescales: gamma_0 (x - mu) at step 0, same alpha
+    p = {"x": jnp.asarray(X0, jnp.float32)}
+    us = []
+    for scaled in (False, True):
+        tx = scale_by_entropy_sgd(noise=0.0, scale_by_gamma=scaled, **HP)
+        us.append(np.asarray(jit(lambda p, s: tx.update(jax_grad_fn(p, 0), s, p, grad_fn=jax_grad_fn))(
+            p, tx.init(p))[0]["x"], np.float64))
+    np.testing.assert_allclose(us[1], HP["gamma"] * us[0], rtol=1e-6, atol=1e-7)
 
 
 def test_noise_is_deterministic_per_seed_and_differs_across_seeds():
@@ -164,6 +222,7 @@ def test_keeps_dtypes_and_works_with_a_tree():
         (dict(alpha=1.5), "alpha"),
         (dict(noise=-1e-4), "noise"),
         (dict(seed=1.5), "seed"),
+        (dict(scale_by_gamma=1), "scale_by_gamma"),
         (dict(momentum=1.0), "momentum"),
         (dict(learning_rate=-0.1), "learning_rate"),
     ],
