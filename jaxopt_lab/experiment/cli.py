@@ -8,6 +8,10 @@ import sys
 from jaxopt_lab.experiment.config import ConfigError
 
 
+_NO_CACHE_HELP = ("do not use JAX's persistent compilation cache (by default on, in $JAXOPT_LAB_CACHE_DIR or "
+                  "~/.cache/jaxopt_lab/xla, or where JAX_COMPILATION_CACHE_DIR says)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxopt-lab", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -17,17 +21,20 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set method.learning_rate=1e-3 (repeatable)")
     r.add_argument("--run-dir", default=None, help="write here instead of run.out_dir/run.name")
+    r.add_argument("--no-compile-cache", action="store_true", help=_NO_CACHE_HELP)
 
     s = sub.add_parser("resume", help="continue a run from its last checkpoint")
     s.add_argument("run_dir")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="logging.*, checkpoint.* and, to recover a run, the method's hyperparameters (method.learning_rate, ...; recorded in config_history.jsonl)")
+    s.add_argument("--no-compile-cache", action="store_true", help=_NO_CACHE_HELP)
 
     w = sub.add_parser("sweep", help="run every point of a grid")
     w.add_argument("config")
     w.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
                    help="a grid axis (repeatable; the grid is their Cartesian product)")
     w.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    w.add_argument("--no-compile-cache", action="store_true", help=_NO_CACHE_HELP)
 
     pl = sub.add_parser("plot", help="plot runs side by side and print their final metrics")
     pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
@@ -40,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in ("run", "resume", "sweep"):
+        from jaxopt_lab.experiment.compilation import configure_cache
+
+        configure_cache(enabled=not args.no_compile_cache)
     from jaxopt_lab.experiment import trainer
 
     try:
@@ -115,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
 def _report(result) -> None:
     final = result.final
     shown = ", ".join(f"{k} {final[k]:.4f}" for k in ("loss", "eval_loss", "eval_accuracy") if k in final)
-    print(f"{result.run_dir}: step {final.get('step')}: {shown}")
+    first = final.get("time_to_first_step")
+    timing = f" (first step after {first:.1f} s)" if first is not None else ""
+    print(f"{result.run_dir}: step {final.get('step')}: {shown}{timing}")
 
 
 if __name__ == "__main__":
