@@ -33,6 +33,8 @@ import time
 
 CHILD = r"""
 import collections, json, os, sys, time
+import jaxopt_lab
+print("TREE " + os.path.dirname(os.path.dirname(os.path.abspath(jaxopt_lab.__file__))))
 t0 = time.perf_counter()
 import jax
 from jax import monitoring
@@ -79,7 +81,7 @@ def first_steps(out_dir: str) -> dict[str, float]:
 
 def measure(tree: str, config: str, cache: str, cache_dir: str, overrides: list[str]) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_compile_") as out:
-        args = ["run", config, "--set", f"run.out_dir={out}", "--set", "logging.progress=false"]
+        args = ["run", os.path.abspath(config), "--set", f"run.out_dir={out}", "--set", "logging.progress=false"]
         for o in overrides:
             args += ["--set", o]
         with open(os.path.join(tree, "jaxopt_lab", "experiment", "cli.py")) as f:
@@ -92,13 +94,18 @@ def measure(tree: str, config: str, cache: str, cache_dir: str, overrides: list[
         env["JAXOPT_LAB_CACHE_DIR"] = cache_dir  # where the trees that have a cache put it
         env.pop("JAX_COMPILATION_CACHE_DIR", None)
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], env=env, capture_output=True, text=True)
+        # run from the output folder: `python -c` puts the working directory first on sys.path,
+        # which would shadow the tree's jaxopt_lab with the one here
+        proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], env=env, capture_output=True, text=True,
+                              cwd=out)
         elapsed = time.perf_counter() - t0
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not line:
             raise SystemExit(f"{tree} ({cache}) failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
         result = json.loads(line[-1][len("RESULT "):])
         result["process_s"] = elapsed
+        tree_line = [ln for ln in proc.stdout.splitlines() if ln.startswith("TREE ")]
+        assert os.path.samefile(tree_line[0][5:], tree), (tree_line, tree)  # the tree asked for, not another
         result["first_step"] = first_steps(out)
         return result
 
