@@ -8,7 +8,9 @@ metrics and what a resume is compared against.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import json
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -107,8 +109,38 @@ def _build_data(data: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
     return dataset, {"name": name, **_with_defaults(loader, kwargs)}
 
 
-def _build_model(model: Mapping[str, Any], dataset: Any, seed: int, abstract: bool = False
-                 ) -> tuple[nnx.Module, dict[str, Any]]:
+# Compiled model inits, one per (class, arguments), the seed an argument: every run of a process
+# (the variants of a config, the points of a sweep) that builds the same model reuses one.
+_MODEL_INITS: collections.OrderedDict = collections.OrderedDict()
+_MODEL_INITS_KEPT = 8
+
+
+def model_init(cls: type, kwargs: Mapping[str, Any]) -> Callable[[jax.Array], nnx.Module]:
+    """A jitted ``key -> cls(**kwargs, rngs=nnx.Rngs(params=key))``, shared by every caller that
+    asks for the same class and arguments (the last few kept), so it compiles once per process.
+
+    One compiled init instead of an eager op-by-op one is seconds faster on CPU.
+    """
+    frozen = dict(kwargs)
+
+    def init_model(key):
+        return cls(**frozen, rngs=nnx.Rngs(params=key))
+
+    try:
+        cache_key = (cls, json.dumps(frozen, sort_keys=True))
+    except TypeError:  # arguments that are not plain data: not shared
+        return nnx.jit(init_model)
+    if cache_key in _MODEL_INITS:
+        _MODEL_INITS.move_to_end(cache_key)
+        return _MODEL_INITS[cache_key]
+    init = _MODEL_INITS[cache_key] = nnx.jit(init_model)
+    while len(_MODEL_INITS) > _MODEL_INITS_KEPT:
+        _MODEL_INITS.popitem(last=False)
+    return init
+
+
+def _build_model(model: Mapping[str, Any], dataset: Any, seed: int,
+                 abstract: bool = False) -> tuple[nnx.Module, dict[str, Any]]:
     kwargs = dict(model)
     name = kwargs.pop("name")
     if name not in MODELS:
@@ -134,9 +166,10 @@ def _build_model(model: Mapping[str, Any], dataset: Any, seed: int, abstract: bo
                               f"{'' if exact else 'at least '}{derived[key]!r}")
     kwargs = {**base, **derived, **kwargs}
     try:
-        # one compiled init instead of an eager op-by-op one (seconds faster on CPU)
-        make = lambda: cls(**kwargs, rngs=nnx.Rngs(params=seed))  # noqa: E731
-        module = nnx.eval_shape(make) if abstract else nnx.jit(make)()
+        if abstract:  # shapes and dtypes only: the arguments are checked, nothing is computed
+            module = nnx.eval_shape(lambda: cls(**kwargs, rngs=nnx.Rngs(params=seed)))
+        else:
+            module = model_init(cls, kwargs)(jax.random.key(seed))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model ({name}): {e}") from None
     resolved = {"name": name, **({"preset": preset} if preset is not None else {})}
@@ -264,23 +297,32 @@ def check_memory(exp: Experiment, limit: int | None = None) -> int:
     return total
 
 
-def build(config: ExperimentConfig, abstract: bool = False) -> Experiment:
+def build(config: ExperimentConfig, abstract: bool = False, check_fit: bool = True) -> Experiment:
     """Build data, model and optimizer; return them with the resolved config.
 
     A config whose arrays cannot fit the device is refused here (:func:`check_memory`).
-    ``abstract=True``: the model's parameters are shapes only (``nnx.eval_shape``),
-    nothing is allocated and the memory check is left to the caller (which may pass
-    the memory of the machine the config is meant for): how a config written for a
-    GPU or a pod is checked on a laptop.
+    ``abstract=True``: the model's parameters are shapes and dtypes only
+    (``nnx.eval_shape``), nothing is initialized, allocated or compiled; every other
+    check still runs (see :func:`validate`). ``check_fit=False`` leaves the memory
+    check to the caller, who may pass the memory of the machine the config is meant
+    for: how a config written for a GPU or a pod is checked on a laptop.
     """
     dataset, data = _build_data(config.data)
     model, model_cfg = _build_model(config.model, dataset, config.run.seed, abstract=abstract)
     tx, method, runner = _build_method(config, model)
     resolved = dataclasses.replace(config, data=data, model=model_cfg, method=method)
     experiment = Experiment(config=resolved, data=dataset, model=model, tx=tx, runner=runner)
-    if not abstract:
+    if check_fit:
         check_memory(experiment)
     return experiment
+
+
+def validate(config: ExperimentConfig) -> ExperimentConfig:
+    """Every check :func:`build` makes (data, model, method, memory), without initializing or
+    compiling the model; returns the resolved config. For configs about to be run later (the
+    variants of a config, the points of a sweep), each of which :func:`build` builds then.
+    """
+    return build(config, abstract=True).config
 
 
 # ---- losses and metrics per task -------------------------------------------------

@@ -39,6 +39,10 @@ def _edit_flags(parser: argparse.ArgumentParser, set_help: str) -> None:
                              "new one does not take after --set method.name=...")
 
 
+_NO_CACHE_HELP = ("do not use JAX's persistent compilation cache (by default on, in $JAXOPT_LAB_CACHE_DIR or "
+                  "~/.cache/jaxopt_lab/xla, or where JAX_COMPILATION_CACHE_DIR says)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxopt-lab", description=__doc__)
     p.add_argument("--version", action=_Version, help="print the versions of jaxopt-lab, jax, optax, flax and exit")
@@ -51,18 +55,21 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--only", action="append", default=None, metavar="NAME[,NAME]",
                    help="run only these [variants.NAME] (or a federated config's [methods.NAME]); a later "
                         "--only run of the others joins the same comparison")
+    r.add_argument("--no-compile-cache", action="store_true", help=_NO_CACHE_HELP)
 
     s = sub.add_parser("resume", help="continue a run from its last checkpoint, or extend a finished one")
     s.add_argument("run_dir")
     _edit_flags(s, f"{', '.join(RESUME_EXTEND_KEYS)} (train.steps=N extends a finished run), logging.*, "
                    "checkpoint.* and, to recover a run, the method's hyperparameters (method.learning_rate, ...); "
                    "recorded in config_history.jsonl")
+    s.add_argument("--no-compile-cache", action="store_true", help=_NO_CACHE_HELP)
 
     w = sub.add_parser("sweep", help="run every point of a grid")
     w.add_argument("config")
     w.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
                    help="a grid axis (repeatable; the grid is their Cartesian product)")
     _edit_flags(w, "override a config key for every point (repeatable)")
+    w.add_argument("--no-compile-cache", action="store_true", help=_NO_CACHE_HELP)
 
     pl = sub.add_parser("plot", help="plot runs side by side and print their final metrics")
     pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
@@ -89,6 +96,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    if args.command in ("run", "resume", "sweep"):
+        from jaxopt_lab.experiment.compilation import configure_cache
+
+        configure_cache(enabled=not args.no_compile_cache)
     from jaxopt_lab.experiment import trainer
 
     try:
@@ -172,7 +183,9 @@ def _report(result) -> None:
         print(result.note)
     final = result.final
     shown = ", ".join(f"{k} {final[k]:.4f}" for k in ("loss", "eval_loss", "eval_accuracy") if k in final)
-    print(f"{result.run_dir}: step {final.get('step')}: {shown}")
+    first = final.get("time_to_first_step")
+    timing = f" (first step after {first:.1f} s)" if first is not None else ""
+    print(f"{result.run_dir}: step {final.get('step')}: {shown}{timing}")
 
 
 if __name__ == "__main__":

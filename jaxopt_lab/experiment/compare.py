@@ -9,7 +9,7 @@ from collections.abc import Iterable
 import tomli_w
 
 from jaxopt_lab.experiment import config as config_lib
-from jaxopt_lab.experiment.build import build
+from jaxopt_lab.experiment.build import validate
 from jaxopt_lab.experiment.plot import plot_runs
 from jaxopt_lab.experiment.trainer import (
     DIVERGED_FILE,
@@ -24,7 +24,8 @@ from jaxopt_lab.experiment.trainer import (
 
 COLUMNS = (("eval_loss", "final eval loss", "{:.4f}"), ("eval_accuracy", "eval acc", "{:.4f}"),
            ("bytes_communicated", "payload bytes/worker", "{:.3e}"), ("wire_bytes", "wire bytes/worker", "{:.3e}"), ("opt_state_bytes", "opt state bytes", "{:.3e}"),
-           ("steps_per_sec", "steps/s", "{:.2f}"), ("wall_time", "wall-clock s", "{:.0f}"))
+           ("steps_per_sec", "steps/s", "{:.2f}"), ("time_to_first_step", "first step s", "{:.1f}"),
+           ("wall_time", "wall-clock s", "{:.0f}"))
 # Columns relative to the first variant: (key, header, whether the ratio is of the inverse)
 RELATIVE = (("opt_state_bytes", "opt state × {}", False), ("steps_per_sec", "step time × {}", True))
 
@@ -66,7 +67,7 @@ def run_variants(path: str, overrides: Iterable[str] = (), only: Iterable[str] |
         check_fresh_run_dir(run_dir_of(cfg), resume_hint=base)
     for name, cfg in configs.items():  # every variant's data/model/method is checked before any training
         try:
-            build(cfg)
+            validate(cfg)  # shapes only: each variant's model is built once, by its run
         except config_lib.ConfigError as e:
             raise config_lib.with_prefix(e, f"variant {name!r}: ") from None
     earlier = _manifest(base) if is_variants_dir(base) else {}

@@ -20,7 +20,7 @@ from typing import Any
 METRICS_FILE = "metrics.jsonl"
 # Fields that measure the machine, not the optimization: they differ between two
 # runs of the same config.
-TIMING_KEYS = ("wall_time", "steps_per_sec")
+TIMING_KEYS = ("wall_time", "steps_per_sec", "time_to_first_step")
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:

@@ -75,13 +75,13 @@ def sweep(
     for d in run_dirs:
         if run_dirs.count(d) > 1:
             raise config_lib.ConfigError(f"the grid has the point {os.path.basename(d)!r} twice")
-    from jaxopt_lab.experiment.build import build
+    from jaxopt_lab.experiment.build import validate
     from jaxopt_lab.experiment.trainer import check_fresh_run_dir
 
     for _, _, run_dir in configs:  # every point's folder can be written and holds no run yet
         check_fresh_run_dir(run_dir)
-    for _, cfg, _ in configs:  # check data/model/method of every point first
-        build(cfg)
+    for _, cfg, _ in configs:  # check data/model/method of every point first (shapes only, nothing built)
+        validate(cfg)
     results = [(point, run(cfg, run_dir=run_dir)) for point, cfg, run_dir in configs]
     base = summary_dir(results)
     plot_runs(run_dirs, os.path.join(base, "compare.png"), labels=[os.path.basename(d) for d in run_dirs])

@@ -139,15 +139,26 @@ def make_train_step(graphdef: Any, rest: Any, tx: optax.GradientTransformation, 
     return train_step
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "task", "loss"))
+def _eval_program(params, x, y, weight, rest, *, graphdef, task, loss):
+    outputs = nnx.merge(graphdef, params, rest)(x)
+    sums = {k: (v * weight).sum() for k, v in per_example(task, outputs, y, loss).items()}
+    return sums, weight.sum()
+
+
 def make_eval_step(graphdef: Any, rest: Any, task: str, loss: str = "cross_entropy"):
-    """A jitted ``(params, x, y, weight) -> sums of weighted per-example metrics``."""
+    """A jitted ``(params, x, y, weight) -> sums of weighted per-example metrics``.
 
-    def eval_step(params, x, y, weight):
-        outputs = nnx.merge(graphdef, params, rest)(x)
-        sums = {k: (v * weight).sum() for k, v in per_example(task, outputs, y, loss).items()}
-        return sums, weight.sum()
+    One jitted program for every model of the same structure (``graphdef`` is static, the
+    model's non-parameter state an argument), so runs of one process that evaluate the same
+    model on the same shapes (the variants of a config) compile it once.
+    """
+    return functools.partial(_eval_program, rest=rest, graphdef=graphdef, task=task, loss=loss)
 
-    return jax.jit(eval_step)
+
+@jax.jit
+def _mean_over_workers(params):
+    return jax.tree.map(lambda x: x.mean(axis=0), params)
 
 
 def _pad(array: np.ndarray, size: int) -> np.ndarray:
@@ -169,9 +180,14 @@ def evaluate(eval_step, params, data, batch_size: int, max_batches: int) -> dict
 
 
 class Trainer:
-    """Runs one built experiment in ``run_dir`` (fresh, or from its last checkpoint)."""
+    """Runs one built experiment in ``run_dir`` (fresh, or from its last checkpoint).
 
-    def __init__(self, experiment: Experiment, run_dir: str):
+    ``started``: the ``time.perf_counter()`` the run's time to first step counts from (default:
+    now; :func:`run` and :func:`resume` pass the moment they were called, before the build).
+    """
+
+    def __init__(self, experiment: Experiment, run_dir: str, started: float | None = None):
+        self.started = time.perf_counter() if started is None else started
         self.exp = experiment
         self.cfg = experiment.config
         self.run_dir = run_dir
@@ -205,7 +221,7 @@ class Trainer:
             # host before save() returns, so the next step may reuse those buffers.
             self.train_step = self.runner.map_sync(step, donate_argnums=(0,))
             self.initial = self.runner.put(self.runner.replicate(initial))
-            self._mean_params = jax.jit(lambda p: jax.tree.map(lambda x: x.mean(axis=0), p))
+            self._mean_params = _mean_over_workers
         self.checkpoints = Checkpointer(run_dir, keep=self.cfg.checkpoint.keep)
         self.allowed_changes: set[str] = set()  # config keys this resume changes (may differ from a checkpoint's)
         self.lr = learning_rate_schedule(self.cfg.method)
@@ -330,7 +346,7 @@ class Trainer:
             start = self.checkpoints.latest_step()
         state = self.restore(start) if resume and start else self.initial
         if self.runner is not None:  # the steps donate their input state: keep self.initial intact
-            state = jax.tree.map(jnp.copy, state)
+            state = jax.device_put(state, may_alias=False)  # a copy of each buffer, with no program to compile
         start = start if resume and start else 0
         log = MetricsLog(self.run_dir, start_step=start, tensorboard=cfg.logging.tensorboard)
         elapsed = (log.last or {}).get("wall_time", 0.0)
@@ -339,6 +355,7 @@ class Trainer:
         bar = _progress(cfg.logging.progress, total=t.steps, initial=start, desc=cfg.run.name)
         t0 = time.perf_counter() - elapsed
         step_times = []  # seconds of each train step (its metrics read back), for the final steps_per_sec
+        first_step = None  # seconds from self.started to the first step's metrics on the host
         try:
             for step in range(start, t.steps):
                 batch = self.batch(step, int(state.batch_size) if self.norm_test is not None else None)
@@ -347,6 +364,8 @@ class Trainer:
                 state, metrics = self.train_step(state, *batch)
                 record = {"step": step + 1, **self.step_metrics(state, metrics)}
                 step_times.append(time.perf_counter() - t_step)
+                if first_step is None:
+                    first_step = time.perf_counter() - self.started
                 if grown is not None:
                     record["batch_size"] = int(state.batch_size)
                     state = state._replace(batch_size=jnp.asarray(grown, jnp.int32))
@@ -363,6 +382,8 @@ class Trainer:
                 if done == t.steps:  # median over this process's steps (the first, compiling one, included)
                     record["opt_state_bytes"] = self.opt_state_bytes
                     record["steps_per_sec"] = 1.0 / float(np.median(step_times))
+                    # build, compiles, the step-0 evaluation and the first step, of this process
+                    record["time_to_first_step"] = first_step
                 record["wall_time"] = time.perf_counter() - t0
                 log.write(record)
                 if done == t.steps or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
@@ -442,6 +463,7 @@ def run(config: str | config_lib.ExperimentConfig, overrides: Iterable[str] = ()
     The resolved config is written to ``RUN_DIR/config.toml`` before training.
     A directory that already holds checkpoints is an error (resume it instead).
     """
+    started = time.perf_counter()
     cfg = config_lib.load(config, overrides) if isinstance(config, str) else config
     if not isinstance(config, str) and overrides:
         cfg = config_lib.from_dict(config_lib.apply_overrides(cfg.to_dict(), overrides))
@@ -451,7 +473,7 @@ def run(config: str | config_lib.ExperimentConfig, overrides: Iterable[str] = ()
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, CONFIG_FILE), "w") as f:
         f.write(experiment.config.dumps())
-    return Trainer(experiment, run_dir).fit(resume=False)
+    return Trainer(experiment, run_dir, started=started).fit(resume=False)
 
 
 def resume(run_dir: str, overrides: Iterable[str] = ()) -> RunResult:
@@ -471,6 +493,7 @@ def resume(run_dir: str, overrides: Iterable[str] = ()) -> RunResult:
     (``diverged.json``) continues from its last good checkpoint; the checkpoints after it and the
     metrics up to the stop are moved, not deleted, to ``diverged/<step>/``.
     """
+    started = time.perf_counter()
     path = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.exists(path):
         raise RunDirError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
@@ -522,7 +545,7 @@ def resume(run_dir: str, overrides: Iterable[str] = ()) -> RunResult:
             raise config_lib.ConfigError(
                 f"cannot resume {run_dir} with train.steps = {cfg.train.steps}: it continues from step {start}")
         _set_aside(run_dir, stop["step"], after=start)
-    trainer = Trainer(experiment, run_dir)
+    trainer = Trainer(experiment, run_dir, started=started)
     if start is None:
         start = trainer.checkpoints.latest_step() or 0
     trainer.allowed_changes = set(changed)

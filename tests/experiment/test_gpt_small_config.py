@@ -22,7 +22,7 @@ H200_BYTES = 141 * 10**9
 
 
 def test_full_size_builds_from_shapes():
-    exp = build(config_lib.load(PATH), abstract=True)
+    exp = build(config_lib.load(PATH), abstract=True, check_fit=False)
     params = nnx.state(exp.model, nnx.Param)
     assert sum(x.size for x in jax.tree.leaves(params)) == 124_439_808  # GPT-2 small
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params))  # nothing allocated
