@@ -38,6 +38,7 @@ from flax import nnx
 
 from jaxopt_lab.distributed import WorkerRunner
 from jaxopt_lab.models.gpt import GPT
+from bench_workers import make_step  # scripts/ is on sys.path when run as a script
 
 _DTYPE_BYTES = {"f32": 4, "s32": 4, "u32": 4, "f16": 2, "bf16": 2, "s8": 1, "u8": 1, "pred": 1, "f64": 8, "s64": 8}
 
@@ -95,14 +96,7 @@ def main(argv=None) -> int:
     ctx = model.context
     tx = optax.adamw(1e-3, b1=0.9, b2=0.95, weight_decay=0.1)
 
-    def step(params, opt_state, x, y):
-        def loss(p):
-            logits = nnx.merge(graphdef, p)(x)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-        grads = jax.grad(loss)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
+    step = make_step(graphdef, tx)  # the same per-worker step as bench_workers.py
 
     rng = np.random.default_rng(0)
     programs = {}  # label: (fn, workers, state, x, y)
