@@ -57,6 +57,7 @@ from jaxopt_lab.lowrank import (
     scale_by_stable_spam,
     stable_spam,
     stochastic_round_int8,
+    stochastic_round_uint8,
     weight_normalized,
 )
 from jaxopt_lab.transforms import (
@@ -131,6 +132,7 @@ __all__ = [
     "scale_by_stable_spam",
     "stable_spam",
     "stochastic_round_int8",
+    "stochastic_round_uint8",
     "weight_normalized",
     "ChocoGossipState",
     "choco_gossip",
