@@ -30,11 +30,18 @@ GaLore (see :mod:`jaxopt_lab.lowrank.galore`) with three changes:
    Here the parameters stay float arrays holding grid values: a simulation
    of 8-bit weight storage.
 
-The update of a projected matrix is GaLore's: ``ΔW = α · P · Adam(Pᵀ G)``
-with the Adam split of the official GaLore code (moments without bias
-correction in the low-rank space, bias correction with the learning rate, so
-ε sits beside the uncorrected √v), and the weights are decayed after the step,
-``W ← (1 − lr λ)(W − lr ΔW)``, as the official optimizer.
+The update of a projected matrix is GaLore's projection over the official
+optimizer's Adam, bitsandbytes' (the official ``QGaLoreAdamW8bit`` runs
+bitsandbytes' Adam kernel on the projected gradient): in the low-rank space
+``R = Pᵀ G``, with the moments m, v of R and t the step,
+
+    ΔW = α · P · (m / (1 − β₁ᵗ)) / (√(v / (1 − β₂ᵗ)) + ε),
+
+ε beside the bias-corrected √v̂ (bitsandbytes' ``s1 / (√s2 + ε √(1 − β₂ᵗ))``
+with ``step_size = lr √(1 − β₂ᵗ) / (1 − β₁ᵗ)``, i.e. optax's Adam; GaLore's
+own code puts ε beside the uncorrected √v), and the weights are decayed after
+the step, ``W ← (1 − lr λ)(W − lr ΔW)``, as the official optimizer does for
+projected matrices and bitsandbytes' kernel for the others.
 
 Defaults follow the official code (``VITA-Group/Q-GaLore``): queue size 5,
 cosine threshold 0.4, γ = 2, int4 projection in groups of 256, int8 weights in
@@ -58,11 +65,11 @@ Remaining differences from the official code:
   ``init`` cannot change the parameters); the official code rounds them onto
   the grid to nearest when it builds the model, so the two agree from the
   first update on;
-* Adam's moments are float32: the official code runs bitsandbytes' 8-bit
-  Adam, whose ε sits beside the corrected √v̂ (the effective ε here is
-  ε / √(1 − β₂ᵗ) on that scale: 3.2e-7 at t = 1 for ε = 1e-8); and the
-  non-projected parameters are decayed after the step like the projected
-  ones, where the official code leaves their decay to bitsandbytes' kernel.
+* Adam's moments are float32: the official code stores them in 8 bits
+  (bitsandbytes' block-wise dynamic quantization, blocks of 2048, for every
+  state tensor of 4096 values or more; smaller ones in float32), so its
+  moments carry that quantization error; the arithmetic of the step is the
+  same.
 """
 
 from __future__ import annotations
@@ -73,7 +80,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxopt_lab.lowrank._adam import scale_by_adam_bias_correction, scale_by_adam_moments
 from jaxopt_lab.lowrank._projected import default_label_fn, scale_by_projected
 from jaxopt_lab.lowrank._weight_decay import decay_updated_weights
 from jaxopt_lab.lowrank.galore import _galore_finish
@@ -250,8 +256,9 @@ def q_galore(
     """Q-GaLore-AdamW: :func:`scale_by_q_galore` over Adam, learning rate, then decoupled weight decay.
 
     ``W ← (1 − lr·λ) · (W − lr · α · P · Adam(PᵀG))`` with P stored in int4 and
-    refreshed lazily (the weights decayed after the step, as the official
-    optimizer); see the module docstring. For int8 weights wrap the result:
+    refreshed lazily, Adam as bitsandbytes' (ε beside the bias-corrected
+    √v̂), the weights decayed after the step, as the official optimizer; see
+    the module docstring. For int8 weights wrap the result:
     ``int8_weights(q_galore(...))``. Under ``optax.inject_hyperparams`` list
     the int arguments ``rank``, ``update_proj_gap``, ``seed``, ``queue_size``,
     ``gamma_proj`` and ``proj_group_size`` in ``static_args``.
@@ -261,9 +268,8 @@ def q_galore(
     check.non_negative("eps", eps)
     check.non_negative("weight_decay", weight_decay)
     return optax.chain(
-        scale_by_q_galore(rank, update_proj_gap, scale, scale_by_adam_moments(b1, b2, eps), projector, queue_size,
+        scale_by_q_galore(rank, update_proj_gap, scale, optax.scale_by_adam(b1, b2, eps), projector, queue_size,
                           cos_threshold, gamma_proj, side, label_fn, stagger, seed, refresh, proj_group_size),
-        scale_by_adam_bias_correction(b1, b2),
         optax.scale_by_learning_rate(learning_rate),
         decay_updated_weights(learning_rate, weight_decay),
     )

@@ -151,9 +151,10 @@ def _official_quantize(w, group_size):
     return (scales * (q - zeros)).reshape(w.shape)
 
 
-def _official_replay(grads, group_size):
+def _official_replay(grads, group_size, inner=lambda low, it: low):
     """float64 replay of GaLoreProjector.project / project_back (quant=True, n_bit=4) with an identity inner
-    optimizer: the update α·P Pᵀ G, and the steps at which the projector refreshed. ``iter`` is the 0-based step."""
+    optimizer (or ``inner(low, iter)``): the update α·P inner(Pᵀ G), and the steps at which the projector
+    refreshed. ``iter`` is the 0-based step."""
     gap, queue, past, stored, refreshed, updates = P_GAP, [], None, None, [], []
     for it, g in enumerate(grads):
         g = np.asarray(g, np.float64)
@@ -171,7 +172,7 @@ def _official_replay(grads, group_size):
             past = lead
             stored = _official_quantize(ortho, group_size)
             refreshed.append(it)
-        low = g @ stored.T if tall else stored.T @ g
+        low = inner(g @ stored.T if tall else stored.T @ g, it)
         updates.append(P_ALPHA * (low @ stored if tall else stored @ low))
     return np.stack(updates), refreshed
 
@@ -235,6 +236,44 @@ def test_matches_float64_replay_of_the_official_projector_and_refresh(shape):
         np.testing.assert_allclose(row_major, expected, rtol=1e-4, atol=1e-5)
     else:
         assert np.abs(row_major - expected).max() > 1e-2 * scale
+
+
+def _bnb_adam(lr, b1, b2, eps):
+    """float64 replay of bitsandbytes' ADAM kernel step on a zero parameter (the official QGaLoreAdamW8bit zeroes
+    p.data, runs the kernel with weight_decay 0, and projects p.data back): -lr √(1-β₂ᵗ)/(1-β₁ᵗ) · s1 / (√s2 + ε √(1-β₂ᵗ))."""
+    st = {}
+
+    def step(low, it):
+        t = it + 1
+        st["m"] = b1 * st.get("m", 0.0) + (1 - b1) * low
+        st["v"] = b2 * st.get("v", 0.0) + (1 - b2) * low * low
+        c1, c2 = 1 - b1**t, np.sqrt(1 - b2**t)
+        return -lr * c2 / c1 * st["m"] / (np.sqrt(st["v"]) + eps * c2)
+
+    return step
+
+
+@pytest.mark.parametrize("shape", [(6, 16), (16, 6)], ids=["wide", "tall"])
+def test_q_galore_step_matches_the_official_adamw8bit_arithmetic(shape):
+    # eps = 1e-2 makes its place visible: beside bitsandbytes' corrected √v̂, not GaLore's uncorrected √v
+    lr, wd, eps = 0.05, 0.1, 1e-2
+    grads = _parity_grads(shape)[:8]
+    w0 = np.random.default_rng(5).standard_normal(shape)
+    deltas, _ = _official_replay(grads, 4, inner=_bnb_adam(lr, 0.9, 0.999, eps))
+    w = w0.copy()
+    for d in deltas:
+        w = (w + d) * (1 - lr * wd)  # p.data = saved + project_back(step); p.data.add_(p.data, alpha=-lr*wd)
+    tx = q_galore(lr, rank=P_RANK, update_proj_gap=P_GAP, scale=P_ALPHA, eps=eps, weight_decay=wd, queue_size=P_QUEUE,
+                  cos_threshold=P_THRESHOLD, label_fn={"w": True}, proj_group_size=4)
+    params = {"w": jnp.asarray(w0, jnp.float32)}
+    state, step = tx.init(params), jax.jit(tx.update)
+    for g in grads:
+        u, state = step({"w": jnp.asarray(g)}, state, params)
+        params = optax.apply_updates(params, u)
+    np.testing.assert_allclose(np.asarray(params["w"], np.float64), w, rtol=1e-4, atol=1e-5)
+    # GaLore's split (ε beside the uncorrected √v) is caught
+    galore_like = _official_replay(grads, 4, inner=lambda low, it: _bnb_adam(lr, 0.9, 0.999, eps / np.sqrt(1 - 0.999))(low, it))
+    assert np.abs(galore_like[0][0] - deltas[0]).max() > 1e-3 * np.abs(deltas[0]).max()
 
 
 def test_stochastic_rounding_is_unbiased_and_lands_on_the_neighbouring_grid_points():
