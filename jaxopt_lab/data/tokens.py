@@ -24,8 +24,6 @@ Windows never cross a file boundary: a window is ``seq_len + 1`` consecutive
 tokens of one file (the inputs, and the targets shifted by one).
 """
 
-from __future__ import annotations
-
 import dataclasses
 import glob
 import importlib

@@ -226,9 +226,8 @@ def test_trainer_checkpoints_the_iterator_position(tmp_path):
         "run": {"name": "tok", "seed": 2, "out_dir": str(tmp_path / "runs")},
         "data": {"name": "tokens", "path": str(folder), "seq_len": SEQ},
         "model": {"name": "gpt", "preset": "micro"},
-        "method": {"name": "diloco", "sync_every": 2, "inner": {"name": "adamw", "learning_rate": 1e-3},
-                   "outer": {"name": "sgd", "learning_rate": 0.7}},
-        "workers": {"count": 2}, "train": {"steps": 4, "batch_size": 4, "eval_every": 2, "eval_batches": 1},
+        "method": {"name": "adamw", "learning_rate": 1e-3},  # several workers: test_gpt_small_config, test_kill_resume
+        "train": {"steps": 4, "batch_size": 4, "eval_every": 2, "eval_batches": 1},
         "checkpoint": {"every": 2, "keep": 3}, "logging": {"progress": False, "tensorboard": False}})
     result = trainer.run(cfg)
     for step in (2, 4):
