@@ -37,7 +37,8 @@ from jaxopt_lab.data.tokens import load_tokens, prepare_tokens  # noqa: E402
 
 def bench(out: str, seq_len: int, batch_size: int, workers: int, steps: int, seed: int = 0) -> dict:
     """Median and mean ms per step to read ``workers`` x ``batch_size`` windows of ``seq_len`` through
-    the trainer's loader (the grain iterator, prefetch on), over ``steps`` steps after one warm-up."""
+    the trainer's loader (the grain iterator, prefetch on), over ``steps`` steps after one warm-up, and
+    the median of the same reads done synchronously (``loader.dataset[step]``)."""
     data = load_tokens(out, seq_len=seq_len)
     loader = data.loader(batch_size, seed, num_workers=workers)
     next(loader)
@@ -46,8 +47,13 @@ def bench(out: str, seq_len: int, batch_size: int, workers: int, steps: int, see
         t = time.perf_counter()
         x, _ = next(loader)
         times.append(time.perf_counter() - t)
+    direct = []  # the same reads without grain's prefetch: dataset[step], synchronous
+    for step in range(steps + 1, 2 * steps + 1):
+        t = time.perf_counter()
+        loader.dataset[step]
+        direct.append(time.perf_counter() - t)
     return {"shape": tuple(x.shape), "median_ms": 1e3 * float(np.median(times)), "mean_ms": 1e3 * float(np.mean(times)),
-            "tokens_per_s": x.size / float(np.mean(times))}
+            "tokens_per_s": x.size / float(np.mean(times)), "direct_median_ms": 1e3 * float(np.median(direct))}
 
 
 def write_synthetic(out: str, n: int, val_fraction: float, seed: int) -> None:
@@ -96,7 +102,7 @@ def main(argv=None) -> int:
     if args.bench:
         r = bench(args.out, args.seq_len, args.batch_size, args.workers, args.steps)
         print(f"read {r['shape']} per step: {r['median_ms']:.2f} ms median, {r['mean_ms']:.2f} ms mean "
-              f"({r['tokens_per_s'] / 1e6:.1f} M tokens/s)")
+              f"({r['tokens_per_s'] / 1e6:.1f} M tokens/s); without prefetch {r['direct_median_ms']:.2f} ms median")
     return 0
 
 
