@@ -239,3 +239,31 @@ def test_trainer_checkpoints_the_iterator_position(tmp_path):
     shutil.rmtree(os.path.join(result.run_dir, "checkpoints", "4"))
     trainer.resume(result.run_dir)
     assert list(without_timing(read_metrics(result.run_dir))) == before
+
+
+def test_trainer_loads_the_runners_local_workers(tmp_path):
+    """A runner that names the workers this process loads (WorkerRunner.local_workers, multi-process
+    runs) gets a loader of those workers only; without the attribute, all of them."""
+    from jaxopt_lab.experiment import config as config_lib
+    from jaxopt_lab.experiment.build import build
+    from jaxopt_lab.experiment.trainer import Trainer
+
+    folder = positions(tmp_path / "tok", [4000], dtype="uint16")
+    cfg = config_lib.from_dict({
+        "run": {"name": "tok", "seed": 2, "out_dir": str(tmp_path / "runs")},
+        "data": {"name": "tokens", "path": folder, "seq_len": SEQ, "dtype": "uint16", "vocab_size": 4096},
+        "model": {"name": "gpt", "preset": "micro"},
+        "method": {"name": "diloco", "sync_every": 2, "inner": {"name": "adamw", "learning_rate": 1e-3},
+                   "outer": {"name": "sgd", "learning_rate": 0.7}},
+        "workers": {"count": 4}, "train": {"steps": 2, "batch_size": 4}, "logging": {"progress": False}})
+    exp = build(cfg)
+    assert Trainer(exp, str(tmp_path / "a")).loader.workers == (0, 1, 2, 3)
+
+    class Local(type(exp.runner)):  # as a process of a multi-process run sees it (the attribute may be a property)
+        local_workers = [1, 3]
+
+    object.__setattr__(exp.runner, "__class__", Local)
+    loader = Trainer(exp, str(tmp_path / "b")).loader
+    assert loader.workers == (1, 3)
+    x, _ = next(loader)
+    np.testing.assert_array_equal(x[1], exp.data.windows(0, 4, 2, worker=3, num_workers=4)[0])
