@@ -11,7 +11,7 @@ from jaxopt_lab.distributed.streaming_diloco import StreamingDiLoCoState, stream
 from jaxopt_lab.distributed.gossip import GossipState, consensus_distance, gossip, mix
 from jaxopt_lab.distributed.dfedsam import DFedSAMState, dfedsam
 from jaxopt_lab.distributed.topology import TOPOLOGIES, Topology, complete, exponential, ring, torus2d
-from jaxopt_lab.distributed.compression import Compressor, compressed_pmean, dgc, econtrol, identity, quantize, top_k
+from jaxopt_lab.distributed.compression import Compressor, compressed_pmean, dgc, econtrol, identity, quantize, sketch, top_k
 from jaxopt_lab.distributed.choco_gossip import ChocoGossipState, choco_gossip
 from jaxopt_lab.distributed.diloco import DiLoCoState, diloco, diloco_inner, diloco_outer
 from jaxopt_lab.distributed.sync import next_sync
@@ -29,6 +29,7 @@ __all__ = [
     "econtrol",
     "identity",
     "quantize",
+    "sketch",
     "top_k",
     "GossipState",
     "consensus_distance",
