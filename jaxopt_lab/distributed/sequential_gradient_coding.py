@@ -29,7 +29,9 @@ is assigned a load :math:`L_{ri}` (a fraction of one full gradient) and
 finishes at :math:`L_{ri} \cdot u_{ri}` with :math:`u_{ri}` its seconds per
 full gradient that round (:func:`unit_times`, from the federated simulator's
 speed model, or a trace). The master ends the round at the earliest time at
-which at least :math:`n - s` workers have returned and the job at its
+which at least :math:`n - \lambda` workers have returned (``stragglers_per_round``
+:math:`\lambda`, by default the code's :math:`s`; the SGC schemes use a code with
+:math:`s < \lambda`, which is where their lighter load comes from) and the job at its
 deadline (:math:`r - T`) is decodable; the others are that round's stragglers
 and return nothing (their round's work is lost). Waiting for all workers is
 ``rep_fraction=1, delay=0``; plain GC is ``rep_fraction=0, delay=0``.
@@ -128,10 +130,18 @@ class SGCScheme:
     code: GradientCode
     rep_fraction: float = 0.0
     delay: int = 0
+    stragglers_per_round: int | None = None  # lambda: the master waits for n - lambda workers (None: the code's s)
 
     def __post_init__(self):
         if not isinstance(self.code, GradientCode):
             raise ValueError(f"code must be a GradientCode, got {self.code!r}")
+        if self.stragglers_per_round is None:
+            self.stragglers_per_round = self.code.s
+        lam = self.stragglers_per_round
+        if not (isinstance(lam, int) and not isinstance(lam, bool) and 0 <= lam < self.code.n):
+            raise ValueError(f"stragglers_per_round must be an int in [0, n), got {lam!r}")
+        if lam > self.code.s and self.delay == 0:
+            raise ValueError(f"stragglers_per_round={lam} > s={self.code.s} needs a delay T >= 1 to finish jobs later")
         if not 0 <= self.rep_fraction <= 1:
             raise ValueError(f"rep_fraction must be in [0, 1], got {self.rep_fraction!r}")
         if not (isinstance(self.delay, int) and not isinstance(self.delay, bool) and self.delay >= 0):
@@ -216,7 +226,7 @@ class SGCScheme:
             else:
                 finish = load * unit_time[r]
                 order = np.argsort(np.where(busy, finish, np.inf), kind="stable")
-                need = max(0, min(n - self.code.s if self.rep_fraction < 1 else n, int(busy.sum())))
+                need = max(0, min(n - self.stragglers_per_round, int(busy.sum())))
                 deadline = r - self.delay
                 returned = np.zeros(n, bool)
                 returned[order[:need]] = True
@@ -275,7 +285,7 @@ class SGCScheme:
 
 def wait_for_all(n: int) -> SGCScheme:
     """No coding: each worker one of n partitions, the master waits for all (``rep_fraction=1, delay=0``)."""
-    return SGCScheme(gradient_code("cyclic", n, 0), rep_fraction=1.0, delay=0)
+    return SGCScheme(gradient_code("cyclic", n, 0), rep_fraction=1.0, delay=0, stragglers_per_round=0)
 
 
 def plain_gc(n: int, s: int, kind: str = "cyclic", seed: int = 0) -> SGCScheme:
@@ -283,11 +293,17 @@ def plain_gc(n: int, s: int, kind: str = "cyclic", seed: int = 0) -> SGCScheme:
     return SGCScheme(gradient_code(kind, n, s, seed), rep_fraction=0.0, delay=0)
 
 
-def selective_repetition(n: int, s: int, delay: int, kind: str = "cyclic", seed: int = 0) -> SGCScheme:
-    """SR-SGC: (n, s) GC per job plus selective re-attempts of unfinished coded tasks within ``delay`` rounds."""
-    return SGCScheme(gradient_code(kind, n, s, seed), rep_fraction=0.0, delay=delay)
+def selective_repetition(n: int, s: int, delay: int, stragglers_per_round: int | None = None, kind: str = "cyclic",
+                         seed: int = 0) -> SGCScheme:
+    """SR-SGC: (n, s) GC per job, the master waiting for n - lambda workers a round, plus selective re-attempts
+    of the unfinished coded tasks within ``delay`` rounds."""
+    return SGCScheme(gradient_code(kind, n, s, seed), rep_fraction=0.0, delay=delay,
+                     stragglers_per_round=stragglers_per_round)
 
 
-def multiplexed(n: int, s: int, delay: int, rep_fraction: float, kind: str = "cyclic", seed: int = 0) -> SGCScheme:
-    """M-SGC: a ``rep_fraction`` of each job by plain repetition, the rest (n, s) coded, multiplexed over rounds."""
-    return SGCScheme(gradient_code(kind, n, s, seed), rep_fraction=rep_fraction, delay=delay)
+def multiplexed(n: int, s: int, delay: int, rep_fraction: float, stragglers_per_round: int | None = None,
+                kind: str = "cyclic", seed: int = 0) -> SGCScheme:
+    """M-SGC: a ``rep_fraction`` of each job by plain repetition, the rest (n, s) coded, multiplexed over rounds;
+    the master waits for n - lambda workers a round."""
+    return SGCScheme(gradient_code(kind, n, s, seed), rep_fraction=rep_fraction, delay=delay,
+                     stragglers_per_round=stragglers_per_round)

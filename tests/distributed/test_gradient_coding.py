@@ -161,6 +161,25 @@ def test_sgc_round_times_match_order_statistics():
         assert res.total_time > 0
 
 
+def test_sgc_waiting_for_n_minus_lambda_with_a_lighter_code():
+    """SR-SGC with s = 0 < lambda = 2: a round ends at the (n - 2)-th return unless a deadline job needs more;
+    every job still exact by its deadline; bad lambda without delay raises."""
+    n, jobs = 6, 10
+    u = unit_times(n, jobs + 1, seed=7)
+    scheme = selective_repetition(n, 0, delay=1, stragglers_per_round=2)
+    res = scheme.run(jobs, unit_time=u)
+    assert np.all(res.stragglers.sum(axis=1) <= 2)
+    grads = np.random.default_rng(3).normal(size=(jobs, 2 * n, 2))
+    grads[:, :n] = 0.0
+    check_exact(scheme, res, grads)
+    # round 0 has no deadline job: it ends exactly at the 4th of the 6 finish times
+    np.testing.assert_allclose(res.round_times[0], np.sort(u[0] / n)[n - 3], rtol=1e-12)
+    with pytest.raises(ValueError, match="needs a delay"):
+        selective_repetition(n, 0, delay=0, stragglers_per_round=2)
+    with pytest.raises(ValueError, match="stragglers_per_round"):
+        selective_repetition(n, 0, delay=1, stragglers_per_round=n)
+
+
 def test_unit_times_are_seeded_and_bursty():
     u1, u2 = unit_times(8, 50, seed=5), unit_times(8, 50, seed=5)
     np.testing.assert_array_equal(u1, u2)
