@@ -182,3 +182,21 @@ def test_in_data_parallel_bytes_and_descent():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         sketch(**kwargs)
+
+
+@pytest.mark.parametrize("method", ["diloco", "choco_gossip"])
+def test_plugs_into_diloco_and_choco_gossip(method):
+    from jaxopt_lab.distributed import choco_gossip, diloco
+    from tests.distributed.problem import run
+
+    w, steps = 4, 6
+    comp = sketch("srht", ratio=0.5, seed=2)
+    if method == "diloco":
+        tx = diloco(optax.sgd(0.05), optax.sgd(1.0), sync_every=3, compressor=comp)
+    else:
+        tx = choco_gossip(optax.sgd(0.05), "ring", compressor=comp, consensus_lr=0.5)
+    params, state = run(WorkerRunner(w), tx, steps, w)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+    per_payload = 4 * (3 + 1)  # w: ceil(0.5 * 5) = 3 values, b (a scalar): 1 value
+    expected = 2 * per_payload if method == "diloco" else steps * 2 * per_payload  # 2 syncs / 2 ring neighbours a step
+    np.testing.assert_array_equal(communicated_bytes(state), [expected] * w)
