@@ -14,6 +14,8 @@ which is the paper's server-side ``desk(mean(sk(Δ_c)))``.
 Sketches (one per tensor of :math:`n` entries, :math:`s` rows):
 
 * ``"gaussian"``: :math:`R = G / \sqrt s`, :math:`G_{ij} \sim N(0, 1)` i.i.d.
+  (formed densely: :math:`s \cdot n` numbers per tensor per step, refused above
+  ``GAUSSIAN_MAX_ENTRIES``; for large tensors use the two below).
 * ``"srht"`` (subsampled randomized Hadamard transform):
   :math:`R = \sqrt{m/s}\, P H D` with :math:`m` the next power of two
   :math:`\ge n` (the tensor is zero-padded to :math:`m`), :math:`D` random
@@ -60,6 +62,7 @@ import numpy as np
 from jaxopt_lab.distributed.compression.base import Compressor, as_nbytes, leaf_keys
 
 SKETCHES = ("gaussian", "srht", "countsketch")
+GAUSSIAN_MAX_ENTRIES = 1 << 27  # 512 MiB of float32: a dense Gaussian R larger than this is refused
 
 
 class SketchState(NamedTuple):
@@ -246,6 +249,11 @@ def sketch(
                 decoded.append(x)
                 continue
             s = sketch_rows(n, ratio)
+            if kind == "gaussian" and s * n > GAUSSIAN_MAX_ENTRIES:
+                raise ValueError(
+                    f"a gaussian sketch of a tensor of shape {x.shape} materializes s x n = {s} x {n} = {s * n} "
+                    f"float32 entries (more than {GAUSSIAN_MAX_ENTRIES}); use kind='srht' or 'countsketch', "
+                    "which apply R without forming it")
             ing = sketch_ingredients(kind, rk, s, n)
             y = apply_sketch(kind, ing, v, s).astype(x.dtype)  # the payload, in the tensor's dtype
             decoded.append(apply_desketch(kind, ing, y.astype(jnp.float32), n).reshape(x.shape).astype(x.dtype))
