@@ -14,6 +14,7 @@ from jaxopt_lab.distributed.topology import TOPOLOGIES, Topology, complete, expo
 from jaxopt_lab.distributed.compression import Compressor, compressed_pmean, dgc, econtrol, identity, quantize, sketch, top_k
 from jaxopt_lab.distributed.choco_gossip import ChocoGossipState, choco_gossip
 from jaxopt_lab.distributed.diloco import DiLoCoState, diloco, diloco_inner, diloco_outer
+from jaxopt_lab.distributed.dadao import DADAOState, dadao_events, graph_constants, graph_edges, run_dadao
 from jaxopt_lab.distributed.gradient_coding import GradientCode, coded_psum, decoding_vector, encode, gradient_code
 from jaxopt_lab.distributed.sequential_gradient_coding import (
     SGCScheme,
@@ -28,6 +29,11 @@ from jaxopt_lab.distributed.workers import SyncedStep, WorkerRunner
 from jaxopt_lab.distributed import collectives, federated
 
 __all__ = [
+    "DADAOState",
+    "dadao_events",
+    "graph_constants",
+    "graph_edges",
+    "run_dadao",
     "GradientCode",
     "SGCScheme",
     "coded_psum",
