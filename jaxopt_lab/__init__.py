@@ -10,7 +10,7 @@ from jaxopt_lab.distributed.local_sgd import LocalSGDState, local_sgd
 from jaxopt_lab.distributed.streaming_diloco import StreamingDiLoCoState, streaming_diloco
 from jaxopt_lab.distributed.gossip import GossipState, gossip
 from jaxopt_lab.distributed.dfedsam import DFedSAMState, dfedsam
-from jaxopt_lab.distributed.compression import dgc, econtrol, quantize, top_k
+from jaxopt_lab.distributed.compression import dgc, econtrol, quantize, sketch, top_k
 from jaxopt_lab.distributed.choco_gossip import ChocoGossipState, choco_gossip
 from jaxopt_lab.distributed.federated import (
     FedAMDState,
@@ -143,6 +143,7 @@ __all__ = [
     "dgc",
     "econtrol",
     "quantize",
+    "sketch",
     "top_k",
     "GossipState",
     "gossip",

@@ -733,6 +733,165 @@ for ax, name, color in zip(axes, ['FedBuff', 'FedAsync'], ['tab:orange', 'tab:gr
 plt.tight_layout(); plt.show()'''),
     ]
 
+SYSTEMS = [
+    new_markdown_cell(
+        "# Systems: gradient coding, sequential gradient coding, gradient sketching\n\n"
+        "1. **Gradient coding** (Tandon et al. 2017): n workers, any s stragglers, the exact full gradient.\n"
+        "2. **Sequential gradient coding** (Krishnan et al. 2023): code across rounds too (delay T); simulated "
+        "runtime with straggler patterns from the event simulator's speed model.\n"
+        "3. **Gradient sketching** (Song et al. 2023): send R g with a shared-seed R; the gradient-matching attack "
+        "still recovers the private input from the sketch, Gaussian DP noise defeats it.\n"
+        "4. **DADAO** (Nabli & Oyallon 2023): asynchronous decentralized accelerated optimization over Poisson events."
+    ),
+    new_code_cell(INSTALL),
+    new_code_cell(
+        "import itertools, os\n"
+        "import jax, jax.numpy as jnp, numpy as np, optax\n"
+        "import matplotlib.pyplot as plt\n"
+        "from jaxopt_lab.distributed import gradient_code, decoding_vector, plain_gc, selective_repetition, "
+        "multiplexed, unit_times, wait_for_all\n"
+        "from jaxopt_lab.distributed.compression import sketch, identity, dp_sigma\n"
+        "from jaxopt_lab.data import load_digits\n\n"
+        "JOBS = int(os.environ.get('NB07_JOBS', 200))            # the test suite runs fewer\n"
+        "ATTACK_STEPS = int(os.environ.get('NB07_ATTACK_STEPS', 1000))\n"
+        "IMAGES = int(os.environ.get('NB07_IMAGES', 4))"
+    ),
+    new_markdown_cell("## 1. Gradient coding: every straggler pattern up to s decodes to the full gradient"),
+    new_code_cell(
+        "rows = []\n"
+        "for kind, n, s in [('cyclic', 6, 2), ('fractional', 6, 2), ('cyclic', 8, 3)]:\n"
+        "    code = gradient_code(kind, n, s)\n"
+        "    g = np.random.default_rng(0).normal(size=(n, 5))   # the n partitions' gradients\n"
+        "    sent = code.B @ g                                   # what each worker sends\n"
+        "    ok = total = 0\n"
+        "    for k in range(s + 1):\n"
+        "        for dead in itertools.combinations(range(n), k):\n"
+        "            alive = np.ones(n, bool); alive[list(dead)] = False\n"
+        "            a = decoding_vector(code, alive)\n"
+        "            ok += int(a is not None and np.allclose(a @ sent, g.sum(0)))\n"
+        "            total += 1\n"
+        "    rows.append({'code': kind, 'n': n, 's': s, 'load / worker': f'{code.load:.3f}',\n"
+        "                 'patterns decoded exactly': f'{ok} / {total}'})\n"
+        "show_table(rows)"
+    ),
+    new_markdown_cell(
+        "## 2. Sequential gradient coding: simulated runtime\n\n"
+        "16 workers; per-round times from `unit_times` (log-normal speeds, per-round jitter, 2-round bursts 5x "
+        "slower). The master ends a round when n - λ workers returned and the job at its deadline decodes."
+    ),
+    new_code_cell(
+        "n = 16\n"
+        "u = unit_times(n, JOBS + 2, seed=0)\n"
+        "schemes = {'wait for all': wait_for_all(n), 'GC s=1': plain_gc(n, 1), 'GC s=2': plain_gc(n, 2),\n"
+        "           'SR-SGC s=0 T=2 λ=2': selective_repetition(n, 0, delay=2, stragglers_per_round=2),\n"
+        "           'M-SGC s=1 T=2 λ=2 rep=0.5': multiplexed(n, 1, delay=2, rep_fraction=0.5, stragglers_per_round=2)}\n"
+        "results = {k: sch.run(JOBS, unit_time=u) for k, sch in schemes.items()}\n"
+        "base = results['wait for all'].total_time\n"
+        "show_table([{'scheme': k, 'simulated time': f'{r.total_time:.2f}',\n"
+        "             'saved vs wait-all': f'{100 * (1 - r.total_time / base):+.1f}%',\n"
+        "             'jobs late': int(np.sum(r.decoded_round > np.arange(JOBS) + schemes[k].delay))}\n"
+        "            for k, r in results.items()])\n"
+        "for k, r in results.items():\n"
+        "    plt.plot(np.cumsum(r.round_times), label=k)\n"
+        "plt.xlabel('round'); plt.ylabel('cumulative simulated time'); plt.legend(); plt.show()"
+    ),
+    new_markdown_cell(
+        "## 3. Sketching: bytes, unbiasedness, and the gradient-leakage attack\n\n"
+        "A worker sends the Gaussian sketch (25% of the rows) of one private digit's gradient of a 64-32-10 "
+        "MLP. The server knows the seed, hence R, and matches sketched gradients of a candidate image "
+        "(Adam from a random start)."
+    ),
+    new_code_cell(
+        "def init_mlp(key, sizes=(64, 32, 10)):\n"
+        "    return [{'w': jax.random.normal(jax.random.fold_in(key, i), (a, b)) / jnp.sqrt(a), 'b': jnp.zeros((b,))}\n"
+        "            for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))]\n\n"
+        "def loss_fn(params, x, y_soft):\n"
+        "    h = x\n"
+        "    for i, layer in enumerate(params):\n"
+        "        h = h @ layer['w'] + layer['b']\n"
+        "        h = jax.nn.sigmoid(h) if i < len(params) - 1 else h\n"
+        "    return -jnp.sum(y_soft * jax.nn.log_softmax(h))\n\n"
+        "params = init_mlp(jax.random.key(0))\n"
+        "step = jnp.int32(0)\n"
+        "for name, c in [('dense', identity()), ('sketch 0.25', sketch('gaussian', 0.25, seed=1))]:\n"
+        "    print(name, 'bytes:', int(c.compress(params, c.init(params), jax.random.key(0), step)[2]))\n"
+        "# unbiased: the mean of R^T R x over many shared-seed steps approaches x\n"
+        "x = {'v': jnp.linspace(-1, 1, 50)}\n"
+        "c = sketch('srht', 0.2, seed=0)\n"
+        "dec = jax.vmap(lambda t: c.compress(x, (), jax.random.key(0), t)[0]['v'])(jnp.arange(2000))\n"
+        "print('max |mean(R^T R x) - x| over 2000 steps:', float(jnp.abs(dec.mean(0) - x['v']).max()))"
+    ),
+    new_code_cell(
+        "data = load_digits()\n"
+        "xs = jnp.asarray(data.x_test[:IMAGES].reshape(IMAGES, 64))\n"
+        "ys = jax.nn.one_hot(jnp.asarray(data.y_test[:IMAGES]), 10)\n"
+        "C, EPS, DELTA = 1.0, 0.9, 1e-5\n"
+        "settings = {\n"
+        "    'sketch 0.25': (sketch('gaussian', 0.25, seed=1), sketch('gaussian', 0.25, seed=1)),\n"
+        "    f'sketch + DP (sigma={dp_sigma(EPS, DELTA, C):.2f})': (\n"
+        "        sketch('gaussian', 0.25, seed=1, dp=(EPS, DELTA), clip_norm=C), sketch('gaussian', 0.25, seed=1, clip_norm=C)),\n"
+        "}\n\n"
+        "def attack(sender, attacker, x, y, key):\n"
+        "    g = jax.grad(loss_fn)(params, x, y)\n"
+        "    received = sender.compress(g, (), jax.random.fold_in(key, 7), step)[0]\n"
+        "    def match(z):\n"
+        "        gp = jax.grad(loss_fn)(params, jax.nn.sigmoid(z['x']), jax.nn.softmax(z['y']))\n"
+        "        dec = attacker.compress(gp, (), key, step)[0]\n"
+        "        return sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(dec), jax.tree.leaves(received)))\n"
+        "    opt = optax.adam(0.05)\n"
+        "    z = {'x': jax.random.normal(key, (64,)), 'y': jax.random.normal(jax.random.fold_in(key, 1), (10,))}\n"
+        "    def body(carry, _):\n"
+        "        z, s = carry\n"
+        "        u, s = opt.update(jax.grad(match)(z), s, z)\n"
+        "        return (optax.apply_updates(z, u), s), None\n"
+        "    (z, _), _ = jax.lax.scan(body, (z, opt.init(z)), None, length=ATTACK_STEPS)\n"
+        "    return jax.nn.sigmoid(z['x'])\n\n"
+        "keys = jax.random.split(jax.random.key(42), IMAGES)\n"
+        "recs, rows = {}, []\n"
+        "for name, (sender, attacker) in settings.items():\n"
+        "    recs[name] = jax.jit(jax.vmap(lambda x, y, k: attack(sender, attacker, x, y, k)))(xs, ys, keys)\n"
+        "    rows.append({'what is sent': name, 'reconstruction MSE': f'{float(jnp.mean((recs[name] - xs) ** 2)):.4f}'})\n"
+        "rows.append({'what is sent': 'guess: mean digit',\n"
+        "             'reconstruction MSE': f'{float(jnp.mean((data.x_train.reshape(-1, 64).mean(0) - xs) ** 2)):.4f}'})\n"
+        "show_table(rows)\n"
+        "fig, axes = plt.subplots(3, IMAGES, figsize=(1.2 * IMAGES, 3.8))\n"
+        "for j in range(IMAGES):\n"
+        "    for i, img in enumerate([xs[j]] + [r[j] for r in recs.values()]):\n"
+        "        axes[i, j].imshow(np.asarray(img).reshape(8, 8), cmap='gray_r', vmin=0, vmax=1)\n"
+        "        axes[i, j].set_xticks([]); axes[i, j].set_yticks([])\n"
+        "for i, t in enumerate(['private'] + list(recs)):\n"
+        "    axes[i, 0].set_ylabel(t.split(' (')[0], fontsize=7)\n"
+        "plt.tight_layout(); plt.show()"
+    ),
+    new_markdown_cell(
+        "## 4. DADAO: asynchronous decentralized accelerated optimization\n\n"
+        "Local least squares on a ring of 8 nodes; gradient events at Poisson rate n, edge communications at "
+        "rate sqrt(2 chi_1 chi_2), played in order by a `lax.scan` (the official code's rules)."
+    ),
+    new_code_cell(
+        "from jaxopt_lab.distributed import dadao_events, graph_constants, graph_edges, run_dadao\n\n"
+        "DADAO_T = float(os.environ.get('NB07_DADAO_T', 300))\n"
+        "nn, d, m = 8, 3, 10\n"
+        "rng = np.random.default_rng(0)\n"
+        "Dm = rng.normal(size=(nn, m, d)); bm = Dm @ rng.normal(size=d) + 0.3 * rng.normal(size=(nn, 1))\n"
+        "x_star = np.linalg.solve(sum(Dm[i].T @ Dm[i] for i in range(nn)), sum(Dm[i].T @ bm[i] for i in range(nn)))\n"
+        "eigs = [np.linalg.eigvalsh(2 / m * Dm[i].T @ Dm[i]) for i in range(nn)]\n"
+        "mu, L = min(e[0] for e in eigs), max(e[-1] for e in eigs)\n"
+        "edges = graph_edges('ring', nn)\n"
+        "chi_1, chi_2, lamb_mix = graph_constants(nn, edges)\n"
+        "events = dadao_events(nn, edges, DADAO_T, seed=0)\n"
+        "Dj, bj = jnp.asarray(Dm, jnp.float32), jnp.asarray(bm, jnp.float32)\n"
+        "grad_fn = lambda i, x: 2 / m * Dj[i].T @ (Dj[i] @ x - bj[i])\n"
+        "_, err = jax.jit(lambda x: run_dadao(grad_fn, x, events, mu, L, chi_1 / lamb_mix, x_star))(jnp.zeros((nn, d)))\n"
+        "err = np.asarray(err) / np.sum(x_star ** 2)\n"
+        "show_table([{'events': len(events.times), 'gradients': int(events.is_grad.sum()),\n"
+        "             'communications': int((~events.is_grad).sum()), 'relative error at start': f'{1.0:.1e}',\n"
+        "             'relative error at the end': f'{err[-1]:.1e}'}])\n"
+        "plt.semilogy(np.cumsum(events.is_grad), err); plt.xlabel('local gradients'); plt.ylabel('mean ||x_i - x*||^2 / ||x*||^2')\n"
+        "plt.show()"
+    ),
+]
+
 
 NOTEBOOKS = {
     "00_quickstart.ipynb": lambda: QUICKSTART,
@@ -741,6 +900,7 @@ NOTEBOOKS = {
     "03_lowrank.ipynb": lowrank_notebook,
     "04_kernels.ipynb": lambda: KERNELS,
     "05_optimizers_and_sharpness.ipynb": lambda: SHARPNESS,
+    "07_systems.ipynb": lambda: SYSTEMS,
 }
 
 if __name__ == "__main__":

@@ -11,14 +11,40 @@ from jaxopt_lab.distributed.streaming_diloco import StreamingDiLoCoState, stream
 from jaxopt_lab.distributed.gossip import GossipState, consensus_distance, gossip, mix
 from jaxopt_lab.distributed.dfedsam import DFedSAMState, dfedsam
 from jaxopt_lab.distributed.topology import TOPOLOGIES, Topology, complete, exponential, ring, torus2d
-from jaxopt_lab.distributed.compression import Compressor, compressed_pmean, dgc, econtrol, identity, quantize, top_k
+from jaxopt_lab.distributed.compression import Compressor, compressed_pmean, dgc, econtrol, identity, quantize, sketch, top_k
 from jaxopt_lab.distributed.choco_gossip import ChocoGossipState, choco_gossip
 from jaxopt_lab.distributed.diloco import DiLoCoState, diloco, diloco_inner, diloco_outer
+from jaxopt_lab.distributed.dadao import DADAOState, dadao_events, graph_constants, graph_edges, run_dadao
+from jaxopt_lab.distributed.gradient_coding import GradientCode, coded_psum, decoding_vector, encode, gradient_code
+from jaxopt_lab.distributed.sequential_gradient_coding import (
+    SGCScheme,
+    multiplexed,
+    plain_gc,
+    selective_repetition,
+    unit_times,
+    wait_for_all,
+)
 from jaxopt_lab.distributed.sync import next_sync
 from jaxopt_lab.distributed.workers import SyncedStep, WorkerRunner
 from jaxopt_lab.distributed import collectives, federated
 
 __all__ = [
+    "DADAOState",
+    "dadao_events",
+    "graph_constants",
+    "graph_edges",
+    "run_dadao",
+    "GradientCode",
+    "SGCScheme",
+    "coded_psum",
+    "decoding_vector",
+    "encode",
+    "gradient_code",
+    "multiplexed",
+    "plain_gc",
+    "selective_repetition",
+    "unit_times",
+    "wait_for_all",
     "collectives",
     "federated",
     "ChocoGossipState",
@@ -29,6 +55,7 @@ __all__ = [
     "econtrol",
     "identity",
     "quantize",
+    "sketch",
     "top_k",
     "GossipState",
     "consensus_distance",

@@ -136,3 +136,18 @@ def test_committed_notebooks_are_the_generators_with_badge_install_and_outputs()
         assert f'"git+{gen.REPOSITORY_URL}"' in committed.cells[1].source, name
         code = [c for c in committed.cells if c.cell_type == "code"]
         assert all(c.get("execution_count") for c in code), f"{name} is committed without its outputs"
+
+
+def test_07_systems_notebook():
+    nb = execute("07_systems.ipynb", {"NB07_JOBS": "20", "NB07_ATTACK_STEPS": "300", "NB07_IMAGES": "2",
+                                      "NB07_DADAO_T": "60", "MPLBACKEND": "Agg"})
+    text = outputs(nb)
+    codes, runtime, attack, [dadao] = tables(nb)
+    assert float(dadao["relative error at the end"]) < 1e-2, dadao  # DADAO converges on the least squares
+    for r in codes:  # every straggler pattern up to s decoded to the full gradient
+        ok, total = r["patterns decoded exactly"].split(" / ")
+        assert ok == total and int(total) > 0, r
+    assert [r["scheme"] for r in runtime][0] == "wait for all" and all(r["jobs late"] == "0" for r in runtime), runtime
+    assert "dense bytes: 9640" in text and "sketch 0.25 bytes: 2412" in text, text
+    mse = {r["what is sent"].split(" (")[0]: float(r["reconstruction MSE"]) for r in attack}
+    assert mse["sketch 0.25"] < mse["guess: mean digit"] < mse["sketch + DP"], attack  # leaks; noise stops it

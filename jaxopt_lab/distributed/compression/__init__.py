@@ -1,4 +1,4 @@
-"""Compressors for what workers send: quantization, top-k, DGC, EControl; a compressed all-reduce mean.
+"""Compressors for what workers send: quantization, top-k, DGC, EControl, sketching; a compressed all-reduce mean.
 
 Each compressor is a :class:`Compressor` ``(init, compress)`` written for one
 worker; :func:`compressed_pmean` runs one over a named worker axis and returns
@@ -10,6 +10,7 @@ from jaxopt_lab.distributed.compression.base import Compressor, compressed_pmean
 from jaxopt_lab.distributed.compression.dgc import DGC_SPARSITY_SCHEDULE, DGCState, dgc
 from jaxopt_lab.distributed.compression.econtrol import EControlState, econtrol
 from jaxopt_lab.distributed.compression.quantize import FORMATS, QuantizeState, e3m0_grid, quantize
+from jaxopt_lab.distributed.compression.sketch import SKETCHES, SketchState, dp_sigma, sketch
 from jaxopt_lab.distributed.compression.topk import TopKState, top_k
 
 __all__ = [
@@ -19,12 +20,16 @@ __all__ = [
     "EControlState",
     "FORMATS",
     "QuantizeState",
+    "SKETCHES",
+    "SketchState",
     "TopKState",
     "compressed_pmean",
     "dgc",
+    "dp_sigma",
     "e3m0_grid",
     "econtrol",
     "identity",
     "quantize",
+    "sketch",
     "top_k",
 ]
