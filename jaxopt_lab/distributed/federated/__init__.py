@@ -25,6 +25,8 @@ FedFix         ``fedfix(lr)``                       ``TimeWindow(dt)``
 FedCompass     ``fedcompass(N, alpha=0.9)``         ``Compass(q_min, q_max)``, ``pseudo_gradient="current"``
 FedAMD         ``fedamd(lr, num_clients=N)`` +      ``SyncRound(m)`` (any), ``client_context=fedamd_context``
                ``fedamd_local_update`` clients
+FedSpeed       ``fedspeed(num_clients=N)`` +        ``SyncRound(m)``, ``client_context=fedspeed_context``
+               ``fedspeed_local_update`` clients
 Async Local-   ``delayed_nesterov(lr, N, beta)``    ``every_arrival()``, ``local_steps=``
 SGD (DN+DyLU)                                       ``dynamic_local_steps(speeds, H)``
 =============  ===================================  =========================================
@@ -94,6 +96,13 @@ from jaxopt_lab.distributed.federated.fedbuff import fedbuff, scale_by_fedbuff
 from jaxopt_lab.distributed.federated.fedcompass import fedcompass, scale_by_fedcompass
 from jaxopt_lab.distributed.federated.fedfix import fedfix, scale_by_fedfix
 from jaxopt_lab.distributed.federated.fedprox import fedprox, fedprox_local_update
+from jaxopt_lab.distributed.federated.fedspeed import (
+    FedSpeedState,
+    fedspeed,
+    fedspeed_context,
+    fedspeed_local_update,
+    scale_by_fedspeed,
+)
 from jaxopt_lab.distributed.federated.local import ClientData, epoch_steps, make_local_update, pad_clients
 from jaxopt_lab.distributed.federated.simulator import FederatedSimulator, SimulatorState, SlotTable, StepRecord
 from jaxopt_lab.distributed.federated.speeds import client_speeds
@@ -112,6 +121,7 @@ __all__ = [
     "Compass",
     "DelayedNesterovState",
     "FedAMDState",
+    "FedSpeedState",
     "FederatedSimulator",
     "ScaleByFedAsyncState",
     "SimulatorState",
@@ -137,6 +147,9 @@ __all__ = [
     "fedfix",
     "fedprox",
     "fedprox_local_update",
+    "fedspeed",
+    "fedspeed_context",
+    "fedspeed_local_update",
     "hinge_staleness",
     "make_local_update",
     "pad_clients",
@@ -148,5 +161,6 @@ __all__ = [
     "scale_by_fedbuff",
     "scale_by_fedcompass",
     "scale_by_fedfix",
+    "scale_by_fedspeed",
     "staleness_function",
 ]
