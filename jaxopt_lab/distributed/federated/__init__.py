@@ -27,6 +27,8 @@ FedAMD         ``fedamd(lr, num_clients=N)`` +      ``SyncRound(m)`` (any), ``cl
                ``fedamd_local_update`` clients
 FedSpeed       ``fedspeed(num_clients=N)`` +        ``SyncRound(m)``, ``client_context=fedspeed_context``
                ``fedspeed_local_update`` clients
+FedLEx         ``fedlex(fedlex_guidance(...))`` +   ``SyncRound(m)``, ``client_context=fedlex_context``
+               ``fedlex_local_update`` clients
 Async Local-   ``delayed_nesterov(lr, N, beta)``    ``every_arrival()``, ``local_steps=``
 SGD (DN+DyLU)                                       ``dynamic_local_steps(speeds, H)``
 =============  ===================================  =========================================
@@ -95,6 +97,15 @@ from jaxopt_lab.distributed.federated.fedavg import fedavg, scale_by_fedavg
 from jaxopt_lab.distributed.federated.fedbuff import fedbuff, scale_by_fedbuff
 from jaxopt_lab.distributed.federated.fedcompass import fedcompass, scale_by_fedcompass
 from jaxopt_lab.distributed.federated.fedfix import fedfix, scale_by_fedfix
+from jaxopt_lab.distributed.federated.fedlex import (
+    FedLExState,
+    fedlex,
+    fedlex_context,
+    fedlex_guidance,
+    fedlex_local_update,
+    guidance_from_models,
+    scale_by_fedlex,
+)
 from jaxopt_lab.distributed.federated.fedprox import fedprox, fedprox_local_update
 from jaxopt_lab.distributed.federated.fedspeed import (
     FedSpeedState,
@@ -121,6 +132,7 @@ __all__ = [
     "Compass",
     "DelayedNesterovState",
     "FedAMDState",
+    "FedLExState",
     "FedSpeedState",
     "FederatedSimulator",
     "ScaleByFedAsyncState",
@@ -145,6 +157,11 @@ __all__ = [
     "fedbuff",
     "fedcompass",
     "fedfix",
+    "fedlex",
+    "fedlex_context",
+    "fedlex_guidance",
+    "fedlex_local_update",
+    "guidance_from_models",
     "fedprox",
     "fedprox_local_update",
     "fedspeed",
@@ -161,6 +178,7 @@ __all__ = [
     "scale_by_fedbuff",
     "scale_by_fedcompass",
     "scale_by_fedfix",
+    "scale_by_fedlex",
     "scale_by_fedspeed",
     "staleness_function",
 ]
