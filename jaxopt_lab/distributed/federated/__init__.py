@@ -78,6 +78,7 @@ count of the batch, keeping finished lanes unchanged).
 """
 
 from jaxopt_lab.distributed.federated.aggregate import AggregateState, aggregate_pseudo_gradients
+from jaxopt_lab.distributed.federated.curriculum import Curriculum, curriculum, pacing_fraction
 from jaxopt_lab.distributed.federated.delayed_nesterov import (
     DelayedNesterovState,
     delayed_nesterov,
@@ -130,6 +131,7 @@ __all__ = [
     "Buffer",
     "ClientData",
     "Compass",
+    "Curriculum",
     "DelayedNesterovState",
     "FedAMDState",
     "FedLExState",
@@ -144,6 +146,7 @@ __all__ = [
     "aggregate_pseudo_gradients",
     "client_speeds",
     "constant_staleness",
+    "curriculum",
     "delayed_nesterov",
     "dynamic_local_steps",
     "epoch_steps",
@@ -169,6 +172,7 @@ __all__ = [
     "fedspeed_local_update",
     "hinge_staleness",
     "make_local_update",
+    "pacing_fraction",
     "pad_clients",
     "polynomial_staleness",
     "scale_by_delayed_nesterov",
