@@ -67,12 +67,16 @@ class LocalScalingState(NamedTuple):
     next_sync: jax.Array  # int32: 0 if the next update communicates, else -1
 
 
+def _traced(x) -> bool:  # inject_hyperparams passes arrays: checked by the caller, not here
+    return isinstance(x, jax.Array) or hasattr(x, "aval")
+
+
 def _check(scaling, beta, alpha, sync_every=1):
     if scaling not in SCALINGS:
         raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+    if not _traced(beta) and (isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0):
         raise ValueError(f"beta must be in [0, 1), got {beta!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+    if not _traced(alpha) and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0):
         raise ValueError(f"alpha must be > 0, got {alpha!r}")
     if not isinstance(sync_every, int) or isinstance(sync_every, bool) or sync_every < 1:
         raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")

@@ -177,3 +177,21 @@ def test_bad_arguments():
     tx = local_scaling(0.1, "oasis")
     with pytest.raises(ValueError, match="hessian_diag"):
         tx.update(init_params(), tx.init(init_params()), init_params())
+
+
+def test_inject_hyperparams_and_dtypes():
+    """The battery's checks that apply to a worker-axis transform: the injected learning rate drives the
+    step (same result as the plain factory), and bfloat16 parameters keep their dtype."""
+    plain = run(RUNNER, local_scaling(LR, "rmsprop", sync_every=H, beta=0.5), 4, W)[0]
+    inj = optax.inject_hyperparams(local_scaling, static_args=("scaling", "sync_every", "axis_name"))(
+        learning_rate=LR, scaling="rmsprop", sync_every=H, beta=0.5)
+    got = run(RUNNER, inj, 4, W)[0]
+    for k in plain:
+        np.testing.assert_allclose(got[k], plain[k], rtol=1e-6, atol=1e-7)
+    tx = local_scaling(LR, "adam", sync_every=2)
+    p = jax.tree.map(lambda x: x.astype(jax.numpy.bfloat16), init_params())
+    f = jax.vmap(lambda p, s, g: tx.update(g, s, p), axis_name="workers")
+    ps = jax.tree.map(lambda x: np.stack([x] * 2), p)
+    upd, st = f(ps, jax.vmap(tx.init)(ps), ps)
+    assert all(u.dtype == jax.numpy.bfloat16 for u in jax.tree.leaves(upd))
+    assert all(v.dtype == jax.numpy.bfloat16 for v in jax.tree.leaves(st.v))

@@ -121,3 +121,24 @@ def test_bad_arguments(problem):
         fl.fedspeed(num_clients=3, weighting="nope")
     with pytest.raises(ValueError, match="FedSpeedState"):
         fl.fedspeed_context(fl.fedavg().init(pb.init_params()))
+
+
+def test_rule_ignores_masked_lanes_and_injects_its_learning_rate():
+    """The server step on stacked pseudo-gradients: a masked lane (garbage) touches neither the mean nor
+    the table; under inject_hyperparams the learning rate scales the step."""
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    theta = {"w": rng.normal(size=(3, 2)).astype(np.float32)}
+    stacked = {"w": rng.normal(size=(3, 3, 2)).astype(np.float32)}
+    stacked["w"][1] = np.nan
+    extra = dict(mask=jnp.array([True, False, True]), client_ids=jnp.array([2, 0, 4]),
+                 num_examples=jnp.array([1.0, 1.0, 1.0]))
+    rule = optax.inject_hyperparams(fl.fedspeed, static_args=("num_clients", "weighting"))(learning_rate=0.5,
+                                                                                          num_clients=5)
+    upd, st = rule.update(stacked, rule.init(theta), theta, **extra)
+    table = np.zeros((5, 3, 2))
+    table[2], table[4] = -stacked["w"][0], -stacked["w"][2]
+    ref = -0.5 * ((stacked["w"][0] + stacked["w"][2]) / 2 - table.mean(0))
+    np.testing.assert_allclose(np.asarray(upd["w"]), ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(fl.fedspeed_context(st)["w"]), table, rtol=1e-6)
