@@ -179,6 +179,7 @@ def test_bad_arguments():
         tx.update(init_params(), tx.init(init_params()), init_params())
 
 
+@pytest.mark.slow  # ~15 s of compiles on the shared CPU: keeps the file under 40 s
 def test_inject_hyperparams_and_dtypes():
     """The battery's checks that apply to a worker-axis transform: the injected learning rate drives the
     step (same result as the plain factory), and bfloat16 parameters keep their dtype."""
