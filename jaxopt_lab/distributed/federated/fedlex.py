@@ -39,6 +39,9 @@ What differs from the official code, and why:
   first explorer's data, but trains the *same* module object in place for every
   explorer (``mask = model.train()`` returns the model itself), so its explorers are not
   independent; we keep the paper's description: independent explorers from one model;
+- the clients multiply their gradients by :math:`G`, as the paper describes; the version of
+  ``fedlexclient.py`` we read (commit 23c3074) loads ``checkpoints/tl_base<exp>.ckpt`` (the base
+  model's weights) as the multiplier instead of the saved ``mask<exp>.pt``, which we take for a slip;
 - a fixed ``E_exp`` epochs, without the official early stopping on the last batch's loss
   (``--Patience_mask``; a host-side decision that a fixed-length compiled loop cannot make);
 - a tensor whose spread is constant (e.g. all zeros) gets :math:`G_l = 1` instead of the
