@@ -171,7 +171,8 @@ def fed_digits(runs: str) -> str:
 FED_HET_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx, μ = 0.1", "fedspeed": "FedSpeed (official λ 0.1, ρ 0.1)",
                  "fedlex": "FedLEx (10% explorers, 1 epoch, min-max)", "curriculum": "curriculum (easy first)",
                  "anti_curriculum": "anti-curriculum", "random_curriculum": "random curriculum",
-                 "local_adam": "local SGD + Adam scaling (lr 0.005)"}
+                 "local_adam": "local SGD + Adam scaling (lr 0.005)",
+                 "fedlex_lr10": "FedLEx, client lr 0.5 (10×)"}
 
 
 def fed_heterogeneity(runs: str) -> str:
