@@ -7,6 +7,7 @@ models and the experiment runner live in their subpackages
 
 from jaxopt_lab.distributed.data_parallel import DataParallelState, data_parallel
 from jaxopt_lab.distributed.local_sgd import LocalSGDState, local_sgd
+from jaxopt_lab.distributed.local_scaling import LocalScalingState, local_scaling
 from jaxopt_lab.distributed.streaming_diloco import StreamingDiLoCoState, streaming_diloco
 from jaxopt_lab.distributed.gossip import GossipState, gossip
 from jaxopt_lab.distributed.dfedsam import DFedSAMState, dfedsam
@@ -16,6 +17,12 @@ from jaxopt_lab.distributed.federated import (
     FedAMDState,
     fedamd,
     scale_by_fedamd,
+    FedSpeedState,
+    fedspeed,
+    scale_by_fedspeed,
+    FedLExState,
+    fedlex,
+    scale_by_fedlex,
     DelayedNesterovState,
     ScaleByFedAsyncState,
     delayed_nesterov,
@@ -91,6 +98,12 @@ __all__ = [
     "FedAMDState",
     "fedamd",
     "scale_by_fedamd",
+    "FedSpeedState",
+    "fedspeed",
+    "scale_by_fedspeed",
+    "FedLExState",
+    "fedlex",
+    "scale_by_fedlex",
     "DelayedNesterovState",
     "ScaleByFedAsyncState",
     "delayed_nesterov",
@@ -153,6 +166,8 @@ __all__ = [
     "streaming_diloco",
     "LocalSGDState",
     "local_sgd",
+    "LocalScalingState",
+    "local_scaling",
     "DataParallelState",
     "DiLoCoState",
     "AddScaledParamsState",

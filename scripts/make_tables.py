@@ -168,6 +168,36 @@ def fed_digits(runs: str) -> str:
         return f.read().strip()
 
 
+FED_HET_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx, μ = 0.1", "fedspeed": "FedSpeed (official λ 0.1, ρ 0.1)",
+                 "fedlex": "FedLEx (10% explorers, 1 epoch, min-max)", "curriculum": "curriculum (easy first)",
+                 "anti_curriculum": "anti-curriculum", "random_curriculum": "random curriculum",
+                 "local_adam": "local SGD + Adam scaling (lr 0.005)",
+                 "fedlex_lr10": "FedLEx, client lr 0.5 (10×)"}
+
+
+def fed_heterogeneity(runs: str) -> str:
+    """The two skews' ``summary.md`` (runs/fed_het_a0.1, runs/fed_het_a1.0) side by side."""
+    rows: dict[str, dict[str, list[str]]] = {}
+    for a in ("0.1", "1.0"):
+        path = os.path.join(runs, f"fed_het_a{a}", "summary.md")
+        if not os.path.isfile(path):
+            raise MissingRun(path)
+        with open(path) as f:
+            for line in f.read().strip().splitlines()[2:]:
+                c = [x.strip() for x in line.strip().strip("|").split("|")]
+                rows.setdefault(c[0], {})[a] = c
+    out = []
+    for name, by in rows.items():
+        cells = [FED_HET_NAMES.get(name, name)]
+        for a in ("0.1", "1.0"):
+            c = by.get(a, ["-"] * 7)
+            cells += [c[4], c[2], c[6], c[5]]  # updates to target, sim time to target, final acc, best acc
+        out.append(cells)
+    headers = ["method", "α = 0.1: client updates to 85%", "sim time to 85%", "final acc", "best acc",
+               "α = 1.0: client updates to 85%", "sim time to 85%", "final acc", "best acc"]
+    return _table(headers, out, ["---"] + ["---:"] * 8)
+
+
 def async_local_sgd(runs: str) -> str:
     data = _read_json(os.path.join(runs, "async_local_sgd", "results.json"))
     spec = importlib.util.spec_from_file_location("async_local_sgd_lm", os.path.join(ROOT, "scripts",
@@ -191,6 +221,8 @@ TABLES: dict[str, tuple[str, Callable[[str], str]]] = {
     "lowrank_lm": (f"{CLI} run experiments/lowrank_lm.toml", lowrank_lm),
     "fed_digits": (f"{CLI} run experiments/fed_digits.toml", fed_digits),
     "async_local_sgd": ("PYTHONPATH=$PWD python scripts/async_local_sgd_lm.py", async_local_sgd),
+    "fed_heterogeneity": (f"{CLI} run experiments/fed_heterogeneity.toml --set federated.dirichlet_alpha=0.1 "
+                          "--set run.name=fed_het_a0.1 (and 1.0, fed_het_a1.0)", fed_heterogeneity),
 }
 
 

@@ -7,6 +7,13 @@ FedCompass, delayed Nesterov) are in :mod:`jaxopt_lab.distributed.federated`.
 from jaxopt_lab.distributed.accounting import ByteCount, CommBytes, communicated_bytes, tree_bytes, wire_bytes
 from jaxopt_lab.distributed.data_parallel import DataParallelState, data_parallel
 from jaxopt_lab.distributed.local_sgd import LocalSGDState, local_sgd, qsr_period
+from jaxopt_lab.distributed.local_scaling import (
+    LocalScalingState,
+    hutchinson_diagonal,
+    local_scaling,
+    local_scaling_server,
+    scaled_local_update,
+)
 from jaxopt_lab.distributed.streaming_diloco import StreamingDiLoCoState, streaming_diloco
 from jaxopt_lab.distributed.gossip import GossipState, consensus_distance, gossip, mix
 from jaxopt_lab.distributed.dfedsam import DFedSAMState, dfedsam
@@ -74,6 +81,11 @@ __all__ = [
     "LocalSGDState",
     "local_sgd",
     "qsr_period",
+    "LocalScalingState",
+    "hutchinson_diagonal",
+    "local_scaling",
+    "local_scaling_server",
+    "scaled_local_update",
     "ByteCount",
     "CommBytes",
     "DataParallelState",

@@ -13,7 +13,12 @@ A federated config (``experiments/fed_digits.toml``) is recognized by its
                        client sampling, jitter, shuffles; data split, speeds and the
                        initial model stay fixed), checkpoint_every (server steps between
                        checkpoints, taken at the end of a chunk), checkpoint_keep
-    [methods.NAME]     rule = fedavg | fedprox | fedbuff | fedasync | fedfix | fedcompass,
+    [methods.NAME]     rule = fedavg | fedprox | fedbuff | fedasync | fedfix | fedcompass
+                       | fedspeed | fedlex | local_scaling (these three bring their own client:
+                       lamb, rho, clip_norm | explore_fraction, explore_epochs, normalization |
+                       scaling, scaling_beta, scaling_alpha), client_learning_rate; the plain
+                       client of the other rules takes prox_mu (overrides [federated]'s),
+                       curriculum = curriculum | anti | random, pacing, pace_a, pace_b,
                        trigger = sync | buffer | every_arrival | window | compass,
                        the trigger's arguments (clients_per_round, buffer_size,
                        concurrency, period, q_min, q_max), the rule's arguments
@@ -86,8 +91,16 @@ TRIGGER_KEYS = {
     "window": ("period", "concurrency"),
     "compass": ("q_min", "q_max", "concurrency"),
 }
-METHOD_KEYS = ("rule", "trigger", "pseudo_gradient", "eval_every")
+METHOD_KEYS = ("rule", "trigger", "pseudo_gradient", "eval_every", "client_learning_rate")
 RULE_KEYS = ("learning_rate", "momentum", "nesterov", "alpha", "staleness", "a", "b", "weighting", "normalize")
+# the plain client's options (any rule without a client of its own): FedProx term, curriculum
+PLAIN_CLIENT_KEYS = ("prox_mu", "curriculum", "pacing", "pace_a", "pace_b")
+# rules that come with their own client (and client context), and that client's options
+CLIENT_RULES = {
+    "fedspeed": ("lamb", "rho", "clip_norm"),
+    "fedlex": ("explore_fraction", "explore_epochs", "normalization"),
+    "local_scaling": ("scaling", "scaling_beta", "scaling_alpha"),
+}
 
 
 def is_federated(raw: Mapping[str, Any]) -> bool:
@@ -116,7 +129,21 @@ def _rules():
     from jaxopt_lab.distributed import federated as fl
 
     return {"fedavg": fl.fedavg, "fedprox": fl.fedprox, "fedbuff": fl.fedbuff, "fedasync": fl.fedasync,
-            "fedfix": fl.fedfix, "fedcompass": fl.fedcompass}
+            "fedfix": fl.fedfix, "fedcompass": fl.fedcompass, "fedspeed": _fedspeed_rule, "fedlex": _fedlex_rule,
+            "local_scaling": _local_scaling_rule}
+
+
+# the server-rule arguments a config may give the rules that come with their own client
+def _fedspeed_rule(learning_rate=1.0, weighting="uniform"):
+    raise NotImplementedError  # signature only: build_method builds fl.fedspeed with num_clients
+
+
+def _fedlex_rule(learning_rate=1.0, momentum=None, weighting="examples"):
+    raise NotImplementedError  # signature only: build_method builds fl.fedlex with the explored guidance
+
+
+def _local_scaling_rule(learning_rate=1.0, weighting="examples"):
+    raise NotImplementedError  # signature only: build_method builds local_scaling_server
 
 
 def validate(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -182,6 +209,7 @@ def validate(raw: Mapping[str, Any]) -> dict[str, Any]:
         if trigger not in TRIGGER_KEYS:
             raise ConfigError(f"methods.{name}.trigger must be one of {', '.join(TRIGGER_KEYS)}, got {trigger!r}")
         valid = set(METHOD_KEYS) | set(TRIGGER_KEYS[trigger]) | set(RULE_KEYS)
+        valid |= set(CLIENT_RULES[rule]) if rule in CLIENT_RULES else set(PLAIN_CLIENT_KEYS)
         takes = set(inspect.signature(rules[rule]).parameters)
         for key in body:
             if key not in valid:
@@ -221,15 +249,86 @@ def build_method(cfg: Mapping[str, Any], method: Mapping[str, Any], setup: dict[
     rule_args = {k: method[k] for k in RULE_KEYS if k in method}
     if method["rule"] == "fedcompass":  # the official alpha_i = alpha s(tau_i) / N needs N
         rule_args["num_clients"] = fed["num_clients"]
-    rule = _rules()[method["rule"]](**rule_args)
+    local, rule, context = _build_client(cfg, method, setup, rule_args)
+    if rule is None:
+        rule = _rules()[method["rule"]](**rule_args)
     # FedAsync and FedCompass mix client models into the *current* server model (official code)
     pseudo = method.get("pseudo_gradient", "current" if method["rule"] in ("fedasync", "fedcompass") else "dispatch")
     steps = {} if kind == "compass" else {"local_steps": setup["local_steps"]}
     return fl.FederatedSimulator(
-        setup["local_update"], rule, trigger, num_clients=fed["num_clients"], concurrency=concurrency,
+        local, rule, trigger, num_clients=fed["num_clients"], concurrency=concurrency, client_context=context,
         num_examples=setup["sizes"], speeds=fed["speeds"], speed_sigma=fed["speed_sigma"],
         max_speed_spread=fed["max_speed_spread"], speed_seed=fed["speed_seed"], step_time=fed["step_time"],
         time_jitter=fed["time_jitter"], dropout=fed["dropout"], pseudo_gradient=pseudo, **steps)
+
+
+def _build_client(cfg: Mapping[str, Any], method: Mapping[str, Any], setup: Mapping[str, Any], rule_args: dict):
+    """``(local_update, rule or None, client_context or None)`` of a method: the shared plain client,
+    a plain client with its own options (FedProx term, curriculum, learning rate), or the client of a
+    rule that comes with one (FedSpeed, FedLEx, local scaling). ``setup`` without ``clients`` (the
+    dry check before loading data) validates the values on a one-client stand-in."""
+    import optax
+
+    from jaxopt_lab.distributed import federated as fl
+    from jaxopt_lab.distributed.local_scaling import local_scaling_server, scaled_local_update
+
+    fed = cfg["federated"]
+    name = method["rule"]
+    lr = method.get("client_learning_rate", fed["client_learning_rate"])
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(f"client_learning_rate must be a number > 0, got {lr!r}")
+    own = [k for k in PLAIN_CLIENT_KEYS + ("client_learning_rate",) if k in method]
+    if name not in CLIENT_RULES and not own:
+        return setup["local_update"], None, None
+    dry = "clients" not in setup
+    if dry:
+        import numpy as np
+
+        clients = fl.pad_clients(np.zeros((1, 1), np.float32), np.zeros((1,), np.int32), [np.array([0])])
+        loss_fn = lambda p, x, y: x[:, 0]  # noqa: E731
+    else:
+        clients, loss_fn = setup["clients"], setup["loss_fn"]
+    batch = fed["batch_size"]
+    if name == "fedspeed":
+        args = {k: method[k] for k in ("lamb", "rho", "clip_norm") if k in method}
+        local = fl.fedspeed_local_update(loss_fn, clients, optax.sgd(lr), batch, **args)
+        return local, fl.fedspeed(num_clients=fed["num_clients"], **rule_args), fl.fedspeed_context
+    if name == "fedlex":
+        frac = method.get("explore_fraction", 0.1)
+        epochs = method.get("explore_epochs", 1)
+        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac <= 1:
+            raise ValueError(f"explore_fraction must be in (0, 1], got {frac!r}")
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"explore_epochs must be an int >= 1, got {epochs!r}")
+        normalization = method.get("normalization", "minmax")
+        if normalization not in ("minmax", "robust"):
+            raise ValueError(f"normalization must be minmax or robust, got {normalization!r}")
+        local = fl.fedlex_local_update(loss_fn, clients, optax.sgd(lr), batch)
+        if dry:
+            return local, fl.fedlex({}, **rule_args), fl.fedlex_context
+        import numpy as np
+
+        n = fed["num_clients"]
+        ids = np.sort(np.random.default_rng(cfg["run"]["seed"]).choice(n, max(1, round(frac * n)), replace=False))
+        explore = fl.make_local_update(loss_fn, clients, optax.sgd(lr), batch)
+        steps = fl.epoch_steps(np.asarray(setup["sizes"])[ids], batch, epochs)
+        guidance = fl.fedlex_guidance(explore, setup["params"], ids, steps, seed=cfg["run"]["seed"],
+                                      normalization=normalization)
+        return local, fl.fedlex(guidance, **rule_args), fl.fedlex_context
+    if name == "local_scaling":
+        scaling = method.get("scaling", "adam")
+        rule, context = local_scaling_server(scaling, method.get("scaling_beta", 0.999),
+                                             method.get("scaling_alpha", 1e-8), **rule_args)
+        return scaled_local_update(loss_fn, clients, lr, batch, scaling=scaling), rule, context
+    cur = None
+    if "curriculum" in method:
+        cur = fl.curriculum(method["curriculum"], method.get("pacing", "linear"), method.get("pace_a", 0.8),
+                            method.get("pace_b", 0.2))
+    elif any(k in method for k in ("pacing", "pace_a", "pace_b")):
+        raise ValueError("pacing, pace_a and pace_b need curriculum = curriculum | anti | random")
+    local = fl.make_local_update(loss_fn, clients, optax.sgd(lr), batch,
+                                 prox_mu=method.get("prox_mu", fed["prox_mu"]), curriculum=cur)
+    return local, None, None
 
 
 def build_setup(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -271,6 +370,7 @@ def build_setup(cfg: Mapping[str, Any]) -> dict[str, Any]:
                 "eval_accuracy": (out.argmax(-1) == y_test).mean()}
 
     return {"params": params, "local_update": local, "sizes": part.sizes, "eval_fn": eval_fn,
+            "loss_fn": loss_fn, "clients": clients,
             "eval_jit": jax.jit(eval_fn),
             "local_steps": fl.epoch_steps(part.sizes, fed["batch_size"], fed["local_epochs"]),
             "partition": part}

@@ -25,6 +25,10 @@ FedFix         ``fedfix(lr)``                       ``TimeWindow(dt)``
 FedCompass     ``fedcompass(N, alpha=0.9)``         ``Compass(q_min, q_max)``, ``pseudo_gradient="current"``
 FedAMD         ``fedamd(lr, num_clients=N)`` +      ``SyncRound(m)`` (any), ``client_context=fedamd_context``
                ``fedamd_local_update`` clients
+FedSpeed       ``fedspeed(num_clients=N)`` +        ``SyncRound(m)``, ``client_context=fedspeed_context``
+               ``fedspeed_local_update`` clients
+FedLEx         ``fedlex(fedlex_guidance(...))`` +   ``SyncRound(m)``, ``client_context=fedlex_context``
+               ``fedlex_local_update`` clients
 Async Local-   ``delayed_nesterov(lr, N, beta)``    ``every_arrival()``, ``local_steps=``
 SGD (DN+DyLU)                                       ``dynamic_local_steps(speeds, H)``
 =============  ===================================  =========================================
@@ -74,6 +78,7 @@ count of the batch, keeping finished lanes unchanged).
 """
 
 from jaxopt_lab.distributed.federated.aggregate import AggregateState, aggregate_pseudo_gradients
+from jaxopt_lab.distributed.federated.curriculum import Curriculum, curriculum, pacing_fraction
 from jaxopt_lab.distributed.federated.delayed_nesterov import (
     DelayedNesterovState,
     delayed_nesterov,
@@ -93,7 +98,23 @@ from jaxopt_lab.distributed.federated.fedavg import fedavg, scale_by_fedavg
 from jaxopt_lab.distributed.federated.fedbuff import fedbuff, scale_by_fedbuff
 from jaxopt_lab.distributed.federated.fedcompass import fedcompass, scale_by_fedcompass
 from jaxopt_lab.distributed.federated.fedfix import fedfix, scale_by_fedfix
+from jaxopt_lab.distributed.federated.fedlex import (
+    FedLExState,
+    fedlex,
+    fedlex_context,
+    fedlex_guidance,
+    fedlex_local_update,
+    guidance_from_models,
+    scale_by_fedlex,
+)
 from jaxopt_lab.distributed.federated.fedprox import fedprox, fedprox_local_update
+from jaxopt_lab.distributed.federated.fedspeed import (
+    FedSpeedState,
+    fedspeed,
+    fedspeed_context,
+    fedspeed_local_update,
+    scale_by_fedspeed,
+)
 from jaxopt_lab.distributed.federated.local import ClientData, epoch_steps, make_local_update, pad_clients
 from jaxopt_lab.distributed.federated.simulator import FederatedSimulator, SimulatorState, SlotTable, StepRecord
 from jaxopt_lab.distributed.federated.speeds import client_speeds
@@ -110,8 +131,11 @@ __all__ = [
     "Buffer",
     "ClientData",
     "Compass",
+    "Curriculum",
     "DelayedNesterovState",
     "FedAMDState",
+    "FedLExState",
+    "FedSpeedState",
     "FederatedSimulator",
     "ScaleByFedAsyncState",
     "SimulatorState",
@@ -122,6 +146,7 @@ __all__ = [
     "aggregate_pseudo_gradients",
     "client_speeds",
     "constant_staleness",
+    "curriculum",
     "delayed_nesterov",
     "dynamic_local_steps",
     "epoch_steps",
@@ -135,10 +160,19 @@ __all__ = [
     "fedbuff",
     "fedcompass",
     "fedfix",
+    "fedlex",
+    "fedlex_context",
+    "fedlex_guidance",
+    "fedlex_local_update",
+    "guidance_from_models",
     "fedprox",
     "fedprox_local_update",
+    "fedspeed",
+    "fedspeed_context",
+    "fedspeed_local_update",
     "hinge_staleness",
     "make_local_update",
+    "pacing_fraction",
     "pad_clients",
     "polynomial_staleness",
     "scale_by_delayed_nesterov",
@@ -148,5 +182,7 @@ __all__ = [
     "scale_by_fedbuff",
     "scale_by_fedcompass",
     "scale_by_fedfix",
+    "scale_by_fedlex",
+    "scale_by_fedspeed",
     "staleness_function",
 ]

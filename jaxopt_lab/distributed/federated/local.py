@@ -98,6 +98,7 @@ def make_local_update(
     *,
     prox_mu: float = 0.0,
     shuffle: bool = True,
+    curriculum=None,
 ) -> LocalUpdate:
     r"""Minibatch local training over padded client data, as the simulator wants it.
 
@@ -114,6 +115,11 @@ def make_local_update(
     With ``prox_mu`` :math:`= \mu > 0` each gradient gets the FedProx term
     :math:`\mu (w - \theta_\text{start})`.
 
+    With ``curriculum`` (:func:`~jaxopt_lab.distributed.federated.curriculum`) the client
+    orders its examples by difficulty (curriculum, anti-curriculum or random) and draws
+    each minibatch from the paced prefix of that order instead of walking shuffled
+    epochs (:mod:`~jaxopt_lab.distributed.federated.curriculum`; ``shuffle`` is then unused).
+
     Args:
       loss_fn: ``(params, x_batch, y_batch) -> per-example losses`` of shape ``(batch,)``.
       data: the padded clients (:func:`pad_clients`).
@@ -121,6 +127,7 @@ def make_local_update(
       batch_size: local minibatch size.
       prox_mu: FedProx proximal coefficient (>= 0).
       shuffle: shuffle each client's examples per dispatch.
+      curriculum: an ordered-learning option (:func:`~jaxopt_lab.distributed.federated.curriculum`), or None.
 
     Returns:
       ``local_update(params, client_id, num_steps, key) -> params``.
@@ -130,13 +137,26 @@ def make_local_update(
         raise ValueError(f"prox_mu must be >= 0, got {prox_mu}")
     walk = ClientWalk(data, optimizer, batch_size, shuffle)
     grad = jax.grad(functools.partial(walk.mean_loss, loss_fn))
+    paced = None
+    if curriculum is not None:
+        from jaxopt_lab.distributed.federated.curriculum import CurriculumWalk
+
+        paced = CurriculumWalk(curriculum, walk.max_size, int(data.sizes.shape[0]), walk.batch_size)
 
     def local_update(params, client_id, num_steps, key):
         rows, n = walk.rows(client_id, key)
+        if paced is not None:
+            kd = _key_data(key)
+            own = client_id * walk.max_size + jnp.arange(walk.max_size)
+            ranks = paced.ranks(client_id, n, kd, lambda: loss_fn(params, walk.x[own], walk.y[own]))
 
         def step(s, carry):
             p, opt_state = carry
-            idx, valid = walk.batch(rows, n, s)
+            if paced is None:
+                idx, valid = walk.batch(rows, n, s)
+            else:
+                r, valid = paced.batch(ranks, n, s, num_steps, kd)
+                idx = client_id * walk.max_size + r
             grads = grad(p, idx, valid)
             if prox_mu:
                 grads = jax.tree.map(lambda g, w, w0: g + prox_mu * (w - w0), grads, p, params)

@@ -55,6 +55,15 @@ def _write(tmp_path, text):
     (("eval_every = 2", "learning_rate = -1.0"), r"methods.buffered.learning_rate must be a number > 0, got -1.0"),
     (('rule = "fedbuff"', 'rule = "fedavg"\nmomentum = 1.5'), r"methods.buffered.momentum must be in \[0, 1\), got 1.5"),
     (('name = "tiny"', 'name = "../x"'), r"run.name must name a folder inside run.out_dir"),
+    # rules with their own client, and the plain client's options
+    (('rule = "fedbuff"', 'rule = "fedspeed"\nlamb = -1.0'), r"methods.buffered: lamb must be >= 0, got -1.0"),
+    (('rule = "fedbuff"', 'rule = "fedspeed"\ncurriculum = "anti"'), r"unknown config key methods.buffered.curriculum"),
+    (("eval_every = 2", "lamb = 0.1"), r"unknown config key methods.buffered.lamb"),
+    (("eval_every = 2", 'curriculum = "easy"'), r"methods.buffered: ordering must be one of"),
+    (("eval_every = 2", "pace_b = 0.5"), r"methods.buffered: pacing, pace_a and pace_b need curriculum"),
+    (('rule = "fedbuff"', 'rule = "fedlex"\nexplore_fraction = 2.0'), r"methods.buffered: explore_fraction must be in"),
+    (('rule = "fedbuff"', 'rule = "local_scaling"\nscaling = "sgd"'), r"methods.buffered: scaling must be one of"),
+    (("eval_every = 2", "client_learning_rate = 0.0"), r"methods.buffered: client_learning_rate must be a number > 0"),
 ])
 def test_bad_federated_config_is_an_error_naming_the_key(tmp_path, edit, message):
     path = _write(tmp_path, TINY.replace(*edit))
