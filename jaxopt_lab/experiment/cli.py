@@ -6,6 +6,8 @@ import argparse
 import sys
 
 from jaxopt_lab.experiment.config import RESUME_EXTEND_KEYS, ConfigError, unset, unset_hint
+from jaxopt_lab.experiment.launch import LaunchError
+from jaxopt_lab.experiment.launch import add_flags as add_launch_flags
 
 
 class _Version(argparse.Action):
@@ -56,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="run only these [variants.NAME] (or a federated config's [methods.NAME]); a later "
                         "--only run of the others joins the same comparison")
     r.add_argument("--no-compile-cache", action="store_true", help=_NO_CACHE_HELP)
+    add_launch_flags(r)
 
     s = sub.add_parser("resume", help="continue a run from its last checkpoint, or extend a finished one")
     s.add_argument("run_dir")
@@ -63,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
                    "checkpoint.* and, to recover a run, the method's hyperparameters (method.learning_rate, ...); "
                    "recorded in config_history.jsonl")
     s.add_argument("--no-compile-cache", action="store_true", help=_NO_CACHE_HELP)
+    add_launch_flags(s)
 
     w = sub.add_parser("sweep", help="run every point of a grid")
     w.add_argument("config")
@@ -96,6 +100,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    if args.command in ("run", "resume"):  # one of several processes: before anything uses a JAX backend
+        from jaxopt_lab.experiment import launch
+
+        try:
+            launch.from_args(args)
+        except LaunchError as e:
+            print(f"jaxopt-lab {args.command}: error: {e}", file=sys.stderr)
+            return 2
     if args.command in ("run", "resume", "sweep"):
         from jaxopt_lab.experiment.compilation import configure_cache
 
