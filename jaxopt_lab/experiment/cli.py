@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             from jaxopt_lab.experiment.config import load_variants, read_toml
 
             if federated_run.is_federated(read_toml(args.config)):  # a [federated] simulation config
+                _one_process("a [federated] simulation")
                 table, _ = federated_run.run(args.config, args.overrides, run_dir=args.run_dir, only=args.only)
                 print(table)
             elif set(load_variants(args.config)) != {""}:  # a config with [variants.NAME]: run them all
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
             config_path = os.path.join(args.run_dir, trainer.CONFIG_FILE)
             if os.path.isfile(config_path) and federated_run.is_federated(read_toml(config_path)):
+                _one_process("a [federated] simulation")
                 table, _ = federated_run.resume(args.run_dir, args.overrides)
                 print(table)
             elif compare.is_variants_dir(args.run_dir):  # the folder of a config with variants: finish them all
@@ -188,6 +190,15 @@ def main(argv: list[str] | None = None) -> int:
               "config do not fit: lower train.batch_size, workers.count or the model size", file=sys.stderr)
         return 1
     return 0
+
+
+def _one_process(what: str) -> None:
+    """ConfigError if this is one of several processes: ``what`` runs in one."""
+    import jax
+
+    if jax.process_count() > 1:
+        raise ConfigError(f"{what} runs in one process (its clients are simulated), not as one of "
+                          f"{jax.process_count()}: drop the launch flags")
 
 
 def _report(result) -> None:
