@@ -20,6 +20,15 @@ runner decides how the W workers are laid out:
   their batch axis (:meth:`WorkerRunner.put` with ``batch_axis``). See
   "Workers that span devices" below.
 
+Several processes (``jax.distributed.initialize()``, e.g. ``jaxopt-lab run
+--coordinator ...``): every process builds the same runner over the global
+devices and runs the same steps; :attr:`WorkerRunner.local_workers` lists the
+workers whose devices this process addresses (a worker spanning devices of
+several processes is listed by each), and :meth:`WorkerRunner.put_local` puts
+those workers' host data (only theirs) onto the global worker-stacked array.
+Tested with 2 processes x 4 CPU devices over gloo, workers inside one process
+and workers spanning both (tests/distributed/test_multiprocess_workers.py).
+
 Every argument and result of the mapped step carries a leading worker axis of
 size W. Methods that synchronize every few steps run through :meth:`WorkerRunner.map_sync`,
 which decides on the host whether a step synchronizes and calls one of two
