@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -36,10 +37,23 @@ def process_env(devices: int = 4, extra_env: dict[str, str] | None = None) -> di
 
 def start(commands: list[list[str]], devices: int = 4, extra_env: dict[str, str] | None = None,
           cwd: str | None = None) -> list[subprocess.Popen]:
-    """Start one process per command (each a full argv), output to a pipe."""
+    """Start one process per command (each a full argv), its output (stdout and stderr) to a
+    temporary file (a pipe nobody reads while another process is waited for could fill and block)."""
     env = process_env(devices, extra_env)
-    return [subprocess.Popen(cmd, env=env, cwd=cwd or ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             start_new_session=True) for cmd in commands]
+    procs = []
+    for cmd in commands:
+        log = tempfile.TemporaryFile()
+        p = subprocess.Popen(cmd, env=env, cwd=cwd or ROOT, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+        p.log = log
+        procs.append(p)
+    return procs
+
+
+def output(p: subprocess.Popen) -> str:
+    """What a process of :func:`start` has written so far."""
+    p.log.seek(0)
+    return p.log.read().decode(errors="replace")
 
 
 def kill(procs: list[subprocess.Popen]) -> None:
@@ -58,13 +72,13 @@ def wait(procs: list[subprocess.Popen], timeout: float) -> tuple[list[int | None
     logs = []
     for p in procs:
         try:
-            out = p.communicate(timeout=max(0.1, deadline - time.monotonic()))[0]
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
             codes.append(p.returncode)
         except subprocess.TimeoutExpired:
             kill([p])
-            out = p.communicate()[0]
+            p.wait()
             codes.append(None)
-        logs.append(out.decode(errors="replace"))
+        logs.append(output(p))
     return codes, logs
 
 

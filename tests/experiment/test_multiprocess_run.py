@@ -25,9 +25,14 @@ VMAP = ["workers.mode=vmap", "workers.devices_per_worker=1"]  # the same run in 
 COMPARED = ("loss", "grad_norm", "accuracy", "eval_loss", "eval_accuracy", "bytes_communicated", "wire_bytes")
 
 
-def cli(command, run_dir, port, pid, *extra):
+def cli(command, run_dir, port, pid, *extra, from_env=False):
+    """One process's command line: explicit launch flags, or (``from_env``) ``--distributed`` with the
+    coordinator, process count and id in JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID."""
     args = [sys.executable, "-m", "jaxopt_lab.experiment.cli", command]
     args += [CONFIG, "--run-dir", run_dir] if command == "run" else [run_dir]
+    if from_env:
+        env = [f"JAX_COORDINATOR_ADDRESS=127.0.0.1:{port}", "JAX_NUM_PROCESSES=2", f"JAX_PROCESS_ID={pid}"]
+        return ["env", *env, *args, "--distributed", *extra]
     return args + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(pid), *extra]
 
 
@@ -51,7 +56,8 @@ def vmap_run(tmp_path, overrides=()):
 def test_two_process_cli_run_matches_one_process_vmap(tmp_path):
     run_dir = str(tmp_path / "two")
     port = spawn.free_port()
-    logs = spawn.run([cli("run", run_dir, port, pid) for pid in range(2)], timeout=240)
+    # process 0 from explicit flags, process 1 from the environment (--distributed)
+    logs = spawn.run([cli("run", run_dir, port, 0), cli("run", run_dir, port, 1, from_env=True)], timeout=240)
     finals = [next(line for line in log.splitlines() if line.startswith(run_dir)).split(" (first step")[0]
               for log in logs]
     assert finals[0] == finals[1] and "step 10:" in finals[0], finals  # both processes end on the same numbers
@@ -95,7 +101,7 @@ def test_killed_process_stops_the_other_and_resume_continues_both(tmp_path, vict
     finally:
         spawn.kill(procs)
         for p in procs:
-            p.communicate()
+            p.wait()
     reached = trainer.latest_checkpoint_step(run_dir)
     assert 8 <= reached < 40
     port = spawn.free_port()
