@@ -4,7 +4,9 @@ Every loader takes plain keyword arguments with defaults, so an experiment
 config can pick one from ``DATASETS`` by name and pass its keyword arguments.
 Array data sets (``ArrayDataset``) and the byte-level corpus (``TextCorpus``)
 share the same batching interface: ``batch(step, batch_size, seed)`` and
-``eval_batches(batch_size, split, max_batches)``.
+``eval_batches(batch_size, split, max_batches)``. Token files (``TokenFiles``,
+``data.name = "tokens"``) add per-worker grain datasets and a checkpointable
+iterator (``loader``).
 """
 
 from collections.abc import Callable
@@ -27,6 +29,7 @@ from jaxopt_lab.data.text import (
     load_text,
     snapshot_corpus_bytes,
 )
+from jaxopt_lab.data.tokens import TokenFiles, TokenLoader, load_tokens, prepare_tokens
 
 DATASETS: dict[str, Callable] = {
     "digits": load_digits,
@@ -35,6 +38,7 @@ DATASETS: dict[str, Callable] = {
     "least_squares": least_squares,
     "logistic": logistic_regression,
     "npz": load_npz_dataset,
+    "tokens": load_tokens,
 }
 
 __all__ = [
@@ -44,6 +48,8 @@ __all__ = [
     "DATASETS",
     "OPS",
     "TextCorpus",
+    "TokenFiles",
+    "TokenLoader",
     "default_corpus_text",
     "dirichlet_partition",
     "iid_partition",
@@ -54,9 +60,11 @@ __all__ = [
     "load_npz",
     "load_npz_dataset",
     "load_text",
+    "load_tokens",
     "logistic_regression",
     "modular_arithmetic",
     "modular_table",
+    "prepare_tokens",
     "shuffled_split",
     "snapshot_corpus_bytes",
     "stratified_split",

@@ -1,7 +1,8 @@
 """Checkpoints of a run: orbax, atomic, the last few kept, config stored beside the state.
 
 Each checkpoint holds the whole :class:`TrainState` (step, params, optimizer
-state, RNG key) and the resolved config it was trained with, so a resume can
+state, RNG key), the resolved config it was trained with, and, for data read
+through an iterator (token files, grain), the iterator's position, so a resume can
 refuse a config that would not reproduce the run.
 """
 
@@ -14,6 +15,7 @@ import jax
 import orbax.checkpoint as ocp
 
 CHECKPOINT_DIR = "checkpoints"
+DATA_ITEM = "data"  # the data iterator's position, for data read through one (token files)
 
 
 class Checkpointer:
@@ -44,19 +46,33 @@ class Checkpointer:
     def path(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
 
-    def save(self, step: int, state: Any, config: dict[str, Any]) -> None:
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config)),
-        )
+    def save(self, step: int, state: Any, config: dict[str, Any], data: Any = None) -> None:
+        """Save ``state`` and ``config`` at ``step``; ``data``: a grain ``DatasetIterator`` whose
+        position is saved too (item ``data``: one JSON file per process, grain's orbax handler,
+        written before this returns)."""
+        items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config)}
+        if data is not None:
+            import grain
 
-    def restore(self, step: int, like: Any) -> tuple[Any, dict[str, Any]]:
-        """Restore the state at ``step`` into the structure of ``like`` and its config."""
+            items[DATA_ITEM] = grain.checkpoint.CheckpointSave(data)
+        self._manager.save(step, args=ocp.args.Composite(**items))
+
+    def has_data(self, step: int) -> bool:
+        """Whether the checkpoint at ``step`` holds a data iterator's position."""
+        return os.path.isdir(os.path.join(self.path(step), DATA_ITEM))
+
+    def restore(self, step: int, like: Any, data: Any = None) -> tuple[Any, dict[str, Any]]:
+        """Restore the state at ``step`` into the structure of ``like`` and its config; ``data``: a
+        grain ``DatasetIterator`` set to the position the checkpoint holds (an error if it holds none)."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-        out = self._manager.restore(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), config=ocp.args.JsonRestore()),
-        )
+        items = {"state": ocp.args.StandardRestore(abstract), "config": ocp.args.JsonRestore()}
+        if data is not None:
+            if not self.has_data(step):
+                raise ValueError(f"checkpoint {self.path(step)} holds no data iterator position")
+            import grain
+
+            items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data)
+        out = self._manager.restore(step, args=ocp.args.Composite(**items))
         return out.state, out.config
 
     def saved_config(self, step: int) -> dict[str, Any]:

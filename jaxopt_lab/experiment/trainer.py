@@ -1,8 +1,9 @@
 """One training loop for every method: jitted step, accumulation, evaluation, checkpoints.
 
 A run is a pure function of its resolved config: the batch at step ``t`` is
-drawn from ``(run.seed, t)`` alone and the whole optimizer state is in the
-checkpoint, so a run killed at any point and resumed from its last checkpoint
+drawn from ``(run.seed, t)`` alone (token files: from ``(run.seed, worker, t)``,
+through a grain iterator whose position is checkpointed too) and the whole
+optimizer state is in the checkpoint, so a run killed at any point and resumed from its last checkpoint
 writes the same metrics, step for step, as one that was never interrupted.
 """
 
@@ -223,15 +224,37 @@ class Trainer:
             self.train_step = self.runner.map_sync(step, donate_argnums=(0,))
             self.initial = self.runner.put(self.runner.replicate(initial))
             self._mean_params = _mean_over_workers
+        # data read through an iterator (token files): its position is checkpointed with the state
+        self.loader = None
+        if hasattr(experiment.data, "loader"):
+            if self.norm_test is not None:
+                raise config_lib.ConfigError(f"train.norm_test_eta needs a batch size that can change; data "
+                                             f"{self.cfg.data['name']!r} reads fixed batches of train.batch_size")
+            workers = None if self.runner is None else self.runner.local_workers
+            self.loader = experiment.data.loader(
+                self.cfg.train.batch_size, self.cfg.run.seed,
+                num_workers=1 if self.runner is None else self.runner.num_workers,
+                workers=None if workers is None else list(workers))
         self.checkpoints = Checkpointer(run_dir, keep=self.cfg.checkpoint.keep)
         self.allowed_changes: set[str] = set()  # config keys this resume changes (may differ from a checkpoint's)
         self.lr = learning_rate_schedule(self.cfg.method)
         if self.sharpness is not None and self.lr is None:
             raise config_lib.ConfigError("train.sharpness_every needs a method with a learning_rate (the 2/lr threshold)")
 
-    def batch(self, step: int, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The batch of optimizer step ``step``; with W workers, worker w gets stream index step·W + w."""
+    def batch(self, step: int, batch_size: int | None = None, loaded=None) -> tuple[np.ndarray, np.ndarray]:
+        """The batch of optimizer step ``step``; with W workers, worker w gets stream index step·W + w.
+
+        Data read through a loader (token files): its batch of ``step`` (random access), or
+        ``loaded``, what its iterator gave for that step, (local workers, batch, ...).
+        """
         t, k = self.cfg.train, self.cfg.train.grad_accum
+        if self.loader is not None:
+            x, y = self.loader.dataset[step] if loaded is None else loaded
+            if self.runner is None:
+                return x[0].reshape((k, -1) + x.shape[2:]), y[0].reshape((k, -1) + y.shape[2:])
+            n = x.shape[0]  # the loader reads this process's workers only (runner.local_workers)
+            return self.runner.put_local((x.reshape((n, k, -1) + x.shape[2:]), y.reshape((n, k, -1) + y.shape[2:])),
+                                         batch_axis=2 if self.runner.spans_devices else None)
         if self.runner is None:
             x, y = self.exp.data.batch(step, batch_size or t.batch_size, self.cfg.run.seed)
             return x.reshape((k, -1) + x.shape[1:]), y.reshape((k, -1) + y.shape[1:])
@@ -290,13 +313,16 @@ class Trainer:
         config, up to the hyperparameter changes the run's config history records."""
         step = self.checkpoints.latest_step() if step is None else step
         try:
-            state, saved = self.checkpoints.restore(step, self.initial)
+            state, saved = self.checkpoints.restore(step, self.initial, data=self.loader and self.loader.iterator)
         except Exception as e:  # noqa: BLE001 - orbax raises several kinds for a state that does not fit
             raise config_lib.ConfigError(
                 f"cannot resume {self.run_dir}: checkpoint {step} does not fit the optimizer state of "
                 f"the method as configured now ({type(e).__name__}: {str(e)[:300]})"
             ) from None
         check_checkpoint_config(self.run_dir, saved, self.cfg.to_dict(), self.allowed_changes)
+        if self.loader is not None and self.loader.position != step:
+            raise config_lib.ConfigError(f"cannot resume {self.run_dir}: checkpoint {step} holds the data iterator "
+                                         f"at step {self.loader.position}, not {step}")
         return state
 
     def last_good_checkpoint(self, step: int, loss_now: float) -> tuple[int | None, list[str]]:
@@ -354,6 +380,8 @@ class Trainer:
             # processes device_put needs one)
             state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, state), may_alias=False)
         start = start if resume and start else 0
+        if self.loader is not None and not (resume and start):
+            self.loader.seek(start)
         primary = is_primary()  # process 0 writes the logs; every process takes part in the checkpoints
         log = MetricsLog(self.run_dir, start_step=start, tensorboard=cfg.logging.tensorboard, write=primary)
         elapsed = (log.last or {}).get("wall_time", 0.0)
@@ -365,7 +393,10 @@ class Trainer:
         first_step = None  # seconds from self.started to the first step's metrics on the host
         try:
             for step in range(start, t.steps):
-                batch = self.batch(step, int(state.batch_size) if self.norm_test is not None else None)
+                if self.loader is not None:
+                    batch = self.batch(step, loaded=next(self.loader))
+                else:
+                    batch = self.batch(step, int(state.batch_size) if self.norm_test is not None else None)
                 grown = self.adapt_batch_size(state, batch) if self.norm_test is not None else None
                 t_step = time.perf_counter()
                 state, metrics = self.train_step(state, *batch)
@@ -395,7 +426,7 @@ class Trainer:
                 log.write(record)
                 if done == t.steps or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
                     log.flush()  # what a resume from this checkpoint keeps is on disk first
-                    self.checkpoints.save(done, state, cfg.to_dict())
+                    self.checkpoints.save(done, state, cfg.to_dict(), data=self.loader and self.loader.iterator)
                 bar.update(1)
                 bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "eval_loss") if k in record}, refresh=False)
         finally:

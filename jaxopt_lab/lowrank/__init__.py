@@ -34,6 +34,7 @@ from jaxopt_lab.lowrank.q_galore import (
     q_galore,
     scale_by_q_galore,
     stochastic_round_int8,
+    stochastic_round_uint8,
 )
 from jaxopt_lab.lowrank.stable_spam import ScaleByStableSpamState, scale_by_stable_spam, stable_spam
 
@@ -43,6 +44,6 @@ __all__ = [
     "default_label_fn", "fira", "galore", "gradnorm_lorp", "int4_projector", "int8_weights",
     "optimizer_state_bytes", "q_galore", "random_projector", "randomized_svd_projector", "scale_by_apollo",
     "scale_by_fira", "scale_by_galore", "scale_by_gradnorm_lorp", "scale_by_projected", "scale_by_q_galore",
-    "scale_by_stable_spam", "stable_spam", "state_bytes_report", "stochastic_round_int8", "svd_projector",
+    "scale_by_stable_spam", "stable_spam", "state_bytes_report", "stochastic_round_int8", "stochastic_round_uint8", "svd_projector",
     "weight_normalized",
 ]

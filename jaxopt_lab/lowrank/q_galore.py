@@ -24,16 +24,24 @@ GaLore (see :mod:`jaxopt_lab.lowrank.galore`) with three changes:
    subspace has stopped moving pays fewer and fewer SVDs; one whose subspace
    keeps rotating keeps T.
 3. **int8 weights with stochastic rounding** (optional, :func:`int8_weights`):
-   the parameters live on a per-group int8 grid and every update lands them on
-   the grid with stochastic rounding (unbiased), instead of being stored in
-   16/32 bits. Here the parameters stay float arrays holding grid values: a
-   simulation of int8 weight storage.
+   the parameters live on a per-group 8-bit grid (by default the official
+   asymmetric uint8 grid with a zero point) and every update lands them on
+   the grid with stochastic rounding, instead of being stored in 16/32 bits.
+   Here the parameters stay float arrays holding grid values: a simulation
+   of 8-bit weight storage.
 
-The update of a projected matrix is GaLore's: ``ΔW = α · P · Adam(Pᵀ G)``
-with the Adam split of the official GaLore code (moments without bias
-correction in the low-rank space, bias correction with the learning rate, so
-ε sits beside the uncorrected √v), and the weights are decayed after the step,
-``W ← (1 − lr λ)(W − lr ΔW)``, as the official optimizer.
+The update of a projected matrix is GaLore's projection over the official
+optimizer's Adam, bitsandbytes' (the official ``QGaLoreAdamW8bit`` runs
+bitsandbytes' Adam kernel on the projected gradient): in the low-rank space
+``R = Pᵀ G``, with the moments m, v of R and t the step,
+
+    ΔW = α · P · (m / (1 − β₁ᵗ)) / (√(v / (1 − β₂ᵗ)) + ε),
+
+ε beside the bias-corrected √v̂ (bitsandbytes' ``s1 / (√s2 + ε √(1 − β₂ᵗ))``
+with ``step_size = lr √(1 − β₂ᵗ) / (1 − β₁ᵗ)``, i.e. optax's Adam; GaLore's
+own code puts ε beside the uncorrected √v), and the weights are decayed after
+the step, ``W ← (1 − lr λ)(W − lr ΔW)``, as the official optimizer does for
+projected matrices and bitsandbytes' kernel for the others.
 
 Defaults follow the official code (``VITA-Group/Q-GaLore``): queue size 5,
 cosine threshold 0.4, γ = 2, int4 projection in groups of 256, int8 weights in
@@ -53,14 +61,15 @@ Remaining differences from the official code:
 
 * the singular vectors' signs are fixed (largest-magnitude entry positive);
   the official code takes LAPACK's, so its signed cosine can see a sign flip;
-* the int8 weight grid is symmetric (s = max|x| / 127 per group), so that
-  stochastic rounding never needs clamping and is exactly unbiased; the
-  official code uses an asymmetric uint8 grid with a zero point;
-* Adam's moments are float32: the official code runs bitsandbytes' 8-bit
-  Adam, whose ε sits beside the corrected √v̂ (the effective ε here is
-  ε / √(1 − β₂ᵗ) on that scale: 3.2e-7 at t = 1 for ε = 1e-8); and the
-  non-projected parameters are decayed after the step like the projected
-  ones, where the official code leaves their decay to bitsandbytes' kernel.
+* :func:`int8_weights` starts from the float initial weights (an optax
+  ``init`` cannot change the parameters); the official code rounds them onto
+  the grid to nearest when it builds the model, so the two agree from the
+  first update on;
+* Adam's moments are float32: the official code stores them in 8 bits
+  (bitsandbytes' block-wise dynamic quantization, blocks of 2048, for every
+  state tensor of 4096 values or more; smaller ones in float32), so its
+  moments carry that quantization error; the arithmetic of the step is the
+  same.
 """
 
 from __future__ import annotations
@@ -71,7 +80,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxopt_lab.lowrank._adam import scale_by_adam_bias_correction, scale_by_adam_moments
 from jaxopt_lab.lowrank._projected import default_label_fn, scale_by_projected
 from jaxopt_lab.lowrank._weight_decay import decay_updated_weights
 from jaxopt_lab.lowrank.galore import _galore_finish
@@ -248,8 +256,9 @@ def q_galore(
     """Q-GaLore-AdamW: :func:`scale_by_q_galore` over Adam, learning rate, then decoupled weight decay.
 
     ``W ← (1 − lr·λ) · (W − lr · α · P · Adam(PᵀG))`` with P stored in int4 and
-    refreshed lazily (the weights decayed after the step, as the official
-    optimizer); see the module docstring. For int8 weights wrap the result:
+    refreshed lazily, Adam as bitsandbytes' (ε beside the bias-corrected
+    √v̂), the weights decayed after the step, as the official optimizer; see
+    the module docstring. For int8 weights wrap the result:
     ``int8_weights(q_galore(...))``. Under ``optax.inject_hyperparams`` list
     the int arguments ``rank``, ``update_proj_gap``, ``seed``, ``queue_size``,
     ``gamma_proj`` and ``proj_group_size`` in ``static_args``.
@@ -259,9 +268,8 @@ def q_galore(
     check.non_negative("eps", eps)
     check.non_negative("weight_decay", weight_decay)
     return optax.chain(
-        scale_by_q_galore(rank, update_proj_gap, scale, scale_by_adam_moments(b1, b2, eps), projector, queue_size,
+        scale_by_q_galore(rank, update_proj_gap, scale, optax.scale_by_adam(b1, b2, eps), projector, queue_size,
                           cos_threshold, gamma_proj, side, label_fn, stagger, seed, refresh, proj_group_size),
-        scale_by_adam_bias_correction(b1, b2),
         optax.scale_by_learning_rate(learning_rate),
         decay_updated_weights(learning_rate, weight_decay),
     )
@@ -271,21 +279,27 @@ def q_galore(
 # int8 weights with stochastic rounding
 
 
+GRIDS = ("official", "symmetric")
+
+
 class Int8WeightsState(NamedTuple):
     """State of :func:`int8_weights`.
 
     Attributes:
       key: (2,) uint32 raw key data, split at every step for the rounding.
-      scales: a tree like the params: at each leaf stored in int8, the
+      scales: a tree like the params: at each leaf stored in 8 bits, the
         (n_groups,) float32 grid scales of its current values;
         ``optax.MaskedNode()`` at a leaf kept in float (as the rest of the
         low-rank state: orbax cannot save the zero-size arrays stored there
         before, and ``optax.tree.map_params`` maps over it).
+      zeros: likewise, the (n_groups,) float32 zero points (the official
+        grid's; all 0 on the symmetric grid).
       inner: the wrapped transformation's state.
     """
 
     key: jax.Array
     scales: Any
+    zeros: Any
     inner: optax.OptState
 
 
@@ -315,21 +329,60 @@ def stochastic_round_int8(x: jax.Array, key: jax.Array, group_size: int = 256) -
     return values.astype(x.dtype), scales
 
 
+def stochastic_round_uint8(x: jax.Array, key: jax.Array, group_size: int = 256) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``x`` rounded stochastically onto its asymmetric per-group uint8 grid, as the official Q-GaLore.
+
+    The official ``_quantize_stochastic_round`` (``VITA-Group/Q-GaLore``,
+    ``q_galore_torch/q_galore_adamw8bit.py``): per group of ``group_size``
+    values (``x`` flattened; the official code requires ``group_size`` to
+    divide the size, here a last partial group is padded with its last value,
+    which leaves its min and max as they are)::
+
+        s = max(max x − min x, 1e-5) / 255,      z = clip(−round(min x / s), 0, 255)
+        y = x / s,  q = ⌈y⌉ if u < y − ⌊y⌋ else ⌊y⌋   (u ~ U[0, 1)),   q = clip(q + z, 0, 255)
+        value = (q − z) · s
+
+    Unbiased except where the clip bites (a value within one step of the
+    grid's ends, off by the rounding of z).
+
+    Returns ``(values, scales, zeros)``: the rounded values in ``x``'s shape
+    and dtype, and the (n_groups,) float32 scales and zero points.
+    """
+    flat = x.astype(jnp.float32).reshape(-1)
+    n_groups = -(-flat.shape[0] // group_size)
+    groups = jnp.pad(flat, (0, n_groups * group_size - flat.shape[0]), mode="edge").reshape(n_groups, group_size)
+    lo, hi = jnp.min(groups, axis=1), jnp.max(groups, axis=1)
+    scales = jnp.maximum(hi - lo, 1e-5) / 255.0
+    zeros = jnp.clip(-jnp.round(lo / scales), 0, 255)
+    y = groups / scales[:, None]
+    down = jnp.floor(y)
+    u = jax.random.uniform(key, groups.shape, jnp.float32)
+    q = jnp.clip(jnp.where(u < y - down, jnp.ceil(y), down) + zeros[:, None], 0, 255)
+    values = ((q - zeros[:, None]) * scales[:, None]).reshape(-1)[: x.size].reshape(x.shape)
+    return values.astype(x.dtype), scales, zeros
+
+
 def int8_weights(
     tx: optax.GradientTransformation,
     group_size: int = 256,
     seed: int = 0,
     label_fn: Any = None,
+    grid: str = "official",
 ) -> optax.GradientTransformation:
-    """Simulated int8 weight storage (Q-GaLore): ``tx``'s updates land the weights on an int8 grid.
+    """Simulated 8-bit weight storage (Q-GaLore): ``tx``'s updates land the weights on an 8-bit grid.
 
     For every selected parameter W, with ``U`` the update ``tx`` proposes:
 
-        W_new = SR_int8(W + U),     returned update = W_new − W
+        W_new = SR_8bit(W + U),     returned update = W_new − W
 
-    where ``SR_int8`` is :func:`stochastic_round_int8` (per group of
-    ``group_size`` values, symmetric scale ``max|x| / 127``, unbiased
-    stochastic rounding). The parameters stay float arrays that hold grid values
+    where ``SR_8bit`` is, by default (``grid="official"``), the official
+    code's stochastic rounding onto an asymmetric uint8 grid with a zero point
+    recomputed from the new values' min and max
+    (:func:`stochastic_round_uint8`). ``grid="symmetric"`` (opt-in) uses
+    :func:`stochastic_round_int8` instead: symmetric scale ``max|x| / 127``,
+    so that the rounding never needs clamping and is exactly unbiased (the
+    official grid clamps at its ends and rounds its zero point, which can
+    bias a group's extreme values by up to one step). The parameters stay float arrays that hold grid values
     (after the first update; the initial weights are taken as they are), which
     simulates storing them as int8 plus one float scale per group; the state
     holds the rounding key and the current scales. Rounding ``W + U`` instead
@@ -347,6 +400,7 @@ def int8_weights(
         (or a tree) giving True/False per leaf; default
         :func:`~jaxopt_lab.lowrank.default_label_fn` (the attention and MLP
         matrices, as the official code). Selected leaves must be floating.
+      grid: ``"official"`` (default) or ``"symmetric"``, above.
 
     Under ``optax.inject_hyperparams`` list ``group_size`` and ``seed`` in
     ``static_args``.
@@ -359,6 +413,8 @@ def int8_weights(
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
         raise ValueError(f"group_size must be an int > 0, got {group_size!r}")
     seed = check.static_int("seed", seed)
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
     label_fn = default_label_fn if label_fn is None else label_fn
 
     def selected(params):
@@ -374,10 +430,12 @@ def int8_weights(
 
     def init_fn(params):
         flags, treedef = selected(params)
-        scales = [jnp.zeros((-(-leaf.size // group_size),), jnp.float32) if on else optax.MaskedNode()
-                  for on, leaf in zip(flags, jax.tree_util.tree_leaves(params))]
+        leaves = jax.tree_util.tree_leaves(params)
+        groups = lambda: [jnp.zeros((-(-leaf.size // group_size),), jnp.float32) if on else optax.MaskedNode()  # noqa: E731
+                          for on, leaf in zip(flags, leaves)]
         key = jax.random.key_data(jax.random.PRNGKey(seed)).astype(jnp.uint32)
-        return Int8WeightsState(key, jax.tree_util.tree_unflatten(treedef, scales), tx.init(params))
+        return Int8WeightsState(key, jax.tree_util.tree_unflatten(treedef, groups()),
+                                jax.tree_util.tree_unflatten(treedef, groups()), tx.init(params))
 
     def update_fn(updates, state, params=None, **extra_args):
         if params is None:
@@ -386,18 +444,23 @@ def int8_weights(
             if extra_args else tx.update(updates, state.inner, params)
         flags, treedef = selected(params)
         key, step_key = jax.random.split(jax.random.wrap_key_data(state.key, impl="threefry2x32"))
-        out, scales = [], []
+        out, scales, zeros = [], [], []
         leaves = zip(flags, jax.tree_util.tree_leaves(params), treedef.flatten_up_to(inner_updates),
-                     treedef.flatten_up_to(state.scales))  # a MaskedNode at a leaf kept in float
-        for i, (on, p, u, s) in enumerate(leaves):
+                     treedef.flatten_up_to(state.scales), treedef.flatten_up_to(state.zeros))  # MaskedNode: kept in float
+        for i, (on, p, u, s, z) in enumerate(leaves):
             if on:
                 target = p.astype(jnp.float32) + u.astype(jnp.float32)
-                rounded, s = stochastic_round_int8(target, jax.random.fold_in(step_key, i), group_size)
+                leaf_key = jax.random.fold_in(step_key, i)
+                if grid == "official":
+                    rounded, s, z = stochastic_round_uint8(target, leaf_key, group_size)
+                else:
+                    rounded, s = stochastic_round_int8(target, leaf_key, group_size)
                 u = (rounded - p.astype(jnp.float32)).astype(u.dtype)
             out.append(u)
             scales.append(s)
+            zeros.append(z)
         new_state = Int8WeightsState(jax.random.key_data(key), jax.tree_util.tree_unflatten(treedef, scales),
-                                     inner_state)
+                                     jax.tree_util.tree_unflatten(treedef, zeros), inner_state)
         return jax.tree_util.tree_unflatten(treedef, out), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -54,10 +54,17 @@ gradient, τ = 1 (an undamped step from fresh moments)::
 It is more robust to a spike that lands just after a reset. The two modes
 agree to float precision before the first reset.
 
-Not implemented: the official code's ``total_T`` option, a cosine decay of γ₁
-and β₁ over the whole run (from 1× to ``eta_min`` = 0.5× over ``total_T``
-steps; off in its constructor, on in its training scripts with ``total_T`` =
-20000).
+**The cosine decay of γ₁ and β₁** (the official ``total_T``, ``eta_min``;
+``total_steps``, ``eta_min`` here): off by default, as in the official
+constructor (its training scripts set ``total_T`` = 20000). At global step t
+both are multiplied by the official ``CosineAnnealingLR(1.0, T_max = total_T + 1,
+eta_min)`` factor
+
+    s_t = eta_min + (1 − eta_min) · (1 + cos(π t / (total_T + 1))) / 2,
+
+in the EMA and in its bias correction alike (``1 − (s_t γ₁)^c``,
+``1 − (s_t β₁)^τ``), as the official code does; past ``total_T`` the factor
+rises again (the closed form is periodic), also as there.
 """
 
 from __future__ import annotations
@@ -108,6 +115,8 @@ def scale_by_stable_spam(
     theta: float = 0.999,
     reset_interval: Optional[int] = 1000,
     reset_mode: str = "official",
+    total_steps: Optional[int] = None,
+    eta_min: float = 0.5,
 ) -> optax.GradientTransformation:
     """Stable-SPAM's direction: AdaClip, AdaGN, then Adam with periodic moment reset.
 
@@ -124,6 +133,12 @@ def scale_by_stable_spam(
         module docstring) or ``"paper"`` (the paper's equations: AdaClip and
         AdaGN keep the global step, moments restart with the reset step's
         gradient; spike clipping stays on through a reset).
+      total_steps: the official ``total_T``, an int > 0: γ₁ and β₁ are scaled
+        by a cosine from 1 down to ``eta_min`` over this many steps (module
+        docstring); None (default, as the official constructor) keeps them.
+        Static under ``optax.inject_hyperparams``.
+      eta_min: the official ``eta_min``, the final factor of that decay (in
+        [0, 1]; default 0.5).
 
     Returns:
       A transformation whose update is the bias-corrected Adam direction
@@ -139,6 +154,11 @@ def scale_by_stable_spam(
         raise ValueError(f"reset_interval (the momentum-reset period ΔT) must be an int > 0 or None, got {reset_interval!r}")
     if reset_mode not in RESET_MODES:
         raise ValueError(f"reset_mode must be one of {RESET_MODES}, got {reset_mode!r}")
+    if isinstance(total_steps, jax.Array):
+        raise check.not_static("total_steps")
+    if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0):
+        raise ValueError(f"total_steps (the official total_T) must be an int > 0 or None, got {total_steps!r}")
+    check.require("eta_min", eta_min, lambda v: 0 <= v <= 1, "in [0, 1]")
     official = reset_mode == "official"
 
     def init_fn(params):  # every field its own buffers (a donated state must not alias)
@@ -157,6 +177,11 @@ def scale_by_stable_spam(
         # or the global t
         clip_count = state.adam_count + 1 if official else t
         tf = clip_count.astype(jnp.float32)
+        if total_steps is None:
+            g1, beta1 = gamma1, b1
+        else:  # the official CosineAnnealingLR(1.0, total_T + 1, eta_min) at the global step t
+            scale = eta_min + (1 - eta_min) * (1 + jnp.cos(jnp.pi * t.astype(jnp.float32) / (total_steps + 1))) / 2
+            g1, beta1 = gamma1 * scale, b1 * scale
 
         def stabilize(g, m_max, m_n, v_n):
             g = g.astype(moment_dtype(g))
@@ -167,9 +192,9 @@ def scale_by_stable_spam(
             g = jnp.where(jnp.abs(g) > threshold, g / jnp.where(g_max > 0, g_max, 1.0) * threshold, g)
             # AdaGN
             norm = jnp.linalg.norm(g.reshape(-1))
-            m_n = gamma1 * m_n + (1 - gamma1) * norm
+            m_n = g1 * m_n + (1 - g1) * norm
             v_n = gamma2 * v_n + (1 - gamma2) * norm**2
-            target = (m_n / (1 - gamma1**tf)) / (jnp.sqrt(v_n / (1 - gamma2**tf)) + eps)
+            target = (m_n / (1 - g1**tf)) / (jnp.sqrt(v_n / (1 - gamma2**tf)) + eps)
             g = jnp.where(norm > 0, g / jnp.where(norm > 0, norm, 1.0) * target, g)
             return g, m_max, m_n, v_n
 
@@ -184,10 +209,10 @@ def scale_by_stable_spam(
         # official: the reset step updates the old moments and the zeros are stored after it;
         # paper: the moments are zeroed before the reset step
         keep = jnp.asarray(1.0) if official else jnp.where(reset, 0.0, 1.0)
-        mu = jax.tree.map(lambda m, g: b1 * keep * m + (1 - b1) * g, state.mu, grads)
+        mu = jax.tree.map(lambda m, g: beta1 * keep * m + (1 - beta1) * g, state.mu, grads)
         nu = jax.tree.map(lambda v, g: b2 * keep * v + (1 - b2) * abs_sq(g), state.nu, grads)
         out = jax.tree.map(
-            lambda m, v, u: ((m / (1 - b1**tauf)) / (jnp.sqrt(v / (1 - b2**tauf)) + eps)).astype(u.dtype),
+            lambda m, v, u: ((m / (1 - beta1**tauf)) / (jnp.sqrt(v / (1 - b2**tauf)) + eps)).astype(u.dtype),
             mu, nu, updates)
         if official:
             mu, nu = (jax.tree.map(lambda x: jnp.where(reset, jnp.zeros_like(x), x), tree) for tree in (mu, nu))
@@ -207,16 +232,18 @@ def stable_spam(
     reset_interval: Optional[int] = 1000,
     weight_decay: float = 0.0,
     reset_mode: str = "official",
+    total_steps: Optional[int] = None,
+    eta_min: float = 0.5,
 ) -> optax.GradientTransformation:
     """Stable-SPAM (AdamW form): ``W ← W − lr · (u + λ W)`` with u from :func:`scale_by_stable_spam`.
 
     The weights are decayed before the step, as the official code
-    (``p.mul_(1 - lr * weight_decay)``, then the Adam step). ``reset_mode``:
-    see :func:`scale_by_stable_spam`.
+    (``p.mul_(1 - lr * weight_decay)``, then the Adam step). ``reset_mode``,
+    ``total_steps``, ``eta_min``: see :func:`scale_by_stable_spam`.
     """
     check.non_negative("weight_decay", weight_decay)
     return optax.chain(
-        scale_by_stable_spam(b1, b2, eps, gamma1, gamma2, theta, reset_interval, reset_mode),
+        scale_by_stable_spam(b1, b2, eps, gamma1, gamma2, theta, reset_interval, reset_mode, total_steps, eta_min),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
     )

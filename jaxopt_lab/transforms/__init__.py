@@ -2,7 +2,12 @@
 
 from jaxopt_lab.transforms.adamp import ScaleByAdamPState, ScaleBySGDPState, adamp, scale_by_adamp, scale_by_sgdp, sgdp
 from jaxopt_lab.transforms.delta_sgd import DeltaSGDState, delta_sgd, scale_by_delta_sgd
-from jaxopt_lab.transforms.entropy_sgd import EntropySGDState, entropy_sgd, scale_by_entropy_sgd
+from jaxopt_lab.transforms.entropy_sgd import (
+    EntropySGDMomentumState,
+    EntropySGDState,
+    entropy_sgd,
+    scale_by_entropy_sgd,
+)
 from jaxopt_lab.transforms.diffgrad import ScaleByDiffGradState, diffgrad, scale_by_diffgrad
 from jaxopt_lab.transforms.orthogonal_grad import OrthogonalGradState, orthogonal_grad
 from jaxopt_lab.transforms.perp_adamw import perp_adamw
@@ -12,6 +17,7 @@ __all__ = [
     "DeltaSGDState",
     "delta_sgd",
     "scale_by_delta_sgd",
+    "EntropySGDMomentumState",
     "EntropySGDState",
     "entropy_sgd",
     "scale_by_entropy_sgd",

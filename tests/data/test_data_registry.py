@@ -9,7 +9,7 @@ import jaxopt_lab.data as data
 
 
 def test_registry_names():
-    assert set(data.DATASETS) == {"digits", "modular", "text", "least_squares", "logistic", "npz"}
+    assert set(data.DATASETS) == {"digits", "modular", "text", "least_squares", "logistic", "npz", "tokens"}
     assert data.DATASETS["digits"] is data.load_digits
     assert data.DATASETS["modular"] is data.modular_arithmetic
     assert data.DATASETS["text"] is data.load_text
@@ -17,7 +17,7 @@ def test_registry_names():
     assert data.DATASETS["logistic"] is data.logistic_regression
 
 
-@pytest.mark.parametrize("name", ["digits", "modular", "text", "least_squares", "logistic", "npz"])
+@pytest.mark.parametrize("name", ["digits", "modular", "text", "least_squares", "logistic", "npz", "tokens"])
 def test_loader_signatures_are_keyword_args_with_defaults(name):
     params = inspect.signature(data.DATASETS[name]).parameters.values()
     for p in params:

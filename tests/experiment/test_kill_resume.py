@@ -1,10 +1,14 @@
 """A run killed with SIGKILL and resumed writes the metrics of an uninterrupted run."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+
+import numpy as np
+import pytest
 
 from jaxopt_lab.experiment import config as config_lib
 from jaxopt_lab.experiment import trainer
@@ -13,11 +17,39 @@ from jaxopt_lab.experiment.metrics import read_metrics, without_timing
 STEPS = 600
 
 
-def config(out_dir):
+def kill_past_a_checkpoint(argv, run_dir, log, margin=10, poll=0.05, timeout=120):
+    """Run the CLI with ``argv`` in a subprocess and SIGKILL it once ``run_dir`` has a checkpoint and
+    its metrics are ``margin`` steps past it; the process's stderr goes to the file ``log``."""
+    with open(log, "wb") as err:  # a file, not a pipe nobody drains (the progress bar could fill it)
+        proc = subprocess.Popen([sys.executable, "-m", "jaxopt_lab.experiment.cli", *argv],
+                                stdout=subprocess.DEVNULL, stderr=err)
+    ckpts = os.path.join(run_dir, "checkpoints")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        done = [int(n) for n in os.listdir(ckpts) if n.isdigit()] if os.path.isdir(ckpts) else []
+        if done and len(read_metrics(run_dir)) > max(done) + margin:
+            break
+        time.sleep(poll)
+    assert proc.poll() is None, f"run ended before it could be killed: {log.read_text()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def token_folder(folder):
+    """A small byte-level token folder (train.bin, val.bin, meta.json), as prepare_tokens writes."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    rng.integers(0, 256, 20_000, dtype=np.uint16).tofile(folder / "train.bin")
+    rng.integers(0, 256, 2_000, dtype=np.uint16).tofile(folder / "val.bin")
+    (folder / "meta.json").write_text(json.dumps({"vocab_size": 256, "dtype": "uint16"}))
+    return str(folder)
+
+
+def config(out_dir, data):
     return config_lib.from_dict(
         {
             "run": {"name": "killed", "seed": 7, "out_dir": out_dir},
-            "data": {"name": "text", "context": 16},
+            "data": data,
             "model": {"name": "gpt", "preset": "micro"},
             "method": {"name": "adamw", "learning_rate": 3e-3},
             "train": {"steps": STEPS, "batch_size": 8, "eval_every": 50, "eval_batches": 2},
@@ -27,30 +59,26 @@ def config(out_dir):
     )
 
 
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
-    cfg = config(str(tmp_path / "runs"))
+@pytest.mark.parametrize("source", ["text", "tokens"])
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, source):
+    """text: batches drawn by (seed, step); tokens: read through a grain iterator whose position is in
+    every checkpoint and restored by the resume."""
+    if source == "text":
+        data = {"name": "text", "context": 16}
+    else:
+        data = {"name": "tokens", "path": token_folder(tmp_path / "tok"), "seq_len": 16}
+    cfg = config(str(tmp_path / "runs"), data)
     cfg_path = tmp_path / "killed.toml"
     cfg_path.write_text(cfg.dumps())
     run_dir = str(tmp_path / "runs" / "killed")
-    log = tmp_path / "killed.log"  # a file, not a pipe nobody drains (the progress bar could fill it)
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "jaxopt_lab.experiment.cli", "run", str(cfg_path)],
-            stdout=subprocess.DEVNULL, stderr=err,
-        )
-    ckpts = os.path.join(run_dir, "checkpoints")
-    deadline = time.monotonic() + 120
-    # kill once a checkpoint exists and training has gone past it
-    while time.monotonic() < deadline and proc.poll() is None:
-        done = [int(n) for n in os.listdir(ckpts) if n.isdigit()] if os.path.isdir(ckpts) else []
-        if done and len(read_metrics(run_dir)) > max(done) + 10:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, f"run ended before it could be killed: {log.read_text()[-2000:]}"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_past_a_checkpoint(["run", str(cfg_path)], run_dir, tmp_path / "killed.log")
     killed_at = read_metrics(run_dir)[-1]["step"]
     assert killed_at < STEPS
+    if source == "tokens":  # the kept checkpoints hold the iterator at their step
+        for step in [int(n) for n in os.listdir(os.path.join(run_dir, "checkpoints")) if n.isdigit()]:
+            saved = os.path.join(run_dir, "checkpoints", str(step), "data", "process_0-of-1.json")
+            with open(saved) as f:
+                assert json.load(f) == {"next_index": step}
 
     trainer.resume(run_dir)
     reference = trainer.run(cfg, run_dir=str(tmp_path / "reference"))
@@ -101,20 +129,7 @@ def test_variants_killed_in_the_second_resume_as_a_whole(tmp_path, capsys):
     cfg_path = tmp_path / "cmp.toml"
     cfg_path.write_text(VARIANTS.format(out=tmp_path / "runs"))
     base = tmp_path / "runs" / "cmp"
-    log = tmp_path / "killed.log"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "jaxopt_lab.experiment.cli", "run", str(cfg_path)],
-                                stdout=subprocess.DEVNULL, stderr=err)
-    ckpts = base / "b" / "checkpoints"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        done = [int(n) for n in os.listdir(ckpts) if n.isdigit()] if os.path.isdir(ckpts) else []
-        if done and len(read_metrics(str(base / "b"))) > max(done) + 10:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, f"run ended before it could be killed: {log.read_text()[-2000:]}"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_past_a_checkpoint(["run", str(cfg_path)], str(base / "b"), tmp_path / "killed.log", poll=0.02)
     assert read_metrics(str(base / "b"))[-1]["step"] < 1500 and not (base / "c").exists()
     a_metrics = (base / "a" / "metrics.jsonl").read_bytes()
 

@@ -9,7 +9,14 @@ import numpy as np
 import optax
 import pytest
 
-from jaxopt_lab.lowrank import LazyRefreshState, int8_weights, q_galore, scale_by_q_galore, stochastic_round_int8
+from jaxopt_lab.lowrank import (
+    LazyRefreshState,
+    int8_weights,
+    q_galore,
+    scale_by_q_galore,
+    stochastic_round_int8,
+    stochastic_round_uint8,
+)
 from jaxopt_lab.lowrank.projectors import Int4State, dequantize_int4, int4_projector, svd_projector
 
 RNG = np.random.default_rng(3)
@@ -144,9 +151,10 @@ def _official_quantize(w, group_size):
     return (scales * (q - zeros)).reshape(w.shape)
 
 
-def _official_replay(grads, group_size):
+def _official_replay(grads, group_size, inner=lambda low, it: low):
     """float64 replay of GaLoreProjector.project / project_back (quant=True, n_bit=4) with an identity inner
-    optimizer: the update α·P Pᵀ G, and the steps at which the projector refreshed. ``iter`` is the 0-based step."""
+    optimizer (or ``inner(low, iter)``): the update α·P inner(Pᵀ G), and the steps at which the projector
+    refreshed. ``iter`` is the 0-based step."""
     gap, queue, past, stored, refreshed, updates = P_GAP, [], None, None, [], []
     for it, g in enumerate(grads):
         g = np.asarray(g, np.float64)
@@ -164,7 +172,7 @@ def _official_replay(grads, group_size):
             past = lead
             stored = _official_quantize(ortho, group_size)
             refreshed.append(it)
-        low = g @ stored.T if tall else stored.T @ g
+        low = inner(g @ stored.T if tall else stored.T @ g, it)
         updates.append(P_ALPHA * (low @ stored if tall else stored @ low))
     return np.stack(updates), refreshed
 
@@ -230,6 +238,44 @@ def test_matches_float64_replay_of_the_official_projector_and_refresh(shape):
         assert np.abs(row_major - expected).max() > 1e-2 * scale
 
 
+def _bnb_adam(lr, b1, b2, eps):
+    """float64 replay of bitsandbytes' ADAM kernel step on a zero parameter (the official QGaLoreAdamW8bit zeroes
+    p.data, runs the kernel with weight_decay 0, and projects p.data back): -lr √(1-β₂ᵗ)/(1-β₁ᵗ) · s1 / (√s2 + ε √(1-β₂ᵗ))."""
+    st = {}
+
+    def step(low, it):
+        t = it + 1
+        st["m"] = b1 * st.get("m", 0.0) + (1 - b1) * low
+        st["v"] = b2 * st.get("v", 0.0) + (1 - b2) * low * low
+        c1, c2 = 1 - b1**t, np.sqrt(1 - b2**t)
+        return -lr * c2 / c1 * st["m"] / (np.sqrt(st["v"]) + eps * c2)
+
+    return step
+
+
+@pytest.mark.parametrize("shape", [(6, 16), (16, 6)], ids=["wide", "tall"])
+def test_q_galore_step_matches_the_official_adamw8bit_arithmetic(shape):
+    # eps = 1e-2 makes its place visible: beside bitsandbytes' corrected √v̂, not GaLore's uncorrected √v
+    lr, wd, eps = 0.05, 0.1, 1e-2
+    grads = _parity_grads(shape)[:8]
+    w0 = np.random.default_rng(5).standard_normal(shape)
+    deltas, _ = _official_replay(grads, 4, inner=_bnb_adam(lr, 0.9, 0.999, eps))
+    w = w0.copy()
+    for d in deltas:
+        w = (w + d) * (1 - lr * wd)  # p.data = saved + project_back(step); p.data.add_(p.data, alpha=-lr*wd)
+    tx = q_galore(lr, rank=P_RANK, update_proj_gap=P_GAP, scale=P_ALPHA, eps=eps, weight_decay=wd, queue_size=P_QUEUE,
+                  cos_threshold=P_THRESHOLD, label_fn={"w": True}, proj_group_size=4)
+    params = {"w": jnp.asarray(w0, jnp.float32)}
+    state, step = tx.init(params), jax.jit(tx.update)
+    for g in grads:
+        u, state = step({"w": jnp.asarray(g)}, state, params)
+        params = optax.apply_updates(params, u)
+    np.testing.assert_allclose(np.asarray(params["w"], np.float64), w, rtol=1e-4, atol=1e-5)
+    # GaLore's split (ε beside the uncorrected √v) is caught
+    galore_like = _official_replay(grads, 4, inner=lambda low, it: _bnb_adam(lr, 0.9, 0.999, eps / np.sqrt(1 - 0.999))(low, it))
+    assert np.abs(galore_like[0][0] - deltas[0]).max() > 1e-3 * np.abs(deltas[0]).max()
+
+
 def test_stochastic_rounding_is_unbiased_and_lands_on_the_neighbouring_grid_points():
     x = jnp.asarray(RNG.standard_normal((3, 50)), jnp.float32)  # 150 values: groups of 64, the last one padded
     keys = jax.random.split(jax.random.PRNGKey(0), 4000)
@@ -248,7 +294,7 @@ def test_stochastic_rounding_is_unbiased_and_lands_on_the_neighbouring_grid_poin
 def test_int8_weights_keep_params_on_the_grid_and_leave_the_rest_alone():
     params = {"w": jnp.asarray(RNG.standard_normal((D, K)), jnp.float32), "b": jnp.zeros((K,))}
     grads = [jax.tree.map(lambda p: jnp.asarray(RNG.standard_normal(p.shape), jnp.float32), params) for _ in range(3)]
-    tx = int8_weights(optax.sgd(0.1), group_size=16, seed=1, label_fn={"w": True, "b": False})
+    tx = int8_weights(optax.sgd(0.1), group_size=16, seed=1, label_fn={"w": True, "b": False}, grid="symmetric")
     state, p = tx.init(params), params
     step = jax.jit(tx.update)
     keys = [np.asarray(state.key)]
@@ -267,6 +313,70 @@ def test_int8_weights_keep_params_on_the_grid_and_leave_the_rest_alone():
     assert all(not np.array_equal(a, b) for a, b in zip(keys, keys[1:]))  # the key advances every step
     with pytest.raises(ValueError, match="int8_weights needs params"):
         tx.update(grads[0], state)
+
+
+def official_quantize_stochastic_round(w, u, q_group_size):
+    """float64 transcription of ``_quantize_stochastic_round`` + ``_dequantize`` (VITA-Group/Q-GaLore,
+    q_galore_torch/q_galore_adamw8bit.py), with the uniform draws ``u`` given (its ``torch.rand_like``)."""
+    w = np.asarray(w, np.float64).reshape(-1, q_group_size)
+    max_val, min_val = w.max(axis=1, keepdims=True), w.min(axis=1, keepdims=True)
+    scales = np.maximum(max_val - min_val, 1e-5) / 255
+    zeros = np.clip(-np.round(min_val / scales), 0, 255)
+    w_round = w / scales
+    up, down = np.ceil(w_round), np.floor(w_round)
+    q = np.where(u < w_round - down, up, down)
+    q = np.clip(q + zeros, 0, 255)
+    return (q - zeros) * scales, scales[:, 0], zeros[:, 0]
+
+
+def test_uint8_rounding_matches_the_official_quantizer():
+    x = jnp.asarray(RNG.standard_normal((4, 32)) + 0.7, jnp.float32)  # 2 groups of 64, an offset (zero point != 128)
+    key = jax.random.PRNGKey(3)
+    values, scales, zeros = jax.jit(stochastic_round_uint8, static_argnums=2)(x, key, 64)
+    u = np.asarray(jax.random.uniform(key, (2, 64), jnp.float32), np.float64)
+    want, want_s, want_z = official_quantize_stochastic_round(x, u, 64)
+    np.testing.assert_allclose(np.asarray(scales), want_s, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(zeros), want_z)
+    np.testing.assert_allclose(np.asarray(values, np.float64).reshape(2, 64), want, rtol=1e-5, atol=1e-6)
+    q = np.asarray(values, np.float64).reshape(2, 64) / want_s[:, None] + want_z[:, None]
+    assert np.abs(q - np.round(q)).max() < 1e-3 and q.min() > -1e-3 and q.max() < 255 + 1e-3  # on the uint8 grid
+    # not the symmetric grid: its values differ
+    sym, _ = stochastic_round_int8(x, key, 64)
+    assert np.abs(np.asarray(sym) - np.asarray(values)).max() > 1e-3
+
+
+def test_uint8_rounding_is_unbiased_inside_the_grid_and_pads_with_the_last_value():
+    x = jnp.asarray(RNG.standard_normal((3, 50)), jnp.float32)  # 150 values: groups of 64, the last one partial
+    keys = jax.random.split(jax.random.PRNGKey(0), 4000)
+    values, scales, zeros = jax.jit(jax.vmap(lambda k: stochastic_round_uint8(x, k, 64)))(keys)
+    last = np.asarray(x).reshape(-1)[128:]
+    np.testing.assert_allclose(float(scales[0, 2]), max(last.max() - last.min(), 1e-5) / 255, rtol=1e-6)
+    s = np.repeat(np.asarray(scales[0], np.float64), 64)[:150].reshape(3, 50)
+    inside = np.ones((3, 50), bool)  # away from the clipped ends of each group's grid
+    xs = np.asarray(x, np.float64)
+    for g in range(3):
+        sl = np.zeros(150, bool)
+        sl[g * 64:(g + 1) * 64] = True
+        sl = sl.reshape(3, 50)
+        inside &= ~sl | ((xs > xs[sl].min() + 2 * s) & (xs < xs[sl].max() - 2 * s))
+    err = np.abs(np.asarray(values, np.float64).mean(axis=0) - xs)
+    np.testing.assert_array_less(err[inside], 5 * s[inside] / (2 * np.sqrt(4000)))
+
+
+def test_int8_weights_default_is_the_official_grid():
+    params = {"w": jnp.asarray(RNG.standard_normal((4, 16)), jnp.float32)}
+    g = jax.tree.map(lambda p: jnp.asarray(RNG.standard_normal(p.shape), jnp.float32), params)
+    tx = int8_weights(optax.sgd(0.1), group_size=16, seed=1, label_fn={"w": True})
+    state = tx.init(params)
+    u, new_state = jax.jit(tx.update)(g, state, params)
+    step_key = jax.random.split(jax.random.wrap_key_data(state.key, impl="threefry2x32"))[1]
+    target = np.asarray(params["w"], np.float64) - 0.1 * np.asarray(g["w"], np.float64)
+    draws = np.asarray(jax.random.uniform(jax.random.fold_in(step_key, 0), (4, 16), jnp.float32), np.float64)
+    want, want_s, want_z = official_quantize_stochastic_round(target, draws, 16)
+    got = np.asarray(optax.apply_updates(params, u)["w"], np.float64)
+    np.testing.assert_allclose(got.reshape(-1, 16), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(new_state.scales["w"]), want_s, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(new_state.zeros["w"]), want_z)
 
 
 PARAMS = {"w": jnp.zeros((8, 12)), "t": jnp.zeros((10, 6)), "b": jnp.zeros((12,))}
@@ -337,6 +447,7 @@ def test_bad_arguments_are_named(kwargs, message):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"group_size": 0}, "group_size must be an int > 0, got 0"),
+    ({"grid": "int8"}, r"grid must be one of \('official', 'symmetric'\), got 'int8'"),
     ({"label_fn": {"w": True, "i": True}}, r"int8_weights: \['i'\] has dtype int32, not a float"),
 ])
 def test_int8_bad_arguments_are_named(kwargs, message):

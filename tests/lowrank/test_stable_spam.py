@@ -21,16 +21,19 @@ GRADS[3] = jax.tree.map(lambda g: g.at[0].multiply(50.0), GRADS[3])  # a spike a
 LR, WD, B1, B2, EPS, G1, G2, THETA, DT = 0.05, 0.1, 0.9, 0.999, 1e-8, 0.7, 0.9, 0.999, 3
 
 
-def _official():
+def _official(total_T=None, eta_min=0.5):
     """A float64 replay of ``StableSPAM.step`` (``TianjinYellow/StableSPAM``, galore_torch/stablespam.py).
 
     Per tensor: ``state["step"]`` is bumped and drives AdaClip and AdaGN; at a reset step the state gets
     fresh zero moments and ``step = 1`` while the step itself goes on with its handles on the OLD moments.
+    ``total_T``: its ``CosineDecay(1.0, total_T, eta_min)`` (torch's CosineAnnealingLR with T_max = total_T + 1,
+    stepped to the global step) scales gamma1 and beta1.
     """
     p = {k: np.asarray(v, np.float64) for k, v in PARAMS.items()}
     st = {k: dict(step=0, mmax=0.0, mn=0.0, vn=0.0, m=np.zeros(v.shape), v=np.zeros(v.shape)) for k, v in p.items()}
     clipped = []
     for total_steps, g in enumerate(GRADS, start=1):
+        scale = 1.0 if total_T is None else eta_min + (1 - eta_min) * (1 + np.cos(np.pi * total_steps / (total_T + 1))) / 2
         for k in p:
             s, grad = st[k], np.asarray(g[k], np.float64).copy()
             p[k] = p[k] * (1 - LR * WD)
@@ -43,16 +46,17 @@ def _official():
             clipped.append(int(mask.sum()))
             grad[mask] = grad[mask] / gmax * m_max_hat
             norm = np.linalg.norm(grad)
-            s["mn"] = G1 * s["mn"] + (1 - G1) * norm
+            s["mn"] = G1 * scale * s["mn"] + (1 - G1 * scale) * norm
             s["vn"] = G2 * s["vn"] + (1 - G2) * norm**2
-            c = (s["mn"] / (1 - G1 ** s["step"])) / (np.sqrt(s["vn"] / (1 - G2 ** s["step"])) + EPS)
+            c = (s["mn"] / (1 - (G1 * scale) ** s["step"])) / (np.sqrt(s["vn"] / (1 - G2 ** s["step"])) + EPS)
             if norm > 0:
                 grad = grad / norm * c
             if total_steps % DT == 0:
                 s["m"], s["v"], s["step"] = np.zeros_like(grad), np.zeros_like(grad), 1
-            bc1, bc2 = 1 - B1 ** s["step"], 1 - B2 ** s["step"]
-            exp_avg *= B1
-            exp_avg += (1 - B1) * grad  # in place: the state's moments unless they were just swapped out
+            beta1 = B1 * scale
+            bc1, bc2 = 1 - beta1 ** s["step"], 1 - B2 ** s["step"]
+            exp_avg *= beta1
+            exp_avg += (1 - beta1) * grad  # in place: the state's moments unless they were just swapped out
             exp_avg_sq *= B2
             exp_avg_sq += (1 - B2) * grad * grad
             denom = np.sqrt(exp_avg_sq) / np.sqrt(bc2) + EPS
@@ -115,6 +119,16 @@ def test_default_matches_the_official_code_through_two_resets(runs):
     assert max(np.abs(np.asarray(params[k]) - np.asarray(paper[k])).max() for k in PARAMS) > 1e-2
 
 
+def test_total_steps_cosine_matches_the_official_total_T():
+    # total_T = 5 over 8 steps: the factor falls to eta_min and rises again, as the official closed form
+    params, _ = _run(total_steps=5, eta_min=0.3)
+    expected, _, _ = _official(total_T=5, eta_min=0.3)
+    for k in PARAMS:
+        np.testing.assert_allclose(np.asarray(params[k]), expected[k], rtol=1e-5, atol=1e-5)
+    plain, _, _ = _official()
+    assert max(np.abs(expected[k] - plain[k]).max() for k in PARAMS) > 1e-3
+
+
 def test_paper_mode_matches_the_paper_equations(runs):
     params, spam = runs["paper"]
     expected, tau, clipped = _reference()
@@ -147,6 +161,8 @@ def _run_steps(n, mode):
     ({"theta": 1.5}, r"theta must be in \[0, 1\), got 1.5"),
     ({"eps": -1.0}, "eps must be >= 0, got -1.0"),
     ({"weight_decay": -0.1}, "weight_decay must be >= 0, got -0.1"),
+    ({"total_steps": 0}, r"total_steps \(the official total_T\) must be an int > 0 or None, got 0"),
+    ({"eta_min": 1.5}, r"eta_min must be in \[0, 1\], got 1.5"),
     ({"reset_mode": "torch"}, r"reset_mode must be one of \('official', 'paper'\), got 'torch'"),
 ])
 def test_bad_arguments_are_named(kwargs, message):

@@ -71,6 +71,7 @@ from jaxopt_lab.lowrank import (
     scale_by_stable_spam,
     stable_spam,
     stochastic_round_int8,
+    stochastic_round_uint8,
     weight_normalized,
 )
 
@@ -720,7 +721,7 @@ def test_complex_parameters_are_supported_or_refused_clearly(case):
 # --- the battery covers every public transformation
 
 
-NOT_TRANSFORMS = {optimizer_state_bytes, state_bytes_report, stochastic_round_int8}
+NOT_TRANSFORMS = {optimizer_state_bytes, state_bytes_report, stochastic_round_int8, stochastic_round_uint8}
 
 
 def test_every_public_transform_is_in_the_battery():

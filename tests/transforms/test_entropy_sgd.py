@@ -36,49 +36,63 @@ def jax_grad_fn(p, k):
 
 
 def numpy_entropy_sgd(x, steps, learning_rate, momentum, nesterov, inner_steps, inner_lr, gamma, gamma_growth,
-                      alpha=0.25, scale_by_gamma=False, noise=0.0, xis=None):
-    """The official step's Langevin loop, then optax's SGD momentum; float64, parameters after each outer step.
+                      alpha=0.25, scale_by_gamma=False, noise=0.0, xis=None, weight_decay=0.0):
+    """The documented update of ``entropy_sgd``, float64, parameters after each outer step.
 
-    The Langevin step is the official code's (``ucla-vision/entropy-sgd``, python/optim.py):
-    ``dw = grad - g (wc - w) + eps / sqrt(0.5 lr) * xi;  w -= lr * dw``, with ``xis[t][k]``
-    the standard normal draw of outer step t, inner step k; alpha is the newest iterate's
-    weight in mu. The defaults are the official code's (alpha = 0.25, returns wc - mw);
-    ``alpha=0.75, scale_by_gamma=True`` is Algorithm 1's gamma (x - mu).
+    Langevin loop (the official code's, ``ucla-vision/entropy-sgd``, python/optim.py):
+    ``d = grad + wd w; v = mom v + d; d = d + mom v (Nesterov) or v;
+    dw = d - g (wc - w) + eps / sqrt(0.5 lr) * xi;  w -= lr * dw`` with v zeroed every outer
+    step, ``xis[t][k]`` the standard normal draw of outer step t, inner step k; alpha is the
+    newest iterate's weight in mu. Outer: ``d = u + wd x; m = mom m + d`` with m started at the
+    first minibatch gradient. ``alpha=0.75, scale_by_gamma=True`` is Algorithm 1's gamma (x - mu).
     """
     x = x.astype(np.float64)
-    m = np.zeros_like(x)
+    m = grad_k(x, 0)
     out = []
     for t in range(steps):
         g_t = gamma * (1 + gamma_growth) ** t
-        xp, mu = x.copy(), x.copy()
+        xp, mu, v = x.copy(), x.copy(), np.zeros_like(x)
         for k in range(inner_steps):
-            dw = grad_k(xp, k) - g_t * (x - xp)
+            d = grad_k(xp, k) + weight_decay * xp
+            v = momentum * v + d
+            d = d + momentum * v if nesterov else v
+            dw = d - g_t * (x - xp)
             if noise:
                 dw = dw + noise / np.sqrt(0.5 * inner_lr) * xis[t][k]
             xp = xp - inner_lr * dw
             mu = (1 - alpha) * mu + alpha * xp
         u = g_t * (x - mu) if scale_by_gamma else x - mu
-        m = u + momentum * m
-        x = x - learning_rate * (u + momentum * m if nesterov else m)
+        d = u + weight_decay * x
+        m = momentum * m + d
+        x = x - learning_rate * (d + momentum * m if nesterov else m)
         out.append(x)
     return np.stack(out)
 
 
-def official_step_replay(x, steps, lr, L, g0, g1, llr, eps=0.0, xis=None):
-    """A float64 transcription of ``EntropySGD.step`` (ucla-vision/entropy-sgd, python/optim.py) with
-    ``momentum=0, weight_decay=0`` (so neither its inner nor its outer momentum acts), its
-    ``lp['lr']`` = ``llr`` and its fixed ``beta1 = 0.75``. Its inner step k = 0 draws a fresh
-    minibatch at wc; here minibatch k of outer step t is ``C[k]``, as the transform's grads/grad_fn.
+def official_step_replay(x, steps, lr, L, g0, g1, llr, mom, wd, eps=0.0, xis=None):
+    """A float64 transcription of ``EntropySGD.step`` (ucla-vision/entropy-sgd, python/optim.py), line by
+    line, with its train.py's ``nesterov=True`` and ``damp=0``, its ``lp['lr']`` = ``llr`` and its
+    fixed ``beta1 = 0.75``. Its ``closure()`` before the loop (the gradient at wc, which also starts the
+    outer buffer ``state['mdw']`` on the first call) and its inner step k draw minibatches; here
+    minibatch k of outer step t is ``C[k]``, as the transform's grads/grad_fn.
     Scoping: optim.py never advances ``state['t']``; this follows its README, g = g0 (1 + g1)^t, t = 0, 1, ...
     """
     w = x.astype(np.float64)
-    out = []
+    out, state_mdw = [], None
     for t in range(steps):
-        wc, mw = w.copy(), w.copy()
+        w_grad = grad_k(w, 0)  # mf, merr = closure()
+        if state_mdw is None:
+            state_mdw = w_grad.copy()  # state['mdw'].append(deepcopy(w.grad.data))
+        wc, mw, lp_mdw = w.copy(), w.copy(), np.zeros_like(w)
         beta1 = 0.75
         g = g0 * (1 + g1) ** t
         for i in range(L):
             dw = grad_k(w, i)
+            if wd > 0:
+                dw = dw + wd * w
+            if mom > 0:
+                lp_mdw = mom * lp_mdw + dw
+                dw = dw + mom * lp_mdw
             dw = dw - g * (wc - w)
             if eps:
                 dw = dw + eps / np.sqrt(0.5 * llr) * xis[t][i]
@@ -86,6 +100,11 @@ def official_step_replay(x, steps, lr, L, g0, g1, llr, eps=0.0, xis=None):
             mw = beta1 * mw + (1 - beta1) * w
         w = wc.copy()
         dw = w - mw  # w.grad = wc - mw: no gamma
+        if wd > 0:
+            dw = dw + wd * w
+        if mom > 0:
+            state_mdw = mom * state_mdw + dw
+            dw = dw + mom * state_mdw
         w = w - lr * dw
         out.append(w)
     return np.stack(out)
@@ -113,24 +132,30 @@ def run(tx, steps, grad_fn=jax_grad_fn):
 
 
 def test_defaults_match_a_float64_replay_of_the_official_step():
-    # Defaults only (alpha, scale_by_gamma, noise scaling): the official mu (0.25 on the newest
-    # iterate) and its unscaled x - mu; the old defaults (alpha 0.75, gamma (x - mu)) would fail.
+    # Defaults only (alpha, scale_by_gamma, noise scaling, momentum 0.9 Nesterov inside and outside the
+    # Langevin loop, the outer buffer started at the first gradient): each old choice is caught.
     lr, L, llr, g0, g1, eps = 0.3, HP["inner_steps"], HP["inner_lr"], HP["gamma"], HP["gamma_growth"], 0.05
     xis = _draws(3, 3, L)
-    got = run(entropy_sgd(lr, momentum=0.0, noise=eps, seed=3, **HP), 3)
-    want = official_step_replay(X0, 3, lr, L, g0, g1, llr, eps=eps, xis=xis)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for wd in (0.0, 0.1):
+        got = run(entropy_sgd(lr, weight_decay=wd, noise=eps, seed=3, **HP), 3)
+        want = official_step_replay(X0, 3, lr, L, g0, g1, llr, mom=0.9, wd=wd, eps=eps, xis=xis)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     for old in (dict(alpha=0.75), dict(scale_by_gamma=True), PAPER):  # each old default alone is caught
-        other = numpy_entropy_sgd(X0, 3, lr, 0.0, False, **HP, **old, noise=eps, xis=xis)
+        other = numpy_entropy_sgd(X0, 3, lr, 0.9, True, **HP, **old, noise=eps, xis=xis, weight_decay=wd)
         assert np.abs(other - want).max() > 1e-3, old
-    clean = official_step_replay(X0, 3, lr, L, g0, g1, llr)
+    # the previous form (no momentum in the Langevin loop, optax.trace's buffer from zero) is caught too
+    tx = optax.chain(scale_by_entropy_sgd(noise=eps, seed=3, **HP), optax.trace(0.9, nesterov=True),
+                     optax.scale_by_learning_rate(lr))
+    assert np.abs(run(tx, 3) - official_step_replay(X0, 3, lr, L, g0, g1, llr, mom=0.9, wd=0.0, eps=eps,
+                                                    xis=xis)).max() > 1e-3
+    clean = official_step_replay(X0, 3, lr, L, g0, g1, llr, mom=0.0, wd=0.0)
     np.testing.assert_allclose(run(entropy_sgd(lr, momentum=0.0, noise=0.0, **HP), 3), clean, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("form", [{}, PAPER], ids=["official", "paper"])
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_matches_numpy_without_noise(nesterov, form):
-    kw = dict(learning_rate=0.3, momentum=0.5, nesterov=nesterov, **HP, **form)
+    kw = dict(learning_rate=0.3, momentum=0.5, nesterov=nesterov, weight_decay=0.05, **HP, **form)
     got = run(entropy_sgd(noise=0.0, **kw), 3)
     want = numpy_entropy_sgd(X0, 3, **kw)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -224,6 +249,8 @@ def test_keeps_dtypes_and_works_with_a_tree():
         (dict(seed=1.5), "seed"),
         (dict(scale_by_gamma=1), "scale_by_gamma"),
         (dict(momentum=1.0), "momentum"),
+        (dict(weight_decay=-1.0), "weight_decay"),
+        (dict(nesterov=1), "nesterov"),
         (dict(learning_rate=-0.1), "learning_rate"),
     ],
 )
