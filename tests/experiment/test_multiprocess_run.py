@@ -53,11 +53,16 @@ def vmap_run(tmp_path, overrides=()):
     return read_metrics(trainer.run(CONFIG, VMAP + list(overrides), run_dir=str(tmp_path / "vmap")).run_dir)
 
 
-def test_two_process_cli_run_matches_one_process_vmap(tmp_path):
+@pytest.mark.parametrize("devices_per_worker", [2, pytest.param(8, marks=pytest.mark.slow)])
+def test_two_process_cli_run_matches_one_process_vmap(tmp_path, devices_per_worker):
+    # d = 2: each worker inside one process; d = 8: the 4 workers share one group of 8 devices, each
+    # spanning both processes
     run_dir = str(tmp_path / "two")
     port = spawn.free_port()
+    extra = sets([f"workers.devices_per_worker={devices_per_worker}"])
     # process 0 from explicit flags, process 1 from the environment (--distributed)
-    logs = spawn.run([cli("run", run_dir, port, 0), cli("run", run_dir, port, 1, from_env=True)], timeout=240)
+    logs = spawn.run([cli("run", run_dir, port, 0, *extra), cli("run", run_dir, port, 1, *extra, from_env=True)],
+                     timeout=240)
     finals = [next(line for line in log.splitlines() if line.startswith(run_dir)).split(" (first step")[0]
               for log in logs]
     assert finals[0] == finals[1] and "step 10:" in finals[0], finals  # both processes end on the same numbers
