@@ -20,6 +20,15 @@ runner decides how the W workers are laid out:
   their batch axis (:meth:`WorkerRunner.put` with ``batch_axis``). See
   "Workers that span devices" below.
 
+Several processes (``jax.distributed.initialize()``, e.g. ``jaxopt-lab run
+--coordinator ...``): every process builds the same runner over the global
+devices and runs the same steps; :attr:`WorkerRunner.local_workers` lists the
+workers whose devices this process addresses (a worker spanning devices of
+several processes is listed by each), and :meth:`WorkerRunner.put_local` puts
+those workers' host data (only theirs) onto the global worker-stacked array.
+Tested with 2 processes x 4 CPU devices over gloo, workers inside one process
+and workers spanning both (tests/distributed/test_multiprocess_workers.py).
+
 Every argument and result of the mapped step carries a leading worker axis of
 size W. Methods that synchronize every few steps run through :meth:`WorkerRunner.map_sync`,
 which decides on the host whether a step synchronizes and calls one of two
@@ -245,6 +254,26 @@ class WorkerRunner:
         return 1 if self.mode == "vmap" else self.num_workers // self.worker_groups
 
     @property
+    def local_workers(self) -> list[int]:
+        """The global indices (sorted) of the workers whose data this process must load.
+
+        A worker is local when any device it runs on is addressable by this
+        process: under ``vmap`` every worker (all run on this process's default
+        device); in ``shard_map`` mode worker ``i`` runs on device group
+        ``i // workers_per_device`` (devices ``g·d .. g·d + d - 1`` of
+        :attr:`devices`), so with several processes each process holds only some
+        workers, and a worker spanning devices of several processes is local to
+        each of them (each loads its whole batch; :meth:`put_local` takes the
+        slices its own devices hold). Pass the workers' host data, stacked in
+        this order, to :meth:`put_local`.
+        """
+        if self.mode == "vmap":
+            return list(range(self.num_workers))
+        me, d, k = jax.process_index(), self.devices_per_worker, self.workers_per_device
+        return [i for i in range(self.num_workers)
+                if any(dev.process_index == me for dev in self.devices[(i // k) * d:(i // k + 1) * d])]
+
+    @property
     def axis_name(self) -> str | tuple[str, str]:
         """The axis name(s) the methods' collectives must use under this runner."""
         if self.mode == "shard_map" and not self.spans_devices and self.workers_per_device > 1:
@@ -432,6 +461,40 @@ class WorkerRunner:
             return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
         return jax.tree.map(place, tree, self.shardings(tree, batch_axis))
+
+    def put_local(self, tree: Any, batch_axis: int | None = None) -> Any:
+        """Like :meth:`put`, from this process's workers' data only (see :attr:`local_workers`).
+
+        Every leaf has a leading axis of ``len(local_workers)``: the host data of
+        the workers :attr:`local_workers` lists, in that order. The result is the
+        global worker-stacked array (leading axis W) that :meth:`put` of the full
+        tree would give; each process contributes the slices its own devices hold
+        (``jax.make_array_from_callback`` asks only for those), so no process
+        needs, or loads, the data of another process's workers. In one process,
+        or under ``vmap``, ``local_workers`` is every worker and this is :meth:`put`.
+        """
+        local = self.local_workers
+        for x in jax.tree.leaves(tree):
+            if np.shape(x)[:1] != (len(local),):
+                raise ValueError(f"put_local: leading axis must be this process's {len(local)} local workers "
+                                 f"({local}), got shape {np.shape(x)}")
+        if self.mode == "vmap":
+            return jax.device_put(tree)
+        w = self.num_workers
+        position = {worker: i for i, worker in enumerate(local)}
+        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct((w,) + np.shape(x)[1:], np.asarray(x).dtype), tree)
+
+        def place(x, sharding):
+            x = np.asarray(x)
+
+            def shard(index):
+                rows = [position[i] for i in range(*index[0].indices(w))]  # local workers only, by construction
+                block = x[rows[0]:rows[-1] + 1] if rows == list(range(rows[0], rows[-1] + 1)) else x[rows]
+                return block[(slice(None),) + tuple(index[1:])]
+
+            return jax.make_array_from_callback((w,) + x.shape[1:], sharding, shard)
+
+        return jax.tree.map(place, tree, self.shardings(shapes, batch_axis))
 
     def get(self, tree: Any) -> Any:
         """Bring a worker-stacked tree back to host numpy arrays (all processes get all of it)."""

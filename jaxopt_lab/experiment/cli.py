@@ -6,6 +6,8 @@ import argparse
 import sys
 
 from jaxopt_lab.experiment.config import RESUME_EXTEND_KEYS, ConfigError, unset, unset_hint
+from jaxopt_lab.experiment.launch import LaunchError
+from jaxopt_lab.experiment.launch import add_flags as add_launch_flags
 
 
 class _Version(argparse.Action):
@@ -56,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="run only these [variants.NAME] (or a federated config's [methods.NAME]); a later "
                         "--only run of the others joins the same comparison")
     r.add_argument("--no-compile-cache", action="store_true", help=_NO_CACHE_HELP)
+    add_launch_flags(r)
 
     s = sub.add_parser("resume", help="continue a run from its last checkpoint, or extend a finished one")
     s.add_argument("run_dir")
@@ -63,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
                    "checkpoint.* and, to recover a run, the method's hyperparameters (method.learning_rate, ...); "
                    "recorded in config_history.jsonl")
     s.add_argument("--no-compile-cache", action="store_true", help=_NO_CACHE_HELP)
+    add_launch_flags(s)
 
     w = sub.add_parser("sweep", help="run every point of a grid")
     w.add_argument("config")
@@ -96,6 +100,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    if args.command in ("run", "resume"):  # one of several processes: before anything uses a JAX backend
+        from jaxopt_lab.experiment import launch
+
+        try:
+            launch.from_args(args)
+        except LaunchError as e:
+            print(f"jaxopt-lab {args.command}: error: {e}", file=sys.stderr)
+            return 2
     if args.command in ("run", "resume", "sweep"):
         from jaxopt_lab.experiment.compilation import configure_cache
 
@@ -108,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             from jaxopt_lab.experiment.config import load_variants, read_toml
 
             if federated_run.is_federated(read_toml(args.config)):  # a [federated] simulation config
+                _one_process("a [federated] simulation")
                 table, _ = federated_run.run(args.config, args.overrides, run_dir=args.run_dir, only=args.only)
                 print(table)
             elif set(load_variants(args.config)) != {""}:  # a config with [variants.NAME]: run them all
@@ -132,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
             config_path = os.path.join(args.run_dir, trainer.CONFIG_FILE)
             if os.path.isfile(config_path) and federated_run.is_federated(read_toml(config_path)):
+                _one_process("a [federated] simulation")
                 table, _ = federated_run.resume(args.run_dir, args.overrides)
                 print(table)
             elif compare.is_variants_dir(args.run_dir):  # the folder of a config with variants: finish them all
@@ -176,6 +190,15 @@ def main(argv: list[str] | None = None) -> int:
               "config do not fit: lower train.batch_size, workers.count or the model size", file=sys.stderr)
         return 1
     return 0
+
+
+def _one_process(what: str) -> None:
+    """ConfigError if this is one of several processes: ``what`` runs in one."""
+    import jax
+
+    if jax.process_count() > 1:
+        raise ConfigError(f"{what} runs in one process (its clients are simulated), not as one of "
+                          f"{jax.process_count()}: drop the launch flags")
 
 
 def _report(result) -> None:

@@ -85,6 +85,10 @@ def run_variants(path: str, overrides: Iterable[str] = (), only: Iterable[str] |
 
 
 def _write_manifest(base: str, configs: dict[str, config_lib.ExperimentConfig]) -> None:
+    from jaxopt_lab.experiment.launch import is_primary
+
+    if not is_primary():  # process 0 writes a multi-process run's files
+        return
     with open(os.path.join(base, MANIFEST), "w") as f:
         f.write(tomli_w.dumps({"variants": list(configs), "config": {n: c.to_dict() for n, c in configs.items()}}))
 
@@ -171,6 +175,10 @@ def refresh_comparison(base: str) -> str | None:
 
 def write_comparison(base: str, results: dict[str, RunResult]) -> str:
     """``compare.png`` and ``compare.md`` of the variants in ``base``; returns the plot's path."""
+    from jaxopt_lab.experiment.launch import is_primary
+
+    if not is_primary():  # process 0 writes a multi-process run's files
+        return os.path.join(base, "compare.png")
     out = plot_runs([r.run_dir for r in results.values()], os.path.join(base, "compare.png"), labels=list(results))
     with open(os.path.join(base, "compare.md"), "w") as f:
         f.write(format_table(results) + "\n")

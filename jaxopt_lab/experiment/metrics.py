@@ -110,24 +110,29 @@ class MetricsLog:
       run_dir: the run's directory.
       start_step: records after this step are dropped first (resume); 0 starts fresh.
       tensorboard: also write TensorBoard scalars under ``run_dir/tb``.
+      write: False: write nothing, only keep :attr:`last` (the processes of a multi-process
+        run other than process 0, which writes the run's log).
     """
 
-    def __init__(self, run_dir: str, start_step: int = 0, tensorboard: bool = True):
+    def __init__(self, run_dir: str, start_step: int = 0, tensorboard: bool = True, write: bool = True):
         self.path = os.path.join(run_dir, METRICS_FILE)
         kept = [r for r in read_metrics(self.path) if r["step"] <= start_step] if start_step else []
+        self.last = kept[-1] if kept else None
+        self._file = self._tb = None
+        if not write:
+            return
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in kept)
         os.replace(tmp, self.path)  # atomic: a kill leaves the old or the new log, never half
-        self.last = kept[-1] if kept else None
         self._file = open(self.path, "a", buffering=1)
-        self._tb = None
         if tensorboard:
             # purge_step hides the events a killed run wrote after its last checkpoint.
             self._tb = TensorBoardEvents(os.path.join(run_dir, "tb"), purge_step=start_step + 1 if start_step else None)
 
     def write(self, record: Mapping[str, Any]) -> None:
-        self._file.write(json.dumps(dict(record), allow_nan=False) + "\n")  # strict JSON: no NaN/Infinity
+        if self._file is not None:
+            self._file.write(json.dumps(dict(record), allow_nan=False) + "\n")  # strict JSON: no NaN/Infinity
         if self._tb is not None:
             scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
             self._tb.add_scalars(scalars, record["step"])
@@ -136,12 +141,14 @@ class MetricsLog:
     def flush(self) -> None:
         """Put every record written so far on disk, TensorBoard events included (before a checkpoint:
         a run killed after checkpoint k and resumed then shows every step in TensorBoard)."""
-        self._file.flush()
+        if self._file is not None:
+            self._file.flush()
         if self._tb is not None:
             self._tb.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
 

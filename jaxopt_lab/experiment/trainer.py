@@ -32,6 +32,7 @@ from jaxopt_lab.experiment import config as config_lib
 from jaxopt_lab.experiment.adaptive_batch import make_norm_test_statistics, next_batch_size
 from jaxopt_lab.experiment.build import Experiment, build, per_example
 from jaxopt_lab.experiment.checkpoint import Checkpointer
+from jaxopt_lab.experiment.launch import is_primary, sync
 from jaxopt_lab.experiment.methods import learning_rate_schedule
 from jaxopt_lab.experiment.metrics import MetricsLog, read_metrics
 
@@ -229,7 +230,7 @@ class Trainer:
             if self.norm_test is not None:
                 raise config_lib.ConfigError(f"train.norm_test_eta needs a batch size that can change; data "
                                              f"{self.cfg.data['name']!r} reads fixed batches of train.batch_size")
-            workers = None if self.runner is None else getattr(self.runner, "local_workers", None)
+            workers = None if self.runner is None else self.runner.local_workers
             self.loader = experiment.data.loader(
                 self.cfg.train.batch_size, self.cfg.run.seed,
                 num_workers=1 if self.runner is None else self.runner.num_workers,
@@ -251,18 +252,20 @@ class Trainer:
             x, y = self.loader.dataset[step] if loaded is None else loaded
             if self.runner is None:
                 return x[0].reshape((k, -1) + x.shape[2:]), y[0].reshape((k, -1) + y.shape[2:])
-            n = x.shape[0]
-            return self.runner.put((x.reshape((n, k, -1) + x.shape[2:]), y.reshape((n, k, -1) + y.shape[2:])),
-                                   batch_axis=2 if self.runner.spans_devices else None)
+            n = x.shape[0]  # the loader reads this process's workers only (runner.local_workers)
+            return self.runner.put_local((x.reshape((n, k, -1) + x.shape[2:]), y.reshape((n, k, -1) + y.shape[2:])),
+                                         batch_axis=2 if self.runner.spans_devices else None)
         if self.runner is None:
             x, y = self.exp.data.batch(step, batch_size or t.batch_size, self.cfg.run.seed)
             return x.reshape((k, -1) + x.shape[1:]), y.reshape((k, -1) + y.shape[1:])
-        w = self.runner.num_workers
-        xs, ys = zip(*(self.exp.data.batch(step * w + i, t.batch_size, self.cfg.run.seed) for i in range(w)))
+        w, local = self.runner.num_workers, self.runner.local_workers
+        # only the workers of this process's devices (all of them in a single-process run)
+        xs, ys = zip(*(self.exp.data.batch(step * w + i, t.batch_size, self.cfg.run.seed) for i in local))
         x, y = np.stack(xs), np.stack(ys)
+        n = len(local)
         # (W, grad_accum, batch, ...): a worker spanning devices splits its batch over them (axis 2)
-        return self.runner.put((x.reshape((w, k, -1) + x.shape[2:]), y.reshape((w, k, -1) + y.shape[2:])),
-                               batch_axis=2 if self.runner.spans_devices else None)
+        return self.runner.put_local((x.reshape((n, k, -1) + x.shape[2:]), y.reshape((n, k, -1) + y.shape[2:])),
+                                     batch_axis=2 if self.runner.spans_devices else None)
 
     def evaluate(self, params) -> dict[str, float]:
         """Held-out metrics; with several workers, of the workers' average parameters."""
@@ -353,9 +356,10 @@ class Trainer:
         where = (f"{self.checkpoints.path(good)} (step {good}: finite parameters, training loss "
                  f"{_loss_at(self.run_dir, good + 1, record, step):.6g} at them)") if good is not None else \
             "none (no kept checkpoint has finite parameters and a finite loss at them)"
-        with open(os.path.join(self.run_dir, DIVERGED_FILE), "w") as f:
-            json.dump({"step": step, "values": {k: repr(record[k]) for k in keys}, "last_good": good,
-                       "rejected": rejected}, f, indent=1)
+        if is_primary():
+            with open(os.path.join(self.run_dir, DIVERGED_FILE), "w") as f:
+                json.dump({"step": step, "values": {k: repr(record[k]) for k in keys}, "last_good": good,
+                           "rejected": rejected}, f, indent=1)
         values = ", ".join(f"{k} is {record[k]}" for k in keys)
         raise NonFiniteLossError(
             f"{values} at step {step}; last good checkpoint: {where}"
@@ -372,15 +376,18 @@ class Trainer:
             start = self.checkpoints.latest_step()
         state = self.restore(start) if resume and start else self.initial
         if self.runner is not None:  # the steps donate their input state: keep self.initial intact
-            state = jax.device_put(state, may_alias=False)  # a copy of each buffer, with no program to compile
+            # a copy of each buffer, with no program to compile, in place (its own sharding: across
+            # processes device_put needs one)
+            state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, state), may_alias=False)
         start = start if resume and start else 0
         if self.loader is not None and not (resume and start):
             self.loader.seek(start)
-        log = MetricsLog(self.run_dir, start_step=start, tensorboard=cfg.logging.tensorboard)
+        primary = is_primary()  # process 0 writes the logs; every process takes part in the checkpoints
+        log = MetricsLog(self.run_dir, start_step=start, tensorboard=cfg.logging.tensorboard, write=primary)
         elapsed = (log.last or {}).get("wall_time", 0.0)
         if start == 0:
             log.write({"step": 0, **self.evaluate(state.params), "wall_time": 0.0})
-        bar = _progress(cfg.logging.progress, total=t.steps, initial=start, desc=cfg.run.name)
+        bar = _progress(cfg.logging.progress and primary, total=t.steps, initial=start, desc=cfg.run.name)
         t0 = time.perf_counter() - elapsed
         step_times = []  # seconds of each train step (its metrics read back), for the final steps_per_sec
         first_step = None  # seconds from self.started to the first step's metrics on the host
@@ -427,8 +434,9 @@ class Trainer:
             log.close()
             self.checkpoints.wait()
         final = log.last or {}
-        with open(os.path.join(self.run_dir, SUMMARY_FILE), "w") as f:
-            json.dump(final, f, indent=1, allow_nan=False)
+        if primary:
+            with open(os.path.join(self.run_dir, SUMMARY_FILE), "w") as f:
+                json.dump(final, f, indent=1, allow_nan=False)
         return RunResult(self.run_dir, final)
 
 
@@ -501,9 +509,11 @@ def run(config: str | config_lib.ExperimentConfig, overrides: Iterable[str] = ()
     run_dir = run_dir or run_dir_of(cfg)
     check_fresh_run_dir(run_dir)
     experiment = build(cfg)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, CONFIG_FILE), "w") as f:
-        f.write(experiment.config.dumps())
+    if is_primary():
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, CONFIG_FILE), "w") as f:
+            f.write(experiment.config.dumps())
+    sync("jaxopt_lab_run_dir")  # the other processes start once the run directory exists
     return Trainer(experiment, run_dir, started=started).fit(resume=False)
 
 
@@ -575,14 +585,16 @@ def resume(run_dir: str, overrides: Iterable[str] = ()) -> RunResult:
         if start > cfg.train.steps:
             raise config_lib.ConfigError(
                 f"cannot resume {run_dir} with train.steps = {cfg.train.steps}: it continues from step {start}")
-        _set_aside(run_dir, stop["step"], after=start)
+        if is_primary():
+            _set_aside(run_dir, stop["step"], after=start)
+        sync("jaxopt_lab_set_aside")  # every process then sees the same checkpoints
     trainer = Trainer(experiment, run_dir, started=started)
     if start is None:
         start = trainer.checkpoints.latest_step() or 0
     trainer.allowed_changes = set(changed)
     if start:
         trainer.restore(start)  # a checkpoint that refuses the changed config fails here, before any write
-    if changed:
+    if changed and is_primary():
         flat_before, flat_after = config_lib.flatten(before), config_lib.flatten(experiment.config.to_dict())
         record = {"step": start, "changed": {k: [flat_before.get(k), flat_after.get(k)] for k in changed}}
         with open(os.path.join(run_dir, HISTORY_FILE), "a") as f:
