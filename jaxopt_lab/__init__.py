@@ -60,6 +60,18 @@ from jaxopt_lab.lowrank import (
     weight_normalized,
 )
 from jaxopt_lab.transforms import (
+    GNSState,
+    gradient_normalized_smoothness,
+    scale_by_gradient_normalized_smoothness,
+    SSOState,
+    scale_by_sso,
+    sso,
+    TPSGDState,
+    scale_by_target_projection,
+    tpsgd,
+    conv_patches,
+    scale_by_tract,
+    tract,
     DeltaSGDState,
     delta_sgd,
     scale_by_delta_sgd,
@@ -86,6 +98,18 @@ from jaxopt_lab.transforms import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "GNSState",
+    "gradient_normalized_smoothness",
+    "scale_by_gradient_normalized_smoothness",
+    "SSOState",
+    "scale_by_sso",
+    "sso",
+    "TPSGDState",
+    "scale_by_target_projection",
+    "tpsgd",
+    "conv_patches",
+    "scale_by_tract",
+    "tract",
     "FedAMDState",
     "fedamd",
     "scale_by_fedamd",
