@@ -1,7 +1,7 @@
 r"""SSO: stochastic surrogate optimization in the target space.
 
 Lavington, Vaswani, Babanezhad, Schmidt & Le Roux, "Target-based Surrogates
-for Stochastic Optimization", ICML 2023, https://arxiv.org/abs/2302.02607.
+for Stochastic Optimization", ICML 2023, https://proceedings.mlr.press/v202/lavington23a.html.
 Official code: github.com/WilderLavington/Target-Based-Surrogates-For-Stochastic-Optimization
 (``optimizers/sgd_fmdopt.py`` with the Armijo inner optimizer ``optimizers/lsopt.py``).
 
