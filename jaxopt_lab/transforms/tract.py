@@ -35,7 +35,10 @@ LabelFn = Callable[[optax.Params], Any]
 
 
 def _path_name(path) -> str:
+    """A leaf's path as keys joined by ``/``; an nnx Variable's trailing ``.value`` is left out."""
     parts = []
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        path = path[:-1]
     for k in path:
         for attr in ("key", "name", "idx"):
             if hasattr(k, attr):
