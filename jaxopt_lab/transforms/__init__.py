@@ -12,7 +12,7 @@ from jaxopt_lab.transforms.gradient_normalized_smoothness import (
     scale_by_gradient_normalized_smoothness,
 )
 from jaxopt_lab.transforms.sso import SSOState, scale_by_sso, sso
-from jaxopt_lab.transforms.tpsgd import TPSGDState, scale_by_target_projection, tpsgd
+from jaxopt_lab.transforms.tpsgd import TPSGDState, scale_by_target_projection, target_projection_grad, tpsgd
 from jaxopt_lab.transforms.tract import conv_patches, scale_by_tract, tract
 from jaxopt_lab.transforms.weight_decay import AddScaledParamsState, clip_by_coordinate, independent_weight_decay
 
@@ -26,6 +26,7 @@ __all__ = [
     "TPSGDState",
     "scale_by_target_projection",
     "tpsgd",
+    "target_projection_grad",
     "conv_patches",
     "scale_by_tract",
     "tract",
