@@ -76,3 +76,19 @@ def test_sgd_step_and_errors():
         g, scale_by_target_projection(["layers/0"], 3).init(params), params, layer_inputs=[x], layer_preacts=[a],
         labels=np.array([0, 1]))
     np.testing.assert_allclose(np.asarray(u["layers"][0]["kernel"]), -0.5 * np.asarray(ref["layers"][0]["kernel"]))
+
+
+def test_layer_rule_is_the_transforms():
+    from jaxopt_lab.transforms.tpsgd import target_projection_grad
+
+    rng = np.random.default_rng(2)
+    params = _mlp_params(rng)
+    tx = scale_by_target_projection(["layers/0"], 3, activation="tanh")
+    state = tx.init(params)
+    x = rng.normal(size=(4, 5)).astype(np.float32)
+    a = x @ np.asarray(params["layers"][0]["kernel"])
+    y = np.array([0, 2, 1, 2])
+    out, _ = tx.update(params, state, params, layer_inputs=[x], layer_preacts=[a], labels=y)
+    g_w, g_b = target_projection_grad(x, a, y, state.projections["layers"][0]["kernel"], "tanh")
+    np.testing.assert_array_equal(np.asarray(out["layers"][0]["kernel"]), np.asarray(g_w))
+    np.testing.assert_array_equal(np.asarray(out["layers"][0]["bias"]), np.asarray(g_b))
