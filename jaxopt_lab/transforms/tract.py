@@ -102,6 +102,11 @@ def scale_by_tract(first_layer: str | LabelFn, l: float = 0.1) -> optax.Gradient
     with :math:`X` the ``first_layer_input`` passed to ``update``: the layer's
     input batch ``(..., n)`` for a dense layer (leading axes flattened into
     :math:`N`) or the patch matrix of :func:`conv_patches` for a convolution.
+    For an embedding table ``(vocab, dim)`` (a language model's first layer, as
+    the paper discusses) pass the integer token ids: :math:`X` is then one-hot,
+    :math:`X^\top X / N` the diagonal of token frequencies :math:`c_v / N`, and
+    the update is row-wise :math:`g_v / (c_v / N + \lambda)` (rare tokens' rows
+    move more), without forming the ``vocab × vocab`` system.
     Every other leaf passes unchanged. Solved in float32 (or wider) by Cholesky;
     the official code switches to the Woodbury form when :math:`N < n`, which
     needs :math:`G` itself — identical in exact arithmetic, so here the
@@ -149,6 +154,13 @@ def scale_by_tract(first_layer: str | LabelFn, l: float = 0.1) -> optax.Gradient
                 continue
             n = g.size // g.shape[-1]
             x = jnp.asarray(first_layer_input)
+            if jnp.issubdtype(x.dtype, jnp.integer):  # token ids into an embedding table (vocab, dim)
+                if g.ndim != 2:
+                    raise ValueError(f"integer first_layer_input (token ids) needs a 2-D embedding table, got {g.shape}")
+                ct = jnp.promote_types(g.dtype, jnp.float32)
+                freq = jnp.zeros((g.shape[0],), ct).at[x.reshape(-1)].add(1.0) / x.size  # diag(X^T X) / N
+                out.append((g.astype(ct) / (freq + jnp.asarray(l, ct))[:, None]).astype(g.dtype))
+                continue
             x = x.reshape(-1, x.shape[-1])
             if x.shape[-1] != n:
                 raise ValueError(

@@ -90,3 +90,15 @@ def test_under_jit_in_a_chain_with_adam():
     step = jax.jit(lambda g, s, p, x: tx.update(g, s, p, first_layer_input=x))
     u, _ = step(params, tx.init(params), params, x)
     assert np.isfinite(np.asarray(u["w"])).all()
+
+
+def test_embedding_token_ids_equal_the_one_hot_closed_form():
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 6, size=(4, 5))  # (batch, sequence) of a vocab of 6 (token 5 may be absent)
+    g = rng.normal(size=(6, 3))
+    params = {"embed": jnp.zeros((6, 3))}
+    tx = scale_by_tract("embed", l=0.1)
+    out, _ = tx.update({"embed": jnp.asarray(g, jnp.float32)}, tx.init(params), params, first_layer_input=ids)
+    x = np.eye(6)[ids.reshape(-1)]  # one-hot rows
+    expected = np.linalg.solve(x.T @ x / x.shape[0] + 0.1 * np.eye(6), g)
+    np.testing.assert_allclose(np.asarray(out["embed"]), expected, rtol=1e-5, atol=1e-6)
