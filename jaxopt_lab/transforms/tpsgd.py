@@ -47,17 +47,24 @@ def target_projection_grad(
     r"""One hidden layer's local gradients ``(g_kernel, g_bias)`` (float32), the rule of :func:`scale_by_target_projection`.
 
     :math:`\delta = (\sigma(a) - \operatorname{onehot}(y) B) \odot \sigma'(a) / b`,
-    :math:`g_W = h^\top\delta`, :math:`g_b = \sum_i \delta_i`. Computing it inside
+    :math:`g_W = h^\top\delta`, :math:`g_b = \sum_i \delta_i`. For a convolution,
+    ``preact`` is ``(b, H, W, o)``, every position gets its example's target
+    (the local loss sums over positions, divided by :math:`b`) and
+    ``layer_input`` is the patch matrix of
+    :func:`jaxopt_lab.transforms.tract.conv_patches`; :math:`g_W` comes out
+    ``(kh kw c_in, o)``, the kernel reshaped. Computing it inside
     the forward loop, as soon as a layer's output exists, lets the layer's input
     be freed at once (the memory-lean step of ``scripts/tpsgd_digits.py``).
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     a = jnp.asarray(preact, jnp.float32)
+    batch = a.shape[0]
+    labels = jnp.broadcast_to(jnp.reshape(labels, (batch,) + (1,) * (a.ndim - 2)), a.shape[:-1])  # every position
     a = a.reshape(-1, a.shape[-1])
     s, ds = jax.jvp(ACTIVATIONS[activation], (a,), (jnp.ones_like(a),))  # sigma(a), sigma'(a) (elementwise)
-    onehot = jax.nn.one_hot(jnp.reshape(labels, (-1,)), projection.shape[0], dtype=jnp.float32)
-    delta = (s - onehot @ projection.astype(jnp.float32)) * ds / a.shape[0]
+    onehot = jax.nn.one_hot(labels.reshape(-1), projection.shape[0], dtype=jnp.float32)
+    delta = (s - onehot @ projection.astype(jnp.float32)) * ds / batch
     h = jnp.asarray(layer_input, jnp.float32)
     return h.reshape(-1, h.shape[-1]).T @ delta, delta.sum(0)
 
@@ -107,8 +114,9 @@ def scale_by_target_projection(
     Args:
       hidden_layers: path prefixes of the hidden layers in order
         (``["layers/0", "layers/1"]``), or a label function ``params -> tree of
-        ints`` (layer index, -1 for others). A 2-D leaf is the kernel, a 1-D leaf
-        the bias.
+        ints`` (layer index, -1 for others). A 2-D (dense) or 4-D (conv, then
+        ``layer_inputs[l]`` is the layer's ``conv_patches``) leaf is the kernel,
+        a 1-D leaf the bias.
       num_classes: number of classes of ``labels``, int >= 1.
       activation: the hidden layers' :math:`\sigma`: ``"relu"``, ``"tanh"`` or ``"sigmoid"``.
       seed: seed of the projections.
@@ -126,8 +134,9 @@ def scale_by_target_projection(
     def _ids(tree):
         ids = _layer_ids(tree, hidden_layers)
         for (path, leaf), i in zip(jax.tree_util.tree_flatten_with_path(tree)[0], ids):
-            if i >= 0 and jnp.ndim(leaf) not in (1, 2):
-                raise ValueError(f"hidden layer leaf {jax.tree_util.keystr(path)} must be a 2-D kernel or a 1-D bias")
+            if i >= 0 and jnp.ndim(leaf) not in (1, 2, 4):
+                raise ValueError(f"hidden layer leaf {jax.tree_util.keystr(path)} must be a 2-D dense or 4-D conv "
+                                 "kernel or a 1-D bias")
             if i >= 0 and jnp.iscomplexobj(leaf):
                 raise ValueError(f"tpSGD: hidden layer leaf {jax.tree_util.keystr(path)} is {leaf.dtype}: real only")
         return ids
@@ -160,7 +169,7 @@ def scale_by_target_projection(
                 out.append(g)
                 continue
             g_kernel, g_bias = target_projection_grad(layer_inputs[i], layer_preacts[i], labels, b_l, activation)
-            out.append((g_kernel if g.ndim == 2 else g_bias).astype(g.dtype))
+            out.append((g_kernel.reshape(g.shape) if g.ndim > 1 else g_bias).astype(g.dtype))
         return treedef.unflatten(out), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

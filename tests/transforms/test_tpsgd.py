@@ -92,3 +92,25 @@ def test_layer_rule_is_the_transforms():
     g_w, g_b = target_projection_grad(x, a, y, state.projections["layers"][0]["kernel"], "tanh")
     np.testing.assert_array_equal(np.asarray(out["layers"][0]["kernel"]), np.asarray(g_w))
     np.testing.assert_array_equal(np.asarray(out["layers"][0]["bias"]), np.asarray(g_b))
+
+
+def test_conv_layer_local_gradient_matches_reference():
+    from jaxopt_lab.transforms.tract import conv_patches
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(3, 5, 4, 2)).astype(np.float32)
+    k = (rng.normal(size=(3, 3, 2, 4)) * 0.5).astype(np.float32)
+    params = {"conv": {"kernel": jnp.asarray(k), "bias": jnp.zeros(4)}, "head": jnp.zeros((4, 3))}
+    tx = scale_by_target_projection(["conv"], 3, activation="tanh", seed=1)
+    state = tx.init(params)
+    patches = np.asarray(conv_patches(x, (3, 3), 1, "SAME"), np.float64)
+    a = (patches @ k.reshape(-1, 4).astype(np.float64)).reshape(3, 5, 4, 4)
+    y = np.array([2, 0, 1])
+    out, _ = tx.update(params, state, params, layer_inputs=[patches.astype(np.float32)],
+                       layer_preacts=[a.astype(np.float32)], labels=y)
+    b_l = np.asarray(state.projections["conv"]["kernel"], np.float64)
+    t = (np.eye(3)[y] @ b_l)[:, None, None, :]  # every position of an example gets its target
+    delta = ((np.tanh(a) - t) * (1 - np.tanh(a) ** 2) / 3).reshape(-1, 4)
+    np.testing.assert_allclose(np.asarray(out["conv"]["kernel"]), (patches.T @ delta).reshape(k.shape),
+                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(out["conv"]["bias"]), delta.sum(0), rtol=1e-4, atol=1e-6)
