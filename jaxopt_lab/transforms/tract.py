@@ -113,8 +113,10 @@ def scale_by_tract(first_layer: str | LabelFn, l: float = 0.1) -> optax.Gradient
     :math:`n \times n` system is always solved.
 
     Args:
-      first_layer: the kernel's path (``"layers/0/kernel"``) or a label
-        function ``params -> tree of bools`` selecting at most one leaf.
+      first_layer: the kernel's path (``"layers/0/kernel"``; an nnx
+        Variable's ``.value`` is left out) or a label function ``params -> tree
+        of bools`` selecting at most one leaf. Selecting none (a path that
+        matches no leaf, e.g. a typo) leaves every gradient as it is.
       l: :math:`\lambda > 0`, the ridge term (official default 0.1).
 
     Returns:
