@@ -47,11 +47,11 @@ def target_projection_grad(
     r"""One hidden layer's local gradients ``(g_kernel, g_bias)`` (float32), the rule of :func:`scale_by_target_projection`.
 
     :math:`\delta = (\sigma(a) - \operatorname{onehot}(y) B) \odot \sigma'(a) / b`,
-    :math:`g_W = h^\top\delta`, :math:`g_b = \sum_i \delta_i`. For a convolution,
-    ``preact`` is ``(b, H, W, o)``, every position gets its example's target
-    (the local loss sums over positions, divided by :math:`b`) and
+    :math:`g_W = h^\top\delta`, :math:`g_b = \sum_i \delta_i`. For a convolution
+    (DRTP's form), ``preact`` is ``(b, H, W, o)`` and ``projection``
+    ``(num_classes, H W o)``: a target for every output unit at every position;
     ``layer_input`` is the patch matrix of
-    :func:`jaxopt_lab.transforms.tract.conv_patches`; :math:`g_W` comes out
+    :func:`jaxopt_lab.transforms.tract.conv_patches`, and :math:`g_W` comes out
     ``(kh kw c_in, o)``, the kernel reshaped. Computing it inside
     the forward loop, as soon as a layer's output exists, lets the layer's input
     be freed at once (the memory-lean step of ``scripts/tpsgd_digits.py``).
@@ -60,13 +60,25 @@ def target_projection_grad(
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     a = jnp.asarray(preact, jnp.float32)
     batch = a.shape[0]
-    labels = jnp.broadcast_to(jnp.reshape(labels, (batch,) + (1,) * (a.ndim - 2)), a.shape[:-1])  # every position
-    a = a.reshape(-1, a.shape[-1])
+    onehot = jax.nn.one_hot(jnp.reshape(labels, (-1,)), projection.shape[0], dtype=jnp.float32)
+    target = (onehot @ projection.astype(jnp.float32)).reshape(a.shape)  # one target per output unit (and position)
     s, ds = jax.jvp(ACTIVATIONS[activation], (a,), (jnp.ones_like(a),))  # sigma(a), sigma'(a) (elementwise)
-    onehot = jax.nn.one_hot(labels.reshape(-1), projection.shape[0], dtype=jnp.float32)
-    delta = (s - onehot @ projection.astype(jnp.float32)) * ds / batch
+    delta = ((s - target) * ds / batch).reshape(-1, a.shape[-1])
     h = jnp.asarray(layer_input, jnp.float32)
     return h.reshape(-1, h.shape[-1]).T @ delta, delta.sum(0)
+
+
+def conv_projection(seed: int, layer: int, num_classes: int, output_shape) -> jax.Array:
+    """A conv layer's fixed random projection ``(num_classes, H * W * o)``: N(0, 1), from ``seed`` and ``layer``.
+
+    It depends on the layer's output shape, which ``init`` does not know, so it
+    is drawn again at each step from the same key rather than stored.
+    """
+    size = 1
+    for d in output_shape:
+        size *= int(d)
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), layer), 1)
+    return jax.random.normal(key, (num_classes, size), jnp.float32)
 
 
 def _layer_ids(params, hidden_layers) -> list[int]:
@@ -106,7 +118,10 @@ def scale_by_target_projection(
     the gradient of :math:`\ell_l = \frac{1}{2b}\lVert\sigma(a_l) - t_l\rVert^2`
     with respect to the layer's own kernel ``(n, o)`` and bias ``(o,)`` only.
     :math:`B_l` has i.i.d. :math:`\mathcal N(0, 1)` entries, drawn at ``init``
-    from ``seed`` and layer :math:`l` and kept fixed (the state). Leaves outside
+    from ``seed`` and layer :math:`l` and kept fixed (the state); a conv
+    layer's (``layer_preacts[l]`` of shape ``(b, H, W, o)``) is DRTP's
+    ``(num_classes, H W o)``, one target per unit and position, drawn from a
+    fixed key at each step (:func:`conv_projection`). Leaves outside
     the hidden layers (the output layer) keep the gradient they come with:
     compute it with the output layer's input under ``jax.lax.stop_gradient``,
     so the whole step needs forward passes and one local gradient.
@@ -168,7 +183,10 @@ def scale_by_target_projection(
             if i < 0:
                 out.append(g)
                 continue
-            g_kernel, g_bias = target_projection_grad(layer_inputs[i], layer_preacts[i], labels, b_l, activation)
+            a = layer_preacts[i]
+            if jnp.ndim(a) > 2:  # a conv layer: B_l (num_classes, H W o), drawn from the same key at every step
+                b_l = conv_projection(seed, i, num_classes, jnp.shape(a)[1:])
+            g_kernel, g_bias = target_projection_grad(layer_inputs[i], a, labels, b_l, activation)
             out.append((g_kernel.reshape(g.shape) if g.ndim > 1 else g_bias).astype(g.dtype))
         return treedef.unflatten(out), state
 

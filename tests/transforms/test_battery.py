@@ -63,7 +63,7 @@ from jaxopt_lab.transforms.gradient_normalized_smoothness import (
     scale_by_gradient_normalized_smoothness,
 )
 from jaxopt_lab.transforms.sso import scale_by_sso, sso
-from jaxopt_lab.transforms.tpsgd import scale_by_target_projection, target_projection_grad, tpsgd
+from jaxopt_lab.transforms.tpsgd import conv_projection, scale_by_target_projection, target_projection_grad, tpsgd
 from jaxopt_lab.transforms.tract import conv_patches, scale_by_tract, select_leaf, tract
 from jaxopt_lab.transforms.weight_decay import clip_by_coordinate, independent_weight_decay
 from jaxopt_lab.lowrank import (
@@ -885,7 +885,7 @@ def test_complex_parameters_are_supported_or_refused_clearly(case):
 
 
 NOT_TRANSFORMS = {optimizer_state_bytes, state_bytes_report, stochastic_round_int8, conv_patches, select_leaf,
-                  target_projection_grad}
+                  target_projection_grad, conv_projection}
 
 
 def test_every_public_transform_is_in_the_battery():

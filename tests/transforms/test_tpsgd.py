@@ -108,8 +108,10 @@ def test_conv_layer_local_gradient_matches_reference():
     y = np.array([2, 0, 1])
     out, _ = tx.update(params, state, params, layer_inputs=[patches.astype(np.float32)],
                        layer_preacts=[a.astype(np.float32)], labels=y)
-    b_l = np.asarray(state.projections["conv"]["kernel"], np.float64)
-    t = (np.eye(3)[y] @ b_l)[:, None, None, :]  # every position of an example gets its target
+    from jaxopt_lab.transforms.tpsgd import conv_projection
+
+    b_l = np.asarray(conv_projection(1, 0, 3, (5, 4, 4)), np.float64)  # DRTP: a target per unit and position
+    t = (np.eye(3)[y] @ b_l).reshape(a.shape)
     delta = ((np.tanh(a) - t) * (1 - np.tanh(a) ** 2) / 3).reshape(-1, 4)
     np.testing.assert_allclose(np.asarray(out["conv"]["kernel"]), (patches.T @ delta).reshape(k.shape),
                                rtol=1e-4, atol=1e-6)
