@@ -1,5 +1,7 @@
 """Gradient-normalized smoothness (Algorithm 1) against a float64 numpy re-implementation of the official loop."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,11 +69,16 @@ def _run(tx, steps, w0):
     return out, state
 
 
+@functools.lru_cache(maxsize=None)
+def _dense(gamma_0):  # shared by the tests below (one compile per gamma_0)
+    return _run(gradient_normalized_smoothness(1.0, gamma_0=gamma_0), 4, np.full(4, 2.0))
+
+
 @pytest.mark.parametrize("gamma_0", [1.0, 1e-3, 50.0])  # accepted at once; grows; rejected first (backtracks)
 def test_dense_matches_the_official_loop(gamma_0):
     w0 = np.full(4, 2.0)
     expected, gammas = reference(w0, 4, gamma=gamma_0)
-    got, state = _run(gradient_normalized_smoothness(1.0, gamma_0=gamma_0), 4, w0)
+    got, state = _dense(gamma_0)
     for a, e in zip(got, expected):
         np.testing.assert_allclose(a, e, rtol=2e-4, atol=2e-5)
     assert float(state[0].gamma) == pytest.approx(gammas[-1], rel=1e-6)
@@ -81,7 +88,7 @@ def test_dense_matches_the_official_loop(gamma_0):
 def test_exact_approximations_reduce_to_dense(hessian, kwargs):
     # full rank / CG to convergence represent the exact Hessian: the same iterates as "dense"
     w0 = np.full(4, 2.0)
-    dense, _ = _run(gradient_normalized_smoothness(1.0), 3, w0)
+    dense = _dense(1.0)[0][:3]
     approx, _ = _run(gradient_normalized_smoothness(1.0, hessian=hessian, **kwargs), 3, w0)
     for a, e in zip(approx, dense):
         np.testing.assert_allclose(a, e, rtol=1e-3, atol=1e-4)
