@@ -11,9 +11,30 @@ from jaxopt_lab.transforms.entropy_sgd import (
 from jaxopt_lab.transforms.diffgrad import ScaleByDiffGradState, diffgrad, scale_by_diffgrad
 from jaxopt_lab.transforms.orthogonal_grad import OrthogonalGradState, orthogonal_grad
 from jaxopt_lab.transforms.perp_adamw import perp_adamw
+from jaxopt_lab.transforms.gradient_normalized_smoothness import (
+    GNSState,
+    gradient_normalized_smoothness,
+    scale_by_gradient_normalized_smoothness,
+)
+from jaxopt_lab.transforms.sso import SSOState, scale_by_sso, sso
+from jaxopt_lab.transforms.tpsgd import TPSGDState, scale_by_target_projection, target_projection_grad, tpsgd
+from jaxopt_lab.transforms.tract import conv_patches, scale_by_tract, tract
 from jaxopt_lab.transforms.weight_decay import AddScaledParamsState, clip_by_coordinate, independent_weight_decay
 
 __all__ = [
+    "GNSState",
+    "gradient_normalized_smoothness",
+    "scale_by_gradient_normalized_smoothness",
+    "SSOState",
+    "scale_by_sso",
+    "sso",
+    "TPSGDState",
+    "scale_by_target_projection",
+    "tpsgd",
+    "target_projection_grad",
+    "conv_patches",
+    "scale_by_tract",
+    "tract",
     "DeltaSGDState",
     "delta_sgd",
     "scale_by_delta_sgd",

@@ -22,7 +22,11 @@ The generic checks of optax's own suites (``contrib/_common_test.py`` and
 To add a method: append a ``Case`` to ``TRANSFORMS`` (and list its public
 functions in ``covers``, with their arguments in ``FACTORY_ARGS`` when they
 need some; ``test_every_public_transform_is_in_the_battery`` fails for a
-transforms or lowrank module that is left out).
+transforms or lowrank module that is left out). A method whose ``update`` needs
+keyword arguments (a loss function, a layer's input batch, ...) gives them as
+``Case.extras(loss, params, grads) -> dict`` (and ``FACTORY_EXTRAS`` for its
+factories): every check passes them, built for the loss it runs on (the
+problem's, or the linear loss whose gradient is the check's random ``grads``).
 
 Compiled functions are built once per case and shared through module-scoped
 fixtures: the battery compiles four small programs per case (a training step,
@@ -54,6 +58,13 @@ from jaxopt_lab.transforms.diffgrad import diffgrad, scale_by_diffgrad
 from jaxopt_lab.transforms.entropy_sgd import entropy_sgd, scale_by_entropy_sgd
 from jaxopt_lab.transforms.orthogonal_grad import orthogonal_grad
 from jaxopt_lab.transforms.perp_adamw import perp_adamw
+from jaxopt_lab.transforms.gradient_normalized_smoothness import (
+    gradient_normalized_smoothness,
+    scale_by_gradient_normalized_smoothness,
+)
+from jaxopt_lab.transforms.sso import scale_by_sso, sso
+from jaxopt_lab.transforms.tpsgd import conv_projection, scale_by_target_projection, target_projection_grad, tpsgd
+from jaxopt_lab.transforms.tract import conv_patches, scale_by_tract, select_leaf, tract
 from jaxopt_lab.transforms.weight_decay import clip_by_coordinate, independent_weight_decay
 from jaxopt_lab.lowrank import (
     apollo,
@@ -138,9 +149,81 @@ class Case:
     # refused by name: low-rank projection is real), "refused" (any complex parameter is)
     complex_params: str = "supported"
     affine_in_lr: bool = True  # whether the first step is affine in the learning rate
+    # (loss, params, grads) -> keyword arguments of ``update`` (a loss function, a layer's inputs, ...)
+    extras: Callable[[Callable, Any, Any], dict] | None = None
 
     def make(self, **overrides) -> optax.GradientTransformation:
         return self.factory(**{**self.hparams, **overrides})
+
+    def extra(self, loss, params, grads) -> dict:
+        return {} if self.extras is None else self.extras(loss, params, grads)
+
+
+def linear_loss(grads):
+    """The loss whose gradient is ``grads`` everywhere: sum_i Re<g_i, p_i> (in float32)."""
+    gs = jax.tree.leaves(grads)
+
+    def loss(p):
+        wide = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))  # noqa: E731
+        return sum((jnp.sum(jnp.real(jnp.conj(wide(g)) * wide(x))) for g, x in zip(gs, jax.tree.leaves(p))),
+                   jnp.float32(0))
+
+    return loss
+
+
+# --- extras of the methods that need more than the gradient
+
+
+def first_matrix(params):  # a label function: the first 2-D leaf (TrAct's first layer, tpSGD's hidden layer)
+    leaves, treedef = jax.tree.flatten(params)
+    first = next((i for i, p in enumerate(leaves) if jnp.ndim(p) == 2), None)
+    return treedef.unflatten([i == first for i in range(len(leaves))])
+
+
+def first_real_matrix(params):
+    leaves, treedef = jax.tree.flatten(params)
+    first = next((i for i, p in enumerate(leaves) if jnp.ndim(p) == 2 and not jnp.iscomplexobj(p)), None)
+    return treedef.unflatten([i == first for i in range(len(leaves))])
+
+
+def first_hidden_layer(params):  # tpSGD: the first 2-D leaf is hidden layer 0, the rest is the output layer
+    return jax.tree.map(lambda f: 0 if f else -1, first_matrix(params))
+
+
+def no_hidden_layer(params):
+    return jax.tree.map(lambda _: -1, params)
+
+
+def _first_matrix_shape(params):
+    return next((jnp.shape(p) for p in jax.tree.leaves(params) if jnp.ndim(p) == 2), None)
+
+
+def tract_extras(loss, params, grads):
+    """A fixed batch of 8 inputs for the first 2-D leaf (TrAct's preconditioner (X^T X / 8 + l I)^-1)."""
+    shape = _first_matrix_shape(params)
+    if shape is None:
+        return {}
+    return {"first_layer_input": np.random.default_rng(0).normal(size=(8, shape[0])).astype(np.float32)}
+
+
+def tpsgd_extras(loss, params, grads):
+    """A batch of 8: the hidden layer's inputs and pre-activations and labels of 3 classes."""
+    shape = _first_matrix_shape(params)
+    if shape is None:
+        return {}
+    rng = np.random.default_rng(1)
+    return {"layer_inputs": [rng.normal(size=(8, shape[0])).astype(np.float32)],
+            "layer_preacts": [rng.normal(size=(8, shape[1])).astype(np.float32)],
+            "labels": rng.integers(0, 3, size=8)}
+
+
+def sso_extras(loss, params, grads):
+    """The targets are the parameters themselves (f = identity), so dL/dz is the gradient."""
+    return {"targets_fn": lambda p: p, "target_grad": grads}
+
+
+def gns_extras(loss, params, grads):
+    return {"loss_fn": loss}
 
 
 # Non-zero decays and the non-default branches (nesterov) are switched on where
@@ -323,6 +406,55 @@ TRANSFORMS = [
         covers=(stable_spam, scale_by_stable_spam),
         static_args=("reset_interval",),
     ),
+    Case(
+        # TrAct on the first 2-D leaf (fed a fixed batch of 8 inputs) then SGD; Rosenbrock and the complex
+        # problem have no real matrix: plain SGD there.
+        "tract",
+        tract,
+        dict(learning_rate=0.1, first_layer=first_matrix, l=0.1),
+        solve=dict(quadratic=dict(learning_rate=0.1), rosenbrock=dict(learning_rate=1e-3),
+                   complex=dict(learning_rate=0.1, first_layer=first_real_matrix)),
+        covers=(tract, scale_by_tract),
+        static_args=("first_layer",),
+        complex_params="vectors",
+        extras=tract_extras,
+    ),
+    Case(
+        # f = identity: the surrogate is <g, p>/eta + |p - p_t|^2 (over N entries), minimized at
+        # p_t - g / (2 eta) by 10 Armijo steps.
+        "sso",
+        sso,
+        dict(learning_rate=1.0, eta=1.0, m=10),
+        solve=dict(quadratic=dict(eta=1.0), rosenbrock=dict(eta=500.0), complex=None),
+        covers=(sso, scale_by_sso),
+        static_args=("m",),
+        complex_params="refused",
+        extras=sso_extras,
+    ),
+    Case(
+        # The exact Hessian (d <= 28 here); on the battery's random gradients the loss is linear, so the
+        # step is -gamma g / |g| with gamma doubling.
+        "gradient_normalized_smoothness",
+        gradient_normalized_smoothness,
+        dict(learning_rate=1.0),
+        solve=dict(quadratic=dict(), rosenbrock=dict(), complex=None),
+        covers=(gradient_normalized_smoothness, scale_by_gradient_normalized_smoothness),
+        static_args=("rank", "num_samples", "cg_iters", "seed"),
+        complex_params="refused",
+        extras=gns_extras,
+    ),
+    Case(
+        # The first 2-D leaf is a hidden layer trained on its local target (fed a fixed batch); the
+        # convergence problems have no such layer (their gradient is not a layer's): plain SGD there.
+        "tpsgd",
+        tpsgd,
+        dict(learning_rate=0.1, hidden_layers=first_hidden_layer, num_classes=3),
+        solve=dict(quadratic=dict(learning_rate=0.1, hidden_layers=no_hidden_layer),
+                   rosenbrock=dict(learning_rate=1e-3, hidden_layers=no_hidden_layer)),
+        covers=(tpsgd, scale_by_target_projection),
+        static_args=("hidden_layers", "num_classes", "seed"),
+        extras=tpsgd_extras,
+    ),
 ]
 IDS = [c.name for c in TRANSFORMS]
 
@@ -382,7 +514,7 @@ def stepper(case):
     @functools.partial(jit, donate_argnums=(0, 1))
     def step(params, state, grads):
         traces[0] += 1  # Python side effect: runs only while tracing
-        updates, state = tx.update(grads, state, params, **EXTRA_ARGS)
+        updates, state = tx.update(grads, state, params, **EXTRA_ARGS, **case.extra(linear_loss(grads), params, grads))
         return optax.apply_updates(params, updates), state, updates
 
     return tx, step, traces
@@ -438,8 +570,10 @@ def test_update_takes_unexpected_keyword_arguments(case):
     tx = case.make()
     params = _params()
     state = tx.init(params)
-    plain = jax.eval_shape(lambda: tx.update(_grads(params, 0), state, params))
-    extra = jax.eval_shape(lambda: tx.update(_grads(params, 0), state, params, **EXTRA_ARGS))
+    grads = _grads(params, 0)
+    needed = case.extra(linear_loss(grads), params, grads)
+    plain = jax.eval_shape(lambda: tx.update(grads, state, params, **needed))
+    extra = jax.eval_shape(lambda: tx.update(grads, state, params, **needed, **EXTRA_ARGS))
     assert jax.tree.structure(extra) == jax.tree.structure(plain)
 
 
@@ -450,7 +584,7 @@ def test_inject_hyperparams_learning_rate_drives_the_step(case, stepper):
     params = _params()
     grads = _grads(params, 1)
     injected = optax.inject_hyperparams(case.factory, static_args=case.static_args)(**case.hparams)
-    update = jit(injected.update)
+    update = jit(lambda g, s, p: injected.update(g, s, p, **case.extra(linear_loss(g), p, g)))
     state = injected.init(params)
     lr = float(state.hyperparams["learning_rate"])
 
@@ -487,11 +621,35 @@ FACTORY_ARGS: dict[Callable, dict[str, Any]] = {
     entropy_sgd: dict(learning_rate=0.1, inner_steps=2),
     weight_normalized: dict(inner=optax.sgd(0.1)),
     int8_weights: dict(tx=optax.sgd(0.1), group_size=4),
+    tract: dict(learning_rate=0.1, first_layer="dense"),
+    scale_by_tract: dict(first_layer="dense"),
+    tpsgd: dict(learning_rate=0.1, hidden_layers=["dense"], num_classes=3),
+    scale_by_target_projection: dict(hidden_layers=["dense"], num_classes=3),
+}
+
+
+def _entropy_sgd_extras(loss, params, grads):
+    return {"grad_fn": lambda x, k: grads}
+
+
+# Keyword arguments of update that the public factories need, from (loss, params, grads)
+FACTORY_EXTRAS: dict[Callable, Callable[[Callable, Any, Any], dict]] = {
+    entropy_sgd: _entropy_sgd_extras,
+    scale_by_entropy_sgd: _entropy_sgd_extras,
+    tract: tract_extras,
+    scale_by_tract: tract_extras,
+    tpsgd: tpsgd_extras,
+    scale_by_target_projection: tpsgd_extras,
+    sso: sso_extras,
+    scale_by_sso: sso_extras,
+    gradient_normalized_smoothness: gns_extras,
+    scale_by_gradient_normalized_smoothness: gns_extras,
 }
 # ints that index a shape or a period, or seed a key: static under inject_hyperparams
 # (optax's test lists its own: warmup_steps, rank, update_proj_gap, ...)
 STATIC_INTS = ("rank", "update_proj_gap", "seed", "inner_steps", "reset_interval", "channel_axis", "queue_size",
-               "gamma_proj", "group_size", "proj_group_size")
+               "gamma_proj", "group_size", "proj_group_size", "m", "max_backtracks", "num_samples", "cg_iters",
+               "max_search", "num_classes")
 
 
 def _covered_factories():
@@ -521,7 +679,8 @@ def test_every_public_factory_works_under_inject_hyperparams(factory):
     injected = optax.inject_hyperparams(factory, static_args=static)(**kwargs)
     params = _params()
     grads = _grads(params, 0)
-    extra = {"grad_fn": lambda x, k: grads} if factory in (entropy_sgd, scale_by_entropy_sgd) else {}
+    make_extras = FACTORY_EXTRAS.get(factory, lambda loss, p, g: {})
+    extra = make_extras(linear_loss(grads), params, grads)
     state = injected.init(params)
     updates, new_state = jax.eval_shape(lambda s: injected.update(grads, s, params, **extra), state)
     # (shapes, not dtypes: with float32 hyperparameters a bfloat16 leaf's update is float32, as optax's own)
@@ -532,7 +691,7 @@ def test_every_public_factory_works_under_inject_hyperparams(factory):
     if not any(factory in c.covers and c.complex_params == "refused" for c in TRANSFORMS):
         cparams = {"v": jnp.asarray([1.0, 2j, -1.0], jnp.complex64)}
         cinjected = optax.inject_hyperparams(factory, static_args=static)(**kwargs)
-        cextra = {"grad_fn": lambda x, k: cparams} if extra else {}
+        cextra = make_extras(linear_loss(cparams), cparams, cparams)
         cupdates, _ = jax.eval_shape(lambda s: cinjected.update(cparams, s, cparams, **cextra), cinjected.init(cparams))
         assert cupdates["v"].dtype == jnp.complex64
     # and an int left out of static_args gets an error that says which argument and what to do
@@ -550,14 +709,15 @@ def test_multisteps_updates_every_other_step(case, stepper):
     params = _params()
     g1, g2, g3 = _grads(params, 1), _grads(params, 2), _grads(params, 3)
     ms = optax.MultiSteps(tx, every_k_schedule=2)
-    update = jit(ms.update)
+    mean = jax.tree.map(lambda a, b: ((a.astype(jnp.float32) + b) / 2).astype(a.dtype), g1, g2)
+    # the extras describe the step the inner transformation takes: the one on the mean gradient
+    update = jit(lambda g, s, p, m: ms.update(g, s, p, **case.extra(linear_loss(m), p, m)))
     state = ms.init(params)
-    u1, state = update(g1, state, params)
-    u2, state = update(g2, state, params)
-    u3, state = update(g3, state, params)
+    u1, state = update(g1, state, params, mean)
+    u2, state = update(g2, state, params, mean)
+    u3, state = update(g3, state, params, mean)
     for u in (u1, u3):  # odd steps: accumulate only
         assert all(not np.any(np.asarray(leaf, np.float32)) for leaf in jax.tree.leaves(u))
-    mean = jax.tree.map(lambda a, b: ((a.astype(jnp.float32) + b) / 2).astype(a.dtype), g1, g2)
     expected = _fresh_step(stepper, params, mean)[2]  # one inner step on the mean gradient
     _assert_trees_close(u2, expected, like=params)
     assert update._cache_size() == 1
@@ -587,7 +747,7 @@ def test_map_params_maps_over_the_state(case):
 def test_empty_tree(case):
     tx = case.make()
     state = tx.init({})
-    updates, new_state = tx.update({}, state, {})
+    updates, new_state = tx.update({}, state, {}, **case.extra(linear_loss({}), {}, {}))
     assert updates == {}
     assert jax.tree.structure(new_state) == jax.tree.structure(state)
 
@@ -603,13 +763,17 @@ def test_two_updates_inside_nnx_optimizer(case):
 
     model = Model()
     tx = case.make()  # its update jitted: one compile costs less than two eager updates
-    opt = nnx.Optimizer(model, optax.GradientTransformationExtraArgs(tx.init, jit(tx.update)), wrt=nnx.Param)
+    # (extras hold functions, which a jitted update cannot take as arguments: those cases run eagerly)
+    update = tx.update if case.extras is not None else jit(tx.update)
+    opt = nnx.Optimizer(model, optax.GradientTransformationExtraArgs(tx.init, update), wrt=nnx.Param)
     structure = jax.tree.structure(nnx.as_pure(opt.opt_state))
     before = np.asarray(model.dense[...])
     for seed in (1, 2):  # the state goes through nnx's variables in between
         g = _grads(_params(), seed)
         grads = nnx.grad(lambda m: jnp.sum(m.dense * g["dense"]) + jnp.sum(m.bias * g["bias"]))(model)
-        opt.update(model, grads)
+        pure_grads = nnx.as_pure(nnx.state(grads, nnx.Param))
+        opt.update(model, grads, **case.extra(linear_loss(pure_grads), nnx.as_pure(nnx.state(model, nnx.Param)),
+                                              pure_grads))
     assert jax.tree.structure(nnx.as_pure(opt.opt_state)) == structure
     after = np.asarray(model.dense[...])
     assert np.isfinite(after).all() and not np.array_equal(after, before)
@@ -679,7 +843,7 @@ def final_losses(case):
             params, state = carry
             # complex gradients are conjugated before they are descended (as in optax's tests)
             grads = jax.tree.map(jnp.conj, jax.grad(loss)(params))
-            updates, state = tx.update(grads, state, params)
+            updates, state = tx.update(grads, state, params, **case.extra(loss, params, grads))
             return (optax.apply_updates(params, updates), state), None
 
         (params, _), _ = jax.lax.scan(step, (start, tx.init(start)), length=STEPS)
@@ -721,7 +885,8 @@ def test_complex_parameters_are_supported_or_refused_clearly(case):
 # --- the battery covers every public transformation
 
 
-NOT_TRANSFORMS = {optimizer_state_bytes, state_bytes_report, stochastic_round_int8, stochastic_round_uint8}
+NOT_TRANSFORMS = {optimizer_state_bytes, state_bytes_report, stochastic_round_int8, stochastic_round_uint8, conv_patches,
+                  select_leaf, target_projection_grad, conv_projection}
 
 
 def test_every_public_transform_is_in_the_battery():

@@ -1,0 +1,86 @@
+"""SSO against a float64 numpy re-implementation of the official inner loop (Armijo on the surrogate)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxopt_lab.transforms.sso import scale_by_sso, sso
+
+
+
+def _problem(seed=0, n=40, d=5):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d))
+    y = (rng.random(n) < 0.5).astype(np.float64)
+    theta = rng.normal(size=d) * 0.3
+    return x, y, theta
+
+
+def _loss_grad_z(z, y):  # mean logistic loss in the logits z
+    return (1 / (1 + np.exp(-z)) - y) / z.shape[0]
+
+
+def _reference(x, y, theta, eta, m, lr0, c=0.5, beta=0.9, max_bt=100, min_step=1e-6, line_search=True):
+    """The official SGD_FMDOpt step with LSOpt inner steps (expand 1), float64."""
+    z0 = x @ theta
+    gz = _loss_grad_z(z0, y)
+    n = z0.size
+
+    def s(t):
+        z = x @ t
+        return (gz @ z / eta + np.sum((z - z0) ** 2)) / n
+
+    def ds(t):
+        return x.T @ (gz / eta + 2 * (x @ t - z0)) / n
+
+    t, alpha = theta.copy(), lr0
+    for k in range(m):
+        d = ds(t)
+        alpha = lr0 if k == 0 else alpha
+        if line_search:
+            for _ in range(max_bt):
+                if s(t - alpha * d) <= s(t) - c * alpha * d @ d:
+                    break
+                alpha *= beta
+                if alpha < min_step:
+                    break
+        t = t - alpha * d
+    return t, alpha
+
+
+@pytest.mark.parametrize("eta,m,lr0,line_search", [(1.0, 5, 10.0, True), (0.05, 3, 10.0, True), (1.0, 4, 0.5, False)])
+def test_one_outer_step_matches_reference(eta, m, lr0, line_search):
+    x, y, theta = _problem()
+    expected, alpha = _reference(x, y, theta, eta, m, lr0, line_search=line_search)
+    xf = jnp.asarray(x, jnp.float32)
+    params = {"w": jnp.asarray(theta, jnp.float32)}
+    tx = scale_by_sso(eta=eta, m=m, inner_lr=lr0, line_search=line_search)
+    z0 = xf @ params["w"]
+    gz = jnp.asarray(_loss_grad_z(np.asarray(z0, np.float64), y), jnp.float32)
+    step = jax.jit(lambda p, s: tx.update(p, s, p, targets_fn=lambda q: xf @ q["w"], target_grad=gz))
+    u, state = step(params, tx.init(params))
+    np.testing.assert_allclose(theta - np.asarray(u["w"], np.float64), expected, rtol=1e-4, atol=1e-5)
+    assert float(state.step_size) == pytest.approx(alpha, rel=1e-5)
+
+
+def test_many_fixed_inner_steps_reach_the_target_space_step():
+    # f = identity: the surrogate's minimizer is theta_t - dL/dz / (2 eta), SSO's projected target step.
+    g = np.array([0.5, -1.0, 2.0])
+    params = {"w": jnp.zeros(3)}
+    tx = sso(learning_rate=1.0, eta=2.0, m=200, inner_lr=0.5, line_search=False)
+    u, _ = tx.update({"w": jnp.asarray(g)}, tx.init(params), params, targets_fn=lambda p: p, target_grad={"w": jnp.asarray(g)})
+    np.testing.assert_allclose(np.asarray(u["w"]), -g / 4.0, rtol=1e-5)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="eta must be > 0"):
+        scale_by_sso(eta=0.0)
+    with pytest.raises(ValueError, match="m must be an int >= 1"):
+        scale_by_sso(m=0)
+    tx = scale_by_sso()
+    p = {"w": jnp.zeros(2)}
+    with pytest.raises(ValueError, match="targets_fn"):
+        tx.update(p, tx.init(p), p)
+    with pytest.raises(ValueError, match="complex"):
+        tx.init({"w": jnp.zeros(2, jnp.complex64)})
