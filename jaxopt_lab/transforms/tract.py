@@ -115,8 +115,9 @@ def scale_by_tract(first_layer: str | LabelFn, l: float = 0.1) -> optax.Gradient
     Args:
       first_layer: the kernel's path (``"layers/0/kernel"``; an nnx
         Variable's ``.value`` is left out) or a label function ``params -> tree
-        of bools`` selecting at most one leaf. Selecting none (a path that
-        matches no leaf, e.g. a typo) leaves every gradient as it is.
+        of bools`` selecting at most one leaf. A path that matches no leaf
+        (e.g. a typo) is an error at ``init`` naming the paths there are; a
+        label function that selects none leaves every gradient as it is.
       l: :math:`\lambda > 0`, the ridge term (official default 0.1).
 
     Returns:
@@ -138,7 +139,10 @@ def scale_by_tract(first_layer: str | LabelFn, l: float = 0.1) -> optax.Gradient
         return flags
 
     def init_fn(params):
-        _flags(params)
+        flags = _flags(params)
+        if isinstance(first_layer, str) and not any(flags):
+            paths = [_path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+            raise ValueError(f"first_layer {first_layer!r} matches no parameter; the paths are {paths}")
         return optax.EmptyState()
 
     def update_fn(updates, state, params=None, *, first_layer_input=None, **extra_args):

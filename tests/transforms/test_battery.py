@@ -688,7 +688,10 @@ def test_every_public_factory_works_under_inject_hyperparams(factory):
     assert jax.tree.structure(new_state) == jax.tree.structure(state)
     # complex params: inject_hyperparams casts the hyperparameters to complex64, which the
     # argument checks must take (optax's Adam does)
-    if not any(factory in c.covers and c.complex_params == "refused" for c in TRANSFORMS):
+    # (TrAct's first layer is a real kernel named by its path: the complex vector problem has none, and a path
+    # that matches nothing is an error; its refusal of complex kernels is tested in test_tract.py)
+    if factory not in (tract, scale_by_tract) and not any(
+            factory in c.covers and c.complex_params == "refused" for c in TRANSFORMS):
         cparams = {"v": jnp.asarray([1.0, 2j, -1.0], jnp.complex64)}
         cinjected = optax.inject_hyperparams(factory, static_args=static)(**kwargs)
         cextra = make_extras(linear_loss(cparams), cparams, cparams)

@@ -81,6 +81,10 @@ def test_errors_name_the_problem():
         tx.update(params, tx.init(params), params, first_layer_input=np.ones((5, 4)))
     with pytest.raises(ValueError, match="2-D dense or 4-D conv"):
         scale_by_tract("v").init({"v": jnp.zeros(3)})
+    with pytest.raises(ValueError, match=r"first_layer 'layers/0/kernel' matches no parameter; the paths are \['a', 'b'\]"):
+        scale_by_tract("layers/0/kernel").init(params)
+    with pytest.raises(ValueError, match=r"TrAct's first layer \['a'\] is complex64: only real kernels"):
+        scale_by_tract("a").init({"a": jnp.zeros((3, 2), jnp.complex64)})
 
 
 def test_under_jit_in_a_chain_with_adam():
