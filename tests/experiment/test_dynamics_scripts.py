@@ -1,0 +1,37 @@
+"""The training-dynamics study scripts, shrunk: they run end to end and their bookkeeping holds.
+
+scripts/large_batch_gap.py, scripts/lr_vs_batch.py, scripts/instability_proxies.py and
+scripts/opposing_signals.py (the figures of README's "Training dynamics" section).
+"""
+
+import json
+import os
+import sys
+
+import jax
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "scripts"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compile():
+    # tiny programs run a few steps: XLA's optimizations would cost more compile time than they save
+    old = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)
+
+
+def test_large_batch_gap(tmp_path):
+    import large_batch_gap as script
+
+    out = script.main(["--out", str(tmp_path), "--epochs", "0.5", "--small", "16", "--large", "64",
+                       "--seeds", "0", "--evals", "1", "--only", "sb", "lb_ra", "--no-plot"])
+    sb, ra = out["settings"]["sb"], out["settings"]["lb_ra"]
+    # regime adaptation: 4x the epochs at 4x the batch is the small batch's number of updates
+    assert ra["epochs"] == 4 * sb["epochs"] and ra["steps"] == sb["steps"]
+    assert ra["lr"] == pytest.approx(2 * sb["lr"]) and ra["ghost"] == 16  # sqrt(64/16) lr, ghost batches of 16
+    assert 0 <= sb["test_acc_mean"] <= 1
+    with open(tmp_path / "results.json") as f:
+        assert json.load(f)["settings"].keys() == {"sb", "lb_ra"}
