@@ -35,3 +35,18 @@ def test_large_batch_gap(tmp_path):
     assert 0 <= sb["test_acc_mean"] <= 1
     with open(tmp_path / "results.json") as f:
         assert json.load(f)["settings"].keys() == {"sb", "lb_ra"}
+
+
+def test_lr_vs_batch(tmp_path):
+    import lr_vs_batch as script
+
+    lrs = script.np.array([0.1, 0.2, 0.4, 0.8])
+    assert script.max_stable(lrs, script.np.array([1.0, 1.5, 3.0, 0.5]), 2.0) == 0.2  # below the first unstable
+    assert script.max_stable(lrs, script.np.array([1.0, 1.0, 1.0, float("nan")]), 2.0) == 0.4
+    out = script.main(["--out", str(tmp_path), "--steps", "3", "--batches", "4", "16", "--points-per-octave", "1",
+                       "--hessian-batches", "1", "--no-plot"])
+    sgd, adam = out["optimizers"]["sgd"], out["optimizers"]["adam"]
+    b0 = sgd["rows"][0]["max_stable_lr"]
+    assert sgd["rows"][1]["predicted_linear"] == 4 * b0  # linear from B=4 to 16
+    assert adam["rows"][1]["predicted_sqrt"] == 2 * adam["rows"][0]["max_stable_lr"]  # sqrt(16/4)
+    assert sgd["rows"][0]["predicted_2_over_lambda"] == 2 / sgd["rows"][0]["lambda_max"]
