@@ -10,10 +10,24 @@ from jaxopt_lab.diagnostics.instability import (
     max_attention_logit,
     output_logit_divergence,
 )
+from jaxopt_lab.diagnostics.opposing_signals import (
+    OpposingSignals,
+    group_losses,
+    largest_loss_changes,
+    opposing_signals,
+    opposing_signals_from_gradients,
+    per_example_gradients,
+)
 from jaxopt_lab.diagnostics.sharpness import directional_sharpness, edge_of_stability
 from jaxopt_lab.diagnostics.trace import hutchinson_trace
 
 __all__ = [
+    "OpposingSignals",
+    "group_losses",
+    "largest_loss_changes",
+    "opposing_signals",
+    "opposing_signals_from_gradients",
+    "per_example_gradients",
     "directional_sharpness",
     "edge_of_stability",
     "hutchinson_trace",

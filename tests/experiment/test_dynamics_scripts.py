@@ -50,3 +50,27 @@ def test_lr_vs_batch(tmp_path):
     assert sgd["rows"][1]["predicted_linear"] == 4 * b0  # linear from B=4 to 16
     assert adam["rows"][1]["predicted_sqrt"] == 2 * adam["rows"][0]["max_stable_lr"]  # sqrt(16/4)
     assert sgd["rows"][0]["predicted_2_over_lambda"] == 2 / sgd["rows"][0]["lambda_max"]
+
+
+def test_instability_proxies(tmp_path):
+    import instability_proxies as script
+
+    out = script.main(["--out", str(tmp_path), "--widths", "8", "--layers", "1", "--steps", "3", "--lrs", "1e-3", "10",
+                       "--val-windows", "2", "--batch", "2", "--context", "4", "--no-plot"])
+    base, mit = out["runs"]["baseline/w8"], out["runs"]["qk_ln+z/w8"]
+    for r in (base, mit):
+        assert len(r["final_losses"]) == 2 and len(r["attn_logit_max"]) == 2
+        assert r["lr_sensitivity"] == script.lr_sensitivity(r["final_losses"], r["initial_loss"])
+    # qk-layernorm bounds |logit| by sqrt(head_dim) * (LN scale)^2; the scales start at 1 and move little in 3 steps
+    assert max(mit["attn_logit_max"]) < 2 * (8 / 2) ** 0.5
+
+
+def test_opposing_signals(tmp_path):
+    import opposing_signals as script
+
+    out = script.main(["--out", str(tmp_path), "--steps", "6", "--identify-at", "3", "--sharpness-every", "3",
+                       "--k", "3", "--hidden", "8", "--no-plot"])
+    assert len(out["positive"]) == len(out["negative"]) == 3
+    assert not set(out["positive"]) & set(out["negative"])
+    assert -1 <= out["group_cosine"] <= 1 and len(out["sharpness"]) == 2
+    assert len(out["group_losses"]) == 6
