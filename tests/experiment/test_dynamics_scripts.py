@@ -23,6 +23,7 @@ def fast_compile():
     jax.config.update("jax_disable_most_optimizations", old)
 
 
+@pytest.mark.slow  # the CNN's compiles: about 70 s of the shared 2-core machine (32 s CPU for this and the next two)
 def test_large_batch_gap(tmp_path):
     import large_batch_gap as script
 
@@ -61,8 +62,9 @@ def test_instability_proxies(tmp_path):
     for r in (base, mit):
         assert len(r["final_losses"]) == 2 and len(r["attn_logit_max"]) == 2
         assert r["lr_sensitivity"] == script.lr_sensitivity(r["final_losses"], r["initial_loss"])
-    # qk-layernorm bounds |logit| by sqrt(head_dim) * (LN scale)^2; the scales start at 1 and move little in 3 steps
-    assert max(mit["attn_logit_max"]) < 2 * (8 / 2) ** 0.5
+    # qk-layernorm bounds |logit| by sqrt(head_dim) * (LN scale)^2 = 2 * scale^2; at lr 1e-3 the scales stay near 1
+    assert mit["attn_logit_max"][0] < 2 * 1.02
+    assert base["attn_logit_max"][1] > mit["attn_logit_max"][1]  # lr 10: the logits grow far more without it
 
 
 def test_opposing_signals(tmp_path):
