@@ -5,6 +5,7 @@ only ``nnx.Param`` state (unless built with dropout), and returns logits.
 """
 
 from jaxopt_lab.models.cnn import CNN
+from jaxopt_lab.models.ghost_batch_norm import GhostBatchNorm
 from jaxopt_lab.models.gpt import GPT, GPT_PRESETS, TransformerBlock
 from jaxopt_lab.models.kat import KAT
 from jaxopt_lab.models.mlp import MLP
@@ -22,6 +23,7 @@ __all__ = [
     "CNN",
     "GPT",
     "GPT_PRESETS",
+    "GhostBatchNorm",
     "KAT",
     "MLP",
     "MODELS",

@@ -43,6 +43,13 @@ class TransformerBlock(nnx.Module):
         heads: number of attention heads.
         causal: whether to apply a causal (lower triangular) attention mask.
         dropout: dropout rate on the residual branches, in ``[0, 1)``.
+        qk_layernorm: apply a LayerNorm (over the head dimension, scale only,
+            shared by the heads, as flax's ``normalize_qk``) to the queries and
+            the keys before their dot product: Dehghani et al., "Scaling Vision
+            Transformers to 22 Billion Parameters" (2023), the mitigation of
+            attention-logit growth studied by Wortsman et al., "Small-scale
+            proxies for large-scale Transformer training instabilities" (ICLR
+            2024), https://arxiv.org/abs/2309.14322. Off by default.
         rngs: random streams for the parameter initialisation (and the
             ``dropout`` stream, or ``default``, when ``dropout > 0``).
     """
@@ -53,6 +60,7 @@ class TransformerBlock(nnx.Module):
         heads: int,
         causal: bool,
         dropout: float = 0.0,
+        qk_layernorm: bool = False,
         *,
         rngs: nnx.Rngs,
     ):
@@ -74,12 +82,29 @@ class TransformerBlock(nnx.Module):
         self.mlp_out = nnx.Linear(4 * width, width, kernel_init=_INIT, rngs=rngs)
         # Without dropout the block holds no random state: only nnx.Param.
         self.dropout = nnx.Dropout(dropout, rngs=rngs if dropout > 0 else None)
+        self.qk_layernorm = bool(qk_layernorm)
+        if self.qk_layernorm:
+            self.q_norm = nnx.LayerNorm(self.head_dim, use_bias=False, rngs=rngs)
+            self.k_norm = nnx.LayerNorm(self.head_dim, use_bias=False, rngs=rngs)
+
+    def _qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        batch, length, _ = x.shape
+        qkv = self.qkv(x).reshape(batch, length, 3, self.heads, self.head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if self.qk_layernorm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def attention_logits(self, x: jax.Array) -> jax.Array:
+        """The pre-softmax, unmasked attention logits ``q.k / sqrt(head_dim)``, ``(B, heads, T, T)``,
+        of the block's (already normalized) attention input ``x``."""
+        q, k, _ = self._qkv(x)
+        return jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(self.head_dim)
 
     def attention(self, x: jax.Array) -> jax.Array:
         """Multi-head self-attention of ``(B, T, width)`` to ``(B, T, width)``."""
         batch, length, _ = x.shape
-        qkv = self.qkv(x).reshape(batch, length, 3, self.heads, self.head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q, k, v = self._qkv(x)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(self.head_dim)
         if self.causal:
             mask = jnp.tril(jnp.ones((length, length), dtype=bool))
@@ -128,6 +153,9 @@ class GPT(nnx.Module):
         dropout: dropout rate on the embeddings and residual branches.
         tie_embeddings: compute the logits with the token embedding
             (``token_embed.attend``) instead of a separate head, as GPT-2 does.
+        qk_layernorm: LayerNorm on queries and keys in every block (see
+            :class:`TransformerBlock`); with ``train.loss`` z-loss it is the
+            pair of mitigations of Wortsman et al. (2024).
         rngs: random streams for the parameter initialisation (and dropout).
     """
 
@@ -142,6 +170,7 @@ class GPT(nnx.Module):
         context: int = 64,
         dropout: float = 0.0,
         tie_embeddings: bool = False,
+        qk_layernorm: bool = False,
         *,
         rngs: nnx.Rngs,
     ):
@@ -160,7 +189,7 @@ class GPT(nnx.Module):
         self.pos_embed = nnx.Embed(context, width, embedding_init=_INIT, rngs=rngs)
         self.embed_dropout = nnx.Dropout(dropout, rngs=rngs if dropout > 0 else None)
         self.blocks = nnx.List(
-            [TransformerBlock(width, heads, causal=True, dropout=dropout, rngs=rngs)
+            [TransformerBlock(width, heads, causal=True, dropout=dropout, qk_layernorm=qk_layernorm, rngs=rngs)
              for _ in range(layers)]
         )
         self.ln_final = nnx.LayerNorm(width, rngs=rngs)
@@ -182,6 +211,13 @@ class GPT(nnx.Module):
 
     def __call__(self, tokens: jax.Array, *, deterministic: bool = True) -> jax.Array:
         """Maps int tokens ``(B, T)``, ``T <= context``, to logits ``(B, T, vocab_size)``."""
+        return self.forward_with_attention_logits(tokens, deterministic=deterministic)[0]
+
+    def forward_with_attention_logits(self, tokens: jax.Array, *, deterministic: bool = True,
+                                      attention_logits: bool = False) -> tuple[jax.Array, list[jax.Array]]:
+        """``(logits, per-block attention logits)``; the list is empty unless ``attention_logits``
+        (each entry ``(B, heads, T, T)``, pre-softmax and unmasked: see
+        :func:`jaxopt_lab.diagnostics.instability.max_attention_logit`)."""
         if tokens.ndim != 2:
             raise ValueError(f"expected tokens of shape (B, T), got shape {tuple(tokens.shape)}")
         if not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -193,7 +229,10 @@ class GPT(nnx.Module):
             )
         x = self.token_embed(tokens) + self.pos_embed(jnp.arange(length))
         x = self.embed_dropout(x, deterministic=deterministic)
+        scores = []
         for block in self.blocks:
+            if attention_logits:
+                scores.append(block.attention_logits(block.ln_attn(x)))
             x = block(x, deterministic=deterministic)
         x = self.ln_final(x)
-        return self.token_embed.attend(x) if self.tie_embeddings else self.head(x)
+        return (self.token_embed.attend(x) if self.tie_embeddings else self.head(x)), scores

@@ -1,4 +1,15 @@
-"""Learning-rate schedules."""
+"""Learning-rate schedules, and rescaling them with the batch size."""
+
+from jaxopt_lab.schedules.batch_size import (
+    batch_scale,
+    linear_scaled_learning_rate,
+    predicted_max_learning_rate,
+    regime_adaptation,
+    rescale_config,
+    scaling_rule,
+    sqrt_scaled_learning_rate,
+    steps_for_batch,
+)
 
 from jaxopt_lab.schedules.refined import (
     grad_norms_from_run,
@@ -9,6 +20,14 @@ from jaxopt_lab.schedules.refined import (
 )
 
 __all__ = [
+    "batch_scale",
+    "linear_scaled_learning_rate",
+    "predicted_max_learning_rate",
+    "regime_adaptation",
+    "rescale_config",
+    "scaling_rule",
+    "sqrt_scaled_learning_rate",
+    "steps_for_batch",
     "grad_norms_from_run",
     "median_smooth",
     "refined_schedule",
