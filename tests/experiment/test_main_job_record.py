@@ -14,10 +14,12 @@ numbers: under tests/conftest.py's settings (8 forced host devices, a
 persistent compilation cache) DiLoCo's step-2 loss differed in its last bits
 from the same run under plain `python` (5.1545000076 vs 5.1545004845).
 
-Bit-for-bit holds for the JAX/jaxlib version, platform and device count the
-record was written with (stored in it); under another JAX, XLA may round
-differently, so there the values are compared to rtol 1e-4 instead, which
-still catches a change of method or data.
+Bit-for-bit holds for the JAX/jaxlib version, platform, device count and CPU
+vector extensions the record was written with (stored in it): XLA:CPU
+vectorizes reductions by the host's ISA, and the same tree on an AVX-512 host
+and on another CPU differed in the last bit of the untrained model's eval loss
+(5.5586793423 vs 5.5586795807). Elsewhere the values are compared to rtol 1e-4
+instead, which still catches a change of method or data.
 """
 
 import json
@@ -40,9 +42,23 @@ OVERRIDES = (
 )
 
 
+# the host ISA extensions that change how XLA:CPU vectorizes (and so rounds) a reduction
+_ISA = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_fp16",
+        "avx512_vnni", "amx_tile", "asimd", "sve", "sve2")
+
+
+def _cpu_isa() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith(("flags", "Features"))), [])
+    except OSError:
+        return "unknown"
+    return " ".join(x for x in _ISA if x in flags)
+
+
 def _environment() -> dict:
     return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "platform": jax.default_backend(),
-            "devices": jax.device_count()}
+            "devices": jax.device_count(), "cpu_isa": _cpu_isa()}
 
 
 def run_shrunk_main_job(out_dir: str) -> dict[str, list[dict]]:
