@@ -34,6 +34,7 @@ from jaxopt_lab.distributed.federated import (
     scale_by_fedfix,
 )
 from jaxopt_lab.distributed.diloco import DiLoCoState, diloco, diloco_inner, diloco_outer
+from jaxopt_lab.finetune import LoRAGGPOState, ScaleByLoRAProState, lora_ggpo, lora_pro, scale_by_lora_pro
 from jaxopt_lab.lowrank import (
     FiraLimiterState,
     Int8WeightsState,
@@ -86,6 +87,11 @@ from jaxopt_lab.transforms import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "LoRAGGPOState",
+    "ScaleByLoRAProState",
+    "lora_ggpo",
+    "lora_pro",
+    "scale_by_lora_pro",
     "FedAMDState",
     "fedamd",
     "scale_by_fedamd",
