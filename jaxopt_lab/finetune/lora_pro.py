@@ -63,6 +63,11 @@ class ScaleByLoRAProState(NamedTuple):
     nu: tuple
 
 
+def _wide(dtype):
+    """The computing dtype: float32, or the parameters' own where wider (float64 tests)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def _pinv_reg(m: jax.Array, delta: float) -> jax.Array:
     return jnp.linalg.pinv(m + delta * jnp.eye(m.shape[0], dtype=m.dtype))
 
@@ -130,11 +135,15 @@ def scale_by_lora_pro(scale: float = 2.0, mode: str = "adamw", b1: float = 0.9, 
         return leaves, treedef, pairs, others
 
     def init_fn(params):
+        paths, leaves, _ = flatten_with_paths(params)
+        for path, leaf in zip(paths, leaves):
+            if jnp.iscomplexobj(leaf):
+                raise ValueError(f"lora_pro takes real parameters; {path!r} is complex")
         leaves, _, pairs, others = split(params)
         if not adam:
             return ScaleByLoRAProState(jnp.zeros([], jnp.int32), (), ())
-        full = tuple(jnp.zeros((leaves[p.a].shape[0], leaves[p.b].shape[1]), jnp.float32) for p in pairs)
-        rest = tuple(jnp.zeros(leaves[i].shape, jnp.float32) for i in others)
+        full = tuple(jnp.zeros((leaves[p.a].shape[0], leaves[p.b].shape[1]), _wide(leaves[p.a].dtype)) for p in pairs)
+        rest = tuple(jnp.zeros(leaves[i].shape, _wide(leaves[i].dtype)) for i in others)
         return ScaleByLoRAProState(jnp.zeros([], jnp.int32), full + rest, full + rest)
 
     def update_fn(updates, state, params=None):
@@ -144,14 +153,20 @@ def scale_by_lora_pro(scale: float = 2.0, mode: str = "adamw", b1: float = 0.9, 
         values = jax.tree.leaves(params)
         out = list(grads)
         count = state.count + 1
-        t = (count + step_offset).astype(jnp.float32)
-        bc1, bc2 = 1 - b1**t, 1 - b2**t
+        t = count + step_offset
+
+        def corrections(dtype):  # 1 - b**t as -expm1(t log b): no cancellation in float32
+            tt = t.astype(dtype)
+            return (-jnp.expm1(tt * jnp.log(jnp.asarray(b1, dtype))), -jnp.expm1(tt * jnp.log(jnp.asarray(b2, dtype))))
+
         mu, nu = list(state.mu), list(state.nu)
         for k, p in enumerate(pairs):
             # flax (in x r), (r x out) -> the paper's A (r x n), B (m x r)
-            a, b = values[p.a].astype(jnp.float32).T, values[p.b].astype(jnp.float32).T
-            ga, gb = grads[p.a].astype(jnp.float32).T, grads[p.b].astype(jnp.float32).T
+            dt = _wide(values[p.a].dtype)
+            a, b = values[p.a].astype(dt).T, values[p.b].astype(dt).T
+            ga, gb = grads[p.a].astype(dt).T, grads[p.b].astype(dt).T
             if adam:
+                bc1, bc2 = corrections(dt)
                 ea, eb = adjust(a, b, ga, gb, scale, delta, with_x=False)
                 equiv = (scale * (b @ ea + eb @ a)).T  # flax orientation (in x out)
                 mu[k] = b1 * mu[k] + (1 - b1) * equiv
@@ -164,7 +179,8 @@ def scale_by_lora_pro(scale: float = 2.0, mode: str = "adamw", b1: float = 0.9, 
         if adam:
             for j, i in enumerate(others):
                 k = len(pairs) + j
-                g = grads[i].astype(jnp.float32)
+                g = grads[i].astype(_wide(grads[i].dtype))
+                bc1, bc2 = corrections(g.dtype)
                 mu[k] = b1 * mu[k] + (1 - b1) * g
                 nu[k] = b2 * nu[k] + (1 - b2) * g * g
                 out[i] = ((mu[k] / bc1) / (jnp.sqrt(nu[k]) / jnp.sqrt(bc2) + eps)).astype(grads[i].dtype)
