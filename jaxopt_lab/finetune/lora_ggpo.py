@@ -59,6 +59,10 @@ class LoRAGGPOState(NamedTuple):
     inner: optax.OptState
 
 
+def _wide(dtype):
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def _pairs_with_kernels(tree):
     paths, leaves, treedef = flatten_with_paths(tree)
     pairs = lora_pairs(paths)
@@ -100,14 +104,13 @@ def lora_ggpo(inner: optax.GradientTransformation, sigma: float = 0.03, beta: fl
     check.number("sigma", sigma, lambda v: v >= 0, ">= 0")
     check.number("beta", beta, lambda v: v >= 0, ">= 0")
     check.number("scale", scale, lambda v: v > 0, "a number > 0 (alpha / rank)")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    seed = check.static_int("seed", seed, 0)
     if norm_dim not in NORM_DIMS:
         raise ValueError(f"norm_dim must be one of {NORM_DIMS}, got {norm_dim!r}")
 
     def init_fn(params):
         _, leaves, _, pairs = _pairs_with_kernels(params)
-        std = tuple(jnp.zeros((leaves[p.kernel].shape[1],), jnp.float32) for p in pairs)
+        std = tuple(jnp.zeros((leaves[p.kernel].shape[1],), _wide(leaves[p.kernel].dtype)) for p in pairs)
         return LoRAGGPOState(jnp.zeros([], jnp.int32), std, inner.init(params))
 
     def update_fn(updates, state, params=None, **extra):
@@ -120,17 +123,17 @@ def lora_ggpo(inner: optax.GradientTransformation, sigma: float = 0.03, beta: fl
         count = state.count + 1
         std = []
         for k, p in enumerate(pairs):
-            kernel = values[p.kernel].astype(jnp.float32)
-            old = state.std[k][None, :] * _noise(seed, state.count, k, kernel.shape, jnp.float32)
-            a1 = (values[p.a] + out[p.a]).astype(jnp.float32)
-            b1 = (values[p.b] + out[p.b]).astype(jnp.float32)
-            kernel_next = kernel - old + out[p.kernel].astype(jnp.float32)  # the clean kernel after this step
-            s = perturbation_scales(values[p.a].astype(jnp.float32), values[p.b].astype(jnp.float32),
-                                    grads[p.a].astype(jnp.float32), grads[p.b].astype(jnp.float32),
-                                    kernel_next + scale * (a1 @ b1), scale, sigma, beta, norm_dim)
-            new = s[None, :] * _noise(seed, count, k, kernel.shape, jnp.float32)
-            out[p.kernel] = (out[p.kernel].astype(jnp.float32) + (new - old)).astype(out[p.kernel].dtype)
-            std.append(s)
+            dt = _wide(values[p.kernel].dtype)
+            kernel = values[p.kernel].astype(dt)
+            old = state.std[k][None, :] * _noise(seed, state.count, k, kernel.shape, dt)
+            a1 = (values[p.a] + out[p.a]).astype(dt)
+            b1 = (values[p.b] + out[p.b]).astype(dt)
+            kernel_next = kernel - old + out[p.kernel].astype(dt)  # the clean kernel after this step
+            s = perturbation_scales(values[p.a].astype(dt), values[p.b].astype(dt), grads[p.a].astype(dt),
+                                    grads[p.b].astype(dt), kernel_next + scale * (a1 @ b1), scale, sigma, beta, norm_dim)
+            new = s[None, :] * _noise(seed, count, k, kernel.shape, dt)
+            out[p.kernel] = (out[p.kernel].astype(dt) + (new - old)).astype(out[p.kernel].dtype)
+            std.append(s.astype(state.std[k].dtype))
         return jax.tree.unflatten(treedef, out), LoRAGGPOState(count, tuple(std), inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -146,6 +149,7 @@ def remove_perturbation(params, state: LoRAGGPOState, seed: int = 0):
     out = list(leaves)
     for k, p in enumerate(pairs):
         kernel = leaves[p.kernel]
-        eps = state.std[k][None, :] * _noise(seed, state.count, k, kernel.shape, jnp.float32)
-        out[p.kernel] = (kernel.astype(jnp.float32) - eps).astype(kernel.dtype)
+        dt = _wide(kernel.dtype)
+        eps = state.std[k][None, :] * _noise(seed, state.count, k, kernel.shape, dt)
+        out[p.kernel] = (kernel.astype(dt) - eps).astype(kernel.dtype)
     return jax.tree.unflatten(treedef, out)

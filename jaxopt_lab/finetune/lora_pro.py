@@ -55,8 +55,9 @@ MODES = ("adamw", "sgd")
 
 
 class ScaleByLoRAProState(NamedTuple):
-    """``count``: steps taken; ``mu``/``nu``: Adam's moments, per adapter of the full-size
-    equivalent gradient (flax orientation, in x out), then per other leaf (``adamw`` only)."""
+    """``count``: steps taken; ``mu``/``nu``: Adam's moments (``adamw`` only), shaped as the params:
+    at each adapter's A the moment of its full-size equivalent gradient (flax orientation, in x
+    out), at its B a scalar placeholder, at any other leaf its own moment."""
 
     count: jax.Array
     mu: tuple
@@ -123,8 +124,7 @@ def scale_by_lora_pro(scale: float = 2.0, mode: str = "adamw", b1: float = 0.9, 
     check.number("b2", b2, lambda v: 0 <= v < 1, "in [0, 1)")
     check.number("eps", eps, lambda v: v >= 0, ">= 0")
     check.number("delta", delta, lambda v: v >= 0, ">= 0")
-    if isinstance(step_offset, bool) or not isinstance(step_offset, int) or step_offset < 0:
-        raise ValueError(f"step_offset must be an int >= 0, got {step_offset!r}")
+    step_offset = check.static_int("step_offset", step_offset, 0)
     adam = mode == "adamw"
 
     def split(tree):
@@ -142,9 +142,16 @@ def scale_by_lora_pro(scale: float = 2.0, mode: str = "adamw", b1: float = 0.9, 
         leaves, _, pairs, others = split(params)
         if not adam:
             return ScaleByLoRAProState(jnp.zeros([], jnp.int32), (), ())
-        full = tuple(jnp.zeros((leaves[p.a].shape[0], leaves[p.b].shape[1]), _wide(leaves[p.a].dtype)) for p in pairs)
-        rest = tuple(jnp.zeros(leaves[i].shape, _wide(leaves[i].dtype)) for i in others)
-        return ScaleByLoRAProState(jnp.zeros([], jnp.int32), full + rest, full + rest)
+        treedef = jax.tree.structure(params)
+
+        def zeros():  # params-shaped (optax.tree.map_params works), a fresh buffer per moment (donation)
+            out = [jnp.zeros(leaves[i].shape, _wide(leaves[i].dtype)) for i in range(len(leaves))]
+            for p in pairs:  # A's place holds the full-size moment of its layer, B's nothing
+                out[p.a] = jnp.zeros((leaves[p.a].shape[0], leaves[p.b].shape[1]), _wide(leaves[p.a].dtype))
+                out[p.b] = jnp.zeros((), _wide(leaves[p.b].dtype))  # a scalar placeholder (orbax saves no empty arrays)
+            return jax.tree.unflatten(treedef, out)
+
+        return ScaleByLoRAProState(jnp.zeros([], jnp.int32), zeros(), zeros())
 
     def update_fn(updates, state, params=None):
         if params is None:
@@ -159,8 +166,10 @@ def scale_by_lora_pro(scale: float = 2.0, mode: str = "adamw", b1: float = 0.9, 
             tt = t.astype(dtype)
             return (-jnp.expm1(tt * jnp.log(jnp.asarray(b1, dtype))), -jnp.expm1(tt * jnp.log(jnp.asarray(b2, dtype))))
 
-        mu, nu = list(state.mu), list(state.nu)
-        for k, p in enumerate(pairs):
+        if adam:
+            mu, mu_def = jax.tree.flatten(state.mu)
+            nu = jax.tree.flatten(state.nu)[0]
+        for p in pairs:
             # flax (in x r), (r x out) -> the paper's A (r x n), B (m x r)
             dt = _wide(values[p.a].dtype)
             a, b = values[p.a].astype(dt).T, values[p.b].astype(dt).T
@@ -169,6 +178,7 @@ def scale_by_lora_pro(scale: float = 2.0, mode: str = "adamw", b1: float = 0.9, 
                 bc1, bc2 = corrections(dt)
                 ea, eb = adjust(a, b, ga, gb, scale, delta, with_x=False)
                 equiv = (scale * (b @ ea + eb @ a)).T  # flax orientation (in x out)
+                k = p.a
                 mu[k] = b1 * mu[k] + (1 - b1) * equiv
                 nu[k] = b2 * nu[k] + (1 - b2) * equiv * equiv
                 g = ((mu[k] / bc1) / (jnp.sqrt(nu[k]) / jnp.sqrt(bc2) + eps)).T  # paper orientation (m x n)
@@ -177,14 +187,17 @@ def scale_by_lora_pro(scale: float = 2.0, mode: str = "adamw", b1: float = 0.9, 
             out[p.a] = na.T.astype(grads[p.a].dtype)
             out[p.b] = nb.T.astype(grads[p.b].dtype)
         if adam:
-            for j, i in enumerate(others):
-                k = len(pairs) + j
+            for k in others:
+                i = k
                 g = grads[i].astype(_wide(grads[i].dtype))
                 bc1, bc2 = corrections(g.dtype)
                 mu[k] = b1 * mu[k] + (1 - b1) * g
                 nu[k] = b2 * nu[k] + (1 - b2) * g * g
                 out[i] = ((mu[k] / bc1) / (jnp.sqrt(nu[k]) / jnp.sqrt(bc2) + eps)).astype(grads[i].dtype)
-        return jax.tree.unflatten(treedef, out), ScaleByLoRAProState(count, tuple(mu), tuple(nu))
+            mu, nu = jax.tree.unflatten(mu_def, mu), jax.tree.unflatten(mu_def, nu)
+        else:
+            mu, nu = state.mu, state.nu
+        return jax.tree.unflatten(treedef, out), ScaleByLoRAProState(count, mu, nu)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
