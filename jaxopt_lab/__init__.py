@@ -41,6 +41,7 @@ from jaxopt_lab.distributed.federated import (
     scale_by_fedfix,
 )
 from jaxopt_lab.distributed.diloco import DiLoCoState, diloco, diloco_inner, diloco_outer
+from jaxopt_lab.finetune import LoRAGGPOState, ScaleByLoRAProState, lora_ggpo, lora_pro, scale_by_lora_pro
 from jaxopt_lab.lowrank import (
     FiraLimiterState,
     Int8WeightsState,
@@ -121,6 +122,11 @@ __all__ = [
     "conv_patches",
     "scale_by_tract",
     "tract",
+    "LoRAGGPOState",
+    "ScaleByLoRAProState",
+    "lora_ggpo",
+    "lora_pro",
+    "scale_by_lora_pro",
     "FedAMDState",
     "fedamd",
     "scale_by_fedamd",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -63,6 +64,7 @@ class Experiment:
     model: nnx.Module
     tx: optax.GradientTransformation
     runner: WorkerRunner | None = None  # set for multi-worker methods
+    lora: Any = None  # the LoRAConfig of a fine-tuning run (model.lora): only the adapters train
 
     @property
     def task(self) -> str:
@@ -150,6 +152,10 @@ def _build_model(model: Mapping[str, Any], dataset: Any, seed: int,
             f"model {name!r} does not fit data task {dataset.task!r} (it takes {', '.join(_MODEL_TASKS[name])})"
         )
     cls = MODELS[name]
+    init_from = kwargs.pop("init_from", None)
+    lora = _lora_config(kwargs.pop("lora", None))
+    if init_from is not None and (not isinstance(init_from, str) or not init_from.strip()):
+        raise ConfigError(f"model.init_from must be a run directory or a config file, got {init_from!r}")
     preset = kwargs.pop("preset", None)
     presets = getattr(cls, "PRESETS", None)
     if preset is not None and presets is None:
@@ -165,16 +171,76 @@ def _build_model(model: Mapping[str, Any], dataset: Any, seed: int,
             raise ConfigError(f"model.{key} = {value!r} does not fit the data, which needs "
                               f"{'' if exact else 'at least '}{derived[key]!r}")
     kwargs = {**base, **derived, **kwargs}
+    resolved = {"name": name, **({"preset": preset} if preset is not None else {})}
+    resolved.update(_with_defaults(cls.__init__, kwargs))
     try:
         if abstract:  # shapes and dtypes only: the arguments are checked, nothing is computed
-            module = nnx.eval_shape(lambda: cls(**kwargs, rngs=nnx.Rngs(params=seed)))
+            def init():
+                m = cls(**kwargs, rngs=nnx.Rngs(params=seed))
+                if lora is not None:
+                    _apply_lora(m, lora)
+                return m
+
+            module = nnx.eval_shape(init)
         else:
             module = model_init(cls, kwargs)(jax.random.key(seed))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model ({name}): {e}") from None
-    resolved = {"name": name, **({"preset": preset} if preset is not None else {})}
-    resolved.update(_with_defaults(cls.__init__, kwargs))
+    if init_from is not None:
+        _init_from(module, init_from, resolved, abstract)
+        resolved["init_from"] = init_from
+    if lora is not None:
+        if not abstract:
+            _apply_lora(module, lora)
+        resolved["lora"] = {k: v for k, v in dataclasses.asdict(lora).items()}
+        resolved["lora"]["alpha"] = float(lora.rank if lora.alpha is None else lora.alpha)
     return module, resolved
+
+
+def _lora_config(table: Any) -> Any:
+    """The ``[model.lora]`` table as a LoRAConfig (None without one)."""
+    if table is None:
+        return None
+    from jaxopt_lab.finetune.lora import LoRAConfig
+
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"model.lora must be a table (rank, alpha, targets, dropout, train_also, seed), got {table!r}")
+    fields = [f.name for f in dataclasses.fields(LoRAConfig)]
+    for key in table:
+        if key not in fields:
+            raise ConfigError(f"unknown config key model.lora.{key}{_suggest(key, fields)}")
+    try:
+        return LoRAConfig(**table)
+    except ValueError as e:
+        raise ConfigError(f"model.lora: {e}") from None
+
+
+def _apply_lora(module: nnx.Module, lora: Any) -> None:
+    from jaxopt_lab.finetune.lora import apply_lora
+
+    try:
+        apply_lora(module, lora.targets, lora.rank, lora.alpha, lora.dropout, rngs=nnx.Rngs(params=lora.seed))
+    except ValueError as e:
+        raise ConfigError(f"model.lora: {e}") from None
+
+
+def _init_from(module: nnx.Module, init_from: str, resolved: dict[str, Any], abstract: bool) -> None:
+    """Load ``model.init_from``'s pretrained parameters into ``module`` (running the pretraining
+    first when ``init_from`` is its config file and its output is missing); ``abstract``: only
+    check that it can be found."""
+    from jaxopt_lab.finetune import pretrained
+
+    try:
+        if abstract:
+            run_dir, step, _ = pretrained.pretrained_status(init_from)
+            if step is None and not init_from.endswith(".toml"):
+                pretrained.ensure_pretrained(init_from)  # raises, saying how to make it
+            return
+        run_dir = pretrained.ensure_pretrained(init_from)
+        pretrained.check_same_model(init_from, run_dir, resolved)
+        pretrained.load_params(module, pretrained.restore_params(run_dir), source=f"model.init_from = {init_from!r}")
+    except pretrained.PretrainedError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _resolve_method_table(method: Mapping[str, Any]) -> dict[str, Any]:
@@ -217,7 +283,18 @@ def _build_method(config: ExperimentConfig, model: nnx.Module | None = None
                                   param_specs=_param_specs(model) if d > 1 else None)
         except ValueError as e:
             raise ConfigError(f"workers: {e}") from None
-    tx = build_method(method, axis_name=runner.axis_name if runner else None)
+    lora = config.model.get("lora")
+    if lora is not None:  # fine-tuning: the method trains the adapters (and lora.train_also); the rest is frozen
+        from jaxopt_lab.finetune.lora import freeze_base
+
+        freeze = functools.partial(freeze_base, train_also=lora.get("train_also", ""))
+        fn = resolve_method(method["name"])
+        if getattr(fn, "perturbs_frozen_base", False):  # it needs the frozen kernels: freeze its inner method
+            tx = build_method(method, axis_name=runner.axis_name if runner else None, wrap_inner=freeze)
+        else:
+            tx = freeze(build_method(method, axis_name=runner.axis_name if runner else None))
+    else:
+        tx = build_method(method, axis_name=runner.axis_name if runner else None)
     if config.train.grad_accum > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=config.train.grad_accum)
     return tx, _resolve_method_table(method), runner
@@ -309,9 +386,10 @@ def build(config: ExperimentConfig, abstract: bool = False, check_fit: bool = Tr
     """
     dataset, data = _build_data(config.data)
     model, model_cfg = _build_model(config.model, dataset, config.run.seed, abstract=abstract)
-    tx, method, runner = _build_method(config, model)
+    tx, method, runner = _build_method(dataclasses.replace(config, model=model_cfg), model)
     resolved = dataclasses.replace(config, data=data, model=model_cfg, method=method)
-    experiment = Experiment(config=resolved, data=dataset, model=model, tx=tx, runner=runner)
+    lora = _lora_config({k: v for k, v in model_cfg["lora"].items()}) if "lora" in model_cfg else None
+    experiment = Experiment(config=resolved, data=dataset, model=model, tx=tx, runner=runner, lora=lora)
     if check_fit:
         check_memory(experiment)
     return experiment

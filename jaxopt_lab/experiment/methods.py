@@ -124,13 +124,16 @@ def _is_method_table(value: Any) -> bool:
     return isinstance(value, Mapping) and "name" in value and "schedule" not in value
 
 
-def build_method(method: Mapping[str, Any], axis_name: Any = None, key: str = "method") -> optax.GradientTransformation:
+def build_method(method: Mapping[str, Any], axis_name: Any = None, key: str = "method",
+                 wrap_inner: Any = None) -> optax.GradientTransformation:
     """Build the transformation a ``[method]`` table describes.
 
     A hyperparameter that is itself a table with a ``name`` (``inner = {name =
     "adamw", ...}``) is built as a transformation the same way; one with a
     ``schedule`` becomes an optax schedule. ``axis_name`` is passed to every
-    transformation that takes one (the multi-worker methods).
+    transformation that takes one (the multi-worker methods). ``wrap_inner`` (a function of a
+    transformation) is applied to the built ``inner`` table (how a fine-tuning run freezes the
+    base under a method that needs to see it, such as ``lora_ggpo``).
     """
     kwargs = dict(method)
     name = kwargs.pop("name")
@@ -140,6 +143,8 @@ def build_method(method: Mapping[str, Any], axis_name: Any = None, key: str = "m
     for arg, value in list(kwargs.items()):
         if _is_method_table(value):
             kwargs[arg] = build_method(value, axis_name, f"{key}.{arg}")
+            if wrap_inner is not None and arg == "inner":
+                kwargs[arg] = wrap_inner(kwargs[arg])
         elif isinstance(value, Mapping) and "schedule" in value:
             kwargs[arg] = build_schedule(f"{key}.{arg}", value)
         elif arg == "learning_rate" and isinstance(value, (int, float)) and not value > 0:

@@ -208,6 +208,11 @@ class Trainer:
         )
         # bytes of one worker's optimizer state, from shapes and dtypes (logged with the final metrics)
         self.opt_state_bytes = optimizer_state_bytes(jax.eval_shape(experiment.tx.init, params))
+        self.param_report = None  # a fine-tuning run (model.lora): its trainable parameters and bytes
+        if experiment.lora is not None:
+            from jaxopt_lab.finetune.lora import trainable_report
+
+            self.param_report = trainable_report(params, experiment.lora.train_also)
         self.norm_test = None
         if self.cfg.train.norm_test_eta > 0:
             self.norm_test = make_norm_test_statistics(lambda p, x, y: make_loss_fn(graphdef, rest, experiment.task, loss)(p, x, y)[0])
@@ -419,6 +424,8 @@ class Trainer:
                     self.stop_non_finite(step + 1, record, bad)
                 if done == t.steps:  # median over this process's steps (the first, compiling one, included)
                     record["opt_state_bytes"] = self.opt_state_bytes
+                    if self.param_report is not None:
+                        record.update(self.param_report)
                     record["steps_per_sec"] = 1.0 / float(np.median(step_times))
                     # build, compiles, the step-0 evaluation and the first step, of this process
                     record["time_to_first_step"] = first_step

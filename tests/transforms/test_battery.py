@@ -51,6 +51,7 @@ import pytest
 
 import jaxopt_lab.lowrank
 import jaxopt_lab.transforms
+from jaxopt_lab.finetune import lora_ggpo, lora_pro, scale_by_lora_pro
 from jaxopt_lab.lowrank.memory import optimizer_state_bytes, state_bytes_report
 from jaxopt_lab.transforms.adamp import adamp, scale_by_adamp, scale_by_sgdp, sgdp
 from jaxopt_lab.transforms.delta_sgd import delta_sgd, scale_by_delta_sgd
@@ -135,6 +136,12 @@ def entropy_sgd_linearized(learning_rate, inner_steps, inner_lr, gamma, gamma_gr
 def int8_q_galore(learning_rate, rank, update_proj_gap, group_size, seed):
     """Q-GaLore with its int8 weights (the parameters on a stochastically rounded int8 grid)."""
     return int8_weights(q_galore(learning_rate, rank=rank, update_proj_gap=update_proj_gap), group_size, seed)
+
+
+def lora_ggpo_adam(learning_rate, sigma, beta, seed):
+    """LoRA-GGPO around Adam. The battery's trees hold no LoRA factors, so this checks the wrapper
+    (state, dtypes, jit, inject_hyperparams) around its inner method; tests/finetune checks the rule."""
+    return lora_ggpo(optax.adam(learning_rate), sigma=sigma, beta=beta, seed=seed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -455,6 +462,27 @@ TRANSFORMS = [
         static_args=("hidden_layers", "num_classes", "seed"),
         extras=tpsgd_extras,
     ),
+    # LoRA-Pro on a tree without LoRA factors is its Adam for the other leaves (AdamW form);
+    # tests/finetune/test_lora_pro.py checks the factors' rule against float64 references.
+    Case(
+        "lora_pro",
+        lora_pro,
+        dict(learning_rate=0.1, scale=2.0, weight_decay=1e-4),
+        solve=dict(quadratic=dict(learning_rate=0.1, **NO_DECAY), rosenbrock=dict(learning_rate=3e-3, **NO_DECAY),
+                   complex=None),
+        covers=(lora_pro, scale_by_lora_pro),
+        static_args=("step_offset",),
+        complex_params="refused",
+    ),
+    Case(
+        "lora_ggpo(adam)",
+        lora_ggpo_adam,
+        dict(learning_rate=0.1, sigma=0.03, beta=0.01, seed=0),
+        solve=dict(quadratic=dict(learning_rate=0.1), rosenbrock=dict(learning_rate=3e-3),
+                   complex=dict(learning_rate=0.1)),
+        covers=(lora_ggpo,),
+        static_args=("seed",),
+    ),
 ]
 IDS = [c.name for c in TRANSFORMS]
 
@@ -625,6 +653,7 @@ FACTORY_ARGS: dict[Callable, dict[str, Any]] = {
     scale_by_tract: dict(first_layer="dense"),
     tpsgd: dict(learning_rate=0.1, hidden_layers=["dense"], num_classes=3),
     scale_by_target_projection: dict(hidden_layers=["dense"], num_classes=3),
+    lora_ggpo: dict(inner=optax.sgd(0.1)),
 }
 
 
@@ -649,7 +678,7 @@ FACTORY_EXTRAS: dict[Callable, Callable[[Callable, Any, Any], dict]] = {
 # (optax's test lists its own: warmup_steps, rank, update_proj_gap, ...)
 STATIC_INTS = ("rank", "update_proj_gap", "seed", "inner_steps", "reset_interval", "channel_axis", "queue_size",
                "gamma_proj", "group_size", "proj_group_size", "m", "max_backtracks", "num_samples", "cg_iters",
-               "max_search", "num_classes")
+               "max_search", "num_classes", "step_offset")
 
 
 def _covered_factories():

@@ -1,0 +1,38 @@
+"""Parameter-efficient fine-tuning: LoRA adapters as flax nnx modules, their gradient rules
+as optax transforms (LoRA-Pro, LoRA-GGPO), and loading a pretrained run."""
+
+from jaxopt_lab.finetune.lora import (
+    LoRAConfig,
+    LoRALinear,
+    LoRAPair,
+    apply_lora,
+    freeze_base,
+    linear_paths,
+    lora_pairs,
+    merge_lora,
+    trainable_labels,
+    trainable_report,
+    unmerge_lora,
+)
+from jaxopt_lab.finetune.lora_ggpo import LoRAGGPOState, lora_ggpo, remove_perturbation
+from jaxopt_lab.finetune.lora_pro import ScaleByLoRAProState, lora_pro, scale_by_lora_pro
+
+__all__ = [
+    "LoRAGGPOState",
+    "ScaleByLoRAProState",
+    "lora_ggpo",
+    "lora_pro",
+    "remove_perturbation",
+    "scale_by_lora_pro",
+    "LoRAConfig",
+    "LoRALinear",
+    "LoRAPair",
+    "apply_lora",
+    "freeze_base",
+    "linear_paths",
+    "lora_pairs",
+    "merge_lora",
+    "trainable_labels",
+    "trainable_report",
+    "unmerge_lora",
+]
