@@ -111,8 +111,9 @@ LOWRANK_LABELS = {"adamw": "AdamW", "adamw_lr1e-3": "AdamW, peak lr 1e-3", "galo
 
 
 def lowrank_lm(runs: str) -> str:
+    """Final eval loss, optimizer state and step time (median) relative to the ``adamw`` variant (else the first)."""
     finals = _finals(os.path.join(runs, "lowrank_lm"))
-    first = next(iter(finals.values()))
+    first = finals.get("adamw", next(iter(finals.values())))
     rows = [[LOWRANK_LABELS.get(name, name), f"{r['eval_loss']:.4f}",
              f"{r['opt_state_bytes'] / first['opt_state_bytes']:.2f}",
              f"{first['steps_per_sec'] / r['steps_per_sec']:.2f}"] for name, r in finals.items()]
@@ -160,12 +161,29 @@ def topologies(runs: str) -> str:
     return _table(["topology", "spectral gap", "messages/step"], rows, ["---", "---:", "---:"])
 
 
+FED_LABELS = {"fedavg": "FedAvg", "fedbuff": "FedBuff, 20 in flight", "fedbuff_c10": "FedBuff, 10 in flight",
+              "fedasync": "FedAsync", "fedfix": "FedFix", "fedcompass": "FedCompass, 20 in flight",
+              "fedcompass_all": "FedCompass, all 100 in flight",
+              "fedcompass_group": "FedCompass, group-normalized (opt-in)"}
+FED_DROP = ("wall s",)  # the shared machine's compute time: not a property of the method
+
+
 def fed_digits(runs: str) -> str:
+    """The table of one federated run's ``summary.md`` (every method of the config, one run), with the
+    methods' config names given readable labels and the wall-clock column left out."""
     path = os.path.join(runs, "fed_digits", "summary.md")
     if not os.path.isfile(path):
         raise MissingRun(path)
     with open(path) as f:
-        return f.read().strip()
+        lines = [line.strip() for line in f if line.strip().startswith("|")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    header, align, body = cells[0], cells[1], cells[2:]
+    unknown = [h for h in FED_DROP if h not in header]
+    if unknown or any(len(row) != len(header) for row in body):
+        raise ValueError(f"{path}: not the table federated_run.format_table writes (header {header})")
+    keep = [i for i, h in enumerate(header) if h not in FED_DROP]
+    rows = [[FED_LABELS.get(row[0], row[0]) if i == 0 else row[i] for i in keep] for row in body]
+    return _table([header[i] for i in keep], rows, [align[i] for i in keep])
 
 
 FED_HET_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx, μ = 0.1", "fedspeed": "FedSpeed (official λ 0.1, ρ 0.1)",
@@ -198,13 +216,21 @@ def fed_heterogeneity(runs: str) -> str:
     return _table(headers, out, ["---"] + ["---:"] * 8)
 
 
-def async_local_sgd(runs: str) -> str:
-    data = _read_json(os.path.join(runs, "async_local_sgd", "results.json"))
+def async_script():
+    """``scripts/async_local_sgd_lm.py`` as a module (its ``table`` and ``plot``)."""
+    if "async_local_sgd_lm" in sys.modules:
+        return sys.modules["async_local_sgd_lm"]
     spec = importlib.util.spec_from_file_location("async_local_sgd_lm", os.path.join(ROOT, "scripts",
                                                                                       "async_local_sgd_lm.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
+    return module
+
+
+def async_local_sgd(runs: str) -> str:
+    data = _read_json(os.path.join(runs, "async_local_sgd", "results.json"))
+    module = async_script()
     results = data["results"]
     ref_steps = results["diloco"]["inner_steps"] if "diloco" in results else min(
         r["inner_steps"] for r in results.values())

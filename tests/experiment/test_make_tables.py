@@ -60,3 +60,50 @@ def test_quickstart_rows_and_unknown_marker(tmp_path):
         "| 0 | 5.588 | 0.001 | 0 s |", "| 100 | 2.994 | 0.227 | 30 s |", "| 300 | 2.685 | 0.281 | 62 s |"]
     with pytest.raises(SystemExit, match="unknown table marker 'nope'"):
         make_tables.rewrite("<!-- table:nope -->\n| x |\n<!-- /table:nope -->\n", str(tmp_path), print)
+
+
+def test_lowrank_table_relative_to_adamw(tmp_path):
+    finals = {"adamw": {"eval_loss": 2.68512, "opt_state_bytes": 3.8e6, "steps_per_sec": 4.0},
+              "galore": {"eval_loss": 2.39771, "opt_state_bytes": 1.558e6, "steps_per_sec": 5.0},
+              "stable_spam": {"eval_loss": 2.24489, "opt_state_bytes": 3.8e6, "steps_per_sec": 3.2}}
+    _variants_run(tmp_path / "lowrank_lm", finals)
+    lines = make_tables.lowrank_lm(str(tmp_path)).splitlines()
+    assert lines[0] == "| variant | final eval loss | opt state × AdamW | step time × AdamW |"
+    assert lines[2:] == ["| AdamW | 2.6851 | 1.00 | 1.00 |",
+                         f"| GaLore | 2.3977 | {1.558e6 / 3.8e6:.2f} | {4.0 / 5.0:.2f} |",
+                         f"| Stable-SPAM | 2.2449 | 1.00 | {4.0 / 3.2:.2f} |"]
+    # one value per column (no "new / old" pairs): the region is the generated table and nothing else
+    doc = "<!-- table:lowrank_lm -->\n| hand | typed |\n<!-- /table:lowrank_lm -->\n"
+    out = make_tables.rewrite(doc, str(tmp_path), lambda line: None)
+    assert "hand" not in out and all(" / " not in line for line in out.splitlines())
+
+
+def test_fed_digits_table_is_one_runs_summary_relabelled(tmp_path):
+    from jaxopt_lab.experiment.federated_run import MethodResult, SeedRun, format_table
+
+    def seed_run(seed, times, staleness):
+        records = [{"seed": seed, "step": 10 * (i + 1), "sim_time": t, "client_updates": 100 * (i + 1),
+                    "mean_staleness": staleness, "eval_accuracy": acc}
+                   for i, (t, acc) in enumerate(zip(times, (0.5, 0.91, 0.93)))]
+        return SeedRun(seed, records, server_steps=30, client_updates=300, mean_staleness=staleness)
+
+    cfg = {"federated": {"target_accuracy": 0.9, "num_seeds": 2},
+           "methods": {"fedavg": {"rule": "fedavg", "trigger": "sync"},
+                       "fedbuff_c10": {"rule": "fedbuff", "trigger": "buffer"}}}
+    results = [MethodResult("fedavg", [seed_run(0, (100, 320, 400), 0.0), seed_run(1, (100, 300, 400), 0.0)], 12.3),
+               MethodResult("fedbuff_c10", [seed_run(0, (50, 140, 200), 0.9), seed_run(1, (50, 150, 200), 0.9)], 45.6)]
+    summary = format_table(results, cfg)
+    (tmp_path / "fed_digits").mkdir()
+    (tmp_path / "fed_digits" / "summary.md").write_text(summary + "\n")
+    table = make_tables.fed_digits(str(tmp_path)).splitlines()
+    src = [[c.strip() for c in line.strip("|").split("|")] for line in summary.splitlines()]
+    out = [[c.strip() for c in line.strip("|").split("|")] for line in table]
+    wall = src[0].index("wall s")
+    assert out[0] == src[0][:wall] + src[0][wall + 1:]  # every column of the run's table but its wall-clock
+    assert [row[0] for row in out[2:]] == ["FedAvg", "FedBuff, 10 in flight"]
+    for got, row in zip(out[2:], src[2:]):
+        assert got[1:] == row[1:wall] + row[wall + 1:]  # the run's numbers, untouched
+    assert out[3][2] == "145.0 [140-150]" and out[3][3] == f"{310 / 145:.2f}x"  # medians of the two seeds
+    (tmp_path / "fed_digits" / "summary.md").write_text("| method | rule |\n|---|---|\n| fedavg | fedavg |\n")
+    with pytest.raises(ValueError, match="not the table federated_run.format_table writes"):
+        make_tables.fed_digits(str(tmp_path))

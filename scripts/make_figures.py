@@ -1,0 +1,126 @@
+"""Redraw the figures in docs/ (``docs/NAME.png``) from run outputs.
+
+Every results figure of README.md is ``docs/NAME.png`` for a NAME of ``FIGURES``
+below, drawn from the run folder ``runs/NAME`` that the same-named table of
+``scripts/make_tables.py`` is read from, in the style the runs themselves
+draw with today:
+
+* a config with variants (the main job, DiLoCo vs DDP, grokking, low-rank): the
+  variants' ``metrics.jsonl`` by :func:`jaxopt_lab.experiment.plot.plot_runs`,
+  in the config's order and labelled by variant name, as ``jaxopt-lab run``
+  draws ``runs/NAME/compare.png`` (and ``jaxopt-lab plot`` any runs);
+* the federated simulation: every method's per-seed ``metrics.jsonl`` by
+  :func:`jaxopt_lab.experiment.federated_run.plot` (its ``accuracy.png``);
+* asynchronous Local-SGD: ``results.json`` by ``scripts/async_local_sgd_lm.py``'s
+  own ``plot``.
+
+A figure whose run is missing or unfinished (a variant without its
+``summary.json``) is not drawn; the script says which file is missing and which
+command makes the run. Named figures that cannot be drawn make the exit status 1;
+with no names, every figure whose run is there is drawn and the rest are reported.
+
+    python scripts/make_figures.py                    # every figure whose run is in runs/
+    python scripts/make_figures.py lowrank_lm         # just these (exit 1 if one cannot be drawn)
+    python scripts/make_figures.py --runs DIR --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tomllib
+from collections.abc import Callable
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import make_tables  # noqa: E402
+from make_tables import CLI, ROOT, MissingRun  # noqa: E402
+
+
+def variants_figure(name: str) -> Callable[[str, str], str]:
+    """The figure of a config with variants: every variant finished, in the config's order."""
+
+    def draw(runs: str, out: str) -> str:
+        from jaxopt_lab.experiment.plot import plot_runs
+
+        base = os.path.join(runs, name)
+        finals = make_tables._finals(base)  # MissingRun unless every variant wrote its summary.json
+        return plot_runs([os.path.join(base, v) for v in finals], out, labels=list(finals))
+
+    return draw
+
+
+def fed_digits(runs: str, out: str) -> str:
+    """The federated run's accuracy figure from its methods' per-seed evaluation records."""
+    from jaxopt_lab.experiment.federated_run import MethodResult, SeedRun, plot
+
+    base = os.path.join(runs, "fed_digits")
+    for required in ("config.toml", "summary.md"):  # summary.md: written when every method has finished
+        if not os.path.isfile(os.path.join(base, required)):
+            raise MissingRun(os.path.join(base, required))
+    with open(os.path.join(base, "config.toml"), "rb") as f:
+        cfg = tomllib.load(f)
+    results = []
+    for method in cfg["methods"]:
+        by_seed: dict[int, list[dict]] = {}
+        for r in make_tables._read_jsonl(os.path.join(base, method, "metrics.jsonl")):
+            by_seed.setdefault(r["seed"], []).append(r)
+        seeds = [SeedRun(seed, recs, server_steps=recs[-1]["step"], client_updates=recs[-1]["client_updates"],
+                         mean_staleness=recs[-1]["mean_staleness"]) for seed, recs in sorted(by_seed.items())]
+        results.append(MethodResult(method, seeds, wall_seconds=0.0))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    return plot(results, cfg, out)
+
+
+def async_local_sgd(runs: str, out: str) -> str:
+    data = make_tables._read_json(os.path.join(runs, "async_local_sgd", "results.json"))
+    module = make_tables.async_script()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    module.plot(data["results"], out, data["target"])
+    return out
+
+
+# name: (how the run folder is made, the drawing function (runs folder, output path) -> path)
+FIGURES: dict[str, tuple[str, Callable[[str, str], str]]] = {
+    "diloco_vs_ddp_fast": (f"{CLI} run experiments/diloco_vs_ddp_fast.toml", variants_figure("diloco_vs_ddp_fast")),
+    "diloco_vs_ddp": (f"{CLI} run experiments/diloco_vs_ddp.toml", variants_figure("diloco_vs_ddp")),
+    "grokking_modular_addition": (f"{CLI} run experiments/grokking_modular_addition.toml",
+                                  variants_figure("grokking_modular_addition")),
+    "lowrank_lm": (f"{CLI} run experiments/lowrank_lm.toml", variants_figure("lowrank_lm")),
+    "fed_digits": (f"{CLI} run experiments/fed_digits.toml", fed_digits),
+    "async_local_sgd": ("PYTHONPATH=$PWD python scripts/async_local_sgd_lm.py", async_local_sgd),
+}
+
+
+def draw(names: list[str], runs: str, out_dir: str, log: Callable[[str], None]) -> list[str]:
+    """Draw ``out_dir/NAME.png`` for each name from ``runs/NAME``; returns the names that could not be drawn."""
+    unknown = [n for n in names if n not in FIGURES]
+    if unknown:
+        raise SystemExit(f"unknown figure {unknown[0]!r}; known: {', '.join(FIGURES)}")
+    missing = []
+    for name in names:
+        command, draw_one = FIGURES[name]
+        try:
+            path = draw_one(runs, os.path.join(out_dir, f"{name}.png"))
+        except MissingRun as e:
+            log(f"not drawn {name}: {e} is missing (make it with: {command})")
+            missing.append(name)
+            continue
+        log(f"drew      {name}: {os.path.relpath(path)}")
+    return missing
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("names", nargs="*", metavar="NAME", help=f"figures to draw (default: all): {', '.join(FIGURES)}")
+    ap.add_argument("--runs", default=os.path.join(ROOT, "runs"), help="folder holding the run folders")
+    ap.add_argument("--out", default=os.path.join(ROOT, "docs"), help="folder the PNGs are written to")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, ROOT)
+    missing = draw(args.names or list(FIGURES), args.runs, args.out, print)
+    return 1 if (missing and args.names) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

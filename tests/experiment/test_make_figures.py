@@ -1,0 +1,70 @@
+"""scripts/make_figures.py: docs/NAME.png redrawn from run folders; missing or unfinished runs say what is missing."""
+
+import json
+import os
+import sys
+
+import pytest
+import tomli_w
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "scripts"))
+import make_figures  # noqa: E402
+
+
+def variants_run(base, names, finished=True):
+    """A config-with-variants run folder as `jaxopt-lab run` leaves it (no training)."""
+    base.mkdir(parents=True)
+    (base / "variants.toml").write_text("variants = [" + ", ".join(f'"{n}"' for n in names) + "]\n")
+    for i, name in enumerate(names):
+        d = base / name
+        d.mkdir()
+        (d / "config.toml").write_text(tomli_w.dumps({"data": {"name": "text"}}))
+        records = [{"step": t, "loss": 5.0 / (t + 1 + i), "eval_loss": 5.0 / (t + 1), "wall_time": 0.1 * t}
+                   for t in range(4)]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        if finished or i == 0:
+            (d / "summary.json").write_text(json.dumps({"eval_loss": 1.25}))
+
+
+def test_variants_figure_written_in_config_order(tmp_path):
+    variants_run(tmp_path / "runs" / "lowrank_lm", ["adamw", "galore"])
+    log = []
+    missing = make_figures.draw(["lowrank_lm"], str(tmp_path / "runs"), str(tmp_path / "docs"), log.append)
+    png = tmp_path / "docs" / "lowrank_lm.png"
+    assert missing == [] and log[0].startswith("drew      lowrank_lm")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_missing_and_unfinished_runs_are_named_with_their_command(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    variants_run(runs / "grokking_modular_addition", ["adamw_wd1", "adamw_no_wd"], finished=False)
+    log = []
+    missing = make_figures.draw(["grokking_modular_addition", "fed_digits"], str(runs), str(tmp_path / "docs"),
+                                log.append)
+    assert missing == ["grokking_modular_addition", "fed_digits"]
+    assert os.path.join("adamw_no_wd", "summary.json") in log[0] and "is missing" in log[0]
+    assert "run experiments/grokking_modular_addition.toml" in log[0]
+    assert os.path.join("fed_digits", "config.toml") in log[1] and "run experiments/fed_digits.toml" in log[1]
+    assert not (tmp_path / "docs").exists()  # nothing half-drawn
+    # named figures that cannot be drawn: exit status 1; unknown names: a clear error
+    assert make_figures.main(["fed_digits", "--runs", str(runs), "--out", str(tmp_path / "docs")]) == 1
+    assert "not drawn fed_digits" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown figure 'nope'; known: diloco_vs_ddp_fast"):
+        make_figures.main(["nope", "--runs", str(runs)])
+
+
+def test_fed_figure_from_per_seed_records(tmp_path):
+    base = tmp_path / "runs" / "fed_digits"
+    base.mkdir(parents=True)
+    cfg = {"run": {"seed": 0}, "federated": {"num_clients": 10, "dirichlet_alpha": 0.3, "speeds": "lognormal",
+                                             "speed_sigma": 1.0, "max_speed_spread": 10.0, "num_seeds": 2,
+                                             "target_accuracy": 0.9},
+           "methods": {"fedavg": {"rule": "fedavg", "trigger": "sync"}}}
+    (base / "config.toml").write_text(tomli_w.dumps(cfg))
+    (base / "summary.md").write_text("| method |\n|---|\n| fedavg |\n")
+    (base / "fedavg").mkdir()
+    records = [{"seed": s, "step": t, "sim_time": 10.0 * t, "client_updates": 10 * t, "mean_staleness": 0.0,
+                "eval_accuracy": 0.5 + 0.1 * t} for s in (0, 1) for t in range(1, 5)]
+    (base / "fedavg" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert make_figures.main(["fed_digits", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "docs")]) == 0
+    assert (tmp_path / "docs" / "fed_digits.png").stat().st_size > 10_000
