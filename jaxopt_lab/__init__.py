@@ -34,6 +34,7 @@ from jaxopt_lab.distributed.federated import (
     scale_by_fedfix,
 )
 from jaxopt_lab.distributed.diloco import DiLoCoState, diloco, diloco_inner, diloco_outer
+from jaxopt_lab.distributed.dipaco import DiPaCoState, dipaco
 from jaxopt_lab.lowrank import (
     FiraLimiterState,
     Int8WeightsState,
@@ -172,5 +173,7 @@ __all__ = [
     "diloco",
     "diloco_inner",
     "diloco_outer",
+    "DiPaCoState",
+    "dipaco",
     "orthogonal_grad",
 ]

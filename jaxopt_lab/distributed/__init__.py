@@ -14,6 +14,7 @@ from jaxopt_lab.distributed.topology import TOPOLOGIES, Topology, complete, expo
 from jaxopt_lab.distributed.compression import Compressor, compressed_pmean, dgc, econtrol, identity, quantize, top_k
 from jaxopt_lab.distributed.choco_gossip import ChocoGossipState, choco_gossip
 from jaxopt_lab.distributed.diloco import DiLoCoState, diloco, diloco_inner, diloco_outer
+from jaxopt_lab.distributed.dipaco import DiPaCoState, dipaco, grid_paths, module_bytes
 from jaxopt_lab.distributed.sync import next_sync
 from jaxopt_lab.distributed.workers import SyncedStep, WorkerRunner
 from jaxopt_lab.distributed import collectives, federated
@@ -59,6 +60,10 @@ __all__ = [
     "diloco",
     "diloco_inner",
     "diloco_outer",
+    "DiPaCoState",
+    "dipaco",
+    "grid_paths",
+    "module_bytes",
     "tree_bytes",
     "wire_bytes",
 ]
