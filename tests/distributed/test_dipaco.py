@@ -15,11 +15,13 @@ from jaxopt_lab.distributed.dipaco import (
     dipaco,
     gpt_levels,
     grid_paths,
+    grid_router,
     kmeans_router,
     module_bytes,
     module_counts,
     modules_of,
     route,
+    route_grid,
 )
 from jaxopt_lab.models.gpt import GPT
 from tests.distributed.problem import DIM, init_params, run, worker_data
@@ -107,8 +109,8 @@ def test_module_outer_step_matches_float64_reference_with_three_paths_sharing_it
     for w, path in enumerate(PATHS):
         for k, v in path_init(mods, path).items():
             np.testing.assert_allclose(params[k][w], v, rtol=2e-5, atol=2e-6)
-    # the three holders of module (0, 0) hold the same values, bit for bit
-    np.testing.assert_array_equal(params["a"][:3], np.broadcast_to(params["a"][0], (3, DIM)))
+    # the three holders of module (0, 0) hold the same anchor, bit for bit
+    np.testing.assert_array_equal(state.anchor["a"][:3], np.broadcast_to(state.anchor["a"][0], (3, DIM)))
 
     # bytes: per module, every holder sends its bytes once per round; wire is a ring among the holders
     ring = lambda n, c: -(-2 * (c - 1) * n // c)  # noqa: E731
@@ -181,6 +183,21 @@ def test_router_is_deterministic_and_separates_clusters():
     paths = route(feats, c1)
     assert len(set(paths[:50])) == 1 and len(set(paths[50:])) == 1 and paths[0] != paths[50]
     np.testing.assert_allclose(feats.sum(1), 1.0)
+
+
+def test_grid_router_is_balanced_per_level_and_a_product():
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(600, 8)) * np.array([5.0, 3.0, 1, 1, 1, 1, 1, 1])
+    router = grid_router(feats, (2, 3))
+    paths = route_grid(feats, router)
+    table = np.asarray(grid_paths(2, 3))[paths]
+    np.testing.assert_array_equal(np.bincount(table[:, 0]), [300, 300])  # quantile cuts: equal shares per level
+    np.testing.assert_array_equal(np.bincount(table[:, 1]), [200, 200, 200])
+    # level 0 follows the largest-variance feature, level 1 the next one (up to their fixed sign)
+    proj = (feats - router.mean) @ router.directions.T
+    np.testing.assert_array_equal(table[:, 0], (proj[:, 0] > np.median(proj[:, 0])).astype(int))
+    assert abs(router.directions[0, 0]) > 0.99 and abs(router.directions[1, 1]) > 0.99
+    np.testing.assert_array_equal(route_grid(feats, grid_router(feats, (2, 3))), paths)  # deterministic
 
 
 def test_gpt_levels_modules_compose_round_trip():
