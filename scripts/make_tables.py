@@ -181,6 +181,10 @@ def async_local_sgd(runs: str) -> str:
     return module.table(results, data["target"], ref_steps)
 
 
+def dipaco(runs: str) -> str:
+    return _read_json(os.path.join(runs, "dipaco", "results.json"))["table"]
+
+
 # name: (how the run folder is made, the generator)
 TABLES: dict[str, tuple[str, Callable[[str], str]]] = {
     "diloco_vs_ddp_fast": (f"{CLI} run experiments/diloco_vs_ddp_fast.toml", diloco_vs_ddp_fast),
@@ -191,6 +195,7 @@ TABLES: dict[str, tuple[str, Callable[[str], str]]] = {
     "lowrank_lm": (f"{CLI} run experiments/lowrank_lm.toml", lowrank_lm),
     "fed_digits": (f"{CLI} run experiments/fed_digits.toml", fed_digits),
     "async_local_sgd": ("PYTHONPATH=$PWD python scripts/async_local_sgd_lm.py", async_local_sgd),
+    "dipaco": ("PYTHONPATH=$PWD python scripts/dipaco_lm.py", dipaco),
 }
 
 
