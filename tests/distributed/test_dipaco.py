@@ -216,3 +216,24 @@ def test_gpt_levels_modules_compose_round_trip():
     np.testing.assert_array_equal(p["head"]["kernel"], np.asarray(params["head"]["kernel"]))
     with pytest.raises(ValueError, match="cannot be split"):
         gpt_levels(params, 5)
+
+
+def test_shard_map_with_two_workers_per_device_matches_vmap():
+    """Under shard_map the worker axis is ("devices", "workers"): axis_index and the masked psum span both."""
+    sharded = WorkerRunner(W, "shard_map", devices=jax.devices()[:2])
+    assert sharded.axis_name == ("devices", "workers")
+    init = [jax.tree.map(lambda v: np.asarray(v, np.float32), path_init(modules_init(), p)) for p in PATHS]
+    x, y = worker_data(W)
+    out = []
+    for runner in (RUNNER, sharded):
+        tx = dipaco(PATHS, LEVELS2, optax.sgd(0.05), nesterov(), sync_every=2, axis_name=runner.axis_name)
+        params = jax.tree.map(lambda *xs: np.stack(xs), *init)
+        state = jax.tree.map(lambda *xs: np.stack(xs), *[jax.tree.map(np.asarray, tx.init(p)) for p in init])
+        params, state, xs, ys = runner.put((params, state, x, y))
+        step = runner.map_sync(make_step_sync(tx))
+        for _ in range(4):
+            params, state = step(params, state, xs, ys)
+        out.append(runner.get((params, state)))
+    for k in out[0][0]:
+        np.testing.assert_allclose(out[1][0][k], out[0][0][k], rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(wire_bytes(out[1][1]), wire_bytes(out[0][1]))
