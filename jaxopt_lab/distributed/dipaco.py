@@ -15,17 +15,25 @@ optimizer steps module m:
     \Delta_m = \frac{1}{|W_m|}\sum_{w \in W_m} \bigl(\theta_m^{(t-H)} - \theta_{w,m}^{(t)}\bigr), \qquad
     \theta_m^{(t)} = \theta_m^{(t-H)} + \mathrm{OuterOpt}(\Delta_m),
 
-with :math:`W_m` the workers whose path contains m (the paper's Algorithm 1).
+with :math:`W_m` the workers whose path contains m: the uniform mean over the
+paths that contain the module, the paper's rule as we read it (no official
+code is public; a weighting by shard size would be an option to add).
 Parameters shared by every path (here: the embeddings, final norm and head,
 ``level = SHARED``) are averaged over all workers, as DiLoCo does. With one
 path (every level a single module) this is DiLoCo (tested bit for bit).
 
-At inference one path runs per input: the router's (:func:`kmeans_router`,
-:func:`route`): as in the paper, sequences are assigned to paths offline from
-a fixed feature of the text (the paper: k-means on a pretrained model's
-embedding of the document's first tokens; here: k-means on a byte histogram of
-the text, a simple deterministic feature), so each worker's shard and each test
-input's path are known before training.
+At inference one path runs per input, the router's. As in the paper, sequences
+are assigned to paths offline from a fixed feature of the text, so each
+worker's shard and each test input's path are known before training. The paper
+clusters a pretrained model's embedding of the first tokens with k-means
+(:func:`kmeans_router`, :func:`route`); with no pretrained model here the
+feature is a byte histogram (:func:`byte_histogram`), and :func:`grid_router`
+(:func:`route_grid`) makes the assignment balanced: one principal direction
+per level, cut at quantiles, so every module gets an equal share of the data
+(k-means on the byte histogram did not: see ``scripts/dipaco_lm.py``).
+
+Not done: absent workers (DiLoCo's ``present``), compressed outer gradients,
+and routing again every few tokens at test time (a variant the paper evaluates).
 """
 
 from __future__ import annotations
