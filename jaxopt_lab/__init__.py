@@ -42,6 +42,7 @@ from jaxopt_lab.distributed.federated import (
 )
 from jaxopt_lab.distributed.diloco import DiLoCoState, diloco, diloco_inner, diloco_outer
 from jaxopt_lab.finetune import LoRAGGPOState, ScaleByLoRAProState, lora_ggpo, lora_pro, scale_by_lora_pro
+from jaxopt_lab.distributed.dipaco import DiPaCoState, dipaco
 from jaxopt_lab.lowrank import (
     FiraLimiterState,
     Int8WeightsState,
@@ -220,5 +221,7 @@ __all__ = [
     "diloco",
     "diloco_inner",
     "diloco_outer",
+    "DiPaCoState",
+    "dipaco",
     "orthogonal_grad",
 ]

@@ -237,6 +237,10 @@ def async_local_sgd(runs: str) -> str:
     return module.table(results, data["target"], ref_steps)
 
 
+def dipaco(runs: str) -> str:
+    return _read_json(os.path.join(runs, "dipaco", "results.json"))["table"]
+
+
 # name: (how the run folder is made, the generator)
 TABLES: dict[str, tuple[str, Callable[[str], str]]] = {
     "diloco_vs_ddp_fast": (f"{CLI} run experiments/diloco_vs_ddp_fast.toml", diloco_vs_ddp_fast),
@@ -249,6 +253,7 @@ TABLES: dict[str, tuple[str, Callable[[str], str]]] = {
     "async_local_sgd": ("PYTHONPATH=$PWD python scripts/async_local_sgd_lm.py", async_local_sgd),
     "fed_heterogeneity": (f"{CLI} run experiments/fed_heterogeneity.toml --set federated.dirichlet_alpha=0.1 "
                           "--set run.name=fed_het_a0.1 (and 1.0, fed_het_a1.0)", fed_heterogeneity),
+    "dipaco": ("PYTHONPATH=$PWD python scripts/dipaco_lm.py", dipaco),
 }
 
 

@@ -31,6 +31,7 @@ from jaxopt_lab.distributed.sequential_gradient_coding import (
     unit_times,
     wait_for_all,
 )
+from jaxopt_lab.distributed.dipaco import DiPaCoState, dipaco, grid_paths, module_bytes
 from jaxopt_lab.distributed.sync import next_sync
 from jaxopt_lab.distributed.workers import SyncedStep, WorkerRunner
 from jaxopt_lab.distributed import collectives, federated
@@ -98,6 +99,10 @@ __all__ = [
     "diloco",
     "diloco_inner",
     "diloco_outer",
+    "DiPaCoState",
+    "dipaco",
+    "grid_paths",
+    "module_bytes",
     "tree_bytes",
     "wire_bytes",
 ]
