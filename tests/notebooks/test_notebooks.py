@@ -102,7 +102,7 @@ def test_06_federated_heterogeneity_notebook():
     classes = {r["alpha"]: float(r["classes per client (mean)"]) for r in skew}
     assert classes["0.1"] < classes["1"] < classes["100"] <= 10, skew  # smaller alpha: fewer classes per client
     assert [r["method"] for r in results] == ["FedAvg", "FedProx (mu 0.1)", "FedSpeed", "local Adam scaling",
-                                              "curriculum"], results
+                                              "curriculum", "FedBR"], results
     for r in results:  # 5 rounds from chance (0.1): every method learns something
         assert 0.15 < float(r["final test accuracy"]) <= float(r["best"]) <= 1.0, r
 
