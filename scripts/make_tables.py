@@ -190,20 +190,26 @@ FED_HET_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx, μ = 0.1", "fedspeed":
                  "fedlex": "FedLEx (10% explorers, 1 epoch, min-max)", "curriculum": "curriculum (easy first)",
                  "anti_curriculum": "anti-curriculum", "random_curriculum": "random curriculum",
                  "local_adam": "local SGD + Adam scaling (lr 0.005)",
-                 "fedlex_lr10": "FedLEx, client lr 0.5 (10×)"}
+                 "fedlex_lr10": "FedLEx, client lr 0.5 (10×)",
+                 "fedbr": "FedBR (official μ 0.5, λ 1, FedDecorr 0.1)"}
+# methods added to the config after the full runs, run alone (--only NAME) into fed_het_a{alpha}_NAME
+FED_HET_LATER = ("fedbr",)
 
 
 def fed_heterogeneity(runs: str) -> str:
-    """The two skews' ``summary.md`` (runs/fed_het_a0.1, runs/fed_het_a1.0) side by side."""
+    """The two skews' ``summary.md`` (runs/fed_het_a0.1, runs/fed_het_a1.0) side by side, then the
+    rows of the methods run alone later (runs/fed_het_a0.1_fedbr, ...: the same config and seeds)."""
     rows: dict[str, dict[str, list[str]]] = {}
     for a in ("0.1", "1.0"):
         path = os.path.join(runs, f"fed_het_a{a}", "summary.md")
         if not os.path.isfile(path):
             raise MissingRun(path)
-        with open(path) as f:
-            for line in f.read().strip().splitlines()[2:]:
-                c = [x.strip() for x in line.strip().strip("|").split("|")]
-                rows.setdefault(c[0], {})[a] = c
+        later = [os.path.join(runs, f"fed_het_a{a}_{m}", "summary.md") for m in FED_HET_LATER]
+        for p in [path] + [p for p in later if os.path.isfile(p)]:
+            with open(p) as f:
+                for line in f.read().strip().splitlines()[2:]:
+                    c = [x.strip() for x in line.strip().strip("|").split("|")]
+                    rows.setdefault(c[0], {})[a] = c
     out = []
     for name, by in rows.items():
         cells = [FED_HET_NAMES.get(name, name)]
@@ -252,7 +258,8 @@ TABLES: dict[str, tuple[str, Callable[[str], str]]] = {
     "fed_digits": (f"{CLI} run experiments/fed_digits.toml", fed_digits),
     "async_local_sgd": ("PYTHONPATH=$PWD python scripts/async_local_sgd_lm.py", async_local_sgd),
     "fed_heterogeneity": (f"{CLI} run experiments/fed_heterogeneity.toml --set federated.dirichlet_alpha=0.1 "
-                          "--set run.name=fed_het_a0.1 (and 1.0, fed_het_a1.0)", fed_heterogeneity),
+                          "--set run.name=fed_het_a0.1 (and 1.0, fed_het_a1.0; FedBR: --only fedbr, "
+                          "run.name=fed_het_a0.1_fedbr)", fed_heterogeneity),
     "dipaco": ("PYTHONPATH=$PWD python scripts/dipaco_lm.py", dipaco),
 }
 

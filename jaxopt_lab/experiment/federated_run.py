@@ -14,9 +14,10 @@ A federated config (``experiments/fed_digits.toml``) is recognized by its
                        initial model stay fixed), checkpoint_every (server steps between
                        checkpoints, taken at the end of a chunk), checkpoint_keep
     [methods.NAME]     rule = fedavg | fedprox | fedbuff | fedasync | fedfix | fedcompass
-                       | fedspeed | fedlex | local_scaling (these three bring their own client:
+                       | fedspeed | fedlex | local_scaling | fedbr (these four bring their own client:
                        lamb, rho, clip_norm | explore_fraction, explore_epochs, normalization |
-                       scaling, scaling_beta, scaling_alpha), client_learning_rate; the plain
+                       scaling, scaling_beta, scaling_alpha | fedbr_mu, fedbr_lam, decorr,
+                       num_pseudo), client_learning_rate; the plain
                        client of the other rules takes prox_mu (overrides [federated]'s),
                        curriculum = curriculum | anti | random, pacing, pace_a, pace_b,
                        trigger = sync | buffer | every_arrival | window | compass,
@@ -100,6 +101,7 @@ CLIENT_RULES = {
     "fedspeed": ("lamb", "rho", "clip_norm"),
     "fedlex": ("explore_fraction", "explore_epochs", "normalization"),
     "local_scaling": ("scaling", "scaling_beta", "scaling_alpha"),
+    "fedbr": ("fedbr_mu", "fedbr_lam", "decorr", "num_pseudo"),
 }
 
 
@@ -130,7 +132,7 @@ def _rules():
 
     return {"fedavg": fl.fedavg, "fedprox": fl.fedprox, "fedbuff": fl.fedbuff, "fedasync": fl.fedasync,
             "fedfix": fl.fedfix, "fedcompass": fl.fedcompass, "fedspeed": _fedspeed_rule, "fedlex": _fedlex_rule,
-            "local_scaling": _local_scaling_rule}
+            "local_scaling": _local_scaling_rule, "fedbr": _fedbr_rule}
 
 
 # the server-rule arguments a config may give the rules that come with their own client
@@ -144,6 +146,10 @@ def _fedlex_rule(learning_rate=1.0, momentum=None, weighting="examples"):
 
 def _local_scaling_rule(learning_rate=1.0, weighting="examples"):
     raise NotImplementedError  # signature only: build_method builds local_scaling_server
+
+
+def _fedbr_rule(learning_rate=1.0, weighting="uniform"):
+    raise NotImplementedError  # signature only: build_method builds fedbr_server with the discriminator
 
 
 def validate(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -320,6 +326,27 @@ def _build_client(cfg: Mapping[str, Any], method: Mapping[str, Any], setup: Mapp
         rule, context = local_scaling_server(scaling, method.get("scaling_beta", 0.999),
                                              method.get("scaling_alpha", 1e-8), **rule_args)
         return scaled_local_update(loss_fn, clients, lr, batch, scaling=scaling), rule, context
+    if name == "fedbr":  # the discriminator rides in the rule's state (fl.fedbr_server)
+        import jax
+        import numpy as np
+
+        opts = {"mu": method.get("fedbr_mu", 0.5), "lam": method.get("fedbr_lam", 1.0),
+                "decorr": method.get("decorr", 0.1)}
+        num_pseudo = method.get("num_pseudo", 32)
+        if isinstance(num_pseudo, bool) or not isinstance(num_pseudo, int) or num_pseudo < 1:
+            raise ValueError(f"num_pseudo must be an int >= 1, got {num_pseudo!r}")
+        if dry:
+            pool, dim, feats, head, classes = np.zeros((1, 1), np.float32), 1, loss_fn, loss_fn, 2
+        else:  # 32 means of 10 random training rows (the official draws them from a proxy set)
+            x = np.asarray(clients.x)
+            pool = np.concatenate([x[k, :n] for k, n in enumerate(np.asarray(clients.sizes))])
+            dim = fed["hidden"][-1] if fed["hidden"] else pool.shape[-1]
+            feats, head, classes = setup["features_fn"], setup["head_fn"], setup["num_classes"]
+        pseudo = fl.fedbr_pseudo_data(pool, num_pseudo, 10, seed=cfg["run"]["seed"])
+        local = fl.fedbr_local_update(feats, head, clients, optax.sgd(lr), batch, pseudo, num_classes=classes, **opts)
+        disc = fl.fedbr_discriminator_init(dim, jax.random.key(cfg["run"]["seed"]))
+        rule, context = fl.fedbr_server(disc, **rule_args)
+        return fl.fedbr_context_client(local), rule, context
     cur = None
     if "curriculum" in method:
         cur = fl.curriculum(method["curriculum"], method.get("pacing", "linear"), method.get("pace_a", 0.8),
@@ -359,6 +386,12 @@ def build_setup(cfg: Mapping[str, Any]) -> dict[str, Any]:
     def loss_fn(p, x, y):
         return optax.softmax_cross_entropy_with_integer_labels(logits(p, x), y)
 
+    def features_fn(p, x):  # FedBR's split of the MLP: last hidden activations, then the last layer
+        return nnx.merge(graphdef, nnx.State(p)).features(x)
+
+    def head_fn(p, z):
+        return nnx.merge(graphdef, nnx.State(p)).head(z)
+
     local = fl.make_local_update(loss_fn, clients, optax.sgd(fed["client_learning_rate"]), fed["batch_size"],
                                  prox_mu=fed["prox_mu"])
     x_test = jnp.asarray(data.x_test.reshape(len(data.x_test), -1))
@@ -370,7 +403,8 @@ def build_setup(cfg: Mapping[str, Any]) -> dict[str, Any]:
                 "eval_accuracy": (out.argmax(-1) == y_test).mean()}
 
     return {"params": params, "local_update": local, "sizes": part.sizes, "eval_fn": eval_fn,
-            "loss_fn": loss_fn, "clients": clients,
+            "loss_fn": loss_fn, "clients": clients, "features_fn": features_fn, "head_fn": head_fn,
+            "num_classes": data.num_classes,
             "eval_jit": jax.jit(eval_fn),
             "local_steps": fl.epoch_steps(part.sizes, fed["batch_size"], fed["local_epochs"]),
             "partition": part}

@@ -72,6 +72,10 @@ class CNN(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Maps ``(B, H, W, C)`` images to ``(B, num_classes)`` logits."""
+        return self.head(self.features(x))
+
+    def features(self, x: jax.Array) -> jax.Array:
+        """The globally pooled conv features ``(B, channels[-1])``; ``self.head`` maps them to logits."""
         if x.ndim != 4 or x.shape[-1] != self.in_channels:
             raise ValueError(
                 f"expected images of shape (B, H, W, {self.in_channels}), "
@@ -82,5 +86,4 @@ class CNN(nnx.Module):
             x = nnx.avg_pool(
                 x, window_shape=(2, 2), strides=(2, 2), padding="SAME", count_include_pad=False
             )
-        x = jnp.mean(x, axis=(1, 2))
-        return self.head(x)
+        return jnp.mean(x, axis=(1, 2))

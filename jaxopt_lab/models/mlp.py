@@ -62,6 +62,11 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Maps ``(B, ...)`` inputs to ``(B, out_features)`` logits."""
+        return self.head(self.features(x))
+
+    def features(self, x: jax.Array) -> jax.Array:
+        """The last hidden layer's activations ``(B, hidden[-1])`` (the flattened input with
+        ``hidden=()``): what a method that splits features from the classifier reads (FedBR)."""
         x = jnp.reshape(x, (x.shape[0], -1))
         if x.shape[1] != self.in_features:
             raise ValueError(
@@ -71,4 +76,8 @@ class MLP(nnx.Module):
         act = ACTIVATIONS[self.activation]
         for layer in self.layers[:-1]:
             x = act(layer(x))
-        return self.layers[-1](x)
+        return x
+
+    def head(self, z: jax.Array) -> jax.Array:
+        """The last linear layer: features to ``(B, out_features)`` logits."""
+        return self.layers[-1](z)

@@ -95,6 +95,18 @@ def test_05_optimizers_and_sharpness_notebook():
         assert np.isfinite(sharp) and sharp > 0, r
 
 
+def test_06_federated_heterogeneity_notebook():
+    nb = execute("06_federated_heterogeneity.ipynb", {"NB06_ROUNDS": "5", "NB06_PER_ROUND": "4", "NB06_ALPHAS": "0.1",
+                                                      "NB06_FAST_COMPILE": "1", "MPLBACKEND": "Agg"})
+    skew, results = tables(nb)
+    classes = {r["alpha"]: float(r["classes per client (mean)"]) for r in skew}
+    assert classes["0.1"] < classes["1"] < classes["100"] <= 10, skew  # smaller alpha: fewer classes per client
+    assert [r["method"] for r in results] == ["FedAvg", "FedProx (mu 0.1)", "FedSpeed", "local Adam scaling",
+                                              "curriculum", "FedBR"], results
+    for r in results:  # 5 rounds from chance (0.1): every method learns something
+        assert 0.15 < float(r["final test accuracy"]) <= float(r["best"]) <= 1.0, r
+
+
 def test_04_kernels_notebook():
     nb = execute("04_kernels.ipynb", {"MPLBACKEND": "Agg"})
     text = outputs(nb)

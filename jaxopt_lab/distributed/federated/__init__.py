@@ -29,6 +29,8 @@ FedSpeed       ``fedspeed(num_clients=N)`` +        ``SyncRound(m)``, ``client_c
                ``fedspeed_local_update`` clients
 FedLEx         ``fedlex(fedlex_guidance(...))`` +   ``SyncRound(m)``, ``client_context=fedlex_context``
                ``fedlex_local_update`` clients
+FedBR          ``fedbr_server(D)`` +                ``SyncRound(m)``, ``client_context=fedbr_context``
+               ``fedbr_context_client`` clients
 Async Local-   ``delayed_nesterov(lr, N, beta)``    ``every_arrival()``, ``local_steps=``
 SGD (DN+DyLU)                                       ``dynamic_local_steps(speeds, H)``
 =============  ===================================  =========================================
@@ -95,6 +97,17 @@ from jaxopt_lab.distributed.federated.fedamd import (
     scale_by_fedamd,
 )
 from jaxopt_lab.distributed.federated.fedavg import fedavg, scale_by_fedavg
+from jaxopt_lab.distributed.federated.fedbr import (
+    FedBRServerState,
+    fedbr_context,
+    fedbr_context_client,
+    fedbr_discriminator_apply,
+    fedbr_discriminator_init,
+    fedbr_init,
+    fedbr_local_update,
+    fedbr_pseudo_data,
+    fedbr_server,
+)
 from jaxopt_lab.distributed.federated.fedbuff import fedbuff, scale_by_fedbuff
 from jaxopt_lab.distributed.federated.fedcompass import fedcompass, scale_by_fedcompass
 from jaxopt_lab.distributed.federated.fedfix import fedfix, scale_by_fedfix
@@ -134,6 +147,7 @@ __all__ = [
     "Curriculum",
     "DelayedNesterovState",
     "FedAMDState",
+    "FedBRServerState",
     "FedLExState",
     "FedSpeedState",
     "FederatedSimulator",
@@ -157,6 +171,14 @@ __all__ = [
     "fedamd_local_update",
     "fedasync",
     "fedavg",
+    "fedbr_context",
+    "fedbr_context_client",
+    "fedbr_discriminator_apply",
+    "fedbr_discriminator_init",
+    "fedbr_init",
+    "fedbr_local_update",
+    "fedbr_pseudo_data",
+    "fedbr_server",
     "fedbuff",
     "fedcompass",
     "fedfix",

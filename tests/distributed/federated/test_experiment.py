@@ -63,6 +63,8 @@ def _write(tmp_path, text):
     (("eval_every = 2", "pace_b = 0.5"), r"methods.buffered: pacing, pace_a and pace_b need curriculum"),
     (('rule = "fedbuff"', 'rule = "fedlex"\nexplore_fraction = 2.0'), r"methods.buffered: explore_fraction must be in"),
     (('rule = "fedbuff"', 'rule = "local_scaling"\nscaling = "sgd"'), r"methods.buffered: scaling must be one of"),
+    (('rule = "fedbuff"', 'rule = "fedbr"\nnum_pseudo = 0'), r"methods.buffered: num_pseudo must be an int >= 1"),
+    (('rule = "fedbuff"', 'rule = "fedbr"\nfedbr_mu = -0.5'), r"methods.buffered: mu must be >= 0, got -0.5"),
     (("eval_every = 2", "client_learning_rate = 0.0"), r"methods.buffered: client_learning_rate must be a number > 0"),
 ])
 def test_bad_federated_config_is_an_error_naming_the_key(tmp_path, edit, message):
