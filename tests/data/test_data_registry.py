@@ -9,7 +9,7 @@ import jaxopt_lab.data as data
 
 
 def test_registry_names():
-    assert set(data.DATASETS) == {"digits", "modular", "text", "least_squares", "logistic", "npz", "tokens"}
+    assert set(data.DATASETS) == {"digits", "modular", "text", "least_squares", "logistic", "npz", "tokens", "python_code"}
     assert data.DATASETS["digits"] is data.load_digits
     assert data.DATASETS["modular"] is data.modular_arithmetic
     assert data.DATASETS["text"] is data.load_text
