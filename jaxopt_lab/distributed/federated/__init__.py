@@ -25,6 +25,8 @@ FedFix         ``fedfix(lr)``                       ``TimeWindow(dt)``
 FedCompass     ``fedcompass(N, alpha=0.9)``         ``Compass(q_min, q_max)``, ``pseudo_gradient="current"``
 FedAMD         ``fedamd(lr, num_clients=N)`` +      ``SyncRound(m)`` (any), ``client_context=fedamd_context``
                ``fedamd_local_update`` clients
+WAFL           ``fedavg()`` + clients               ``SyncRound(m)``
+               ``wafl_local_update(gamma)``
 Async Local-   ``delayed_nesterov(lr, N, beta)``    ``every_arrival()``, ``local_steps=``
 SGD (DN+DyLU)                                       ``dynamic_local_steps(speeds, H)``
 =============  ===================================  =========================================
@@ -104,6 +106,7 @@ from jaxopt_lab.distributed.federated.staleness import (
     staleness_function,
 )
 from jaxopt_lab.distributed.federated.triggers import Buffer, Compass, SyncRound, TimeWindow, every_arrival
+from jaxopt_lab.distributed.federated.wafl import wafl_local_update, wasserstein_perturb
 
 __all__ = [
     "AggregateState",
@@ -149,4 +152,6 @@ __all__ = [
     "scale_by_fedcompass",
     "scale_by_fedfix",
     "staleness_function",
+    "wafl_local_update",
+    "wasserstein_perturb",
 ]
