@@ -27,6 +27,10 @@ FedAMD         ``fedamd(lr, num_clients=N)`` +      ``SyncRound(m)`` (any), ``cl
                ``fedamd_local_update`` clients
 WAFL           ``fedavg()`` + clients               ``SyncRound(m)``
                ``wafl_local_update(gamma)``
+FedZO          ``fedzo()`` + clients                ``SyncRound(m)``, ``client_context=fedzo_context``
+               ``fedzo_local_update(q, mu)``
+FZooS          ``fzoos(num_clients=N)`` +           ``SyncRound(m)``, ``client_context=fzoos_context``
+               ``fzoos_local_update`` clients
 Async Local-   ``delayed_nesterov(lr, N, beta)``    ``every_arrival()``, ``local_steps=``
 SGD (DN+DyLU)                                       ``dynamic_local_steps(speeds, H)``
 =============  ===================================  =========================================
@@ -96,6 +100,25 @@ from jaxopt_lab.distributed.federated.fedbuff import fedbuff, scale_by_fedbuff
 from jaxopt_lab.distributed.federated.fedcompass import fedcompass, scale_by_fedcompass
 from jaxopt_lab.distributed.federated.fedfix import fedfix, scale_by_fedfix
 from jaxopt_lab.distributed.federated.fedprox import fedprox, fedprox_local_update
+from jaxopt_lab.distributed.federated.fedzo import (
+    QueryCountState,
+    client_objective,
+    count_queries,
+    fedzo,
+    fedzo_context,
+    fedzo_local_update,
+    query_count,
+    random_directions,
+)
+from jaxopt_lab.distributed.federated.fzoos import (
+    FZooSState,
+    fzoos,
+    fzoos_context,
+    fzoos_local_update,
+    gp_surrogate_gradient,
+    gradient_uncertainty,
+    scale_by_fzoos,
+)
 from jaxopt_lab.distributed.federated.local import ClientData, epoch_steps, make_local_update, pad_clients
 from jaxopt_lab.distributed.federated.simulator import FederatedSimulator, SimulatorState, SlotTable, StepRecord
 from jaxopt_lab.distributed.federated.speeds import client_speeds
@@ -114,8 +137,10 @@ __all__ = [
     "ClientData",
     "Compass",
     "DelayedNesterovState",
+    "FZooSState",
     "FedAMDState",
     "FederatedSimulator",
+    "QueryCountState",
     "ScaleByFedAsyncState",
     "SimulatorState",
     "SlotTable",
@@ -123,8 +148,10 @@ __all__ = [
     "SyncRound",
     "TimeWindow",
     "aggregate_pseudo_gradients",
+    "client_objective",
     "client_speeds",
     "constant_staleness",
+    "count_queries",
     "delayed_nesterov",
     "dynamic_local_steps",
     "epoch_steps",
@@ -140,10 +167,20 @@ __all__ = [
     "fedfix",
     "fedprox",
     "fedprox_local_update",
+    "fedzo",
+    "fedzo_context",
+    "fedzo_local_update",
+    "fzoos",
+    "fzoos_context",
+    "fzoos_local_update",
+    "gp_surrogate_gradient",
+    "gradient_uncertainty",
     "hinge_staleness",
     "make_local_update",
     "pad_clients",
     "polynomial_staleness",
+    "query_count",
+    "random_directions",
     "scale_by_delayed_nesterov",
     "scale_by_fedamd",
     "scale_by_fedasync",
@@ -151,6 +188,7 @@ __all__ = [
     "scale_by_fedbuff",
     "scale_by_fedcompass",
     "scale_by_fedfix",
+    "scale_by_fzoos",
     "staleness_function",
     "wafl_local_update",
     "wasserstein_perturb",
