@@ -31,6 +31,12 @@ FedLEx         ``fedlex(fedlex_guidance(...))`` +   ``SyncRound(m)``, ``client_c
                ``fedlex_local_update`` clients
 FedBR          ``fedbr_server(D)`` +                ``SyncRound(m)``, ``client_context=fedbr_context``
                ``fedbr_context_client`` clients
+WAFL           ``fedavg()`` + clients               ``SyncRound(m)``
+               ``wafl_local_update(gamma)``
+FedZO          ``fedzo()`` + clients                ``SyncRound(m)``, ``client_context=fedzo_context``
+               ``fedzo_local_update(q, mu)``
+FZooS          ``fzoos(num_clients=N)`` +           ``SyncRound(m)``, ``client_context=fzoos_context``
+               ``fzoos_local_update`` clients
 Async Local-   ``delayed_nesterov(lr, N, beta)``    ``every_arrival()``, ``local_steps=``
 SGD (DN+DyLU)                                       ``dynamic_local_steps(speeds, H)``
 =============  ===================================  =========================================
@@ -128,6 +134,25 @@ from jaxopt_lab.distributed.federated.fedspeed import (
     fedspeed_local_update,
     scale_by_fedspeed,
 )
+from jaxopt_lab.distributed.federated.fedzo import (
+    QueryCountState,
+    client_objective,
+    count_queries,
+    fedzo,
+    fedzo_context,
+    fedzo_local_update,
+    query_count,
+    random_directions,
+)
+from jaxopt_lab.distributed.federated.fzoos import (
+    FZooSState,
+    fzoos,
+    fzoos_context,
+    fzoos_local_update,
+    gp_surrogate_gradient,
+    gradient_uncertainty,
+    scale_by_fzoos,
+)
 from jaxopt_lab.distributed.federated.local import ClientData, epoch_steps, make_local_update, pad_clients
 from jaxopt_lab.distributed.federated.simulator import FederatedSimulator, SimulatorState, SlotTable, StepRecord
 from jaxopt_lab.distributed.federated.speeds import client_speeds
@@ -138,6 +163,7 @@ from jaxopt_lab.distributed.federated.staleness import (
     staleness_function,
 )
 from jaxopt_lab.distributed.federated.triggers import Buffer, Compass, SyncRound, TimeWindow, every_arrival
+from jaxopt_lab.distributed.federated.wafl import wafl_local_update, wasserstein_perturb
 
 __all__ = [
     "AggregateState",
@@ -146,11 +172,13 @@ __all__ = [
     "Compass",
     "Curriculum",
     "DelayedNesterovState",
+    "FZooSState",
     "FedAMDState",
     "FedBRServerState",
     "FedLExState",
     "FedSpeedState",
     "FederatedSimulator",
+    "QueryCountState",
     "ScaleByFedAsyncState",
     "SimulatorState",
     "SlotTable",
@@ -158,9 +186,11 @@ __all__ = [
     "SyncRound",
     "TimeWindow",
     "aggregate_pseudo_gradients",
+    "client_objective",
     "client_speeds",
     "constant_staleness",
     "curriculum",
+    "count_queries",
     "delayed_nesterov",
     "dynamic_local_steps",
     "epoch_steps",
@@ -192,11 +222,21 @@ __all__ = [
     "fedspeed",
     "fedspeed_context",
     "fedspeed_local_update",
+    "fedzo",
+    "fedzo_context",
+    "fedzo_local_update",
+    "fzoos",
+    "fzoos_context",
+    "fzoos_local_update",
+    "gp_surrogate_gradient",
+    "gradient_uncertainty",
     "hinge_staleness",
     "make_local_update",
     "pacing_fraction",
     "pad_clients",
     "polynomial_staleness",
+    "query_count",
+    "random_directions",
     "scale_by_delayed_nesterov",
     "scale_by_fedamd",
     "scale_by_fedasync",
@@ -206,5 +246,8 @@ __all__ = [
     "scale_by_fedfix",
     "scale_by_fedlex",
     "scale_by_fedspeed",
+    "scale_by_fzoos",
     "staleness_function",
+    "wafl_local_update",
+    "wasserstein_perturb",
 ]
