@@ -250,7 +250,8 @@ def scale_by_adam_8bit(
     _static_int("block_size", block_size, 1)
     _static_int("min_8bit_size", min_8bit_size, 1)
     code_m, code_v = jnp.asarray(SIGNED_MAP), jnp.asarray(UNSIGNED_MAP)
-    adam = optax.scale_by_adam(b1, b2, eps)  # the float32 leaves' step
+    # the float32 leaves: optax.scale_by_adam (real hyperparameters: the moment v of a complex leaf is real)
+    adam = optax.scale_by_adam(_real(b1), _real(b2), _real(eps))
 
     def quantized(p) -> bool:
         return jnp.issubdtype(p.dtype, jnp.floating) and p.size >= min_8bit_size
@@ -278,7 +279,7 @@ def scale_by_adam_8bit(
     def direction(m, v, count_inc, b1, b2):  # optax.scale_by_adam's (eps_root = 0)
         m_hat = optax.tree.bias_correction(m, b1, count_inc)
         v_hat = optax.tree.bias_correction(v, b2, count_inc)
-        return m_hat / (jnp.sqrt(v_hat + 0.0) + eps)
+        return m_hat / (jnp.sqrt(v_hat + 0.0) + _real(eps))
 
     def quantized_leaf(g, cm, cv, am, av, count_inc):
         # the kernel's float32 constants: beta = fl32(b), 1 - beta formed in float32
