@@ -274,7 +274,9 @@ def q_galore(
     the step, as the official optimizer; see the module docstring. For int8
     weights wrap the result: ``int8_weights(q_galore(...))``.
 
-    Args (those of :func:`scale_by_q_galore`, and):
+    The other arguments are those of :func:`scale_by_q_galore`.
+
+    Args:
       learning_rate, b1, b2, eps, weight_decay: AdamW's.
       adam_state: ``"8bit"`` (default, as the official optimizer:
         :func:`~jaxopt_lab.lowrank.scale_by_adam_8bit`, the moments of every
