@@ -43,7 +43,10 @@ float32 moment or its uint8 codes (the param's shape); ``mu_absmax``/
 ``optax.MaskedNode()`` at a float one. A quantized moment takes
 ``n + 4 ⌈n / block_size⌉`` bytes against ``4 n``.
 
-The float32 arithmetic is bitsandbytes' up to float32 rounding: the CUDA
+The quantized leaves take the kernel's float32 constants: β rounded to
+float32 and ``1 − β`` formed in float32 (``1 − fl32(0.999) = 0.00099999``,
+1.3e-5 less of g² in v than optax's ``fl32(1 − 0.999)``, consistent with the
+bias correction ``1 − βᵗ``, which both take with the float32 β). The float32 arithmetic is bitsandbytes' up to float32 rounding: the CUDA
 kernel's ``__fdividef``/``__powf`` and fused multiply-adds round differently
 from XLA's, so a value within a float32 rounding of a midpoint between two
 map entries may be stored with the neighbouring code.

@@ -292,7 +292,7 @@ def test_q_galore_default_state_is_8bit():
 # Q-GaLore with 8-bit moments = the official optimizer (projection replayed in tests/lowrank/test_q_galore.py)
 
 
-def test_q_galore_default_matches_the_official_optimizer_with_8bit_moments():
+def test_q_galore_8bit_moments_match_a_replay_of_the_official_optimizer():
     from tests.lowrank.test_q_galore import P_ALPHA, P_QUEUE, P_RANK, P_THRESHOLD, _official_replay, _parity_grads
 
     # small sizes so that the 2 × 16 low-rank moments are quantized: min_8bit_size 16, blocks of 8
