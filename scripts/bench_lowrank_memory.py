@@ -7,7 +7,8 @@ Nothing is trained or allocated: each optimizer's ``init`` is traced with
 measured with :func:`jaxopt_lab.lowrank.optimizer_state_bytes` (every array
 of the state, counters and projectors included, at the dtype our code stores:
 float32 moments and bases, uint8-packed int4 bases, int32 DCT indices, uint32
-keys). Models: the LLaMA configurations of the GaLore paper's pre-training
+keys; Q-GaLore's Adam moments, as its official optimizer's, uint8 codes plus a
+float32 absmax per block of 2048 for every state tensor of 4096 values or more). Models: the LLaMA configurations of the GaLore paper's pre-training
 table (hidden / intermediate / heads / layers; vocabulary 32000; untied
 embedding and head), ranks 128 / 256 / 256 / 512. The attention (q, k, v, o)
 and MLP (gate, up, down) matrices are projected; embeddings, head and norms
@@ -61,7 +62,7 @@ def methods(rank: int) -> dict[str, optax.GradientTransformation]:
         "Adam (optax.adam)": optax.adam(1e-3),
         "GaLore": lowrank.galore(1e-3, rank=rank),
         "Fira": lowrank.fira(1e-3, rank=rank),
-        "Q-GaLore (int4 projector)": lowrank.q_galore(1e-3, rank=rank) if has("q_galore")
+        "Q-GaLore (int4 projector, 8-bit Adam)": lowrank.q_galore(1e-3, rank=rank) if has("q_galore")
         else lowrank.galore(1e-3, rank=rank, projector="int4_svd"),
         "GaLore-DCT (indices)": lowrank.galore(1e-3, rank=rank, projector="dct"),
         "APOLLO (random, key)": lowrank.apollo(1e-3, rank=rank) if has("apollo")

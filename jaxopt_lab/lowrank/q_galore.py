@@ -57,6 +57,13 @@ current one, so a matrix is never refreshed sooner than its period; the
 official ``step % T == 0`` refreshes at the next multiple of the new period,
 which after a growth at a step that is not one comes only T_old steps later.
 
+Adam's moments are stored as the official optimizer stores them: in 8 bits
+(:func:`~jaxopt_lab.lowrank.scale_by_adam_8bit`, bitsandbytes' block-wise
+dynamic quantization with its kernel's rounding and sign fix, blocks of 2048
+as in the bitsandbytes 0.43.1 the official code pins; a state tensor, e.g. a
+projected matrix's r × k moments, of fewer than 4096 values stays float32).
+``adam_state="float32"`` (opt-in) keeps exact float32 moments.
+
 Remaining differences from the official code:
 
 * the singular vectors' signs are fixed (largest-magnitude entry positive);
@@ -65,11 +72,10 @@ Remaining differences from the official code:
   ``init`` cannot change the parameters); the official code rounds them onto
   the grid to nearest when it builds the model, so the two agree from the
   first update on;
-* Adam's moments are float32: the official code stores them in 8 bits
-  (bitsandbytes' block-wise dynamic quantization, blocks of 2048, for every
-  state tensor of 4096 values or more; smaller ones in float32), so its
-  moments carry that quantization error; the arithmetic of the step is the
-  same.
+* the 8-bit moments follow bitsandbytes' CUDA kernel up to float32 rounding
+  (its ``__fdividef``, ``__powf`` and fused multiply-adds round differently
+  from XLA's), so a moment within a float32 rounding of the midpoint between
+  two codes may be stored with the neighbouring code.
 """
 
 from __future__ import annotations
@@ -82,6 +88,7 @@ import optax
 
 from jaxopt_lab.lowrank._projected import default_label_fn, scale_by_projected
 from jaxopt_lab.lowrank._weight_decay import decay_updated_weights
+from jaxopt_lab.lowrank.adam8bit import BLOCK_SIZE, MIN_8BIT_SIZE, scale_by_adam_8bit
 from jaxopt_lab.lowrank.galore import _galore_finish
 from jaxopt_lab.lowrank.projectors import PROJECTORS, get_projector, int4_projector
 from jaxopt_lab.transforms import _validation as check
@@ -90,6 +97,7 @@ MAX_PERIOD = 2**30  # the period stops growing here, so that step + period stays
 
 
 REFRESH_RULES = ("official", "robust")
+ADAM_STATES = ("8bit", "float32")
 
 
 class LazyRefreshState(NamedTuple):
@@ -182,7 +190,9 @@ def scale_by_q_galore(
       update_proj_gap: the initial refresh period T of each projector.
       scale: α, applied to the projected-back update.
       inner: the optimizer run on the low-rank gradients (and every
-        non-projected parameter); ``optax.scale_by_adam()`` by default.
+        non-projected parameter); by default Adam with 8-bit moments,
+        :func:`~jaxopt_lab.lowrank.scale_by_adam_8bit` (the official
+        optimizer's bitsandbytes ``AdamW8bit``).
       projector: a Projector or its name; default ``"int4_svd"``: the exact
         SVD basis in asymmetric int4 storage, laid out as the official code
         stores it (row by row for a wide matrix, along each singular vector
@@ -226,7 +236,7 @@ def scale_by_q_galore(
     official = refresh == "official"
     init_extra, on_refresh = _lazy_refresh(queue_size, cos_threshold, gamma_proj, signed=official)
     return scale_by_projected(
-        inner=optax.scale_by_adam() if inner is None else inner,
+        inner=scale_by_adam_8bit() if inner is None else inner,
         rank=rank, update_proj_gap=update_proj_gap, projector=projector, side=side,
         label_fn=label_fn, stagger=stagger, seed=seed, finish=_galore_finish(scale),
         init_extra=init_extra, on_refresh=on_refresh, aligned_refresh=official, transposed_projector=tall_projector,
@@ -252,23 +262,52 @@ def q_galore(
     seed: int = 0,
     refresh: str = "official",
     proj_group_size: int = 256,
+    adam_state: str = "8bit",
+    min_8bit_size: int = MIN_8BIT_SIZE,
+    adam_block_size: int = BLOCK_SIZE,
 ) -> optax.GradientTransformation:
     """Q-GaLore-AdamW: :func:`scale_by_q_galore` over Adam, learning rate, then decoupled weight decay.
 
     ``W ← (1 − lr·λ) · (W − lr · α · P · Adam(PᵀG))`` with P stored in int4 and
-    refreshed lazily, Adam as bitsandbytes' (ε beside the bias-corrected
-    √v̂), the weights decayed after the step, as the official optimizer; see
-    the module docstring. For int8 weights wrap the result:
-    ``int8_weights(q_galore(...))``. Under ``optax.inject_hyperparams`` list
-    the int arguments ``rank``, ``update_proj_gap``, ``seed``, ``queue_size``,
-    ``gamma_proj`` and ``proj_group_size`` in ``static_args``.
+    refreshed lazily, Adam as bitsandbytes' 8-bit AdamW (ε beside the
+    bias-corrected √v̂, moments stored in 8 bits), the weights decayed after
+    the step, as the official optimizer; see the module docstring. For int8
+    weights wrap the result: ``int8_weights(q_galore(...))``.
+
+    The other arguments are those of :func:`scale_by_q_galore`.
+
+    Args:
+      learning_rate, b1, b2, eps, weight_decay: AdamW's.
+      adam_state: ``"8bit"`` (default, as the official optimizer:
+        :func:`~jaxopt_lab.lowrank.scale_by_adam_8bit`, the moments of every
+        state tensor of at least ``min_8bit_size`` values, projected or
+        not, stored as bitsandbytes' block-wise 8-bit codes) or
+        ``"float32"`` (opt-in: :func:`optax.scale_by_adam`, exact float32
+        moments, 4 bytes a value instead of about 1: no quantization error
+        in the moments, e.g. to study the projection alone, or where memory
+        is not the constraint).
+      min_8bit_size: state tensors with fewer values keep float32 moments
+        (bitsandbytes' default 4096).
+      adam_block_size: values per quantization block (2048, as bitsandbytes
+        0.43.1, which the official code pins; 256 from bitsandbytes 0.44).
+
+    Under ``optax.inject_hyperparams`` list the int arguments ``rank``,
+    ``update_proj_gap``, ``seed``, ``queue_size``, ``gamma_proj``,
+    ``proj_group_size``, ``min_8bit_size`` and ``adam_block_size`` in
+    ``static_args``.
     """
     check.in_unit_interval("b1", b1)
     check.in_unit_interval("b2", b2)
     check.non_negative("eps", eps)
     check.non_negative("weight_decay", weight_decay)
+    if adam_state not in ADAM_STATES:
+        raise ValueError(f"adam_state must be one of {ADAM_STATES}, got {adam_state!r}")
+    if adam_state == "8bit":
+        adam = scale_by_adam_8bit(b1, b2, eps, block_size=adam_block_size, min_8bit_size=min_8bit_size)
+    else:
+        adam = optax.scale_by_adam(b1, b2, eps)
     return optax.chain(
-        scale_by_q_galore(rank, update_proj_gap, scale, optax.scale_by_adam(b1, b2, eps), projector, queue_size,
+        scale_by_q_galore(rank, update_proj_gap, scale, adam, projector, queue_size,
                           cos_threshold, gamma_proj, side, label_fn, stagger, seed, refresh, proj_group_size),
         optax.scale_by_learning_rate(learning_rate),
         decay_updated_weights(learning_rate, weight_decay),

@@ -255,7 +255,9 @@ def _bnb_adam(lr, b1, b2, eps):
 
 @pytest.mark.parametrize("shape", [(6, 16), (16, 6)], ids=["wide", "tall"])
 def test_q_galore_step_matches_the_official_adamw8bit_arithmetic(shape):
-    # eps = 1e-2 makes its place visible: beside bitsandbytes' corrected √v̂, not GaLore's uncorrected √v
+    # eps = 1e-2 makes its place visible: beside bitsandbytes' corrected √v̂, not GaLore's uncorrected √v.
+    # The 2 × 16 low-rank moments are below min_8bit_size (4096): float32 in the official AdamW8bit and in
+    # our default alike (its 8-bit moments: tests/lowrank/test_adam8bit.py)
     lr, wd, eps = 0.05, 0.1, 1e-2
     grads = _parity_grads(shape)[:8]
     w0 = np.random.default_rng(5).standard_normal(shape)

@@ -52,6 +52,7 @@ import pytest
 import jaxopt_lab.lowrank
 import jaxopt_lab.transforms
 from jaxopt_lab.finetune import lora_ggpo, lora_pro, scale_by_lora_pro
+from jaxopt_lab.lowrank.adam8bit import create_dynamic_map, dequantize_blockwise, quantize_blockwise, quantize_codes
 from jaxopt_lab.lowrank.memory import optimizer_state_bytes, state_bytes_report
 from jaxopt_lab.transforms.adamp import adamp, scale_by_adamp, scale_by_sgdp, sgdp
 from jaxopt_lab.transforms.delta_sgd import delta_sgd, scale_by_delta_sgd
@@ -75,6 +76,7 @@ from jaxopt_lab.lowrank import (
     gradnorm_lorp,
     int8_weights,
     q_galore,
+    scale_by_adam_8bit,
     scale_by_apollo,
     scale_by_fira,
     scale_by_galore,
@@ -142,6 +144,12 @@ def lora_ggpo_adam(learning_rate, sigma, beta, seed):
     """LoRA-GGPO around Adam. The battery's trees hold no LoRA factors, so this checks the wrapper
     (state, dtypes, jit, inject_hyperparams) around its inner method; tests/finetune checks the rule."""
     return lora_ggpo(optax.adam(learning_rate), sigma=sigma, beta=beta, seed=seed)
+
+
+def adam_8bit(learning_rate, b1=0.9, b2=0.999, block_size=4, min_8bit_size=4):
+    """Adam with bitsandbytes' 8-bit moments, blocks and threshold small enough to quantize the battery's tensors."""
+    return optax.chain(scale_by_adam_8bit(b1, b2, block_size=block_size, min_8bit_size=min_8bit_size),
+                       optax.scale_by_learning_rate(learning_rate))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,14 +376,26 @@ TRANSFORMS = [
         complex_params="vectors",
     ),
     Case(
+        # the low-rank moments (2 × 3, 2 × 4) and the bias's in 8 bits: blocks of 4, from 4 values up
         "q_galore",
         q_galore,
-        dict(learning_rate=0.1, rank=2, update_proj_gap=2, weight_decay=1e-4),
+        dict(learning_rate=0.1, rank=2, update_proj_gap=2, weight_decay=1e-4, min_8bit_size=4, adam_block_size=4),
         solve=dict(quadratic=dict(learning_rate=0.1, **NO_DECAY), rosenbrock=dict(learning_rate=3e-3, **NO_DECAY),
                    complex=dict(learning_rate=0.1, label_fn=real_matrices, **NO_DECAY)),
         covers=(q_galore, scale_by_q_galore),
-        static_args=LOW_RANK_STATIC + ("queue_size", "gamma_proj", "proj_group_size"),
+        static_args=LOW_RANK_STATIC + ("queue_size", "gamma_proj", "proj_group_size", "min_8bit_size",
+                                       "adam_block_size"),
         complex_params="vectors",
+    ),
+    Case(
+        # 8-bit moments switched on for the battery's tiny tensors (12 values: 3 blocks of 4; the quadratic's
+        # 6-value matrix: a partial block); Rosenbrock's 3 values in blocks of 2 (the convergence runs).
+        "adam_8bit (scale_by_adam_8bit)",
+        adam_8bit,
+        dict(learning_rate=0.1, block_size=4, min_8bit_size=4),
+        solve=dict(quadratic=dict(learning_rate=0.1), rosenbrock=dict(learning_rate=3e-3, block_size=2, min_8bit_size=2)),
+        covers=(scale_by_adam_8bit,),
+        static_args=("block_size", "min_8bit_size"),
     ),
     Case(
         "gradnorm_lorp",
@@ -654,6 +674,7 @@ FACTORY_ARGS: dict[Callable, dict[str, Any]] = {
     tpsgd: dict(learning_rate=0.1, hidden_layers=["dense"], num_classes=3),
     scale_by_target_projection: dict(hidden_layers=["dense"], num_classes=3),
     lora_ggpo: dict(inner=optax.sgd(0.1)),
+    scale_by_adam_8bit: dict(block_size=4, min_8bit_size=4),
 }
 
 
@@ -678,7 +699,7 @@ FACTORY_EXTRAS: dict[Callable, Callable[[Callable, Any, Any], dict]] = {
 # (optax's test lists its own: warmup_steps, rank, update_proj_gap, ...)
 STATIC_INTS = ("rank", "update_proj_gap", "seed", "inner_steps", "reset_interval", "channel_axis", "queue_size",
                "gamma_proj", "group_size", "proj_group_size", "m", "max_backtracks", "num_samples", "cg_iters",
-               "max_search", "num_classes", "step_offset")
+               "max_search", "num_classes", "step_offset", "block_size", "min_8bit_size", "adam_block_size")
 
 
 def _covered_factories():
@@ -918,7 +939,8 @@ def test_complex_parameters_are_supported_or_refused_clearly(case):
 
 
 NOT_TRANSFORMS = {optimizer_state_bytes, state_bytes_report, stochastic_round_int8, stochastic_round_uint8, conv_patches,
-                  select_leaf, target_projection_grad, conv_projection}
+                  select_leaf, target_projection_grad, conv_projection, create_dynamic_map, quantize_codes,
+                  quantize_blockwise, dequantize_blockwise}
 
 
 def test_every_public_transform_is_in_the_battery():
