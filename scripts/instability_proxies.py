@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import os
 import sys
 import time
 
@@ -45,6 +43,7 @@ from jaxopt_lab.data import load_text
 from jaxopt_lab.diagnostics import instability_metrics, lr_sensitivity
 from jaxopt_lab.losses import z_loss
 from jaxopt_lab.models import GPT
+from study_output import write_study  # scripts/ is on sys.path when run as a script
 
 VARIANTS = {"baseline": dict(qk_layernorm=False, z_loss=0.0), "qk_ln+z": dict(qk_layernorm=True, z_loss=1e-4)}
 
@@ -132,17 +131,7 @@ def main(argv=None) -> dict:
             print(f"{name} width {width}: LRS {results['runs'][f'{name}/w{width}']['lr_sensitivity']:.4f} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
     results["wall_time"] = time.perf_counter() - t0
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    table = summary(results)
-    with open(os.path.join(args.out, "summary.md"), "w") as f:
-        f.write(table + "\n")
-    print(table)
-    print(f"wall time {results['wall_time']:.1f} s")
-    if not args.no_plot:
-        plot(results, os.path.join(args.out, "instability_proxies.png"))
-    return results
+    return write_study(results, args.out, summary(results), None if args.no_plot else plot, "instability_proxies.png")
 
 
 def summary(results: dict) -> str:

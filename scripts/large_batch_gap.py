@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
-import os
 import sys
 import time
 
@@ -47,6 +45,7 @@ from flax import nnx
 
 from jaxopt_lab.data import load_digits
 from jaxopt_lab.models import GhostBatchNorm
+from study_output import write_study  # scripts/ is on sys.path when run as a script
 
 
 class BNCNN(nnx.Module):
@@ -157,22 +156,12 @@ def main(argv=None) -> dict:
                                          test_acc_std=float(np.std(accs)),
                                          test_loss_mean=float(np.mean([r["final"]["test_loss"] for r in runs])))
     results["wall_time"] = time.perf_counter() - t0
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
     lines = ["| setting | batch | ghost | lr | epochs | updates | test acc (mean ± std over seeds) | test loss |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in results["settings"].items():
         lines.append(f"| {name} | {r['batch']} | {r['ghost']} | {r['lr']:.3g} | {r['epochs']:g} | {r['steps']} | "
                      f"{r['test_acc_mean']:.4f} ± {r['test_acc_std']:.4f} | {r['test_loss_mean']:.4f} |")
-    table = "\n".join(lines)
-    with open(os.path.join(args.out, "summary.md"), "w") as f:
-        f.write(table + "\n")
-    print(table)
-    print(f"wall time {results['wall_time']:.1f} s")
-    if not args.no_plot:
-        plot(results, os.path.join(args.out, "large_batch_gap.png"))
-    return results
+    return write_study(results, args.out, "\n".join(lines), None if args.no_plot else plot, "large_batch_gap.png")
 
 
 def plot(results: dict, path: str) -> None:

@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
-import os
 import sys
 import time
 
@@ -48,6 +46,7 @@ from jaxopt_lab.data import load_digits
 from jaxopt_lab.diagnostics import top_eigenvalue
 from jaxopt_lab.models import MLP
 from jaxopt_lab.schedules import predicted_max_learning_rate
+from study_output import write_study  # scripts/ is on sys.path when run as a script
 
 GRIDS = {"sgd": (2.0**-6, 2.0**8), "adam": (2.0**-12, 2.0**2)}
 
@@ -137,17 +136,7 @@ def main(argv=None) -> dict:
             r["predicted_2_over_lambda"] = 2.0 / r["lambda_max"]
         results["lambda_max_full"] = float(eig(params, x, y, jax.random.key(0)))
     results["wall_time"] = time.perf_counter() - t0
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    table = summary(results)
-    with open(os.path.join(args.out, "summary.md"), "w") as f:
-        f.write(table + "\n")
-    print(table)
-    print(f"wall time {results['wall_time']:.1f} s")
-    if not args.no_plot:
-        plot(results, os.path.join(args.out, "lr_vs_batch.png"))
-    return results
+    return write_study(results, args.out, summary(results), None if args.no_plot else plot, "lr_vs_batch.png")
 
 
 def summary(results: dict) -> str:

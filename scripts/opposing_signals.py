@@ -24,8 +24,6 @@ first reaches 2/lr. Writes ``results.json``, ``summary.md`` and
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 
@@ -38,6 +36,7 @@ from flax import nnx
 from jaxopt_lab.data import load_digits
 from jaxopt_lab.diagnostics import edge_of_stability, group_losses, largest_loss_changes, opposing_signals
 from jaxopt_lab.models import MLP
+from study_output import write_study  # scripts/ is on sys.path when run as a script
 
 
 def main(argv=None) -> dict:
@@ -106,17 +105,7 @@ def main(argv=None) -> dict:
         group_loss_range=[[float(after[:, j].min()), float(after[:, j].max())] for j in range(4)],
         train_loss_final=float(losses[-1].mean()),
     )
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    table = summary(results)
-    with open(os.path.join(args.out, "summary.md"), "w") as f:
-        f.write(table + "\n")
-    print(table)
-    print(f"wall time {results['wall_time']:.1f} s")
-    if not args.no_plot:
-        plot(results, os.path.join(args.out, "opposing_signals.png"))
-    return results
+    return write_study(results, args.out, summary(results), None if args.no_plot else plot, "opposing_signals.png")
 
 
 def summary(r: dict) -> str:
