@@ -208,7 +208,7 @@ def local_scaling_server(scaling: str = "adam", beta: float = 0.999, alpha: floa
 
     Returns ``(rule, client_context)``: pass both to :class:`FederatedSimulator`.
     """
-    from jaxopt_lab.distributed.federated.aggregate import WEIGHTINGS, weighted_sum
+    from jaxopt_lab.distributed.federated.aggregate import WEIGHTINGS, client_weights, weighted_sum
     from jaxopt_lab.distributed.federated.fedavg import fedavg
 
     _check(scaling, beta, alpha)
@@ -224,11 +224,7 @@ def local_scaling_server(scaling: str = "adam", beta: float = 0.999, alpha: floa
         if aux is None or "stat" not in aux:
             raise ValueError("local_scaling_server needs client_aux={'stat'}: use scaled_local_update clients")
         mask = jnp.asarray(extra["mask"], bool)
-        counts = extra.get("num_examples") if weighting == "examples" else None
-        counts = jnp.ones(mask.shape, jnp.float32) if counts is None else jnp.asarray(counts, jnp.float32)
-        base = jnp.where(mask, counts, 0.0)
-        total = base.sum()
-        w = jnp.where(total > 0, base / jnp.where(total > 0, total, 1.0), 0.0)
+        w = client_weights(mask, weighting, extra)
         mean = weighted_sum(aux["stat"], w, mask)
         stat = scaling_statistic(scaling, mean, mean)
         any_ = jnp.any(mask)

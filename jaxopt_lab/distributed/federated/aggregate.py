@@ -50,17 +50,22 @@ def arrival_weights(num_arrivals: int, weighting: str, staleness_fn: StalenessFn
     """Per-arrival weights :math:`m_i c_i s(\\tau_i) / \\sum_j m_j c_j` (zeros if nothing arrived)."""
     mask = extra.get("mask")
     mask = jnp.ones((num_arrivals,), bool) if mask is None else jnp.asarray(mask, bool)
-    if weighting == "examples":
-        counts = extra.get("num_examples")
-        counts = jnp.ones((num_arrivals,), jnp.float32) if counts is None else jnp.asarray(counts, jnp.float32)
-    else:
-        counts = jnp.ones((num_arrivals,), jnp.float32)
     staleness = extra.get("staleness")
     staleness = jnp.zeros((num_arrivals,), jnp.int32) if staleness is None else staleness
+    return client_weights(mask, weighting, extra) * staleness_fn(staleness), mask
+
+
+def client_weights(mask, weighting: str, extra: dict):
+    """:math:`m_i c_i / \\sum_j m_j c_j` over the clients in ``mask`` (zeros if none).
+
+    :math:`c_i` is the client's ``extra["num_examples"]`` with ``weighting="examples"``
+    (1 where the simulator gives none), else 1.
+    """
+    counts = extra.get("num_examples") if weighting == "examples" else None
+    counts = jnp.ones(mask.shape, jnp.float32) if counts is None else jnp.asarray(counts, jnp.float32)
     base = jnp.where(mask, counts, 0.0)
     total = base.sum()
-    weights = jnp.where(total > 0, base / jnp.where(total > 0, total, 1.0), 0.0)
-    return weights * staleness_fn(staleness), mask
+    return jnp.where(total > 0, base / jnp.where(total > 0, total, 1.0), 0.0)
 
 
 def weighted_sum(stacked, weights, mask):

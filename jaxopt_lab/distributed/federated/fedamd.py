@@ -70,7 +70,7 @@ import optax
 
 from jaxopt_lab.distributed.federated import _rng
 from jaxopt_lab.distributed.federated._checks import check_int, check_real
-from jaxopt_lab.distributed.federated.aggregate import WEIGHTINGS, _leading, weighted_sum
+from jaxopt_lab.distributed.federated.aggregate import WEIGHTINGS, _leading, client_weights, weighted_sum
 from jaxopt_lab.distributed.federated.local import ClientData, ClientWalk, _key_data
 
 _ANCHOR_STREAM = 0x414D44  # counter of the anchor draw (the batch shuffle uses none)
@@ -136,14 +136,7 @@ def scale_by_fedamd(num_clients: int, weighting: str = "uniform") -> optax.Gradi
         mask = jnp.ones((size,), bool) if mask is None else jnp.asarray(mask, bool)
         anchor = jnp.asarray(aux["anchor"], bool) & mask
         miner = mask & ~anchor
-        if weighting == "examples":
-            counts = extra.get("num_examples")
-            counts = jnp.ones((size,), jnp.float32) if counts is None else jnp.asarray(counts, jnp.float32)
-        else:
-            counts = jnp.ones((size,), jnp.float32)
-        base = jnp.where(miner, counts, 0.0)
-        total = base.sum()
-        weights = jnp.where(total > 0, base / jnp.where(total > 0, total, 1.0), 0.0)
+        weights = client_weights(miner, weighting, extra)
         direction = weighted_sum(updates, weights, miner)
         ids = extra.get("client_ids")
         ids = jnp.arange(size) if ids is None else jnp.asarray(ids, jnp.int32)

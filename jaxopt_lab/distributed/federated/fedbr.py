@@ -316,7 +316,7 @@ def fedbr_server(discriminator, learning_rate: float = 1.0, weighting: str = "un
     :math:`D \\leftarrow D + \\eta \\sum_i w_i (D_i - D)`. Equivalent to :func:`fedbr_local_update`
     over ``{"model", "discriminator"}`` params with that FedAvg.
     """
-    from jaxopt_lab.distributed.federated.aggregate import WEIGHTINGS, weighted_sum
+    from jaxopt_lab.distributed.federated.aggregate import WEIGHTINGS, client_weights, weighted_sum
     from jaxopt_lab.distributed.federated.fedavg import fedavg
 
     learning_rate = check_real("learning_rate", learning_rate)
@@ -333,11 +333,7 @@ def fedbr_server(discriminator, learning_rate: float = 1.0, weighting: str = "un
         if aux is None or "discriminator" not in aux:
             raise ValueError("fedbr_server needs client_aux={'discriminator'}: use fedbr_context_client clients")
         mask = jnp.asarray(extra["mask"], bool)
-        counts = extra.get("num_examples") if weighting == "examples" else None
-        counts = jnp.ones(mask.shape, jnp.float32) if counts is None else jnp.asarray(counts, jnp.float32)
-        base = jnp.where(mask, counts, 0.0)
-        total = base.sum()
-        w = jnp.where(total > 0, base / jnp.where(total > 0, total, 1.0), 0.0)
+        w = client_weights(mask, weighting, extra)
         delta = jax.tree.map(lambda d, d0: d - d0[None], aux["discriminator"], state.discriminator)
         mean = weighted_sum(delta, w, mask)
         disc = jax.tree.map(lambda d0, m: d0 + learning_rate * m.astype(d0.dtype), state.discriminator, mean)

@@ -63,7 +63,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxopt_lab.distributed.federated._checks import check_int, check_real
-from jaxopt_lab.distributed.federated.aggregate import WEIGHTINGS, _leading, weighted_sum
+from jaxopt_lab.distributed.federated.aggregate import WEIGHTINGS, _leading, client_weights, weighted_sum
 from jaxopt_lab.distributed.federated.local import ClientData, ClientWalk
 
 
@@ -112,11 +112,7 @@ def scale_by_fedspeed(num_clients: int, weighting: str = "uniform") -> optax.Gra
         size = _leading(updates)
         mask = extra.get("mask")
         mask = jnp.ones((size,), bool) if mask is None else jnp.asarray(mask, bool)
-        counts = extra.get("num_examples") if weighting == "examples" else None
-        counts = jnp.ones((size,), jnp.float32) if counts is None else jnp.asarray(counts, jnp.float32)
-        base = jnp.where(mask, counts, 0.0)
-        total = base.sum()
-        weights = jnp.where(total > 0, base / jnp.where(total > 0, total, 1.0), 0.0)
+        weights = client_weights(mask, weighting, extra)
         mean_delta = weighted_sum(updates, weights, mask)
         ids = extra.get("client_ids")
         ids = jnp.arange(size) if ids is None else jnp.asarray(ids, jnp.int32)
