@@ -103,9 +103,10 @@ def temp_bytes(step, tx, sizes, batch):
     return m.temp_size_in_bytes
 
 
-def train(step, tx, sizes, seed, epochs, data, batch=32):
+def train(step, tx, params, forward, seed, epochs, data, batch=32):
+    """Test accuracy after each epoch of ``step`` from ``params`` (``forward(params, x)`` gives the logits)."""
     xtr, ytr, xte, yte = data
-    p = init_mlp(sizes, seed)
+    p = params
     s = tx.init(p)
     step = jax.jit(step)
     acc = jax.jit(lambda p: jnp.mean(jnp.argmax(forward(p, xte), -1) == yte))
@@ -168,21 +169,6 @@ def make_cnn_steps(lr):
     return (tx_bp, bp_step), (tx_tp, tp_step)
 
 
-def train_cnn(step, tx, seed, epochs, data, batch=32):
-    xtr, ytr, xte, yte = data
-    p = init_cnn(seed)
-    s = tx.init(p)
-    step = jax.jit(step)
-    acc = jax.jit(lambda p: jnp.mean(jnp.argmax(cnn_forward(p, xte), -1) == yte))
-    n = xtr.shape[0] // batch * batch
-    out = []
-    for epoch in range(epochs):
-        for idx in np.random.default_rng([seed, epoch]).permutation(xtr.shape[0])[:n].reshape(-1, batch):
-            p, s = step(p, s, xtr[idx], ytr[idx])
-        out.append(float(acc(p)))
-    return out
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=20)
@@ -209,7 +195,7 @@ def main():
     for name, lr in (("backprop SGD", 0.05), ("backprop SGD", 0.01), ("tpSGD", 0.05), ("tpSGD", 0.01), ("tpSGD", 0.002)):
         (txb, bps), (txt, tps), tss = make_steps(2, lr, lr)
         step, tx = (bps, txb) if name.startswith("backprop") else (tss, txt)
-        accs = np.mean([train(step, tx, sizes, s, args.epochs, data) for s in range(args.seeds)], axis=0)
+        accs = np.mean([train(step, tx, init_mlp(sizes, s), forward, s, args.epochs, data) for s in range(args.seeds)], axis=0)
         print(f"| {name} | {lr:g} | " + " | ".join(f"{accs[e - 1]:.3f}" for e in shown) + " |", flush=True)
     if args.cnn_epochs:
         shown = sorted({e for e in (1, 5, args.cnn_epochs // 2, args.cnn_epochs) if 1 <= e <= args.cnn_epochs})
@@ -219,7 +205,7 @@ def main():
         for lr in (0.05, 0.01, 0.002):
             (txb, bps), (txt, tps) = make_cnn_steps(lr)
             for name, step, tx in (("backprop SGD", bps, txb), ("tpSGD", tps, txt)):
-                accs = np.mean([train_cnn(step, tx, s, args.cnn_epochs, data) for s in range(args.seeds)], axis=0)
+                accs = np.mean([train(step, tx, init_cnn(s), cnn_forward, s, args.cnn_epochs, data) for s in range(args.seeds)], axis=0)
                 print(f"| {name} | {lr:g} | " + " | ".join(f"{accs[e - 1]:.3f}" for e in shown) + " |", flush=True)
     print(f"wall {time.time() - t0:.0f} s")
 
