@@ -16,6 +16,7 @@ from jaxopt_lab.finetune.lora import (
 )
 from jaxopt_lab.finetune.lora_ggpo import LoRAGGPOState, lora_ggpo, remove_perturbation
 from jaxopt_lab.finetune.lora_pro import ScaleByLoRAProState, lora_pro, scale_by_lora_pro
+from jaxopt_lab.finetune.ist import ISTState, ist
 
 __all__ = [
     "LoRAGGPOState",
@@ -35,4 +36,6 @@ __all__ = [
     "trainable_labels",
     "trainable_report",
     "unmerge_lora",
+    "ISTState",
+    "ist",
 ]

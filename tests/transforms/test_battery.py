@@ -51,7 +51,7 @@ import pytest
 
 import jaxopt_lab.lowrank
 import jaxopt_lab.transforms
-from jaxopt_lab.finetune import lora_ggpo, lora_pro, scale_by_lora_pro
+from jaxopt_lab.finetune import ist, lora_ggpo, lora_pro, scale_by_lora_pro
 from jaxopt_lab.lowrank.memory import optimizer_state_bytes, state_bytes_report
 from jaxopt_lab.transforms.adamp import adamp, scale_by_adamp, scale_by_sgdp, sgdp
 from jaxopt_lab.transforms.delta_sgd import delta_sgd, scale_by_delta_sgd
@@ -142,6 +142,12 @@ def lora_ggpo_adam(learning_rate, sigma, beta, seed):
     """LoRA-GGPO around Adam. The battery's trees hold no LoRA factors, so this checks the wrapper
     (state, dtypes, jit, inject_hyperparams) around its inner method; tests/finetune checks the rule."""
     return lora_ggpo(optax.adam(learning_rate), sigma=sigma, beta=beta, seed=seed)
+
+
+def ist_adam(learning_rate, seed):
+    """IST around Adam. The battery's trees hold no LoRA factors, so this checks the wrapper
+    (state, dtypes, jit, inject_hyperparams); tests/finetune/test_ist.py checks the rule."""
+    return ist(optax.adam(learning_rate), seed=seed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -483,6 +489,15 @@ TRANSFORMS = [
         covers=(lora_ggpo,),
         static_args=("seed",),
     ),
+    Case(
+        "ist(adam)",
+        ist_adam,
+        dict(learning_rate=0.1, seed=0),
+        solve=dict(quadratic=dict(learning_rate=0.1), rosenbrock=dict(learning_rate=3e-3),
+                   complex=dict(learning_rate=0.1)),
+        covers=(ist,),
+        static_args=("seed",),
+    ),
 ]
 IDS = [c.name for c in TRANSFORMS]
 
@@ -654,6 +669,7 @@ FACTORY_ARGS: dict[Callable, dict[str, Any]] = {
     tpsgd: dict(learning_rate=0.1, hidden_layers=["dense"], num_classes=3),
     scale_by_target_projection: dict(hidden_layers=["dense"], num_classes=3),
     lora_ggpo: dict(inner=optax.sgd(0.1)),
+    ist: dict(inner=optax.sgd(0.1)),
 }
 
 
@@ -678,7 +694,7 @@ FACTORY_EXTRAS: dict[Callable, Callable[[Callable, Any, Any], dict]] = {
 # (optax's test lists its own: warmup_steps, rank, update_proj_gap, ...)
 STATIC_INTS = ("rank", "update_proj_gap", "seed", "inner_steps", "reset_interval", "channel_axis", "queue_size",
                "gamma_proj", "group_size", "proj_group_size", "m", "max_backtracks", "num_samples", "cg_iters",
-               "max_search", "num_classes", "step_offset")
+               "max_search", "num_classes", "step_offset", "rl_steps", "interval")
 
 
 def _covered_factories():
