@@ -51,7 +51,7 @@ import pytest
 
 import jaxopt_lab.lowrank
 import jaxopt_lab.transforms
-from jaxopt_lab.finetune import ist, lora_ggpo, lora_pro, scale_by_lora_pro
+from jaxopt_lab.finetune import ist, lora_ggpo, lora_pro, scale_by_lora_pro, snella_allocation
 from jaxopt_lab.lowrank.memory import optimizer_state_bytes, state_bytes_report
 from jaxopt_lab.transforms.adamp import adamp, scale_by_adamp, scale_by_sgdp, sgdp
 from jaxopt_lab.transforms.delta_sgd import delta_sgd, scale_by_delta_sgd
@@ -148,6 +148,12 @@ def ist_adam(learning_rate, seed):
     """IST around Adam. The battery's trees hold no LoRA factors, so this checks the wrapper
     (state, dtypes, jit, inject_hyperparams); tests/finetune/test_ist.py checks the rule."""
     return ist(optax.adam(learning_rate), seed=seed)
+
+
+def snella_allocation_adam(learning_rate, total_steps):
+    """SNELLA's allocation around Adam. The battery's trees hold no SNELLA layers, so this checks the
+    wrapper; tests/finetune/test_snella.py checks the rule."""
+    return snella_allocation(optax.adam(learning_rate), total_steps=total_steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -498,6 +504,15 @@ TRANSFORMS = [
         covers=(ist,),
         static_args=("seed",),
     ),
+    Case(
+        "snella_allocation(adam)",
+        snella_allocation_adam,
+        dict(learning_rate=0.1, total_steps=100),
+        solve=dict(quadratic=dict(learning_rate=0.1), rosenbrock=dict(learning_rate=3e-3),
+                   complex=dict(learning_rate=0.1)),
+        covers=(snella_allocation,),
+        static_args=("total_steps",),
+    ),
 ]
 IDS = [c.name for c in TRANSFORMS]
 
@@ -670,6 +685,7 @@ FACTORY_ARGS: dict[Callable, dict[str, Any]] = {
     scale_by_target_projection: dict(hidden_layers=["dense"], num_classes=3),
     lora_ggpo: dict(inner=optax.sgd(0.1)),
     ist: dict(inner=optax.sgd(0.1)),
+    snella_allocation: dict(inner=optax.sgd(0.1), total_steps=10),
 }
 
 
@@ -694,7 +710,8 @@ FACTORY_EXTRAS: dict[Callable, Callable[[Callable, Any, Any], dict]] = {
 # (optax's test lists its own: warmup_steps, rank, update_proj_gap, ...)
 STATIC_INTS = ("rank", "update_proj_gap", "seed", "inner_steps", "reset_interval", "channel_axis", "queue_size",
                "gamma_proj", "group_size", "proj_group_size", "m", "max_backtracks", "num_samples", "cg_iters",
-               "max_search", "num_classes", "step_offset", "rl_steps", "interval")
+               "max_search", "num_classes", "step_offset", "rl_steps", "interval",
+               "total_steps", "init_warmup", "final_warmup", "mask_interval")
 
 
 def _covered_factories():
