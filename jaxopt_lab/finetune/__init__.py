@@ -16,6 +16,15 @@ from jaxopt_lab.finetune.lora import (
 )
 from jaxopt_lab.finetune.lora_ggpo import LoRAGGPOState, lora_ggpo, remove_perturbation
 from jaxopt_lab.finetune.lora_pro import ScaleByLoRAProState, lora_pro, scale_by_lora_pro
+from jaxopt_lab.finetune.ist import ISTState, ist
+from jaxopt_lab.finetune.snella import (
+    SNELLA_TRAIN_ALSO,
+    SNELLAAllocationState,
+    SNELLALinear,
+    apply_snella,
+    snella_allocation,
+    snella_kernel,
+)
 
 __all__ = [
     "LoRAGGPOState",
@@ -35,4 +44,12 @@ __all__ = [
     "trainable_labels",
     "trainable_report",
     "unmerge_lora",
+    "ISTState",
+    "ist",
+    "SNELLA_TRAIN_ALSO",
+    "SNELLAAllocationState",
+    "SNELLALinear",
+    "apply_snella",
+    "snella_allocation",
+    "snella_kernel",
 ]

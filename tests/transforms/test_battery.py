@@ -51,7 +51,7 @@ import pytest
 
 import jaxopt_lab.lowrank
 import jaxopt_lab.transforms
-from jaxopt_lab.finetune import lora_ggpo, lora_pro, scale_by_lora_pro
+from jaxopt_lab.finetune import ist, lora_ggpo, lora_pro, scale_by_lora_pro, snella_allocation
 from jaxopt_lab.lowrank.adam8bit import create_dynamic_map, dequantize_blockwise, quantize_blockwise, quantize_codes
 from jaxopt_lab.lowrank.memory import optimizer_state_bytes, state_bytes_report
 from jaxopt_lab.transforms.adamp import adamp, scale_by_adamp, scale_by_sgdp, sgdp
@@ -150,6 +150,18 @@ def adam_8bit(learning_rate, b1=0.9, b2=0.999, block_size=4, min_8bit_size=4):
     """Adam with bitsandbytes' 8-bit moments, blocks and threshold small enough to quantize the battery's tensors."""
     return optax.chain(scale_by_adam_8bit(b1, b2, block_size=block_size, min_8bit_size=min_8bit_size),
                        optax.scale_by_learning_rate(learning_rate))
+
+
+def ist_adam(learning_rate, seed):
+    """IST around Adam. The battery's trees hold no LoRA factors, so this checks the wrapper
+    (state, dtypes, jit, inject_hyperparams); tests/finetune/test_ist.py checks the rule."""
+    return ist(optax.adam(learning_rate), seed=seed)
+
+
+def snella_allocation_adam(learning_rate, total_steps):
+    """SNELLA's allocation around Adam. The battery's trees hold no SNELLA layers, so this checks the
+    wrapper; tests/finetune/test_snella.py checks the rule."""
+    return snella_allocation(optax.adam(learning_rate), total_steps=total_steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -503,6 +515,24 @@ TRANSFORMS = [
         covers=(lora_ggpo,),
         static_args=("seed",),
     ),
+    Case(
+        "ist(adam)",
+        ist_adam,
+        dict(learning_rate=0.1, seed=0),
+        solve=dict(quadratic=dict(learning_rate=0.1), rosenbrock=dict(learning_rate=3e-3),
+                   complex=dict(learning_rate=0.1)),
+        covers=(ist,),
+        static_args=("seed",),
+    ),
+    Case(
+        "snella_allocation(adam)",
+        snella_allocation_adam,
+        dict(learning_rate=0.1, total_steps=100),
+        solve=dict(quadratic=dict(learning_rate=0.1), rosenbrock=dict(learning_rate=3e-3),
+                   complex=dict(learning_rate=0.1)),
+        covers=(snella_allocation,),
+        static_args=("total_steps",),
+    ),
 ]
 IDS = [c.name for c in TRANSFORMS]
 
@@ -675,6 +705,8 @@ FACTORY_ARGS: dict[Callable, dict[str, Any]] = {
     scale_by_target_projection: dict(hidden_layers=["dense"], num_classes=3),
     lora_ggpo: dict(inner=optax.sgd(0.1)),
     scale_by_adam_8bit: dict(block_size=4, min_8bit_size=4),
+    ist: dict(inner=optax.sgd(0.1)),
+    snella_allocation: dict(inner=optax.sgd(0.1), total_steps=10),
 }
 
 
@@ -699,7 +731,8 @@ FACTORY_EXTRAS: dict[Callable, Callable[[Callable, Any, Any], dict]] = {
 # (optax's test lists its own: warmup_steps, rank, update_proj_gap, ...)
 STATIC_INTS = ("rank", "update_proj_gap", "seed", "inner_steps", "reset_interval", "channel_axis", "queue_size",
                "gamma_proj", "group_size", "proj_group_size", "m", "max_backtracks", "num_samples", "cg_iters",
-               "max_search", "num_classes", "step_offset", "block_size", "min_8bit_size", "adam_block_size")
+               "max_search", "num_classes", "step_offset", "block_size", "min_8bit_size", "adam_block_size",
+               "rl_steps", "interval", "total_steps", "init_warmup", "final_warmup", "mask_interval")
 
 
 def _covered_factories():
