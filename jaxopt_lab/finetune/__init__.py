@@ -1,6 +1,9 @@
 """Parameter-efficient fine-tuning: LoRA adapters as flax nnx modules, their gradient rules
-as optax transforms (LoRA-Pro, LoRA-GGPO), and loading a pretrained run."""
+as optax transforms (LoRA-Pro, LoRA-GGPO), data-driven
+initialisation (EVA), singular-value fine-tuning (SVFit), low-rank compression (WeLore), and
+loading a pretrained run."""
 
+from jaxopt_lab.finetune.eva import EVAResult, IncrementalPCA, distribute_ranks, eva_init
 from jaxopt_lab.finetune.lora import (
     LoRAConfig,
     LoRALinear,
@@ -18,6 +21,10 @@ from jaxopt_lab.finetune.lora_ggpo import LoRAGGPOState, lora_ggpo, remove_pertu
 from jaxopt_lab.finetune.lora_pro import ScaleByLoRAProState, lora_pro, scale_by_lora_pro
 
 __all__ = [
+    "EVAResult",
+    "IncrementalPCA",
+    "distribute_ranks",
+    "eva_init",
     "LoRAGGPOState",
     "ScaleByLoRAProState",
     "lora_ggpo",
