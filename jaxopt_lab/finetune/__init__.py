@@ -18,6 +18,7 @@ from jaxopt_lab.finetune.lora import (
     unmerge_lora,
 )
 from jaxopt_lab.finetune.lora_ggpo import LoRAGGPOState, lora_ggpo, remove_perturbation
+from jaxopt_lab.finetune.svfit import SVFitLinear, apply_svfit, freeze_all_but_singular_values, merge_svfit
 from jaxopt_lab.finetune.lora_pro import ScaleByLoRAProState, lora_pro, scale_by_lora_pro
 
 __all__ = [
@@ -31,6 +32,10 @@ __all__ = [
     "lora_pro",
     "remove_perturbation",
     "scale_by_lora_pro",
+    "SVFitLinear",
+    "apply_svfit",
+    "freeze_all_but_singular_values",
+    "merge_svfit",
     "LoRAConfig",
     "LoRALinear",
     "LoRAPair",
