@@ -19,6 +19,7 @@ from jaxopt_lab.finetune.lora import (
 )
 from jaxopt_lab.finetune.lora_ggpo import LoRAGGPOState, lora_ggpo, remove_perturbation
 from jaxopt_lab.finetune.svfit import SVFitLinear, apply_svfit, freeze_all_but_singular_values, merge_svfit
+from jaxopt_lab.finetune.welore import WeLoreLinear, WeLoreReport, apply_welore, freeze_all_but_low_rank
 from jaxopt_lab.finetune.lora_pro import ScaleByLoRAProState, lora_pro, scale_by_lora_pro
 
 __all__ = [
@@ -36,6 +37,10 @@ __all__ = [
     "apply_svfit",
     "freeze_all_but_singular_values",
     "merge_svfit",
+    "WeLoreLinear",
+    "WeLoreReport",
+    "apply_welore",
+    "freeze_all_but_low_rank",
     "LoRAConfig",
     "LoRALinear",
     "LoRAPair",
