@@ -79,7 +79,7 @@ def uniform(model, target: float):
 def welore_table():
     model, docs, code = pretrained()
     print(f"pretrained: docs {eval_loss(model, docs):.4f}, code {eval_loss(model, code):.4f} nats/byte")
-    print("| target | WeLore θ | compression | LRCs / 16 | ranks (min–max) | docs loss | code loss "
+    print("| target | WeLore θ | compression | LRCs / 8 | ranks (min–max) | docs loss | code loss "
           "| uniform rank | its compression | docs loss | code loss |")
     print("|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for target in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6):
