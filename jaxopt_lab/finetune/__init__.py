@@ -1,6 +1,9 @@
 """Parameter-efficient fine-tuning: LoRA adapters as flax nnx modules, their gradient rules
-as optax transforms (LoRA-Pro, LoRA-GGPO), and loading a pretrained run."""
+as optax transforms (LoRA-Pro, LoRA-GGPO), data-driven
+initialisation (EVA), singular-value fine-tuning (SVFit), low-rank compression (WeLore), and
+loading a pretrained run."""
 
+from jaxopt_lab.finetune.eva import EVAResult, IncrementalPCA, distribute_ranks, eva_init
 from jaxopt_lab.finetune.lora import (
     LoRAConfig,
     LoRALinear,
@@ -15,6 +18,8 @@ from jaxopt_lab.finetune.lora import (
     unmerge_lora,
 )
 from jaxopt_lab.finetune.lora_ggpo import LoRAGGPOState, lora_ggpo, remove_perturbation
+from jaxopt_lab.finetune.svfit import SVFitLinear, apply_svfit, freeze_all_but_singular_values, merge_svfit
+from jaxopt_lab.finetune.welore import WeLoreLinear, WeLoreReport, apply_welore, freeze_all_but_low_rank
 from jaxopt_lab.finetune.lora_pro import ScaleByLoRAProState, lora_pro, scale_by_lora_pro
 from jaxopt_lab.finetune.ist import ISTState, ist
 from jaxopt_lab.finetune.snella import (
@@ -27,12 +32,24 @@ from jaxopt_lab.finetune.snella import (
 )
 
 __all__ = [
+    "EVAResult",
+    "IncrementalPCA",
+    "distribute_ranks",
+    "eva_init",
     "LoRAGGPOState",
     "ScaleByLoRAProState",
     "lora_ggpo",
     "lora_pro",
     "remove_perturbation",
     "scale_by_lora_pro",
+    "SVFitLinear",
+    "apply_svfit",
+    "freeze_all_but_singular_values",
+    "merge_svfit",
+    "WeLoreLinear",
+    "WeLoreReport",
+    "apply_welore",
+    "freeze_all_but_low_rank",
     "LoRAConfig",
     "LoRALinear",
     "LoRAPair",
