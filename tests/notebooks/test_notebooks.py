@@ -174,7 +174,10 @@ def test_08_finetuning_notebook():
     nb = execute("08_finetuning.ipynb", {"NB08_PRESET": "micro", "NB08_PRETRAIN_STEPS": "20", "NB08_FINETUNE_STEPS": "10",
                                          "MPLBACKEND": "Agg"})
     text = outputs(nb)
-    [pre], [report], variants, [merge] = tables(nb)
+    [pre], [report], variants, _ = tables(nb)
+    # the merge table's headers hold '|' (abs bars): its numbers from the raw row
+    merge_row = [c for c in nb.cells if c.cell_type == "code"][-2].outputs[0]["data"]["text/markdown"].splitlines()[-1]
+    merged, unmerged, _ = (float(v) for v in merge_row.strip().strip("|").split("|"))
     assert "the outputs equal the pretrained model's: True" in text, text  # B = 0 at the start
     assert 0 < int(report["trainable (adapters)"].replace(",", "")) < int(report["parameters"].replace(",", "")), report
     rows = {r["variant"].split(" (")[0]: r for r in variants}
@@ -184,5 +187,5 @@ def test_08_finetuning_notebook():
     assert 8 * trainable <= state["LoRA"] < state["full fine-tuning"], state  # Adam: two f32 moments per trained param
     assert state["LoRA-Pro"] > state["LoRA"], state  # its AdamW form keeps moments of the full-size gradient
     assert all(np.isfinite(float(r["code val loss"])) for r in variants), variants
-    assert float(merge["max |merged − adapter| output"]) < 1e-4, merge  # merging does not change the function
-    assert float(merge["max |unmerged − original| kernel"]) < 1e-5, merge
+    assert merged < 1e-4, merge_row  # merging does not change the function
+    assert unmerged < 1e-5, merge_row
