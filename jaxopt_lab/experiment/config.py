@@ -10,7 +10,7 @@ A config has seven sections::
                   a hyperparameter may be a schedule table
                   ``{schedule = "cosine_decay_schedule", init_value = 1e-3, decay_steps = 500}``
     [train]       steps, batch_size, grad_accum, eval_every, eval_batches, loss, sharpness_every,
-                  norm_test_eta, max_batch_size
+                  instability_every, norm_test_eta, max_batch_size
     [workers]     count, mode ("vmap" | "shard_map"), devices_per_worker (d > 1: each worker
                   spans d devices and shards its state over them; shard_map only); batch_size
                   is per worker
@@ -75,6 +75,7 @@ class TrainConfig:
     eval_batches: int = 0  # held-out batches per evaluation, at most (a smaller split gives fewer); 0: the whole split
     loss: str = "cross_entropy"  # or "stable_max" (classification and lm tasks)
     sharpness_every: int = 0  # log the Hessian's top eigenvalue against 2/lr every k steps; 0: off
+    instability_every: int = 0  # a GPT: log its max attention logit and output log Z every k steps; 0: off
     norm_test_eta: float = 0.0  # > 0: grow the batch by the norm test (AdAdaGrad); 0: fixed batch
     max_batch_size: int = 1024  # the adaptive batch's ceiling
 
@@ -142,7 +143,8 @@ _POSITIVE = {
     "train.steps", "train.batch_size", "train.grad_accum", "checkpoint.keep", "workers.count", "train.max_batch_size",
     "workers.devices_per_worker",
 }
-_NON_NEGATIVE = {"train.eval_every", "train.eval_batches", "train.sharpness_every", "checkpoint.every", "run.seed"}
+_NON_NEGATIVE = {"train.eval_every", "train.eval_batches", "train.sharpness_every", "train.instability_every",
+                 "checkpoint.every", "run.seed"}
 LOSSES = ("cross_entropy", "stable_max")
 
 
@@ -309,6 +311,8 @@ def from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
         raise ConfigError(f"train.loss must be one of {LOSSES}, got {cfg.train.loss!r}")
     if cfg.train.sharpness_every and cfg.workers.count > 1:
         raise ConfigError("train.sharpness_every is for single-worker runs (workers.count = 1)")
+    if cfg.train.instability_every and cfg.workers.count > 1:
+        raise ConfigError("train.instability_every is for single-worker runs (workers.count = 1)")
     if cfg.train.norm_test_eta < 0:
         raise ConfigError(f"train.norm_test_eta must be >= 0, got {cfg.train.norm_test_eta!r}")
     if cfg.train.norm_test_eta > 0 and (cfg.workers.count > 1 or cfg.train.grad_accum > 1):

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxopt_lab.diagnostics import edge_of_stability
+from jaxopt_lab.diagnostics import edge_of_stability, instability_metrics
 from jaxopt_lab.distributed.accounting import ByteCount, CommBytes, communicated_bytes, wire_bytes
 from jaxopt_lab.losses import softmax_collapse_fraction
 from jaxopt_lab.lowrank.memory import optimizer_state_bytes
@@ -203,6 +203,13 @@ class Trainer:
             self.sharpness = jax.jit(
                 lambda p, x, y, lr, key: edge_of_stability(lambda q: loss_fn(q, x, y)[0], p, lr, key)
             )
+        self.instability = None  # Wortsman et al. 2024's monitors of a GPT (train.instability_every)
+        if self.cfg.train.instability_every:
+            if not hasattr(experiment.model, "forward_with_attention_logits"):
+                raise config_lib.ConfigError(
+                    f"train.instability_every needs a GPT (its attention logits); model "
+                    f"{self.cfg.model.get('name')!r} is a {type(experiment.model).__name__}")
+            self.instability = jax.jit(lambda p, x: instability_metrics(nnx.merge(graphdef, p, rest), x))
         initial = TrainState(
             jnp.zeros((), jnp.int32), params, experiment.tx.init(params), jnp.asarray(self.cfg.train.batch_size, jnp.int32)
         )
@@ -294,6 +301,13 @@ class Trainer:
         key = jax.random.fold_in(jax.random.key(self.cfg.run.seed), step)
         out = self.sharpness(params, x[0], y[0], jnp.float32(lr), key)
         return {"sharpness": float(out["sharpness"]), "sharpness_ratio": float(out["ratio"])}
+
+    def instability_monitors(self, params, step: int) -> dict[str, float]:
+        """A GPT's largest attention logit (over blocks and heads) and its output logits' log Z
+        (mean, max |.|) on this step's (first micro-)batch, after the step's update
+        (:func:`jaxopt_lab.diagnostics.instability_metrics`)."""
+        x, _ = self.batch(step)
+        return {k: float(v) for k, v in self.instability(params, x[0]).items()}
 
     def step_metrics(self, state: TrainState, metrics: dict) -> dict[str, float]:
         """Host-side metrics of one step (averaged over workers; bytes each worker sent).
@@ -416,6 +430,8 @@ class Trainer:
                     record["learning_rate"] = float(self.lr(step))
                 if self.sharpness is not None and (step + 1) % t.sharpness_every == 0:
                     record.update(self.edge_of_stability(state.params, step))
+                if self.instability is not None and (step + 1) % t.instability_every == 0:
+                    record.update(self.instability_monitors(state.params, step))
                 done = step + 1
                 if done == t.steps or (t.eval_every and done % t.eval_every == 0):
                     record.update(self.evaluate(state.params))

@@ -163,3 +163,41 @@ def test_07_systems_notebook():
     assert "dense bytes: 9640" in text and "sketch 0.25 bytes: 2412" in text, text
     mse = {r["what is sent"].split(" (")[0]: float(r["reconstruction MSE"]) for r in attack}
     assert mse["sketch 0.25"] < mse["guess: mean digit"] < mse["sketch + DP"], attack  # leaks; noise stops it
+
+
+def test_09_dynamics_notebook():
+    nb = execute("09_dynamics.ipynb", {"NB09_EPOCHS": "1", "NB09_STEPS": "30", "MPLBACKEND": "Agg"})
+    tract, sso, tp, gns, gbn, inst, lrs, [opp] = tables(nb)
+    assert len(tract) == 4 and all(0.1 < float(r["epoch 1"]) <= 1 for r in tract), tract  # chance is 0.1
+    gaps = {r["method"]: float(r[next(c for c in r if c.startswith("L − L*"))]) for r in sso}
+    assert all(g >= -1e-6 for g in gaps.values()), sso  # L* is the minimum (float64 Newton)
+    assert gaps["SSO m=20, η=0.125/n"] < gaps["GD, step 1/L"], sso  # inner steps buy progress per gradient
+    assert [r["method"].split(",")[0] for r in tp] == ["backprop SGD", "tpSGD", "tpSGD"], tp
+    losses = {r["method"]: float(r["final loss"]) for r in gns}
+    assert all(np.isfinite(v) for v in losses.values()) and losses["Newton"] < 10, gns  # from 2057 at the start
+    assert [r["steps"] for r in gbn][-1] == [r["steps"] for r in gbn][0], gbn  # regime adaptation: as many updates
+    assert len(inst) == 8 and len(lrs) == 2, inst
+    attn = {(r["variant"], r["lr"]): float(r["max attention logit"]) for r in inst}
+    assert attn[("baseline", "1")] > attn[("qk-layernorm + z-loss 1e-4", "1")], inst  # qk-layernorm bounds the logits
+    assert -1 <= float(opp["corr(Δ loss +, Δ loss −) after"]) <= 1 and float(opp["2/lr"]) == 4.0, opp
+
+
+def test_08_finetuning_notebook():
+    nb = execute("08_finetuning.ipynb", {"NB08_PRESET": "micro", "NB08_PRETRAIN_STEPS": "20", "NB08_FINETUNE_STEPS": "10",
+                                         "MPLBACKEND": "Agg"})
+    text = outputs(nb)
+    [pre], [report], variants, _ = tables(nb)
+    # the merge table's headers hold '|' (abs bars): its numbers from the raw row
+    merge_row = [c for c in nb.cells if c.cell_type == "code"][-2].outputs[0]["data"]["text/markdown"].splitlines()[-1]
+    merged, unmerged, _ = (float(v) for v in merge_row.strip().strip("|").split("|"))
+    assert "the outputs equal the pretrained model's: True" in text, text  # B = 0 at the start
+    assert 0 < int(report["trainable (adapters)"].replace(",", "")) < int(report["parameters"].replace(",", "")), report
+    rows = {r["variant"].split(" (")[0]: r for r in variants}
+    assert set(rows) == {"LoRA", "LoRA-Pro", "LoRA-GGPO", "full fine-tuning"}, variants
+    state = {k: int(r["optimizer state bytes"].replace(",", "")) for k, r in rows.items()}
+    trainable = int(rows["LoRA"]["trainable params"].replace(",", ""))
+    assert 8 * trainable <= state["LoRA"] < state["full fine-tuning"], state  # Adam: two f32 moments per trained param
+    assert state["LoRA-Pro"] > state["LoRA"], state  # its AdamW form keeps moments of the full-size gradient
+    assert all(np.isfinite(float(r["code val loss"])) for r in variants), variants
+    assert merged < 1e-4, merge_row  # merging does not change the function
+    assert unmerged < 1e-5, merge_row
