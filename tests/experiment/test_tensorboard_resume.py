@@ -52,8 +52,8 @@ from jaxopt_lab.experiment.metrics import MetricsLog
 when, kill_at = sys.argv[2], int(sys.argv[3])
 save, write = Checkpointer.save, MetricsLog.write
 
-def save_then_die(self, step, *args):
-    save(self, step, *args)
+def save_then_die(self, step, *args, **kwargs):
+    save(self, step, *args, **kwargs)
     if when == "checkpoint" and step == kill_at:
         self.wait()
         os.kill(os.getpid(), signal.SIGKILL)
