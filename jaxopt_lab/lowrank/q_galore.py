@@ -88,7 +88,7 @@ import optax
 
 from jaxopt_lab.lowrank._projected import default_label_fn, scale_by_projected
 from jaxopt_lab.lowrank._weight_decay import decay_updated_weights
-from jaxopt_lab.lowrank.adam8bit import BLOCK_SIZE, MIN_8BIT_SIZE, scale_by_adam_8bit
+from jaxopt_lab.lowrank.adam8bit import BLOCK_SIZE, MIN_8BIT_SIZE, _blocks, scale_by_adam_8bit
 from jaxopt_lab.lowrank.galore import _galore_finish
 from jaxopt_lab.lowrank.projectors import PROJECTORS, get_projector, int4_projector
 from jaxopt_lab.transforms import _validation as check
@@ -342,12 +342,6 @@ class Int8WeightsState(NamedTuple):
     inner: optax.OptState
 
 
-def _groups(x: jax.Array, group_size: int) -> jax.Array:
-    flat = x.reshape(-1)
-    n_groups = -(-flat.shape[0] // group_size)
-    return jnp.pad(flat, (0, n_groups * group_size - flat.shape[0])).reshape(n_groups, group_size)
-
-
 def stochastic_round_int8(x: jax.Array, key: jax.Array, group_size: int = 256) -> tuple[jax.Array, jax.Array]:
     """``x`` rounded stochastically onto its symmetric per-group int8 grid.
 
@@ -359,7 +353,7 @@ def stochastic_round_int8(x: jax.Array, key: jax.Array, group_size: int = 256) -
     Returns ``(values, scales)``: the rounded values in ``x``'s shape and dtype,
     and the (n_groups,) float32 scales.
     """
-    groups = _groups(x.astype(jnp.float32), group_size)
+    groups = _blocks(x.astype(jnp.float32), group_size)
     scales = jnp.max(jnp.abs(groups), axis=1) / 127.0
     safe = jnp.where(scales > 0, scales, 1.0)[:, None]
     u = jax.random.uniform(key, groups.shape, jnp.float32)
@@ -388,8 +382,7 @@ def stochastic_round_uint8(x: jax.Array, key: jax.Array, group_size: int = 256) 
     and dtype, and the (n_groups,) float32 scales and zero points.
     """
     flat = x.astype(jnp.float32).reshape(-1)
-    n_groups = -(-flat.shape[0] // group_size)
-    groups = jnp.pad(flat, (0, n_groups * group_size - flat.shape[0]), mode="edge").reshape(n_groups, group_size)
+    groups = _blocks(flat, group_size, pad_value=flat[-1])
     lo, hi = jnp.min(groups, axis=1), jnp.max(groups, axis=1)
     scales = jnp.maximum(hi - lo, 1e-5) / 255.0
     zeros = jnp.clip(-jnp.round(lo / scales), 0, 255)
