@@ -1,32 +1,53 @@
 r"""LoRA-GGPO: gradient- and weight-norm-guided random perturbation of the adapted weights.
 
 Chang, Guo, Chang & Wu, "LoRA-GGPO: Mitigating Double Descent in LoRA Fine-Tuning via
-Gradient-Guided Perturbation Optimization" (arXiv:2502.14538v1, 2025). Its code
-(github.com/llm172/LoRA-GGPO) cannot be read from here (the repository now holds the
-paper's later version, LoRA-MGPO); the rule below follows the public port in kohya-ss's
-sd-scripts (``networks/lora_flux.py``: ``update_norms``, ``update_grad_norms`` and the
-forward's perturbation), which its authors wrote from the paper.
+Gradient-Guided Perturbation Optimization" (arXiv:2502.14538v1, 2025).
 
-Like Flat-LoRA, GGPO trains the adapters at a randomly perturbed point of the *merged*
-weight ``W' = W + s A B``: the forward pass uses ``W' + ε`` with, for each output unit ``j``
-(a row of the paper's ``W'`` (out x in), a column of flax's kernel (in x out))::
+**Source of the formula.** Neither the official code nor the paper's equations could be read
+here: github.com/llm172/LoRA-GGPO has no snapshot in the code index (and its public page now
+hosts the paper's later version, LoRA-MGPO, arXiv:2502.14538v2), and the stored copies of the
+paper give only its abstract. The rule below is therefore the one of the only public
+implementation found, the port in kohya-ss's sd-scripts (PR #1974, ``networks/lora_flux.py``:
+``LoRAModule.update_norms``, ``update_grad_norms``, ``forward``; its train loop calls both
+after ``backward`` and before ``optimizer.step``), which its author wrote from the v1 paper.
+With the default arguments this module computes what that port computes, except for the
+weight norm (below). It is unverified against the authors' code.
 
-    ε[:, j] ~ N(0, std_j² I),   std_j = (σ ‖W'[:, j]‖ + β ‖G[:, j]‖) / √n,
+Like Flat-LoRA, GGPO trains the adapters at a randomly perturbed point of the merged weight
+``W' = W + s A B`` (``s = alpha / rank``): the forward pass uses ``W' + ε`` with, for each output
+unit ``j`` (a row of PyTorch's ``W'`` (out x in), a column of flax's kernel (in x out))::
 
-where ``G = s (A g_B + g_A B)`` is the low-rank equivalent gradient (its norm is the
-"gradient guidance"), ``n`` the input dimension (``norm_dim="in"``, Flat-LoRA's row-size
-normalisation; sd-scripts divides by √out: ``norm_dim="out"``). One forward and one backward
-per step, no SAM-style second pass: the scales come from the previous step's gradient and
-weights, the noise is drawn fresh each step. (sd-scripts approximates ‖W'[:, j]‖ by
-√(mean row norm of W)² + ‖ΔW[:, j]‖²) and forgets the scale s there; here the norm is exact.)
+    ε[:, j] ~ N(0, std_j² I),   std_j = (σ ‖W'_t[:, j]‖ + β ‖G_t[:, j]‖^p) / √n,
+
+with, as in sd-scripts:
+
+* ``G_t = s (A_t g_B + g_A B_t)`` the low-rank equivalent gradient of step ``t`` (flax
+  orientation; sd-scripts' ``approx_grad``), its column norm the "gradient guidance";
+* ``p = grad_power = 2``: sd-scripts' ``ggpo_beta * grad_norms**2`` (``grad_power=1`` gives
+  ``β ‖G_j‖``, the same units as the weight term);
+* ``n`` = the number of output units (``norm_dim="out"``: sd-scripts'
+  ``1 / sqrt(weight.shape[0])``); ``norm_dim="in"`` divides by √(input dim) instead, Flat-LoRA's
+  normalisation ``σ²/n ‖W'_{i,:}‖²`` with ``n`` the row length;
+* ``W'_t`` and ``G_t`` both of step ``t``, *before* its update (sd-scripts calls
+  ``update_norms`` and ``update_grad_norms`` before ``optimizer.step``); ``ε`` perturbs the
+  forward passes of step ``t + 1``, so one forward and one backward per step, no SAM-style
+  second pass;
+* the noise ``N(0, 1)`` drawn afresh every step (sd-scripts draws it in every forward), never
+  stored, and kept out of the gradient's path (it moves the layer's output, so the adapters'
+  gradients are those at the perturbed point, as with sd-scripts' ``x @ perturbation.T``).
+
+**Departure, weight norm.** Here ``‖W'_t[:, j]‖`` is the exact norm of column ``j`` of the clean
+merged kernel ``W + s A_t B_t``. sd-scripts approximates it by
+``√(w̄² + ‖(B A)_j‖²)``, ``w̄`` the mean row norm of ``W`` over a random sample of rows,
+and (``module_weights.mul(self.scale)`` is not in place) without the scale ``s``: a memory
+saving the paper's ``‖W'_{i,:}‖`` does not have, so the exact norm is used.
 
 As an optax transformation (no change to the model or the training loop), the perturbation
 is carried by the frozen base kernel: the step moves it by ``ε_{t+1} - ε_t``, so the
-parameters the next forward pass sees are ``W + ε_{t+1} + s A B``, and the gradients of A and
-B are those at the perturbed point. ``ε_t`` is regenerated from the state (its per-unit
-scales and the step's key), never stored. Consequences: the base kernel equals ``W`` again
-only up to float rounding once a perturbation is removed (a few ulps over a run); the
-parameters a run evaluates and checkpoints hold the current perturbation —
+parameters the next forward pass sees are ``W + ε_{t+1} + s A B``. ``ε_t`` is regenerated from
+the state (its per-unit scales and the step's key), never stored. Consequences: the base
+kernel equals ``W`` again only up to float rounding once a perturbation is removed (a few ulps
+over a run); the parameters a run evaluates and checkpoints hold the current perturbation —
 :func:`remove_perturbation` gives the clean ones.
 
 ``inner`` updates every leaf (in a fine-tuning config it is the method wrapped by
@@ -47,7 +68,7 @@ import optax
 from jaxopt_lab.finetune.lora import flatten_with_paths, lora_pairs
 from jaxopt_lab.transforms import _validation as check
 
-NORM_DIMS = ("in", "out")
+NORM_DIMS = ("out", "in")
 
 
 class LoRAGGPOState(NamedTuple):
@@ -78,25 +99,35 @@ def _noise(seed: int, count: jax.Array, k: int, shape, dtype) -> jax.Array:
     return jax.random.normal(key, shape, dtype)
 
 
-def perturbation_scales(a, b, ga, gb, w, scale, sigma, beta, norm_dim="in"):
-    """The per-output-unit ``std`` (flax orientation: ``a`` (in x r), ``b`` (r x out), ``w`` the
-    unperturbed merged kernel ``W + s A B`` (in x out), ``ga``/``gb`` the factors' gradients)."""
+def perturbation_scales(a, b, ga, gb, w, scale, sigma, beta, norm_dim="out", grad_power=2):
+    r"""The per-output-unit ``std`` of the perturbation::
+
+        std_j = (σ ‖w[:, j]‖ + β ‖G[:, j]‖^p) / √n,   G = s (a g_b + g_a b),
+
+    in flax orientation: ``a`` (in x r), ``b`` (r x out), ``w`` the clean merged kernel
+    ``W + s a b`` (in x out), ``ga``/``gb`` the factors' gradients, ``p = grad_power``, ``n`` the
+    output (``norm_dim="out"``) or input (``"in"``) dimension."""
     g = scale * (a @ gb + ga @ b)
-    n = w.shape[0] if norm_dim == "in" else w.shape[1]
-    return (sigma * jnp.linalg.norm(w, axis=0) + beta * jnp.linalg.norm(g, axis=0)) / math.sqrt(n)
+    n = w.shape[1] if norm_dim == "out" else w.shape[0]
+    return (sigma * jnp.linalg.norm(w, axis=0) + beta * jnp.linalg.norm(g, axis=0) ** grad_power) / math.sqrt(n)
 
 
 def lora_ggpo(inner: optax.GradientTransformation, sigma: float = 0.03, beta: float = 0.01, scale: float = 2.0,
-              seed: int = 0, norm_dim: str = "in") -> optax.GradientTransformation:
-    """LoRA-GGPO around ``inner`` (see the module docstring).
+              seed: int = 0, norm_dim: str = "out", grad_power: float = 2) -> optax.GradientTransformation:
+    r"""LoRA-GGPO around ``inner`` (see the module docstring): after ``inner``'s update, the base
+    kernel of every adapter moves from ``W + ε_t`` to ``W + ε_{t+1}``, with
+    ``ε_{t+1}[:, j] = std_j ξ_j``, ``ξ ~ N(0, I)`` fresh each step and
+    ``std_j = (σ ‖(W + s A_t B_t)[:, j]‖ + β ‖s (A_t g_B + g_A B_t)[:, j]‖^p) / √n``
+    (:func:`perturbation_scales`, of the step's pre-update factors and gradients).
 
     Args:
       inner: the method that updates the parameters (adapters trained, base frozen).
-      sigma: the weight-norm coefficient (sd-scripts' ``ggpo_sigma``; 0.03 its documented value).
-      beta: the gradient-norm coefficient (``ggpo_beta``; 0.01).
+      sigma: the weight-norm coefficient σ (sd-scripts' ``ggpo_sigma``; 0.03 its documented value).
+      beta: the gradient-norm coefficient β (``ggpo_beta``; 0.01).
       scale: the adapters' ``alpha / rank``.
       seed: the perturbations' random stream.
-      norm_dim: ``"in"`` (divide by √(input dim), Flat-LoRA) or ``"out"`` (sd-scripts).
+      norm_dim: ``"out"`` (divide by √(output dim), sd-scripts) or ``"in"`` (√(input dim), Flat-LoRA).
+      grad_power: ``p > 0``, the power of the gradient norm: 2 (sd-scripts) or 1 (the weight term's units).
 
     Returns:
       An ``optax.GradientTransformation``; ``update`` needs ``params``.
@@ -107,6 +138,7 @@ def lora_ggpo(inner: optax.GradientTransformation, sigma: float = 0.03, beta: fl
     seed = check.static_int("seed", seed, 0)
     if norm_dim not in NORM_DIMS:
         raise ValueError(f"norm_dim must be one of {NORM_DIMS}, got {norm_dim!r}")
+    check.number("grad_power", grad_power, lambda v: v > 0, "a number > 0 (2: sd-scripts, 1: the weight term's units)")
 
     def init_fn(params):
         _, leaves, _, pairs = _pairs_with_kernels(params)
@@ -126,11 +158,9 @@ def lora_ggpo(inner: optax.GradientTransformation, sigma: float = 0.03, beta: fl
             dt = _wide(values[p.kernel].dtype)
             kernel = values[p.kernel].astype(dt)
             old = state.std[k][None, :] * _noise(seed, state.count, k, kernel.shape, dt)
-            a1 = (values[p.a] + out[p.a]).astype(dt)
-            b1 = (values[p.b] + out[p.b]).astype(dt)
-            kernel_next = kernel - old + out[p.kernel].astype(dt)  # the clean kernel after this step
+            clean = kernel - old + scale * (values[p.a].astype(dt) @ values[p.b].astype(dt))  # W + s A_t B_t
             s = perturbation_scales(values[p.a].astype(dt), values[p.b].astype(dt), grads[p.a].astype(dt),
-                                    grads[p.b].astype(dt), kernel_next + scale * (a1 @ b1), scale, sigma, beta, norm_dim)
+                                    grads[p.b].astype(dt), clean, scale, sigma, beta, norm_dim, grad_power)
             new = s[None, :] * _noise(seed, count, k, kernel.shape, dt)
             out[p.kernel] = (out[p.kernel].astype(dt) + (new - old)).astype(out[p.kernel].dtype)
             std.append(s.astype(state.std[k].dtype))
