@@ -30,13 +30,29 @@ equation uses ``BᵀB`` and ``AAᵀ`` without ``δ`` (solved here by the eigende
 two symmetric matrices, a zero denominator giving 0 instead of the official's NaN); the
 bias corrections use the step number plus one (``step_offset=1``: the official code
 increments its step counter before the adjustment and then adds one; ``step_offset=0``
-gives Adam's usual correction); the second moment is accumulated in float32 (the official
-code rounds ``g̃²`` through bfloat16).
+gives Adam's usual correction). Checked line by line against ``lorapro_full_adjustment``
+(commit fe26027): the first-pass adjustment without ``X``, the moments of ``g̃`` (the first
+step's ``(1-β₁) g̃``, ``(1-β₂) g̃²`` as a zero-initialised EMA), ``ε = 1e-8`` added to
+``√v / √(1-β₂ᵗ)``, the LoRA gradients ``s Bᵀ d``, ``s d Aᵀ`` of the Adam direction ``d`` and the
+Sylvester solve ``BᵀB X + X AAᵀ = -(1/s²)(BᵀB+δI)⁺ g^A Aᵀ`` are the same here. Differences:
+
+* precision: the moments here are float32 (or the parameters' dtype where wider); the
+  official run keeps them in the model's bfloat16, and rounds ``g̃²`` through bfloat16;
+* clipping: the official scripts leave Hugging Face's ``max_grad_norm=1.0`` on, which
+  DeepSpeed applies *after* the adjustment, dividing the adjusted directions by
+  ``max(1, (‖raw LoRA gradients‖ + 1e-6) / 1.0)`` (the norm of the gradients before any
+  adjustment). Here ``clip_norm=None`` (default) does not clip: as in that comparison, where
+  every method ran under the same trainer clipping, clipping is the trainer's business;
+  ``clip_norm=1.0`` reproduces the official run's;
+* weight decay: the official scripts use 0 and apply the update with ``torch.optim.SGD``;
+  ``weight_decay`` here is SGD's (``λ p`` added to the adjusted direction of A and B before the
+  learning rate), the same rule;
+* other trainable leaves: the official code pairs every trainable tensor as (A, B); here
+  leaves outside an adapter get Adam (``adamw``) or pass unchanged (``sgd``).
 
 The factors are found by path (:func:`jaxopt_lab.finetune.lora_pairs`: ``.../lora/lora_a``,
 ``.../lora/lora_b``, flax's ``(in x r)`` and ``(r x out)``, the transposes of the paper's).
-Other leaves (biases or a head trained beside the adapters) get Adam (``adamw``) or pass
-unchanged (``sgd``). Frozen parameters should not reach it: wrap it with
+Frozen parameters should not reach it: wrap it with
 :func:`jaxopt_lab.finetune.freeze_base`, as a fine-tuning config does.
 """
 
@@ -102,7 +118,8 @@ def adjust(a: jax.Array, b: jax.Array, ga: jax.Array, gb: jax.Array, scale: floa
 
 
 def scale_by_lora_pro(scale: float = 2.0, mode: str = "adamw", b1: float = 0.9, b2: float = 0.999,
-                      eps: float = 1e-8, delta: float = 1e-8, step_offset: int = 1) -> optax.GradientTransformation:
+                      eps: float = 1e-8, delta: float = 1e-8, step_offset: int = 1,
+                      clip_norm: float | None = None) -> optax.GradientTransformation:
     """LoRA-Pro's adjusted directions for every (A, B) pair of the tree (see the module docstring).
 
     Args:
@@ -113,6 +130,9 @@ def scale_by_lora_pro(scale: float = 2.0, mode: str = "adamw", b1: float = 0.9, 
       b1, b2, eps: Adam's (``adamw``).
       delta: the regulariser of the r x r inverses.
       step_offset: added to the step number in the bias corrections (1: the official code).
+      clip_norm: if given, every output is divided by ``max(1, (‖g‖ + 1e-6) / clip_norm)``, ``‖g‖``
+        the global norm of the incoming (unadjusted) gradients: DeepSpeed's clipping in the
+        official runs (``clip_norm=1.0``, Hugging Face's default ``max_grad_norm``). None: no clipping.
 
     Returns:
       An ``optax.GradientTransformation``; ``update`` needs ``params``.
@@ -125,6 +145,8 @@ def scale_by_lora_pro(scale: float = 2.0, mode: str = "adamw", b1: float = 0.9, 
     check.number("eps", eps, lambda v: v >= 0, ">= 0")
     check.number("delta", delta, lambda v: v >= 0, ">= 0")
     step_offset = check.static_int("step_offset", step_offset, 0)
+    if clip_norm is not None:
+        check.number("clip_norm", clip_norm, lambda v: v > 0, "a number > 0 or None")
     adam = mode == "adamw"
 
     def split(tree):
@@ -197,6 +219,10 @@ def scale_by_lora_pro(scale: float = 2.0, mode: str = "adamw", b1: float = 0.9, 
             mu, nu = jax.tree.unflatten(mu_def, mu), jax.tree.unflatten(mu_def, nu)
         else:
             mu, nu = state.mu, state.nu
+        if clip_norm is not None:  # DeepSpeed's unscale_and_clip_grads, with the norm of the raw gradients
+            norm = optax.tree.norm(jax.tree.map(lambda g: g.astype(_wide(g.dtype)), updates))
+            divisor = jnp.maximum(1.0, (norm + 1e-6) / clip_norm)
+            out = [(o / divisor).astype(o.dtype) for o in out]
         return jax.tree.unflatten(treedef, out), ScaleByLoRAProState(count, mu, nu)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -204,17 +230,21 @@ def scale_by_lora_pro(scale: float = 2.0, mode: str = "adamw", b1: float = 0.9, 
 
 def lora_pro(learning_rate: optax.ScalarOrSchedule, scale: float = 2.0, mode: str = "adamw", b1: float = 0.9,
              b2: float = 0.999, eps: float = 1e-8, delta: float = 1e-8, weight_decay: float = 0.0,
-             step_offset: int = 1) -> optax.GradientTransformation:
-    """LoRA-Pro: :func:`scale_by_lora_pro`, decoupled weight decay (0: the official scripts), the learning rate.
+             step_offset: int = 1, clip_norm: float | None = None) -> optax.GradientTransformation:
+    r"""LoRA-Pro: :func:`scale_by_lora_pro`, weight decay (0: the official scripts), the learning rate::
+
+        (A, B) ← (A, B) - η (ĝ_{A,B} + λ (A, B)),
+
+    ``ĝ`` the adjusted directions of :func:`scale_by_lora_pro` (the official ``torch.optim.SGD`` step).
 
     Args:
       learning_rate: a number or an optax schedule.
       weight_decay: decoupled weight decay on the trained leaves (the paper's λ).
-      scale, mode, b1, b2, eps, delta, step_offset: see :func:`scale_by_lora_pro`.
+      scale, mode, b1, b2, eps, delta, step_offset, clip_norm: see :func:`scale_by_lora_pro`.
     """
     check.non_negative("weight_decay", weight_decay)
     return optax.chain(
-        scale_by_lora_pro(scale, mode, b1, b2, eps, delta, step_offset),
+        scale_by_lora_pro(scale, mode, b1, b2, eps, delta, step_offset, clip_norm),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
     )

@@ -123,6 +123,31 @@ def test_adamw_form_matches_the_official_rule_over_three_steps():
         np.testing.assert_allclose(ub, eb, rtol=1e-7, atol=1e-9)
 
 
+def test_clip_norm_divides_the_adjusted_directions_by_the_raw_gradient_norm_as_deepspeed():
+    """The official runs clip after the adjustment (DeepSpeed's unscale_and_clip_grads with the norm of the
+    raw gradients, max_grad_norm 1.0): the moments see unclipped gradients, only the output is divided."""
+    rng = np.random.default_rng(3)
+    n_in, n_out, r = 6, 5, 2
+    a_f, b_f = rng.normal(size=(n_in, r)), 0.3 * rng.normal(size=(r, n_out))
+    with jax.enable_x64(True):
+        params = {"bias": jnp.asarray(rng.normal(size=n_out)),
+                  "layer": {"lora": {"lora_a": jnp.asarray(a_f), "lora_b": jnp.asarray(b_f)}}}
+        plain, clipped = scale_by_lora_pro(S), scale_by_lora_pro(S, clip_norm=1.0)
+        s_plain, s_clip = plain.init(params), clipped.init(params)
+        for t in range(3):
+            grads = jax.tree.map(lambda p: jnp.asarray((0.1 + 3.0 * t) * rng.normal(size=p.shape)), params)
+            u, s_plain = plain.update(grads, s_plain, params)
+            c, s_clip = clipped.update(grads, s_clip, params)
+            raw = np.sqrt(sum(np.sum(np.asarray(g) ** 2) for g in jax.tree.leaves(grads)))
+            divisor = max(1.0, (raw + 1e-6) / 1.0)
+            if t > 0:
+                assert divisor > 1  # the clip acts on the later steps
+            jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(y), np.asarray(x) / divisor, rtol=1e-12),
+                         u, c)
+    with pytest.raises(ValueError, match="clip_norm"):
+        scale_by_lora_pro(clip_norm=0.0)
+
+
 def test_other_leaves_get_adam_and_the_alias_applies_the_learning_rate():
     params = {"bias": jnp.ones(3), "w": {"lora": {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.zeros((2, 3))}}}
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
