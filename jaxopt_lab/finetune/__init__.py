@@ -1,7 +1,8 @@
-"""Parameter-efficient fine-tuning: LoRA adapters as flax nnx modules, their gradient rules
-as optax transforms (LoRA-Pro, LoRA-GGPO), data-driven
-initialisation (EVA), singular-value fine-tuning (SVFit), low-rank compression (WeLore), and
-loading a pretrained run."""
+"""Parameter-efficient fine-tuning: LoRA adapters as flax nnx modules (:mod:`~jaxopt_lab.finetune.lora`),
+their gradient rules as optax transforms that find the (A, B) pairs by path (LoRA-Pro, LoRA-GGPO,
+IST, SNELLA's allocation), data-driven initialisation (EVA), singular-value fine-tuning (SVFit),
+low-rank compression (WeLore), kernelized sparse updates (SNELLA), and loading a pretrained run
+(:mod:`~jaxopt_lab.finetune.pretrained`)."""
 
 from jaxopt_lab.finetune.eva import EVAResult, IncrementalPCA, distribute_ranks, eva_init
 from jaxopt_lab.finetune.lora import (

@@ -120,7 +120,14 @@ def adjust(a: jax.Array, b: jax.Array, ga: jax.Array, gb: jax.Array, scale: floa
 def scale_by_lora_pro(scale: float = 2.0, mode: str = "adamw", b1: float = 0.9, b2: float = 0.999,
                       eps: float = 1e-8, delta: float = 1e-8, step_offset: int = 1,
                       clip_norm: float | None = None) -> optax.GradientTransformation:
-    """LoRA-Pro's adjusted directions for every (A, B) pair of the tree (see the module docstring).
+    r"""LoRA-Pro's adjusted directions for every (A, B) pair of the tree (see the module docstring)::
+
+        ĝ_A = (1/s²)(BᵀB)⁻¹ g_A + X A,   ĝ_B = (1/s²)[I - B(BᵀB)⁻¹Bᵀ] g_B (AAᵀ)⁻¹ - B X,
+        BᵀB X + X AAᵀ = -(1/s²)(BᵀB)⁻¹ g_A Aᵀ,
+
+    with ``(g_A, g_B)`` the raw LoRA gradients (``sgd``) or, in ``adamw``, ``s Bᵀ d`` and ``s d Aᵀ``
+    for Adam's direction ``d = m̂ / (√v̂ + ε)`` of the moments of ``g̃ = s (B g̃_A + g̃_B A)`` (the
+    equivalent gradient of the first, X-free adjustment of the raw gradients). Paper orientation.
 
     Args:
       scale: the adapters' ``s = alpha / rank`` (the model's ``lora.alpha / lora.rank``; the

@@ -72,6 +72,8 @@ from jaxopt_lab.transforms import _validation as check
 
 KERNELS = ("linear", "distance", "mixk")
 RATIO_NAME = "snella_ratio"
+#: The ``train_also`` pattern of the ``"mixk"`` kernel's learnable scalars α, γ, β:
+#: ``freeze_base(tx, train_also=SNELLA_TRAIN_ALSO)``.
 SNELLA_TRAIN_ALSO = r".*/lora/snella_(alpha|gamma|beta)"
 
 
