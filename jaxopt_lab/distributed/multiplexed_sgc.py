@@ -88,14 +88,14 @@ def follows_bursty_model(history: np.ndarray, current: np.ndarray, B: int, W: in
 @dataclass
 class MSGCResult:
     """A run of :class:`MultiplexedSGC`: per round its duration, stragglers and loads; per job the round it
-    decoded in, which worker returned which of its chunks, and each group's decoding vector (float64)."""
+    decoded in, which worker returned which of its chunks and which coded result of each group."""
 
     round_times: np.ndarray
     stragglers: np.ndarray  # (rounds, n) bool
     loads: np.ndarray  # (rounds, n), fractions of one full gradient
     decoded_round: np.ndarray  # (J,)
     chunks_done: np.ndarray  # (J, n, W - 1) bool
-    group_coefficients: list = field(default_factory=list)  # per job: B decoding vectors (n,), or [] if lambda = n
+    coded_done: np.ndarray  # (J, B, n) bool: worker i's coded result of group b returned
 
     @property
     def total_time(self) -> float:
@@ -215,9 +215,7 @@ class MultiplexedSGC:
                     decoded[j] = r
             if 0 <= r - T < num_jobs and decoded[r - T] < 0:
                 raise RuntimeError(f"job {r - T} missed its deadline (round {r}) under the straggler pattern")
-        coeffs = [[] if self.code is None else [decoding_vector(self.code, coded[j, b]) for b in range(B)]
-                  for j in range(num_jobs)]
-        return MSGCResult(times, strag, loads, decoded, chunks, coeffs)
+        return MSGCResult(times, strag, loads, decoded, chunks, coded)
 
     def _master(self, history: np.ndarray, finish: np.ndarray) -> tuple[np.ndarray, float]:
         """(stragglers, round time) from the workers' finish times (module docstring's two rules)."""
@@ -256,7 +254,8 @@ class MultiplexedSGC:
         if not result.chunks_done[job].all():
             raise ValueError(f"job {job}: chunks missing")
         total = g[:n * Wm1].sum(axis=0)
-        for b, a in enumerate(result.group_coefficients[job]):
+        for b in range(0 if self.code is None else self.B):
+            a = decoding_vector(self.code, result.coded_done[job, b])  # float64, zero on the missing workers
             part = g[n * Wm1 + b * n:n * Wm1 + (b + 1) * n]
             messages = np.tensordot(self.code.B, part, axes=1)  # what each worker sent for group b
             total = total + np.tensordot(a, messages, axes=1)

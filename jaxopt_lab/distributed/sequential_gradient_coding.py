@@ -42,9 +42,14 @@ bursty straggler model (at most :math:`\lambda` stragglers in any window of
 :math:`W` rounds, bursts of at most :math:`B`) to guarantee decoding without
 waiting; here they are free parameters and the master waits when a deadline
 would be missed, so every job is decoded exactly by its deadline under any
-straggler pattern and the price shows up as simulated time. The paper's M-SGC,
-with the model's parameters and the authors' layout, is
-:mod:`jaxopt_lab.distributed.multiplexed_sgc`.
+straggler pattern and the price shows up as simulated time. The authors'
+simulator (github.com/mamaj/Sequential-Gradient-Coding-2,
+``selective_repeat_sgc.py``) differs: :math:`T = B`,
+:math:`s = \lceil B\lambda / (W - 1 + B) \rceil`, and in round :math:`t + B`
+the :math:`v - s` first of the :math:`v` workers missing from job :math:`t`
+redo its task *instead of* their new one (the load stays :math:`(s+1)/n`);
+it is not reproduced here. The paper's M-SGC, with the model's parameters and
+the authors' layout, is :mod:`jaxopt_lab.distributed.multiplexed_sgc`.
 """
 
 from __future__ import annotations

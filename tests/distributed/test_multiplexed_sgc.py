@@ -140,6 +140,18 @@ def test_master_rules_on_times():
             assert res.stragglers.any() or mu == 0.0  # mu = 0: n - 1 stragglers, never in the model
 
 
+def test_the_authors_example_configuration():
+    """Their test.py's M-SGC: n = 100, (B, W, lambda) = (2, 3, 2), mu = 0.1 (times here: equal speeds, rare bursts)."""
+    n, B, W, lam, jobs = 100, 2, 3, 2, 8
+    sch = multiplexed(n, B, W, lam, mu=0.1)
+    assert sch.delay == 3 and sch.load == pytest.approx(3 * 4 / (100 * (2 + 2 * 3)), rel=1e-12)
+    res = sch.run(jobs, unit_time=unit_times(n, jobs + 3, "homogeneous", jitter_sigma=0.02, burst_prob=0.01, seed=2))
+    assert res.stragglers.any()
+    np.testing.assert_array_equal(res.decoded_round, authors_replay(n, B, W, lam, jobs, res.stragglers))
+    g = np.random.default_rng(0).normal(size=(sch.partitions(), 2))
+    np.testing.assert_allclose(sch.decode(res, jobs - 1, g), g.sum(0), rtol=1e-10, atol=1e-10)
+
+
 def test_bad_values_are_named():
     with pytest.raises(ValueError, match="B must be in"):
         MultiplexedSGC(4, 3, 3, 1)
