@@ -44,7 +44,9 @@ a random path per window, to show what routing is worth).
 Bytes: payload and wire summed over workers
 (:mod:`jaxopt_lab.distributed.accounting`; DiPaCo's per module: a ring
 all-reduce among the workers holding the module), in MB (1e6 bytes).
-Writes ``results.json`` to ``--out``.
+Writes ``results.json`` (with each run's validation curve, one point per
+round) and ``loss.png`` (:func:`plot`, also drawn into ``docs/dipaco.png`` by
+``scripts/make_figures.py dipaco``) to ``--out``.
 """
 
 from __future__ import annotations
@@ -160,6 +162,48 @@ def train_run(name, tx, graphdef, params, data, val, vpaths, args):
     return p, state, losses, curve, wall
 
 
+LABELS = {"dipaco": "DiPaCo {grid} ({P} paths), router's path", "diloco_path": "dense DiLoCo, one path's size",
+          "diloco_total": "dense DiLoCo, total size"}
+
+
+def plot(results: dict[str, dict], args: dict, path: str) -> str:
+    """Validation loss per round against inner steps and against wire MB sent so far (all workers).
+
+    ``results``/``args``: ``results.json``'s. A run sends the same bytes every round (each round
+    all-reduces the same trees among the same workers), so the wire bytes after round k of R are
+    k/R of the run's total.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = "x".join(map(str, args["grid"]))
+    P = int(np.prod(args["grid"]))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for name, r in results.items():
+        steps = np.array([c[0] for c in r["curve"]], float)
+        loss = [c[1] for c in r["curve"]]
+        label = LABELS[name].format(grid=grid, P=P)
+        axes[0].plot(steps, loss, "o-", ms=3, label=label)
+        axes[1].plot(r["wire_bytes"] / 1e6 * steps / args["steps"], loss, "o-", ms=3, label=label)
+        if name == "dipaco":
+            axes[0].plot([steps[-1]], [r["val_loss_random_path"]], "x", color="gray", ms=7,
+                         label="DiPaCo, a random path per input")
+    axes[0].set_xlabel(f"inner steps (H = {args['H']}; one point per round)")
+    axes[1].set_xlabel("wire MB sent so far (ring all-reduce, all workers)")
+    axes[0].set_ylabel("validation loss (nats/byte)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="small")
+    fig.suptitle(f"DiPaCo vs dense DiLoCo, {P} workers, width {args['width']}, {args['steps']} steps "
+                 f"of batch {args['batch']}x{args['context']} per worker", fontsize="medium")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/dipaco")
@@ -245,8 +289,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return (f"| {label} | {r['params_per_worker'] / 1e3:.0f}k | {r['params_total'] / 1e3:.0f}k | {loss:.4f} "
                 f"| {r['payload_bytes'] / 1e6:.2f} | {r['wire_bytes'] / 1e6:.2f} | {r['wall_s']:.0f} |")
 
-    labels = {"dipaco": f"DiPaCo {'x'.join(map(str, args.grid))} ({P} paths), router's path",
-              "diloco_path": "dense DiLoCo, one path's size", "diloco_total": "dense DiLoCo, total size"}
+    labels = {k: v.format(grid="x".join(map(str, args.grid)), P=P) for k, v in LABELS.items()}
     lines = ["| run | params / worker | params total | val loss (nats/byte) | payload MB | wire MB | train s |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
@@ -263,6 +306,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"args": vars(args), "results": results, "table": text}, f, indent=1)
+    plot(results, vars(args), os.path.join(args.out, "loss.png"))
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s; wrote {args.out}/results.json")
     return results
 

@@ -11,8 +11,12 @@ draw with today:
   draws ``runs/NAME/compare.png`` (and ``jaxopt-lab plot`` any runs);
 * the federated simulation: every method's per-seed ``metrics.jsonl`` by
   :func:`jaxopt_lab.experiment.federated_run.plot` (its ``accuracy.png``);
+* federated under heterogeneity (``fed_heterogeneity_a0.1``, ``_a1.0``): the same
+  plot over ``runs/fed_het_a{alpha}`` and the methods run alone later into
+  ``runs/fed_het_a{alpha}_NAME`` (FedBR);
 * asynchronous Local-SGD: ``results.json`` by ``scripts/async_local_sgd_lm.py``'s
-  own ``plot``.
+  own ``plot``;
+* DiPaCo: ``runs/dipaco/results.json`` by ``scripts/dipaco_lm.py``'s own ``plot``.
 
 A figure whose run is missing or unfinished (a variant without its
 ``summary.json``) is not drawn; the script says which file is missing and which
@@ -50,26 +54,68 @@ def variants_figure(name: str) -> Callable[[str, str], str]:
     return draw
 
 
-def fed_digits(runs: str, out: str) -> str:
-    """The federated run's accuracy figure from its methods' per-seed evaluation records."""
-    from jaxopt_lab.experiment.federated_run import MethodResult, SeedRun, plot
+def _method_results(base: str, methods) -> list:
+    """One :class:`MethodResult` per method of a federated run folder, from its per-seed evaluation records."""
+    from jaxopt_lab.experiment.federated_run import MethodResult, SeedRun
 
-    base = os.path.join(runs, "fed_digits")
-    for required in ("config.toml", "summary.md"):  # summary.md: written when every method has finished
-        if not os.path.isfile(os.path.join(base, required)):
-            raise MissingRun(os.path.join(base, required))
-    with open(os.path.join(base, "config.toml"), "rb") as f:
-        cfg = tomllib.load(f)
     results = []
-    for method in cfg["methods"]:
+    for method in methods:
         by_seed: dict[int, list[dict]] = {}
         for r in make_tables._read_jsonl(os.path.join(base, method, "metrics.jsonl")):
             by_seed.setdefault(r["seed"], []).append(r)
         seeds = [SeedRun(seed, recs, server_steps=recs[-1]["step"], client_updates=recs[-1]["client_updates"],
                          mean_staleness=recs[-1]["mean_staleness"]) for seed, recs in sorted(by_seed.items())]
         results.append(MethodResult(method, seeds, wall_seconds=0.0))
+    return results
+
+
+def _finished_config(base: str) -> dict:
+    for required in ("config.toml", "summary.md"):  # summary.md: written when every method has finished
+        if not os.path.isfile(os.path.join(base, required)):
+            raise MissingRun(os.path.join(base, required))
+    with open(os.path.join(base, "config.toml"), "rb") as f:
+        return tomllib.load(f)
+
+
+def fed_digits(runs: str, out: str) -> str:
+    """The federated run's accuracy figure from its methods' per-seed evaluation records."""
+    from jaxopt_lab.experiment.federated_run import plot
+
+    base = os.path.join(runs, "fed_digits")
+    cfg = _finished_config(base)
+    results = _method_results(base, cfg["methods"])
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     return plot(results, cfg, out)
+
+
+def fed_heterogeneity(alpha: str) -> Callable[[str, str], str]:
+    """The heterogeneity run's accuracy figure at one skew: the methods of ``runs/fed_het_a{alpha}`` and
+    those run alone later into ``runs/fed_het_a{alpha}_NAME`` (``make_tables.FED_HET_LATER``: FedBR),
+    the same config and seeds, so the figure has every row of the README table."""
+
+    def draw(runs: str, out: str) -> str:
+        from jaxopt_lab.experiment.federated_run import plot
+
+        base = os.path.join(runs, f"fed_het_a{alpha}")
+        cfg = _finished_config(base)
+        results = _method_results(base, cfg["methods"])
+        for name in make_tables.FED_HET_LATER:
+            later = os.path.join(runs, f"fed_het_a{alpha}_{name}")
+            later_cfg = _finished_config(later)
+            results += _method_results(later, later_cfg["methods"])
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        return plot(results, cfg, out)
+
+    return draw
+
+
+def dipaco(runs: str, out: str) -> str:
+    data = make_tables._read_json(os.path.join(runs, "dipaco", "results.json"))
+    import dipaco_lm
+
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    dipaco_lm.plot(data["results"], data["args"], out)
+    return out
 
 
 def async_local_sgd(runs: str, out: str) -> str:
@@ -89,7 +135,12 @@ FIGURES: dict[str, tuple[str, Callable[[str, str], str]]] = {
     "lowrank_lm": (f"{CLI} run experiments/lowrank_lm.toml", variants_figure("lowrank_lm")),
     "fed_digits": (f"{CLI} run experiments/fed_digits.toml", fed_digits),
     "async_local_sgd": ("PYTHONPATH=$PWD python scripts/async_local_sgd_lm.py", async_local_sgd),
+    "dipaco": ("PYTHONPATH=$PWD python scripts/dipaco_lm.py", dipaco),
 }
+for _a in ("0.1", "1.0"):
+    FIGURES[f"fed_heterogeneity_a{_a}"] = (
+        f"{CLI} run experiments/fed_heterogeneity.toml --set federated.dirichlet_alpha={_a} --set run.name=fed_het_a{_a}"
+        f" (and, for FedBR, the same with --only fedbr --set run.name=fed_het_a{_a}_fedbr)", fed_heterogeneity(_a))
 
 
 def draw(names: list[str], runs: str, out_dir: str, log: Callable[[str], None]) -> list[str]:

@@ -23,9 +23,9 @@ from jaxopt_lab.distributed.choco_gossip import ChocoGossipState, choco_gossip
 from jaxopt_lab.distributed.diloco import DiLoCoState, diloco, diloco_inner, diloco_outer
 from jaxopt_lab.distributed.dadao import DADAOState, dadao_events, graph_constants, graph_edges, run_dadao
 from jaxopt_lab.distributed.gradient_coding import GradientCode, coded_psum, decoding_vector, encode, gradient_code
+from jaxopt_lab.distributed.multiplexed_sgc import MultiplexedSGC, follows_bursty_model, multiplexed
 from jaxopt_lab.distributed.sequential_gradient_coding import (
     SGCScheme,
-    multiplexed,
     plain_gc,
     selective_repetition,
     unit_times,
@@ -44,6 +44,8 @@ __all__ = [
     "run_dadao",
     "GradientCode",
     "SGCScheme",
+    "MultiplexedSGC",
+    "follows_bursty_model",
     "coded_psum",
     "decoding_vector",
     "encode",

@@ -5,7 +5,7 @@ Mitigation" (ICLR 2023), https://arxiv.org/abs/2211.13802. A sequence of
 gradients (jobs) :math:`g(1), \dots, g(J)`; job :math:`t` starts in round
 :math:`t` and must be decoded by the end of round :math:`t + T`. Plain
 gradient coding (:mod:`jaxopt_lab.distributed.gradient_coding`) is
-:math:`T = 0`. The paper's two schemes, as simulated here:
+:math:`T = 0`. Schemes simulated here on one round model:
 
 * **selective repetition** (``SGCScheme(..., rep_fraction=0, delay=T)``, the
   paper's SR-SGC): each job is (n, s)-gradient coded with an ``s`` smaller than
@@ -14,15 +14,16 @@ gradient coding (:mod:`jaxopt_lab.distributed.gradient_coding`) is
   its unfinished coded tasks as decoding needs (each by the worker that holds
   its data; the re-attempters are picked greedily, the workers fastest in the
   previous round first), on top of those workers' new tasks.
-* **GC multiplexed with repetition** (``rep_fraction`` :math:`\alpha > 0`, the
-  paper's M-SGC): each job's data is split in two: a fraction :math:`\alpha`
-  in :math:`n` disjoint chunks, one per worker, without redundancy (load
-  :math:`\alpha/n`), a chunk a straggler missed being repeated by its worker in
-  the following rounds; the rest (:math:`1-\alpha`) gradient coded as above
-  (load :math:`(1-\alpha)(s+1)/n`). The two task classes are multiplexed in a
-  worker's round (new tasks of job :math:`t`, repetitions and coded
-  re-attempts of earlier jobs), the re-attempts chosen from the past round's
-  straggler pattern.
+* **coded + repeated parts** (``rep_fraction`` :math:`\alpha > 0`): each
+  job's data is split in two: a fraction :math:`\alpha` in :math:`n` disjoint
+  chunks, one per worker, without redundancy (load :math:`\alpha/n`), a chunk
+  a straggler missed being repeated by its worker in the following rounds; the
+  rest (:math:`1-\alpha`) gradient coded as above (load
+  :math:`(1-\alpha)(s+1)/n`). This is a simplification of this package, NOT
+  the paper's M-SGC: the paper's scheme spreads each job over :math:`W-1+B`
+  rounds with a constant load per round and codes :math:`B` groups separately;
+  it is :func:`jaxopt_lab.distributed.multiplexed_sgc.multiplexed` (checked
+  against the authors' code). Kept because it fits the round model below.
 
 Round model (the same for every scheme): in round :math:`r` worker :math:`i`
 is assigned a load :math:`L_{ri}` (a fraction of one full gradient) and
@@ -36,14 +37,19 @@ deadline (:math:`r - T`) is decodable; the others are that round's stragglers
 and return nothing (their round's work is lost). Waiting for all workers is
 ``rep_fraction=1, delay=0``; plain GC is ``rep_fraction=0, delay=0``.
 
-What is this package's reading, not the paper's letter: the paper sizes
-:math:`s`, :math:`\alpha` and the task layout from a bursty straggler model
-(at most :math:`\lambda` stragglers in any window of :math:`W` rounds, bursts
-of at most :math:`B`) to guarantee decoding without waiting; here they are
-free parameters and the master waits when a deadline would be missed, so
-every job is decoded exactly by its deadline under any straggler pattern and
-the price shows up as simulated time. The abstract and the schemes' names
-were the source; the paper's exact load formulas are not reproduced.
+How SR-SGC is read here: the paper sizes :math:`s` and the task layout from a
+bursty straggler model (at most :math:`\lambda` stragglers in any window of
+:math:`W` rounds, bursts of at most :math:`B`) to guarantee decoding without
+waiting; here they are free parameters and the master waits when a deadline
+would be missed, so every job is decoded exactly by its deadline under any
+straggler pattern and the price shows up as simulated time. The authors'
+simulator (github.com/mamaj/Sequential-Gradient-Coding-2,
+``selective_repeat_sgc.py``) differs: :math:`T = B`,
+:math:`s = \lceil B\lambda / (W - 1 + B) \rceil`, and in round :math:`t + B`
+the :math:`v - s` first of the :math:`v` workers missing from job :math:`t`
+redo its task *instead of* their new one (the load stays :math:`(s+1)/n`);
+it is not reproduced here. The paper's M-SGC, with the model's parameters and
+the authors' layout, is :mod:`jaxopt_lab.distributed.multiplexed_sgc`.
 """
 
 from __future__ import annotations
@@ -298,12 +304,4 @@ def selective_repetition(n: int, s: int, delay: int, stragglers_per_round: int |
     """SR-SGC: (n, s) GC per job, the master waiting for n - lambda workers a round, plus selective re-attempts
     of the unfinished coded tasks within ``delay`` rounds."""
     return SGCScheme(gradient_code(kind, n, s, seed), rep_fraction=0.0, delay=delay,
-                     stragglers_per_round=stragglers_per_round)
-
-
-def multiplexed(n: int, s: int, delay: int, rep_fraction: float, stragglers_per_round: int | None = None,
-                kind: str = "cyclic", seed: int = 0) -> SGCScheme:
-    """M-SGC: a ``rep_fraction`` of each job by plain repetition, the rest (n, s) coded, multiplexed over rounds;
-    the master waits for n - lambda workers a round."""
-    return SGCScheme(gradient_code(kind, n, s, seed), rep_fraction=rep_fraction, delay=delay,
                      stragglers_per_round=stragglers_per_round)

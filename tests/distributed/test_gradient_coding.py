@@ -19,7 +19,7 @@ from jaxopt_lab.distributed.gradient_coding import (
     gradient_code,
 )
 from jaxopt_lab.distributed.sequential_gradient_coding import (
-    multiplexed,
+    SGCScheme,
     plain_gc,
     selective_repetition,
     unit_times,
@@ -104,6 +104,11 @@ def test_worker_axis_encode_and_coded_psum_under_vmap():
 # --- sequential gradient coding -------------------------------------------------------------------
 
 
+def coded_and_repeated(n, s, delay, rep_fraction):
+    """The package's simplified coded + repeated scheme (the paper's M-SGC is tested in test_multiplexed_sgc.py)."""
+    return SGCScheme(gradient_code("cyclic", n, s), rep_fraction=rep_fraction, delay=delay)
+
+
 def check_exact(scheme, res, grads):
     for j in range(len(res.decoded_round)):
         assert 0 <= res.decoded_round[j] <= j + scheme.delay
@@ -117,7 +122,7 @@ def test_sgc_every_straggler_pattern_of_three_rounds(name):
     raise; SR-SGC survives patterns with s + 1 stragglers in a round that plain GC cannot."""
     n, s, jobs = 4, 1, 2
     scheme = {"gc": plain_gc(n, s), "sr_sgc": selective_repetition(n, s, delay=1),
-              "m_sgc": multiplexed(n, s, delay=1, rep_fraction=0.5)}[name]
+              "m_sgc": coded_and_repeated(n, s, delay=1, rep_fraction=0.5)}[name]
     rounds = jobs + scheme.delay
     rng = np.random.default_rng(0)
     grads = rng.normal(size=(jobs, 2 * n, 2))
@@ -152,7 +157,7 @@ def test_sgc_round_times_match_order_statistics():
     grads = np.random.default_rng(1).normal(size=(jobs, 2 * n, 3))
     grads[:, :n] = 0.0
     check_exact(plain_gc(n, s), res, grads)
-    for scheme in (selective_repetition(n, 1, delay=2), multiplexed(n, 1, delay=2, rep_fraction=0.3)):
+    for scheme in (selective_repetition(n, 1, delay=2), coded_and_repeated(n, 1, delay=2, rep_fraction=0.3)):
         res = scheme.run(jobs, unit_time=u)
         g = grads.copy()
         if scheme.rep_fraction:

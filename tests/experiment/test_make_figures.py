@@ -68,3 +68,47 @@ def test_fed_figure_from_per_seed_records(tmp_path):
     (base / "fedavg" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert make_figures.main(["fed_digits", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "docs")]) == 0
     assert (tmp_path / "docs" / "fed_digits.png").stat().st_size > 10_000
+
+
+def fed_run(base, methods, alpha):
+    base.mkdir(parents=True)
+    cfg = {"run": {"seed": 0}, "federated": {"num_clients": 10, "dirichlet_alpha": alpha, "speeds": "homogeneous",
+                                             "speed_sigma": 1.0, "max_speed_spread": 10.0, "num_seeds": 1,
+                                             "target_accuracy": 0.85},
+           "methods": {m: {"rule": m, "trigger": "sync"} for m in methods}}
+    (base / "config.toml").write_text(tomli_w.dumps(cfg))
+    (base / "summary.md").write_text("| method |\n|---|\n")
+    for m in methods:
+        (base / m).mkdir()
+        records = [{"seed": 0, "step": t, "sim_time": 10.0 * t, "client_updates": 10 * t, "mean_staleness": 0.0,
+                    "eval_accuracy": 0.5 + 0.1 * t} for t in range(1, 5)]
+        (base / m / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_fed_heterogeneity_figure_needs_and_draws_the_later_fedbr_run(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    fed_run(runs / "fed_het_a0.1", ["fedavg", "fedprox"], 0.1)
+    log = []
+    assert make_figures.draw(["fed_heterogeneity_a0.1"], str(runs), str(tmp_path / "docs"), log.append) == [
+        "fed_heterogeneity_a0.1"]
+    assert os.path.join("fed_het_a0.1_fedbr", "config.toml") in log[0] and "--only fedbr" in log[0]
+    fed_run(runs / "fed_het_a0.1_fedbr", ["fedbr"], 0.1)
+    seen = []
+    import jaxopt_lab.experiment.federated_run as fr
+
+    monkeypatch.setattr(fr, "plot", lambda results, cfg, out: seen.append([r.name for r in results]) or out)
+    assert make_figures.draw(["fed_heterogeneity_a0.1"], str(runs), str(tmp_path / "docs"), log.append) == []
+    assert seen == [["fedavg", "fedprox", "fedbr"]]
+
+
+def test_dipaco_figure_from_results_json(tmp_path):
+    base = tmp_path / "runs" / "dipaco"
+    base.mkdir(parents=True)
+    curve = [[30, 3.4], [60, 3.1]]
+    results = {name: {"curve": curve, "wire_bytes": 1e6 * (i + 1)} for i, name in
+               enumerate(["dipaco", "diloco_path", "diloco_total"])}
+    results["dipaco"]["val_loss_random_path"] = 3.2
+    args = {"grid": [2, 2], "H": 30, "steps": 60, "width": 64, "batch": 16, "context": 64}
+    (base / "results.json").write_text(json.dumps({"args": args, "results": results, "table": ""}))
+    assert make_figures.main(["dipaco", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "docs")]) == 0
+    assert (tmp_path / "docs" / "dipaco.png").stat().st_size > 10_000

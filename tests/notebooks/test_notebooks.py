@@ -152,9 +152,9 @@ def test_committed_notebooks_are_the_generators_with_badge_install_and_outputs()
 
 def test_07_systems_notebook():
     nb = execute("07_systems.ipynb", {"NB07_JOBS": "20", "NB07_ATTACK_STEPS": "300", "NB07_IMAGES": "2",
-                                      "NB07_DADAO_T": "60", "MPLBACKEND": "Agg"})
+                                      "NB07_DADAO_T": "60", "NB07_DIPACO_STEPS": "60", "MPLBACKEND": "Agg"})
     text = outputs(nb)
-    codes, runtime, attack, [dadao] = tables(nb)
+    codes, runtime, attack, [dadao], dipaco, modules = tables(nb)
     assert float(dadao["relative error at the end"]) < 1e-2, dadao  # DADAO converges on the least squares
     for r in codes:  # every straggler pattern up to s decoded to the full gradient
         ok, total = r["patterns decoded exactly"].split(" / ")
@@ -163,6 +163,13 @@ def test_07_systems_notebook():
     assert "dense bytes: 9640" in text and "sketch 0.25 bytes: 2412" in text, text
     mse = {r["what is sent"].split(" (")[0]: float(r["reconstruction MSE"]) for r in attack}
     assert mse["sketch 0.25"] < mse["guess: mean digit"] < mse["sketch + DP"], attack  # leaks; noise stops it
+    dip = {r["run"]: r for r in dipaco}  # DiPaCo: paths specialize; a module's wire bytes stay among its 2 holders
+    routed, rand, dense = (dip[k] for k in ("DiPaCo 2x2, the router's path", "DiPaCo 2x2, a random path",
+                                            "dense DiLoCo, one path's size"))
+    assert float(routed["val MSE"]) < float(rand["val MSE"]) and float(routed["val MSE"]) < float(dense["val MSE"]), dipaco
+    assert int(routed["wire bytes"]) < int(dense["wire bytes"]), dipaco
+    assert [int(m["workers"]) for m in modules] == [4, 2, 2, 2, 2], modules
+    assert all(m["wire bytes"] == m["payload bytes"] for m in modules[1:]), modules  # a ring of 2 sends it once
 
 
 def test_09_dynamics_notebook():

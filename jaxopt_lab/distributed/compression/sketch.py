@@ -44,9 +44,18 @@ DP-SGD / DP-FedAvg; pass ``clip_norm = 2C`` for replace-one adjacency). The
 guarantee is per release (one call); compose over steps yourself (the paper
 uses composition over its :math:`T` iterations), e.g. by passing the
 per-step budget. Noise is added before the sketch, so the guarantee holds
-for any :math:`R` by post-processing; no claim on :math:`R` is needed. The
-paper's own constants for the composed guarantee were not available here;
-this is why the mechanism is stated and cited explicitly.
+for any :math:`R` by post-processing; no claim on :math:`R` is needed.
+
+Why not the paper's own :math:`\sigma`: it could not be read here. Searched
+(2026-12-05): the abstract in the project's paper notes (it says only that
+the algorithm is made differentially private "by adding additional random
+noises in gradient information", no formula); the stored web pages for the
+paper's DP theorem (a full-text mirror of arXiv 2210.08371 is indexed from its
+beginning only: title and abstract); the public code index and GitHub text
+search for the title and for an official repository (none: the paper lists no
+code; only citations of it were found). If the paper's calibration differs
+(e.g. composition over its :math:`T` rounds, or a sensitivity measured after
+the sketch), it should become the default with this one kept as an option.
 """
 
 from __future__ import annotations
