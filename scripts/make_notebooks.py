@@ -1266,9 +1266,9 @@ FINETUNING = [
         "merge_lora(lora_model)\n"
         "merged_out = np.asarray(lora_model(x))\n"
         "unmerge_lora(lora_model)\n"
-        "show_table([{'max |merged − adapter| output': f'{np.abs(merged_out - out).max():.2e}',\n"
-        "             'max |unmerged − original| kernel': f'{np.abs(np.asarray(lora_model.blocks[0].qkv.kernel[...]) - kernel).max():.2e}',\n"
-        "             'max |fine-tuned − pretrained| output': f'{np.abs(out - before).max():.2e}'}])"
+        "show_table([{'max abs(merged − adapter) output': f'{np.abs(merged_out - out).max():.2e}',\n"
+        "             'max abs(unmerged − original) kernel': f'{np.abs(np.asarray(lora_model.blocks[0].qkv.kernel[...]) - kernel).max():.2e}',\n"
+        "             'max abs(fine-tuned − pretrained) output': f'{np.abs(out - before).max():.2e}'}])"
     ),
     new_code_cell(
         "plt.figure(figsize=(6, 3.5))\n"
@@ -1641,7 +1641,7 @@ DYNAMICS = [
         "    for i, lr in enumerate(LRS):\n"
         "        rows.append({'variant': name, 'lr': f'{lr:g}', 'final val loss': f'{final[i]:.3f}',\n"
         "                     'max attention logit': f'{mon[\"attn_logit_max\"][i]:.1f}',\n"
-        "                     'mean log Z': f'{mon[\"log_z_mean\"][i]:.2f}', 'max |log Z|': f'{mon[\"log_z_abs_max\"][i]:.2f}'})\n"
+        "                     'mean log Z': f'{mon[\"log_z_mean\"][i]:.2f}', 'max abs log Z': f'{mon[\"log_z_abs_max\"][i]:.2f}'})\n"
         "show_table(rows)\n"
         "show_table([{'variant': k, 'LR sensitivity': f'{lr_sensitivity(v[1], v[0]):.3f}'} for k, v in inst.items()])"
     ),

@@ -76,3 +76,22 @@ def test_opposing_signals(tmp_path):
     assert not set(out["positive"]) & set(out["negative"])
     assert -1 <= out["group_cosine"] <= 1 and len(out["sharpness"]) == 2
     assert len(out["group_losses"]) == 6
+
+
+def test_opposing_signals_text(tmp_path):
+    import opposing_signals as script
+
+    out = script.main(["--data", "text", "--out", str(tmp_path), "--steps", "6", "--identify-at", "3",
+                       "--sharpness-every", "3", "--k", "3", "--windows", "4", "--context", "8", "--width", "8",
+                       "--layers", "1", "--grad-tokens", "12", "--no-plot"])
+    pos, neg = out["positive"], out["negative"]
+    assert len(pos) == len(neg) == 3 and not set(pos) & set(neg)
+    assert all(0 <= i < 4 * 8 for i in pos + neg + out["rose"] + out["fell"])  # tokens of the 4 windows of 8
+    assert len(out["group_losses"]) == 6 and len(out["sharpness"]) == 2 and -1 <= out["group_cosine"] <= 1
+    # each group member's label is the byte its context line says it predicts
+    for name in ("positive", "negative"):
+        labels = out[f"{name}_labels"]
+        assert [c.rsplit(" -> ", 1)[1] for c in out["contexts"][name]] == [repr(b) for b in labels[:5]]
+    with pytest.raises(SystemExit, match="grad-tokens"):
+        script.main(["--data", "text", "--out", str(tmp_path), "--k", "3", "--windows", "2", "--context", "2",
+                     "--grad-tokens", "5", "--no-plot"])
