@@ -18,6 +18,7 @@ from jaxopt_lab.finetune.lora import (
     trainable_report,
     unmerge_lora,
 )
+from jaxopt_lab.finetune.lora_conv import LoRAConv
 from jaxopt_lab.finetune.lora_ggpo import LoRAGGPOState, lora_ggpo, remove_perturbation
 from jaxopt_lab.finetune.svfit import SVFitLinear, apply_svfit, freeze_all_but_singular_values, merge_svfit
 from jaxopt_lab.finetune.welore import WeLoreLinear, WeLoreReport, apply_welore, freeze_all_but_low_rank
@@ -53,6 +54,7 @@ __all__ = [
     "freeze_all_but_low_rank",
     "LoRAConfig",
     "LoRALinear",
+    "LoRAConv",
     "LoRAPair",
     "apply_lora",
     "freeze_base",

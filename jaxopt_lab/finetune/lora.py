@@ -150,7 +150,8 @@ class LoRAConfig:
       rank: r of every adapter.
       alpha: the scale is ``alpha / rank``; None: ``rank``.
       targets: a regular expression matched in full against the paths of the model's
-        ``nnx.Linear`` layers (``"blocks/0/qkv"``); the default adapts every one.
+        ``nnx.Linear`` and ``nnx.Conv`` layers (``"blocks/0/qkv"``, ``"convs/1"``); the default
+        adapts every one; ``""`` none (only ``train_also`` trains).
       dropout: on the adapters' input (training mode only).
       train_also: a regular expression over parameter paths (``"head/.*"``) that train fully
         beside the adapters (a new classification head); "" for none.
@@ -176,27 +177,39 @@ class LoRAConfig:
 def apply_lora(model: nnx.Module, targets: str = ".*", rank: int = 8, alpha: float | None = None,
                dropout: float = 0.0, *, rngs: nnx.Rngs) -> list[str]:
     """Replace, in place, every ``nnx.Linear`` of ``model`` whose path matches ``targets`` by a
-    :class:`LoRALinear` with the same kernel and bias; returns the adapted paths.
+    :class:`LoRALinear` with the same kernel and bias, and every ``nnx.Conv`` by a
+    :class:`~jaxopt_lab.finetune.lora_conv.LoRAConv` (the kernel as a ``(kh kw c_in) x c_out``
+    matrix); returns the adapted paths. ``targets = ""`` adapts nothing (then only the
+    ``train_also`` parameters of a fine-tuning run train: a linear probe with ``"head/.*"``).
 
     Raises ValueError (naming the pattern and the model's Linear paths) when nothing
     matches, and for a rank larger than a matched layer's smaller side.
     """
+    from jaxopt_lab.finetune.lora_conv import LoRAConv
+
     check_lora_args(rank, alpha, dropout)
+    if targets == "":  # no adapter: a frozen base whose train_also paths train (a linear probe)
+        return []
     pattern = re.compile(targets)
     found = [(p, node) for p, node in nnx.iter_graph(model)
-             if isinstance(node, nnx.Linear) and not isinstance(node, nnx.LoRALinear)]
+             if (isinstance(node, nnx.Linear) and not isinstance(node, nnx.LoRALinear))
+             or (isinstance(node, nnx.Conv) and not isinstance(node, LoRAConv))]
     chosen = [(p, node) for p, node in found if pattern.fullmatch(path_str(p))]
     if not chosen:
-        raise ValueError(f"lora targets {targets!r} match none of the model's Linear layers: "
+        raise ValueError(f"lora targets {targets!r} match none of the model's Linear or Conv layers: "
                          f"{', '.join(path_str(p) for p, _ in found) or '(none)'}")
-    for path, linear in chosen:
-        check_lora_args(rank, alpha, dropout, linear.in_features, linear.out_features)
-    for path, linear in chosen:
+    for path, layer in chosen:
+        fan_in = layer.in_features * (math.prod(layer.kernel_size) if isinstance(layer, nnx.Conv) else 1)
+        check_lora_args(rank, alpha, dropout, fan_in, layer.out_features)
+    for path, layer in chosen:
         parent = model
         for key in path[:-1]:
             parent = parent[key] if isinstance(key, int) else getattr(parent, key)
-        _set_child(parent, path[-1], LoRALinear.from_linear(linear, rank=rank, alpha=alpha, dropout=dropout,
-                                                            rngs=rngs))
+        if isinstance(layer, nnx.Conv):
+            new = LoRAConv.from_conv(layer, rank=rank, alpha=alpha, dropout=dropout, rngs=rngs)
+        else:
+            new = LoRALinear.from_linear(layer, rank=rank, alpha=alpha, dropout=dropout, rngs=rngs)
+        _set_child(parent, path[-1], new)
     return [path_str(p) for p, _ in chosen]
 
 
@@ -204,10 +217,18 @@ def lora_layers(model: nnx.Module) -> list[tuple[str, LoRALinear]]:
     return [(path_str(p), node) for p, node in nnx.iter_graph(model) if isinstance(node, LoRALinear)]
 
 
+def adapted_layers(model: nnx.Module) -> list[tuple[str, Any]]:
+    """Every adapted layer by path: :class:`LoRALinear` s and
+    :class:`~jaxopt_lab.finetune.lora_conv.LoRAConv` s (:func:`lora_layers` gives the former only)."""
+    from jaxopt_lab.finetune.lora_conv import LoRAConv
+
+    return [(path_str(p), node) for p, node in nnx.iter_graph(model) if isinstance(node, (LoRALinear, LoRAConv))]
+
+
 def merge_lora(model: nnx.Module) -> None:
     """Fold every adapter into its kernel, in place: ``W <- W + s A B``; the forward then adds
     nothing (one matmul per layer). The factors are kept, so :func:`unmerge_lora` undoes it."""
-    for _, layer in lora_layers(model):
+    for _, layer in adapted_layers(model):
         if not layer.merged:
             layer.kernel[...] = layer.kernel[...] + layer.delta().astype(layer.kernel.dtype)
             layer.merged = True
@@ -216,7 +237,7 @@ def merge_lora(model: nnx.Module) -> None:
 def unmerge_lora(model: nnx.Module) -> None:
     """Undo :func:`merge_lora`: ``W <- W - s A B`` (equal to the kernel before merging up to
     floating-point rounding)."""
-    for _, layer in lora_layers(model):
+    for _, layer in adapted_layers(model):
         if layer.merged:
             layer.kernel[...] = layer.kernel[...] - layer.delta().astype(layer.kernel.dtype)
             layer.merged = False

@@ -20,6 +20,7 @@ from jaxopt_lab.lowrank.gradnorm_lorp import (
     scale_by_gradnorm_lorp,
     weight_normalized,
 )
+from jaxopt_lab.lowrank.kernels_as_matrices import kernels_as_matrices
 from jaxopt_lab.lowrank.memory import optimizer_state_bytes, state_bytes_report
 from jaxopt_lab.lowrank.projectors import (
     Projector,
@@ -43,7 +44,7 @@ from jaxopt_lab.lowrank.stable_spam import ScaleByStableSpamState, scale_by_stab
 __all__ = [
     "FiraLimiterState", "Int8WeightsState", "LazyRefreshState", "LowRankState", "Projector",
     "ScaleByAdam8bitState", "ScaleByStableSpamState", "WeightNormParts", "WeightNormState", "apollo", "apollo_mini", "dct_projector",
-    "default_label_fn", "fira", "galore", "gradnorm_lorp", "int4_projector", "int8_weights",
+    "default_label_fn", "fira", "galore", "gradnorm_lorp", "int4_projector", "int8_weights", "kernels_as_matrices",
     "optimizer_state_bytes", "q_galore", "random_projector", "randomized_svd_projector", "scale_by_adam_8bit", "scale_by_apollo",
     "scale_by_fira", "scale_by_galore", "scale_by_gradnorm_lorp", "scale_by_projected", "scale_by_q_galore",
     "scale_by_stable_spam", "stable_spam", "state_bytes_report", "stochastic_round_int8", "stochastic_round_uint8", "svd_projector",

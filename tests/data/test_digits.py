@@ -97,3 +97,47 @@ def test_stratified_split_indices():
 def test_stratified_split_needs_both_splits():
     with pytest.raises(ValueError, match="gives 0 test"):
         stratified_split(np.array([0, 1, 0, 1]), 0.1, seed=0)
+
+
+@pytest.mark.parametrize("classes", [[0, 1, 2, 3, 4], [9, 5, 7]])
+def test_classes_keep_only_those_digits_of_the_same_split(digits, classes):
+    ds = load_digits(classes=classes)
+    assert set(np.unique(ds.y_train)) == set(classes) and set(np.unique(ds.y_test)) == set(classes)
+    assert ds.num_classes == 10  # labels stay the digits
+    # the same images as the 10-class split's of those digits, in the same order, in each split
+    for x, y, x_all, y_all in ((ds.x_train, ds.y_train, digits.x_train, digits.y_train),
+                               (ds.x_test, ds.y_test, digits.x_test, digits.y_test)):
+        keep = np.isin(y_all, classes)
+        np.testing.assert_array_equal(y, y_all[keep])
+        np.testing.assert_array_equal(x, x_all[keep])
+    again = load_digits(classes=classes)
+    np.testing.assert_array_equal(again.x_train, ds.x_train)
+
+
+def test_complementary_classes_partition_the_data(digits):
+    low, high = load_digits(classes=[0, 1, 2, 3, 4]), load_digits(classes=[5, 6, 7, 8, 9])
+    assert low.num_train + high.num_train == digits.num_train
+    assert low.num_test + high.num_test == digits.num_test
+
+
+@pytest.mark.parametrize("bad, err, match", [
+    ([0, 10], ValueError, "10 is not a digit"),
+    ([-1], ValueError, "-1 is not a digit"),
+    ([3, 3], ValueError, "3 appears twice"),
+    ([], ValueError, "at least one digit"),
+    ([1.5], TypeError, "1.5"),
+    ("01234", TypeError, "'01234'"),
+])
+def test_bad_classes_are_named(bad, err, match):
+    with pytest.raises(err, match=match):
+        load_digits(classes=bad)
+
+
+def test_bad_class_in_a_config_is_a_config_error():
+    from jaxopt_lab.experiment import config as config_lib
+    from jaxopt_lab.experiment.build import validate
+
+    cfg = config_lib.from_dict({"data": {"name": "digits", "classes": [4, 11]}, "model": {"name": "cnn"},
+                                "method": {"name": "adam", "learning_rate": 1e-3}})
+    with pytest.raises(config_lib.ConfigError, match="11 is not a digit"):
+        validate(cfg)
