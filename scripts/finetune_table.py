@@ -3,7 +3,7 @@
 A run folder is a config's variants folder (``runs/finetune_gpt_code``: ``variants.toml`` and one
 folder per variant), or a folder of such folders, one per seed (``runs/finetune_gpt_code/seed0``,
 ``seed1``, ...: what ``--set run.name=finetune_gpt_code/seedS`` writes). Per variant, over the
-seeds (mean ± sample standard deviation; one seed: its value): eval loss at step 0 and at the last
+seeds (mean ± sample standard deviation; a value equal in every seed, or one seed: the value): eval loss at step 0 and at the last
 step, eval accuracy, trainable parameters, optimizer-state bytes, peak training memory (the
 compiled step's ``memory_analysis()``, ``peak_memory_bytes``) and steps/s, from each variant's
 ``summary.json`` and first ``metrics.jsonl`` line. A variant without ``trainable_params`` (full
@@ -86,7 +86,7 @@ def _stat(values: list, fmt: str) -> str:
     if not values:
         return "–"
     mean = sum(values) / len(values)
-    if len(values) == 1:
+    if len(values) == 1 or all(v == values[0] for v in values):  # one seed, or the same in every seed
         return format(mean, fmt)
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
     return f"{format(mean, fmt)} ± {format(std, fmt)}"
