@@ -45,7 +45,7 @@ from jaxopt_lab.distributed.federated import (
     scale_by_fedfix,
 )
 from jaxopt_lab.distributed.diloco import DiLoCoState, diloco, diloco_inner, diloco_outer
-from jaxopt_lab.finetune import LoRAGGPOState, ScaleByLoRAProState, lora_ggpo, lora_pro, scale_by_lora_pro
+from jaxopt_lab.finetune import ISTState, LoRAGGPOState, ScaleByLoRAProState, ist, lora_ggpo, lora_pro, scale_by_lora_pro
 from jaxopt_lab.distributed.dipaco import DiPaCoState, dipaco
 from jaxopt_lab.lowrank import (
     FiraLimiterState,
@@ -132,6 +132,8 @@ __all__ = [
     "LoRAGGPOState",
     "ScaleByLoRAProState",
     "lora_ggpo",
+    "ist",
+    "ISTState",
     "lora_pro",
     "scale_by_lora_pro",
     "FedAMDState",

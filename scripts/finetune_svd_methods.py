@@ -7,7 +7,7 @@ trade-off: for target compressions of the attention and MLP projections, the eva
 rank with at least the same compression.
 
 ``python scripts/finetune_svd_methods.py finetune [--steps N]``: fine-tuning docs -> code as
-experiments/finetune_gpt_code_lora.toml (batch 32 x 64 bytes, AdamW, eval on 20 x 32 windows):
+experiments/finetune_gpt_code.toml (batch 32 x 64 bytes, AdamW, eval on 20 x 32 windows):
 LoRA (rank 8, alpha 16), EVA-initialized LoRA (same budget), SVFit (top 8 singular values)
 and WeLore (30% compressed, LRC factors trained).
 """

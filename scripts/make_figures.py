@@ -126,6 +126,20 @@ def async_local_sgd(runs: str, out: str) -> str:
     return out
 
 
+def finetune_figure(name: str) -> Callable[[str, str], str]:
+    """Eval loss vs step per method of a fine-tuning comparison (``scripts/finetune_table.py``'s plot)."""
+
+    def draw(runs: str, out: str) -> str:
+        module = make_tables.finetune_script()
+        try:
+            module.collect(os.path.join(runs, name))  # every variant of every seed finished
+        except module.MissingRun as e:
+            raise MissingRun(str(e)) from None
+        return module.plot(os.path.join(runs, name), out)
+
+    return draw
+
+
 # name: (how the run folder is made, the drawing function (runs folder, output path) -> path)
 FIGURES: dict[str, tuple[str, Callable[[str, str], str]]] = {
     "diloco_vs_ddp_fast": (f"{CLI} run experiments/diloco_vs_ddp_fast.toml", variants_figure("diloco_vs_ddp_fast")),
@@ -136,6 +150,7 @@ FIGURES: dict[str, tuple[str, Callable[[str, str], str]]] = {
     "fed_digits": (f"{CLI} run experiments/fed_digits.toml", fed_digits),
     "async_local_sgd": ("PYTHONPATH=$PWD python scripts/async_local_sgd_lm.py", async_local_sgd),
     "dipaco": ("PYTHONPATH=$PWD python scripts/dipaco_lm.py", dipaco),
+    "finetune_gpt_code": (make_tables.FINETUNE_GPT_SEEDS, finetune_figure("finetune_gpt_code")),
 }
 for _a in ("0.1", "1.0"):
     FIGURES[f"fed_heterogeneity_a{_a}"] = (

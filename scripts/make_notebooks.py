@@ -1145,7 +1145,7 @@ FINETUNING = [
         "and `lora_ggpo` (Chang et al. 2025: a gradient- and weight-norm-guided perturbation of the frozen "
         "kernels around any inner method).\n\n"
         "Here: the `nano` GPT pretrained on Python's documentation, then fine-tuned on Python source code "
-        "(shrunk from `experiments/pretrain_gpt_docs.toml` → `experiments/finetune_gpt_code_lora.toml`) "
+        "(shrunk from `experiments/pretrain_gpt_docs.toml` → `experiments/finetune_gpt_code.toml`) "
         "with LoRA, LoRA-Pro, LoRA-GGPO and full fine-tuning. Runs on a CPU in a few minutes."
     ),
     new_code_cell(INSTALL),
@@ -1278,7 +1278,7 @@ FINETUNING = [
         "plt.grid(alpha=0.3); plt.show()"
     ),
     new_markdown_cell(
-        "The same runs as configs: `jaxopt-lab run experiments/finetune_gpt_code_lora.toml` (pretrains "
+        "The same runs as configs: `jaxopt-lab run experiments/finetune_gpt_code.toml` (pretrains "
         "`experiments/pretrain_gpt_docs.toml` first when its run is missing; `model.init_from` and "
         "`model.lora` are the keys)."
     ),

@@ -243,6 +243,33 @@ def async_local_sgd(runs: str) -> str:
     return module.table(results, data["target"], ref_steps)
 
 
+def finetune_script():
+    """``scripts/finetune_table.py`` as a module (its ``table`` and ``plot``)."""
+    if "finetune_table" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("finetune_table", os.path.join(ROOT, "scripts", "finetune_table.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["finetune_table"]
+
+
+def finetune_table(name: str) -> Callable[[str], str]:
+    """The table of a fine-tuning comparison ``runs/NAME`` (one variants folder, or one per seed)."""
+
+    def generate(runs: str) -> str:
+        module = finetune_script()
+        try:
+            return module.table(os.path.join(runs, name))
+        except module.MissingRun as e:
+            raise MissingRun(str(e)) from None
+
+    return generate
+
+
+FINETUNE_GPT_SEEDS = (f"for s in 0 1 2; do {CLI} run experiments/finetune_gpt_code.toml --set run.seed=$s "
+                      "--set run.name=finetune_gpt_code/seed$s; done")
+
+
 def dipaco(runs: str) -> str:
     return _read_json(os.path.join(runs, "dipaco", "results.json"))["table"]
 
@@ -261,6 +288,7 @@ TABLES: dict[str, tuple[str, Callable[[str], str]]] = {
                           "--set run.name=fed_het_a0.1 (and 1.0, fed_het_a1.0; FedBR: --only fedbr, "
                           "run.name=fed_het_a0.1_fedbr)", fed_heterogeneity),
     "dipaco": ("PYTHONPATH=$PWD python scripts/dipaco_lm.py", dipaco),
+    "finetune_gpt_code": (FINETUNE_GPT_SEEDS, finetune_table("finetune_gpt_code")),
 }
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -32,6 +31,7 @@ from jaxopt_lab.experiment.config import (
     signature_params,
 )
 from jaxopt_lab.distributed.workers import WorkerRunner, nnx_partition_specs
+from jaxopt_lab.experiment import finetune_routes
 from jaxopt_lab.experiment.methods import _is_method_table, build_method, resolve_method, takes_axis_name
 from jaxopt_lab.models import MODELS
 
@@ -65,6 +65,8 @@ class Experiment:
     tx: optax.GradientTransformation
     runner: WorkerRunner | None = None  # set for multi-worker methods
     lora: Any = None  # the LoRAConfig of a fine-tuning run (model.lora): only the adapters train
+    # a fine-tuning run (model.lora, svfit, welore, snella): params -> "trainable"/"frozen" per leaf
+    trainable: Callable[[Any], Any] | None = None
 
     @property
     def task(self) -> str:
@@ -153,7 +155,11 @@ def _build_model(model: Mapping[str, Any], dataset: Any, seed: int,
         )
     cls = MODELS[name]
     init_from = kwargs.pop("init_from", None)
-    lora = _lora_config(kwargs.pop("lora", None))
+    routes = finetune_routes.pop_tables(kwargs, seed)  # model.svfit, welore, snella, eva (checked)
+    lora_table = kwargs.pop("lora", None)
+    if isinstance(lora_table, Mapping) and "seed" not in lora_table:  # the adapters' draw follows run.seed
+        lora_table = {**lora_table, "seed": seed}
+    lora = _lora_config(lora_table)
     if init_from is not None and (not isinstance(init_from, str) or not init_from.strip()):
         raise ConfigError(f"model.init_from must be a run directory or a config file, got {init_from!r}")
     preset = kwargs.pop("preset", None)
@@ -179,6 +185,7 @@ def _build_model(model: Mapping[str, Any], dataset: Any, seed: int,
                 m = cls(**kwargs, rngs=nnx.Rngs(params=seed))
                 if lora is not None:
                     _apply_lora(m, lora)
+                finetune_routes.apply_shape_only(m, routes)  # SVFit, WeLore, EVA need the pretrained values
                 return m
 
             module = nnx.eval_shape(init)
@@ -194,6 +201,10 @@ def _build_model(model: Mapping[str, Any], dataset: Any, seed: int,
             _apply_lora(module, lora)
         resolved["lora"] = {k: v for k, v in dataclasses.asdict(lora).items()}
         resolved["lora"]["alpha"] = float(lora.rank if lora.alpha is None else lora.alpha)
+    if routes:
+        if not abstract:
+            finetune_routes.apply(module, routes)
+        resolved.update(routes)
     return module, resolved
 
 
@@ -283,16 +294,17 @@ def _build_method(config: ExperimentConfig, model: nnx.Module | None = None
                                   param_specs=_param_specs(model) if d > 1 else None)
         except ValueError as e:
             raise ConfigError(f"workers: {e}") from None
-    lora = config.model.get("lora")
-    if lora is not None:  # fine-tuning: the method trains the adapters (and lora.train_also); the rest is frozen
-        from jaxopt_lab.finetune.lora import freeze_base
-
-        freeze = functools.partial(freeze_base, train_also=lora.get("train_also", ""))
+    route = finetune_routes.labels_and_freeze(config.model)
+    if route is not None:  # fine-tuning: the method trains the adapters (and train_also); the rest is frozen
+        _, freeze = route
         fn = resolve_method(method["name"])
-        if getattr(fn, "perturbs_frozen_base", False):  # it needs the frozen kernels: freeze its inner method
+        # a method that needs the whole tree (the frozen kernels: lora_ggpo; the loss of the whole model:
+        # ist) is not frozen itself: its inner method is
+        if getattr(fn, "perturbs_frozen_base", False):
             tx = build_method(method, axis_name=runner.axis_name if runner else None, wrap_inner=freeze)
         else:
             tx = freeze(build_method(method, axis_name=runner.axis_name if runner else None))
+        tx = finetune_routes.wrap_method(config.model, tx, config.train.steps)  # SNELLA's allocation
     else:
         tx = build_method(method, axis_name=runner.axis_name if runner else None)
     if config.train.grad_accum > 1:
@@ -301,7 +313,9 @@ def _build_method(config: ExperimentConfig, model: nnx.Module | None = None
 
 
 def _tree_bytes(tree: Any) -> int:
-    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree) if hasattr(x, "shape"))
+    from jaxopt_lab.lowrank.memory import optimizer_state_bytes  # PRNG keys (IST's state) counted as key data
+
+    return optimizer_state_bytes(tree)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -386,10 +400,14 @@ def build(config: ExperimentConfig, abstract: bool = False, check_fit: bool = Tr
     """
     dataset, data = _build_data(config.data)
     model, model_cfg = _build_model(config.model, dataset, config.run.seed, abstract=abstract)
+    if "eva" in model_cfg and not abstract:  # EVA's adapters from the run's first training batches
+        finetune_routes.apply_eva(model, model_cfg["eva"], dataset, config.train.batch_size, config.run.seed)
     tx, method, runner = _build_method(dataclasses.replace(config, model=model_cfg), model)
     resolved = dataclasses.replace(config, data=data, model=model_cfg, method=method)
     lora = _lora_config({k: v for k, v in model_cfg["lora"].items()}) if "lora" in model_cfg else None
-    experiment = Experiment(config=resolved, data=dataset, model=model, tx=tx, runner=runner, lora=lora)
+    route = finetune_routes.labels_and_freeze(model_cfg)
+    experiment = Experiment(config=resolved, data=dataset, model=model, tx=tx, runner=runner, lora=lora,
+                            trainable=route[0] if route is not None else None)
     if check_fit:
         check_memory(experiment)
     return experiment

@@ -157,6 +157,16 @@ def build_method(method: Mapping[str, Any], axis_name: Any = None, key: str = "m
         raise ConfigError(f"{key} {name!r}: {e}") from None
 
 
+def needs_loss_fn(method: Mapping[str, Any]) -> bool:
+    """Whether the method a table describes (or a method table nested in it, ``inner = {...}``)
+    takes a ``loss_fn`` keyword in ``update``: a factory marked ``needs_loss_fn = True`` (IST,
+    whose importance probes measure the loss with some layers suppressed). The trainer then passes
+    ``loss_fn = lambda params: training loss on the step's micro-batch``."""
+    if getattr(resolve_method(method["name"]), "needs_loss_fn", False):
+        return True
+    return any(needs_loss_fn(v) for v in method.values() if _is_method_table(v))
+
+
 def takes_axis_name(fn: Callable) -> bool:
     """Whether ``fn`` builds a multi-worker transformation (it takes ``axis_name``)."""
     return "axis_name" in inspect.signature(fn).parameters

@@ -20,7 +20,9 @@ from typing import Any
 METRICS_FILE = "metrics.jsonl"
 # Fields that measure the machine, not the optimization: they differ between two
 # runs of the same config.
-TIMING_KEYS = ("wall_time", "steps_per_sec", "time_to_first_step")
+# what the machine decides, not the run's numbers: timings, and the compiled step's peak memory (XLA's
+# buffer assignment, which changes with the jax version and platform)
+TIMING_KEYS = ("wall_time", "steps_per_sec", "time_to_first_step", "peak_memory_bytes")
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
@@ -160,6 +162,6 @@ class MetricsLog:
 
 
 def without_timing(records: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Records minus the machine-dependent timing fields (for comparing runs)."""
+    """Records minus the machine-dependent fields (timings, peak memory; for comparing runs)."""
     for r in records:
         yield {k: v for k, v in r.items() if k not in TIMING_KEYS}

@@ -33,7 +33,7 @@ from jaxopt_lab.experiment.adaptive_batch import make_norm_test_statistics, next
 from jaxopt_lab.experiment.build import Experiment, build, per_example
 from jaxopt_lab.experiment.checkpoint import Checkpointer
 from jaxopt_lab.experiment.launch import is_primary, sync
-from jaxopt_lab.experiment.methods import learning_rate_schedule
+from jaxopt_lab.experiment.methods import learning_rate_schedule, needs_loss_fn
 from jaxopt_lab.experiment.metrics import MetricsLog, read_metrics
 
 CONFIG_FILE = "config.toml"
@@ -111,7 +111,8 @@ def make_loss_fn(graphdef: Any, rest: Any, task: str, loss: str = "cross_entropy
     return loss_fn
 
 
-def make_train_step(graphdef: Any, rest: Any, tx: optax.GradientTransformation, task: str, loss: str = "cross_entropy"):
+def make_train_step(graphdef: Any, rest: Any, tx: optax.GradientTransformation, task: str, loss: str = "cross_entropy",
+                    pass_loss_fn: bool = False):
     """``(state, xs, ys) -> (state, metrics)`` for one worker, over ``k`` micro-batches.
 
     ``xs``/``ys`` have a leading axis of ``train.grad_accum`` micro-batches; the
@@ -120,6 +121,8 @@ def make_train_step(graphdef: Any, rest: Any, tx: optax.GradientTransformation, 
     ``decisions`` (static: ``sync``, ``refresh``) are passed to ``tx.update``:
     the host's decisions for a periodically synchronizing method and for
     low-rank projector refreshes (see ``jaxopt_lab.distributed.sync``).
+    ``pass_loss_fn``: ``tx.update`` also gets ``loss_fn=``, the micro-batch's mean training loss
+    as a function of the parameters (a method marked ``needs_loss_fn``: IST's importance probes).
     """
 
     loss_fn = make_loss_fn(graphdef, rest, task, loss)
@@ -127,6 +130,8 @@ def make_train_step(graphdef: Any, rest: Any, tx: optax.GradientTransformation, 
     def micro_step(carry, batch, **decisions):
         params, opt_state = carry
         grads, metrics = jax.grad(loss_fn, has_aux=True)(params, *batch)
+        if pass_loss_fn:
+            decisions = {**decisions, "loss_fn": lambda p: loss_fn(p, *batch)[0]}
         updates, opt_state = tx.update(grads, opt_state, params, **decisions)
         metrics["grad_norm"] = optax.tree.norm(grads)
         return (optax.apply_updates(params, updates), opt_state), metrics
@@ -195,7 +200,8 @@ class Trainer:
         self.run_dir = run_dir
         graphdef, params, rest = nnx.split(experiment.model, nnx.Param, ...)
         loss = self.cfg.train.loss
-        step = make_train_step(graphdef, rest, experiment.tx, experiment.task, loss)
+        step = make_train_step(graphdef, rest, experiment.tx, experiment.task, loss,
+                               pass_loss_fn=needs_loss_fn(self.cfg.method))
         self.eval_step = make_eval_step(graphdef, rest, experiment.task, loss)
         self.sharpness = None
         if self.cfg.train.sharpness_every:
@@ -215,11 +221,12 @@ class Trainer:
         )
         # bytes of one worker's optimizer state, from shapes and dtypes (logged with the final metrics)
         self.opt_state_bytes = optimizer_state_bytes(jax.eval_shape(experiment.tx.init, params))
-        self.param_report = None  # a fine-tuning run (model.lora): its trainable parameters and bytes
-        if experiment.lora is not None:
+        self.param_report = None  # a fine-tuning run (model.lora, svfit, ...): its trainable parameters and bytes
+        if experiment.trainable is not None:
             from jaxopt_lab.finetune.lora import trainable_report
 
-            self.param_report = trainable_report(params, experiment.lora.train_also)
+            self.param_report = trainable_report(params, labels=experiment.trainable)
+        self.peak_memory_bytes = None  # of the compiled train step (memory_analysis), set at the first step
         self.norm_test = None
         if self.cfg.train.norm_test_eta > 0:
             self.norm_test = make_norm_test_statistics(lambda p, x, y: make_loss_fn(graphdef, rest, experiment.task, loss)(p, x, y)[0])
@@ -423,6 +430,8 @@ class Trainer:
                 step_times.append(time.perf_counter() - t_step)
                 if first_step is None:
                     first_step = time.perf_counter() - self.started
+                    # compiled already: this lowering finds the program in the cache
+                    self.peak_memory_bytes = compiled_memory_bytes(self.train_step, state, *batch)
                 if grown is not None:
                     record["batch_size"] = int(state.batch_size)
                     state = state._replace(batch_size=jnp.asarray(grown, jnp.int32))
@@ -440,6 +449,7 @@ class Trainer:
                     self.stop_non_finite(step + 1, record, bad)
                 if done == t.steps:  # median over this process's steps (the first, compiling one, included)
                     record["opt_state_bytes"] = self.opt_state_bytes
+                    record["peak_memory_bytes"] = self.peak_memory_bytes
                     if self.param_report is not None:
                         record.update(self.param_report)
                     record["steps_per_sec"] = 1.0 / float(np.median(step_times))
@@ -461,6 +471,28 @@ class Trainer:
             with open(os.path.join(self.run_dir, SUMMARY_FILE), "w") as f:
                 json.dump(final, f, indent=1, allow_nan=False)
         return RunResult(self.run_dir, final)
+
+
+def compiled_memory_bytes(step: Any, *args: Any) -> int | None:
+    """Peak memory of one compiled train step, from XLA's ``memory_analysis()`` of the program for
+    ``args``: argument + output + temporary bytes, less the bytes of outputs aliased to (donated)
+    arguments. None where the step cannot be lowered or the backend reports nothing.
+
+    The step's program has run already (the jit cache holds it), so lowering it again compiles
+    nothing. A multi-worker step (``SyncedStep``): the program of the decisions the states in
+    ``args`` call for.
+    """
+    try:
+        if hasattr(step, "program"):
+            step = step.program(**step.decisions(*args))
+        stats = step.lower(*args).compile().memory_analysis()
+    except Exception:  # noqa: BLE001 - a backend or wrapper without AOT lowering: nothing to report
+        return None
+    if stats is None:
+        return None
+    total = (stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+             - stats.alias_size_in_bytes)
+    return int(total) if total > 0 else None
 
 
 def check_checkpoint_config(run_dir: str, saved: dict[str, Any], now: dict[str, Any], allowed: Iterable[str] = ()

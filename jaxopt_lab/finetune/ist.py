@@ -183,3 +183,10 @@ def ist(inner: optax.GradientTransformation, layer_pattern: str = DEFAULT_LAYER_
         return jax.tree.unflatten(treedef, out), ISTState(state.count + 1, scores, active > 0, key, inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# In an experiment config (method.name = "ist", inner = {...}): the trainer passes ``loss_fn`` (the
+# training loss of the step's micro-batch as a function of the parameters) to update, and a
+# fine-tuning run freezes IST's inner method, not IST, whose probes need the whole model's parameters.
+ist.needs_loss_fn = True
+ist.perturbs_frozen_base = True

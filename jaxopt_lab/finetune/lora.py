@@ -274,9 +274,11 @@ def freeze_base(tx: optax.GradientTransformation, train_also: str = "") -> optax
     return optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, trainable_labels(train_also))
 
 
-def trainable_report(params: Any, train_also: str = "") -> dict[str, int]:
-    """Parameter counts and bytes: all, trainable (adapters + ``train_also``), frozen."""
-    labels = jax.tree.leaves(trainable_labels(train_also)(params))
+def trainable_report(params: Any, train_also: str = "", labels: Callable[[Any], Any] | None = None
+                     ) -> dict[str, int]:
+    """Parameter counts and bytes: all, trainable (adapters + ``train_also``; or those ``labels``
+    marks ``"trainable"``, a label function as :func:`trainable_labels` returns), frozen."""
+    labels = jax.tree.leaves((labels or trainable_labels(train_also))(params))
     leaves = jax.tree.leaves(params)
     out = {"params": 0, "param_bytes": 0, "trainable_params": 0, "trainable_bytes": 0}
     for label, leaf in zip(labels, leaves):

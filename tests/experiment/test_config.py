@@ -140,7 +140,7 @@ def test_differing_keys():
 
 ABSTRACT_ONLY = {
     "diloco_gpt_small.toml",  # tests/experiment/test_gpt_small_config.py
-    "finetune_gpt_code_lora.toml",  # built for real it would run its pretraining (tests/finetune run it shrunk)
+    "finetune_gpt_code.toml",  # built for real it would run its pretraining (tests/finetune run it shrunk)
     "finetune_cnn_digits59.toml",  # the same (tests/finetune/test_finetune_cnn.py)
 }
 
