@@ -23,8 +23,8 @@ def mean_std(xs, fmt):
     return fmt.format(xs.mean()) + (" ± " + fmt.format(xs.std(ddof=1)) if len(xs) > 1 else "")
 
 
-print("| method | seeds | trainable params | opt state bytes | steps/s | eval acc (5-9) at step 0 | eval loss | eval acc (5-9) |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|")
+print("| method | seeds | trainable params | opt state bytes | peak memory (MiB) | steps/s | eval acc (5-9) at step 0 | eval loss | eval acc (5-9) |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 for m, label in methods.items():
     runs = sorted(d for d in os.listdir(base) if d.startswith(m + "_s") and os.path.exists(os.path.join(base, d, "summary.json")))
     if not runs:
@@ -34,8 +34,9 @@ for m, label in methods.items():
         s = json.load(open(os.path.join(base, d, "summary.json")))
         first = json.loads(open(os.path.join(base, d, "metrics.jsonl")).readline())
         tp = s.get("trainable_params") or n_params(os.path.join(base, d))
-        rows.append((tp, s["opt_state_bytes"], s["steps_per_sec"], first["eval_accuracy"], s["eval_loss"], s["eval_accuracy"]))
-    tp, ob, sps, acc0, loss, acc = zip(*rows)
+        peak = s.get("peak_memory_bytes")
+        rows.append((tp, s["opt_state_bytes"], math.nan if peak is None else peak / 2**20, s["steps_per_sec"], first["eval_accuracy"], s["eval_loss"], s["eval_accuracy"]))
+    tp, ob, peak, sps, acc0, loss, acc = zip(*rows)
     assert len(set(tp)) == 1 and len(set(ob)) == 1, (tp, ob)
-    print(f"| {label} | {len(runs)} | {tp[0]:,} | {ob[0]:,} | {mean_std(sps, '{:.1f}')} | {mean_std(acc0, '{:.3f}')} | "
+    print(f"| {label} | {len(runs)} | {tp[0]:,} | {ob[0]:,} | {mean_std(peak, '{:.2f}')} | {mean_std(sps, '{:.1f}')} | {mean_std(acc0, '{:.3f}')} | "
           f"{mean_std(loss, '{:.4f}')} | {mean_std(acc, '{:.4f}')} |")
