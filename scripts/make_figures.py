@@ -140,6 +140,16 @@ def finetune_figure(name: str) -> Callable[[str, str], str]:
     return draw
 
 
+def finetune_cnn(runs: str, out: str) -> str:
+    """Eval accuracy vs step per method of the CNN digits 0-4 -> 5-9 fine-tuning (scripts/finetune_cnn_table.py)."""
+    import finetune_cnn_table
+
+    base = os.path.join(runs, "finetune_cnn_digits59")
+    if not os.path.isdir(base) or not finetune_cnn_table.seed_runs(base, "full"):
+        raise MissingRun(f"{base} has no finished runs")
+    return finetune_cnn_table.plot(base, out)
+
+
 # name: (how the run folder is made, the drawing function (runs folder, output path) -> path)
 FIGURES: dict[str, tuple[str, Callable[[str, str], str]]] = {
     "diloco_vs_ddp_fast": (f"{CLI} run experiments/diloco_vs_ddp_fast.toml", variants_figure("diloco_vs_ddp_fast")),
@@ -151,6 +161,7 @@ FIGURES: dict[str, tuple[str, Callable[[str, str], str]]] = {
     "async_local_sgd": ("PYTHONPATH=$PWD python scripts/async_local_sgd_lm.py", async_local_sgd),
     "dipaco": ("PYTHONPATH=$PWD python scripts/dipaco_lm.py", dipaco),
     "finetune_gpt_code": (make_tables.FINETUNE_GPT_SEEDS, finetune_figure("finetune_gpt_code")),
+    "finetune_cnn_digits59": (f"{CLI} run experiments/finetune_cnn_digits59.toml", finetune_cnn),
 }
 for _a in ("0.1", "1.0"):
     FIGURES[f"fed_heterogeneity_a{_a}"] = (
