@@ -53,6 +53,7 @@ import jaxopt_lab.lowrank
 import jaxopt_lab.transforms
 from jaxopt_lab.finetune import ist, lora_ggpo, lora_pro, scale_by_lora_pro, snella_allocation
 from jaxopt_lab.lowrank.adam8bit import create_dynamic_map, dequantize_blockwise, quantize_blockwise, quantize_codes
+from jaxopt_lab.lowrank.kernels_as_matrices import kernels_as_matrices
 from jaxopt_lab.lowrank.memory import optimizer_state_bytes, state_bytes_report
 from jaxopt_lab.transforms.adamp import adamp, scale_by_adamp, scale_by_sgdp, sgdp
 from jaxopt_lab.transforms.delta_sgd import delta_sgd, scale_by_delta_sgd
@@ -144,6 +145,12 @@ def lora_ggpo_adam(learning_rate, sigma, beta, seed):
     """LoRA-GGPO around Adam. The battery's trees hold no LoRA factors, so this checks the wrapper
     (state, dtypes, jit, inject_hyperparams) around its inner method; tests/finetune checks the rule."""
     return lora_ggpo(optax.adam(learning_rate), sigma=sigma, beta=beta, seed=seed)
+
+
+def kernels_as_matrices_adam(learning_rate):
+    """Adam on every >2-D leaf reshaped to a matrix (elementwise Adam: the same steps; the battery's
+    trees are 0-2-D, so this checks the wrapper; tests/lowrank/test_kernels_as_matrices.py the reshape)."""
+    return kernels_as_matrices(optax.adam(learning_rate))
 
 
 def adam_8bit(learning_rate, b1=0.9, b2=0.999, block_size=4, min_8bit_size=4):
@@ -516,6 +523,14 @@ TRANSFORMS = [
         static_args=("seed",),
     ),
     Case(
+        "kernels_as_matrices(adam)",
+        kernels_as_matrices_adam,
+        dict(learning_rate=0.1),
+        solve=dict(quadratic=dict(learning_rate=0.1), rosenbrock=dict(learning_rate=3e-3),
+                   complex=dict(learning_rate=0.1)),
+        covers=(kernels_as_matrices,),
+    ),
+    Case(
         "ist(adam)",
         ist_adam,
         dict(learning_rate=0.1, seed=0),
@@ -704,6 +719,7 @@ FACTORY_ARGS: dict[Callable, dict[str, Any]] = {
     tpsgd: dict(learning_rate=0.1, hidden_layers=["dense"], num_classes=3),
     scale_by_target_projection: dict(hidden_layers=["dense"], num_classes=3),
     lora_ggpo: dict(inner=optax.sgd(0.1)),
+    kernels_as_matrices: dict(inner=optax.sgd(0.1)),
     scale_by_adam_8bit: dict(block_size=4, min_8bit_size=4),
     ist: dict(inner=optax.sgd(0.1)),
     snella_allocation: dict(inner=optax.sgd(0.1), total_steps=10),
