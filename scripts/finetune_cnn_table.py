@@ -9,7 +9,10 @@ import os
 import numpy as np
 
 METHODS = {"full": "full fine-tuning", "lora": "LoRA r4 (convs) + head", "galore": "GaLore r8 (convs as matrices)",
-           "probe": "head only (linear probe)"}
+           "probe": "head only (linear probe)", "lora_pro": "LoRA-Pro r4 (convs) + head",
+           "lora_ggpo": "LoRA-GGPO r4 (convs) + head", "ist": "IST r4 (convs, 1 of 2 per step) + head",
+           "eva": "EVA r4 budget (convs' patches) + head", "svfit": "SVFit top-4 singular values (convs) + head",
+           "welore": "WeLore 30% compression (convs) + head", "snella": "SNELLA r16 mixk (convs) + head"}
 
 
 def n_params(run_dir):

@@ -20,13 +20,14 @@ from jaxopt_lab.finetune.lora import (
 )
 from jaxopt_lab.finetune.lora_conv import LoRAConv
 from jaxopt_lab.finetune.lora_ggpo import LoRAGGPOState, lora_ggpo, remove_perturbation
-from jaxopt_lab.finetune.svfit import SVFitLinear, apply_svfit, freeze_all_but_singular_values, merge_svfit
-from jaxopt_lab.finetune.welore import WeLoreLinear, WeLoreReport, apply_welore, freeze_all_but_low_rank
+from jaxopt_lab.finetune.svfit import SVFitConv, SVFitLinear, apply_svfit, freeze_all_but_singular_values, merge_svfit
+from jaxopt_lab.finetune.welore import WeLoreConv, WeLoreLinear, WeLoreReport, apply_welore, freeze_all_but_low_rank
 from jaxopt_lab.finetune.lora_pro import ScaleByLoRAProState, lora_pro, scale_by_lora_pro
 from jaxopt_lab.finetune.ist import ISTState, ist
 from jaxopt_lab.finetune.snella import (
     SNELLA_TRAIN_ALSO,
     SNELLAAllocationState,
+    SNELLAConv,
     SNELLALinear,
     apply_snella,
     snella_allocation,
@@ -44,10 +45,12 @@ __all__ = [
     "lora_pro",
     "remove_perturbation",
     "scale_by_lora_pro",
+    "SVFitConv",
     "SVFitLinear",
     "apply_svfit",
     "freeze_all_but_singular_values",
     "merge_svfit",
+    "WeLoreConv",
     "WeLoreLinear",
     "WeLoreReport",
     "apply_welore",
@@ -68,6 +71,7 @@ __all__ = [
     "ist",
     "SNELLA_TRAIN_ALSO",
     "SNELLAAllocationState",
+    "SNELLAConv",
     "SNELLALinear",
     "apply_snella",
     "snella_allocation",

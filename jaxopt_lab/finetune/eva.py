@@ -29,6 +29,12 @@ incremental step is exact (``numpy.linalg.svd`` in float64) where PEFT uses
 dataloader) with a ``max_steps`` cap instead of an endless loop; every position of every
 sequence is used (PEFT's causal-LM default without padding); layers with equal inputs are
 not de-duplicated (the ranking and the components are the same, only the work is repeated).
+
+Conv layers (:class:`~jaxopt_lab.finetune.LoRAConv`, the kernel as a ``(kh kw c_in) x c_out``
+matrix): the activations are the layer's input patches, one row per output position
+(:func:`jaxopt_lab.finetune.lora_conv.patches`, padding included: the rows the kernel matrix
+multiplies), so ``A``'s columns are the patches' top principal directions. PEFT's EVA takes
+Linear layers only; this is the same rule on the conv's matrix view.
 """
 
 from __future__ import annotations
@@ -45,7 +51,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxopt_lab.finetune.lora import LoRALinear, lora_layers
+from jaxopt_lab.finetune.lora import LoRALinear, adapted_layers
+from jaxopt_lab.finetune.lora_conv import LoRAConv, conv_with, patches
 
 
 class IncrementalPCA:
@@ -133,7 +140,7 @@ class EVAResult:
 def _capture_inputs(layers: dict[int, str], sink: dict[str, np.ndarray]):
     """While active, every call of a LoRALinear in ``layers`` (by id) records its input in
     ``sink`` and runs without its adapter (PEFT's ``disable_adapter``)."""
-    original = LoRALinear.__call__
+    original, original_conv = LoRALinear.__call__, LoRAConv.__call__
 
     def call(self, x, out_sharding=None):
         name = layers.get(id(self))
@@ -141,11 +148,18 @@ def _capture_inputs(layers: dict[int, str], sink: dict[str, np.ndarray]):
             sink[name] = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
         return nnx.Linear.__call__(self, x, out_sharding=out_sharding)
 
-    LoRALinear.__call__ = call
+    def call_conv(self, x, out_sharding=None):
+        name = layers.get(id(self))
+        if name is not None:
+            sink[name] = np.asarray(patches(self, x), np.float64)
+        y = conv_with(self, x, self.kernel[...])
+        return y if self.bias is None else y + self.bias[...].astype(y.dtype)
+
+    LoRALinear.__call__, LoRAConv.__call__ = call, call_conv
     try:
         yield
     finally:
-        LoRALinear.__call__ = original
+        LoRALinear.__call__, LoRAConv.__call__ = original, original_conv
 
 
 def check_eva_args(rho: Any, tau: Any, max_steps: Any) -> None:
@@ -180,9 +194,9 @@ def eva_init(model: nnx.Module, batches: Sequence[Any], forward: Callable[[nnx.M
       :class:`EVAResult`.
     """
     check_eva_args(rho, tau, max_steps)
-    adapted = lora_layers(model)
+    adapted = adapted_layers(model)
     if not adapted:
-        raise ValueError("eva_init needs a LoRA-adapted model (apply_lora first): it has no LoRALinear layer")
+        raise ValueError("eva_init needs a LoRA-adapted model (apply_lora first): it has no LoRALinear or LoRAConv layer")
     if isinstance(batches, (str, bytes)) or not isinstance(batches, Sequence) or len(batches) == 0:
         raise ValueError("eva_init needs a non-empty sequence of batches")
     rank_set = {layer.lora_rank for _, layer in adapted}
@@ -193,7 +207,7 @@ def eva_init(model: nnx.Module, batches: Sequence[Any], forward: Callable[[nnx.M
     budget = rank * len(adapted)
     n_comp = round(rank * rho)
     layers = dict(adapted)
-    pcas = {name: IncrementalPCA(min(n_comp, layer.in_features, layer.out_features)) for name, layer in adapted}
+    pcas = {name: IncrementalPCA(min(n_comp, *_matrix_shape(layer))) for name, layer in adapted}
     converged = {name: np.zeros(pcas[name].n_components, bool) for name in layers}
     rank_dist = {name: pcas[name].n_components for name in layers}
     steps, done = 0, False
@@ -232,19 +246,32 @@ def eva_init(model: nnx.Module, batches: Sequence[Any], forward: Callable[[nnx.M
                      steps=steps, converged=done)
 
 
+def _matrix_shape(layer) -> tuple[int, int]:
+    """The (in, out) of the matrix an adapter corrects: a conv's is ``(kh kw c_in, c_out)``."""
+    return layer.lora.lora_a.shape[0], layer.lora.lora_b.shape[1]
+
+
 def _rebuild(model, layers, pcas, rank_dist, whiten):
     for path, parent, key, layer in _parents(model, layers):
         r = rank_dist[path]
-        base = nnx.Linear(layer.in_features, layer.out_features, use_bias=layer.bias is not None, dtype=layer.dtype,
-                          param_dtype=layer.param_dtype, precision=layer.precision, rngs=nnx.Rngs(0))
+        if isinstance(layer, LoRAConv):
+            base = nnx.Conv(layer.in_features, layer.out_features, layer.kernel_size, strides=layer.strides,
+                            padding=layer.padding, input_dilation=layer.input_dilation,
+                            kernel_dilation=layer.kernel_dilation, use_bias=layer.bias is not None,
+                            dtype=layer.dtype, param_dtype=layer.param_dtype, precision=layer.precision,
+                            rngs=nnx.Rngs(0))
+        else:
+            base = nnx.Linear(layer.in_features, layer.out_features, use_bias=layer.bias is not None,
+                              dtype=layer.dtype, param_dtype=layer.param_dtype, precision=layer.precision,
+                              rngs=nnx.Rngs(0))
         base.kernel[...] = layer.kernel[...]
         if layer.bias is not None:
             base.bias[...] = layer.bias[...]
         if r == 0:
             new = base
         else:
-            new = LoRALinear.from_linear(base, rank=r, alpha=layer.alpha, dropout=layer.lora_dropout.rate,
-                                         rngs=nnx.Rngs(0))
+            make = LoRAConv.from_conv if isinstance(layer, LoRAConv) else LoRALinear.from_linear
+            new = make(base, rank=r, alpha=layer.alpha, dropout=layer.lora_dropout.rate, rngs=nnx.Rngs(0))
             a = pcas[path].components[:r].copy()
             if whiten:
                 a = a / np.sqrt(pcas[path].singular_values[:r])[:, None]
@@ -261,7 +288,7 @@ def _parents(model, layers):
 
     out = []
     for path, node in nnx.iter_graph(model):
-        if isinstance(node, LoRALinear) and path_str(path) in layers:
+        if isinstance(node, (LoRALinear, LoRAConv)) and path_str(path) in layers:
             parent = model
             for key in path[:-1]:
                 parent = parent[key] if isinstance(key, int) else getattr(parent, key)

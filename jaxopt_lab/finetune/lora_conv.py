@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxopt_lab.finetune.lora import check_lora_args
@@ -75,25 +76,7 @@ class LoRAConv(nnx.Conv):
         return (self.scale * (self.lora.lora_a[...] @ self.lora.lora_b[...])).reshape(self.kernel.shape)
 
     def _conv(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
-        """``nnx.Conv``'s convolution (one batch axis, channels last) with ``kernel``, no bias."""
-        n = len(self.kernel_size)
-        if x.ndim != n + 2:
-            raise ValueError(f"LoRAConv takes inputs (B, spatial..., C) with one batch axis, got shape {x.shape}")
-
-        def tup(v):
-            return (1,) * n if v is None else (v,) * n if isinstance(v, int) else tuple(v)
-
-        padding = self.padding
-        if isinstance(padding, int):
-            padding = [(padding, padding)] * n
-        elif not isinstance(padding, str):
-            padding = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
-        x, kernel = (a.astype(self.dtype) for a in (x, kernel)) if self.dtype is not None else (x, kernel)
-        spec = "N" + "HWD"[:n] + "C"
-        return jax.lax.conv_general_dilated(
-            x, kernel, tup(self.strides), padding, lhs_dilation=tup(self.input_dilation),
-            rhs_dilation=tup(self.kernel_dilation),
-            dimension_numbers=(spec, "HWD"[:n] + "IO", spec), precision=self.precision)
+        return conv_with(self, x, kernel)
 
     def __call__(self, x: jax.Array, out_sharding=None) -> jax.Array:
         kernel = self.kernel[...]
@@ -110,9 +93,51 @@ class LoRAConv(nnx.Conv):
 
 
 def _check_plain(conv: nnx.Conv) -> None:
+    check_plain(conv, "LoRA")
+
+
+def conv_with(layer, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``nnx.Conv``'s convolution of ``x`` (one batch axis, channels last) with ``kernel``
+    (``(kh, kw, c_in, c_out)``), no bias, under ``layer``'s settings (``kernel_size``,
+    ``strides``, ``padding``, ``input_dilation``, ``kernel_dilation``, ``dtype``, ``precision``:
+    an ``nnx.Conv`` or any module that holds them, such as the conv layers of SVFit and WeLore)."""
+    n = len(layer.kernel_size)
+    if x.ndim != n + 2:
+        raise ValueError(f"{type(layer).__name__} takes inputs (B, spatial..., C) with one batch axis, got shape {x.shape}")
+
+    def tup(v):
+        return (1,) * n if v is None else (v,) * n if isinstance(v, int) else tuple(v)
+
+    padding = layer.padding
+    if isinstance(padding, int):
+        padding = [(padding, padding)] * n
+    elif not isinstance(padding, str):
+        padding = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
+    dtype = layer.dtype if layer.dtype is not None else jnp.result_type(x, kernel)  # nnx's promote_dtype
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
+    spec = "N" + "HWD"[:n] + "C"
+    return jax.lax.conv_general_dilated(
+        x, kernel, tup(layer.strides), padding, lhs_dilation=tup(layer.input_dilation),
+        rhs_dilation=tup(layer.kernel_dilation),
+        dimension_numbers=(spec, "HWD"[:n] + "IO", spec), precision=layer.precision)
+
+
+def check_plain(conv: nnx.Conv, method: str = "LoRA") -> None:
+    """ValueError unless ``conv`` is a plain convolution (see :class:`LoRAConv`): what the
+    kernel-as-matrix methods take."""
     if conv.feature_group_count != 1:
-        raise ValueError(f"LoRA on a conv layer needs feature_group_count = 1, got {conv.feature_group_count}")
+        raise ValueError(f"{method} on a conv layer needs feature_group_count = 1, got {conv.feature_group_count}")
     if conv.mask is not None:
-        raise ValueError("LoRA on a conv layer takes no kernel mask")
+        raise ValueError(f"{method} on a conv layer takes no kernel mask")
     if isinstance(conv.padding, str) and conv.padding.upper() not in ("SAME", "VALID"):
-        raise ValueError(f"LoRA on a conv layer takes SAME, VALID or explicit padding, got {conv.padding!r}")
+        raise ValueError(f"{method} on a conv layer takes SAME, VALID or explicit padding, got {conv.padding!r}")
+
+
+def patches(layer, x: jax.Array) -> jax.Array:
+    """The rows the kernel matrix multiplies: ``(B * H' * W', kh * kw * c_in)``, ordered as
+    ``kernel.reshape(kh * kw * c_in, c_out)``'s rows (the convolution of ``x`` with the identity
+    kernel, so padding, strides and dilations are ``layer``'s); ``conv(x, W)`` equals
+    ``patches(x) @ W.reshape(-1, c_out)``, row for row."""
+    k = math.prod(layer.kernel_size) * x.shape[-1]
+    eye = jnp.eye(k, dtype=x.dtype).reshape(*layer.kernel_size, x.shape[-1], k)
+    return conv_with(layer, x, eye).reshape(-1, k)

@@ -53,7 +53,8 @@ over a run); the parameters a run evaluates and checkpoints hold the current per
 ``inner`` updates every leaf (in a fine-tuning config it is the method wrapped by
 :func:`jaxopt_lab.finetune.freeze_base`, so the kernels get zero from it and only the
 perturbation moves them). Adapters are found by path (``.../lora/lora_a``, ``lora_b``,
-``.../kernel``).
+``.../kernel``). A conv kernel (:class:`~jaxopt_lab.finetune.LoRAConv`) is perturbed as its
+``(kh kw c_in) x c_out`` matrix, the matrix its adapter corrects: one ``std_j`` per output channel.
 """
 
 from __future__ import annotations
@@ -92,6 +93,12 @@ def _pairs_with_kernels(tree):
             raise ValueError(f"lora_ggpo perturbs the base kernel of adapter {p.prefix!r}, but the tree has no "
                              f"{p.prefix}/kernel: put lora_ggpo outside freeze_base (around the frozen method)")
     return paths, leaves, treedef, pairs
+
+
+def _as_matrix(kernel: jax.Array) -> jax.Array:
+    """A kernel as the matrix its adapter corrects: a Linear's (in x out) as is, a conv's
+    ``(kh, kw, c_in, c_out)`` as ``(kh kw c_in) x c_out`` (:class:`~jaxopt_lab.finetune.LoRAConv`'s view)."""
+    return kernel.reshape(-1, kernel.shape[-1])
 
 
 def _noise(seed: int, count: jax.Array, k: int, shape, dtype) -> jax.Array:
@@ -142,7 +149,7 @@ def lora_ggpo(inner: optax.GradientTransformation, sigma: float = 0.03, beta: fl
 
     def init_fn(params):
         _, leaves, _, pairs = _pairs_with_kernels(params)
-        std = tuple(jnp.zeros((leaves[p.kernel].shape[1],), _wide(leaves[p.kernel].dtype)) for p in pairs)
+        std = tuple(jnp.zeros((leaves[p.kernel].shape[-1],), _wide(leaves[p.kernel].dtype)) for p in pairs)
         return LoRAGGPOState(jnp.zeros([], jnp.int32), std, inner.init(params))
 
     def update_fn(updates, state, params=None, **extra):
@@ -156,13 +163,14 @@ def lora_ggpo(inner: optax.GradientTransformation, sigma: float = 0.03, beta: fl
         std = []
         for k, p in enumerate(pairs):
             dt = _wide(values[p.kernel].dtype)
-            kernel = values[p.kernel].astype(dt)
+            kernel = _as_matrix(values[p.kernel]).astype(dt)  # a conv kernel as its (kh kw c_in) x c_out matrix
             old = state.std[k][None, :] * _noise(seed, state.count, k, kernel.shape, dt)
             clean = kernel - old + scale * (values[p.a].astype(dt) @ values[p.b].astype(dt))  # W + s A_t B_t
             s = perturbation_scales(values[p.a].astype(dt), values[p.b].astype(dt), grads[p.a].astype(dt),
                                     grads[p.b].astype(dt), clean, scale, sigma, beta, norm_dim, grad_power)
             new = s[None, :] * _noise(seed, count, k, kernel.shape, dt)
-            out[p.kernel] = (out[p.kernel].astype(dt) + (new - old)).astype(out[p.kernel].dtype)
+            shape = out[p.kernel].shape
+            out[p.kernel] = (out[p.kernel].astype(dt) + (new - old).reshape(shape)).astype(out[p.kernel].dtype)
             std.append(s.astype(state.std[k].dtype))
         return jax.tree.unflatten(treedef, out), LoRAGGPOState(count, tuple(std), inner_state)
 
@@ -180,6 +188,6 @@ def remove_perturbation(params, state: LoRAGGPOState, seed: int = 0):
     for k, p in enumerate(pairs):
         kernel = leaves[p.kernel]
         dt = _wide(kernel.dtype)
-        eps = state.std[k][None, :] * _noise(seed, state.count, k, kernel.shape, dt)
-        out[p.kernel] = (kernel.astype(dt) - eps).astype(kernel.dtype)
+        eps = state.std[k][None, :] * _noise(seed, state.count, k, _as_matrix(kernel).shape, dt)
+        out[p.kernel] = (kernel.astype(dt) - eps.reshape(kernel.shape)).astype(kernel.dtype)
     return jax.tree.unflatten(treedef, out)

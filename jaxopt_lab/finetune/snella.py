@@ -54,6 +54,9 @@ wraps the frozen method). The factors sit at ``.../lora/lora_a`` and ``lora_b`` 
 ``freeze_base`` trains them and :func:`jaxopt_lab.finetune.lora_pairs` finds them); the
 ``"mixk"`` scalars sit at ``.../lora/snella_alpha|gamma|beta`` — train them with
 ``freeze_base(tx, train_also=SNELLA_TRAIN_ALSO)``.
+
+Conv layers (:class:`SNELLAConv`): the same update of the kernel matrix ``(kh kw c_in) x c_out``
+(LoRAConv's view), reshaped to the kernel; the official code adapts a ViT's Linear layers only.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ import optax
 from flax import nnx
 
 from jaxopt_lab.finetune.lora import _set_child, flatten_with_paths, lora_pairs, path_str
+from jaxopt_lab.finetune.lora_conv import check_plain, conv_with
 from jaxopt_lab.transforms import _validation as check
 
 KERNELS = ("linear", "distance", "mixk")
@@ -170,6 +174,49 @@ class SNELLALinear(nnx.Linear):
         return y + x @ self.delta().astype(x.dtype)
 
 
+class SNELLAConv(nnx.Conv):
+    """An ``nnx.Conv`` plus SNELLA's sparse kernelized update of its kernel matrix
+    ``(kh kw c_in) x c_out`` (the view of :class:`~jaxopt_lab.finetune.LoRAConv`): ``A`` is
+    ``(kh kw c_in) x r``, ``ΔW`` (the same rule as :class:`SNELLALinear`'s, the quantile mask over
+    the whole matrix) is reshaped to the kernel, and the forward is one convolution with
+    ``W + ΔW``. Arguments as :class:`SNELLALinear`'s, plus ``nnx.Conv``'s ``kernel_size``."""
+
+    def __init__(self, in_features: int, out_features: int, kernel_size, *, rank: int = 32, kernel: str = "mixk",
+                 heads: int = 2, ratio: float = 0.01, scale: float = 1.0, magnitude_weighted: bool = True,
+                 rngs: nnx.Rngs, **kwargs):
+        check_snella_args(rank, kernel, heads, ratio, scale)
+        super().__init__(in_features, out_features, kernel_size, rngs=rngs, **kwargs)
+        check_plain(self, "SNELLA")
+        fan_in = math.prod(self.kernel_size) * in_features
+        self.rank, self.kernel_name, self.heads = int(rank), kernel, int(heads)
+        self.scale, self.magnitude_weighted = float(scale), bool(magnitude_weighted)
+        self.lora = _Factors(fan_in, out_features, rank, kernel, ratio, self.param_dtype, rngs)
+        if kernel != "linear":  # U(±1/√(n · r/heads)), n the matrix's sides, as SNELLALinear
+            d = rank // heads
+            self.lora.lora_a[...] = self.lora.lora_a[...] / math.sqrt(fan_in * d)
+            self.lora.lora_b[...] = self.lora.lora_b[...] / math.sqrt(out_features * d)
+
+    @classmethod
+    def from_conv(cls, conv: nnx.Conv, *, rngs: nnx.Rngs, **kwargs) -> "SNELLAConv":
+        check_plain(conv, "SNELLA")
+        out = cls(conv.in_features, conv.out_features, conv.kernel_size, rngs=rngs, strides=conv.strides,
+                  padding=conv.padding, input_dilation=conv.input_dilation, kernel_dilation=conv.kernel_dilation,
+                  use_bias=conv.bias is not None, dtype=conv.dtype, param_dtype=conv.param_dtype,
+                  precision=conv.precision, **kwargs)
+        out.kernel[...] = conv.kernel[...]
+        if conv.bias is not None:
+            out.bias[...] = conv.bias[...]
+        return out
+
+    merged_kernel = SNELLALinear.merged_kernel  # K = κ(A, B), the kernel matrix's shape
+    delta = SNELLALinear.delta  # ΔW, (kh kw c_in) x c_out
+
+    def __call__(self, x: jax.Array, out_sharding=None) -> jax.Array:
+        kernel = self.kernel[...]
+        y = conv_with(self, x, kernel + self.delta().reshape(kernel.shape).astype(kernel.dtype))
+        return y if self.bias is None else y + self.bias[...].astype(y.dtype)
+
+
 def check_snella_args(rank, kernel, heads, ratio, scale) -> None:
     """ValueError naming a bad rank, kernel, heads (not dividing the rank), ratio or scale."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
@@ -184,19 +231,23 @@ def check_snella_args(rank, kernel, heads, ratio, scale) -> None:
 
 def apply_snella(model: nnx.Module, targets: str = ".*", *, rngs: nnx.Rngs, **kwargs) -> list[str]:
     """Replace, in place, every ``nnx.Linear`` of ``model`` whose path matches ``targets`` (in full)
-    by a :class:`SNELLALinear` with the same kernel and bias (``kwargs``: its arguments); returns
-    the adapted paths. ValueError when nothing matches."""
+    by a :class:`SNELLALinear` with the same kernel and bias (``kwargs``: its arguments), every
+    plain ``nnx.Conv`` by a :class:`SNELLAConv`; returns the adapted paths. ValueError when
+    nothing matches."""
     pattern = re.compile(targets)
-    found = [(p, n) for p, n in nnx.iter_graph(model) if isinstance(n, nnx.Linear) and not isinstance(n, SNELLALinear)]
+    found = [(p, n) for p, n in nnx.iter_graph(model)
+             if (isinstance(n, nnx.Linear) and not isinstance(n, SNELLALinear)) or type(n) is nnx.Conv]
     chosen = [(p, n) for p, n in found if pattern.fullmatch(path_str(p))]
     if not chosen:
-        raise ValueError(f"snella targets {targets!r} match none of the model's Linear layers: "
+        raise ValueError(f"snella targets {targets!r} match none of the model's Linear or Conv layers: "
                          f"{', '.join(path_str(p) for p, _ in found) or '(none)'}")
-    for path, linear in chosen:
+    for path, layer in chosen:
         parent = model
         for key in path[:-1]:
             parent = parent[key] if isinstance(key, int) else getattr(parent, key)
-        _set_child(parent, path[-1], SNELLALinear.from_linear(linear, rngs=rngs, **kwargs))
+        new = (SNELLAConv.from_conv(layer, rngs=rngs, **kwargs) if isinstance(layer, nnx.Conv)
+               else SNELLALinear.from_linear(layer, rngs=rngs, **kwargs))
+        _set_child(parent, path[-1], new)
     return [path_str(p) for p, _ in chosen]
 
 

@@ -19,6 +19,11 @@ paper's ``V_rᵀ``). :func:`apply_svfit` replaces the Linear layers whose path m
 ``targets``; :func:`freeze_all_but_singular_values` is the optax masking (the rest gets
 ``optax.set_to_zero``, no optimizer state).
 
+:class:`SVFitConv` does the same for an ``nnx.Conv``, its kernel ``(kh, kw, c_in, c_out)`` seen as
+the ``(kh kw c_in) x c_out`` matrix that multiplies each input patch (the view of
+:class:`~jaxopt_lab.finetune.LoRAConv`): ``svfit_u`` is ``(kh kw c_in) x r``, the forward one
+convolution with ``W_e + (U_r diag(σ) V_rᵀ)`` reshaped to the kernel's shape.
+
 No official code was found; this follows the paper's equations.
 """
 
@@ -36,6 +41,7 @@ import optax
 from flax import nnx
 
 from jaxopt_lab.finetune.lora import FROZEN, TRAINABLE, _set_child, path_str
+from jaxopt_lab.finetune.lora_conv import check_plain, conv_with
 
 S_NAME = "svfit_s"
 
@@ -81,6 +87,55 @@ class SVFitLinear(nnx.Linear):
         return y + ((x @ self.svfit_u[...]) * self.svfit_s[...]) @ self.svfit_v[...]
 
 
+class SVFitConv(nnx.Conv):
+    """``y = conv(x, W_e + reshape(U_r diag(σ) V_rᵀ)) + b``: an ``nnx.Conv`` (kernel ``W_e``) with
+    trainable singular values ``svfit_s`` of its kernel matrix ``(kh kw c_in) x c_out`` and
+    frozen singular vectors ``svfit_u`` (``(kh kw c_in) x r``), ``svfit_v`` (``r x c_out``)."""
+
+    def __init__(self, in_features: int, out_features: int, kernel_size, *, rank: int, rngs: nnx.Rngs, **kwargs):
+        super().__init__(in_features, out_features, kernel_size, rngs=rngs, **kwargs)
+        check_plain(self, "SVFit")
+        fan_in = math.prod(self.kernel_size) * in_features
+        check_rank(rank, fan_in, out_features)
+        dtype = self.param_dtype
+        self.rank = int(rank)
+        self.svfit_u = nnx.Param(jnp.zeros((fan_in, rank), dtype))
+        self.svfit_s = nnx.Param(jnp.zeros((rank,), dtype))
+        self.svfit_v = nnx.Param(jnp.zeros((rank, out_features), dtype))
+
+    @classmethod
+    def from_conv(cls, conv: nnx.Conv, *, rank: int | None = None, energy: float | None = None) -> "SVFitConv":
+        """An SVFitConv equal to ``conv``: the SVD (float64) of its kernel matrix, split as
+        :meth:`SVFitLinear.from_linear` splits a Linear kernel."""
+        check_plain(conv, "SVFit")
+        shape = conv.kernel[...].shape
+        w = np.asarray(conv.kernel[...], np.float64).reshape(-1, shape[-1])
+        u, s, vt = np.linalg.svd(w, full_matrices=False)
+        r = rank_for(s, rank, energy)
+        check_rank(r, w.shape[0], w.shape[1])
+        out = cls(conv.in_features, conv.out_features, conv.kernel_size, rank=r, rngs=nnx.Rngs(0),
+                  strides=conv.strides, padding=conv.padding, input_dilation=conv.input_dilation,
+                  kernel_dilation=conv.kernel_dilation, use_bias=conv.bias is not None, dtype=conv.dtype,
+                  param_dtype=conv.param_dtype, precision=conv.precision)
+        dt = conv.kernel[...].dtype
+        out.kernel[...] = jnp.asarray((w - (u[:, :r] * s[:r]) @ vt[:r]).reshape(shape), dt)
+        out.svfit_u[...] = jnp.asarray(u[:, :r], dt)
+        out.svfit_s[...] = jnp.asarray(s[:r], dt)
+        out.svfit_v[...] = jnp.asarray(vt[:r], dt)
+        if conv.bias is not None:
+            out.bias[...] = conv.bias[...]
+        return out
+
+    def merged_kernel(self) -> jax.Array:
+        """``W_e + reshape(U_r diag(σ) V_rᵀ)``, the kernel's shape."""
+        delta = (self.svfit_u[...] * self.svfit_s[...]) @ self.svfit_v[...]
+        return self.kernel[...] + delta.reshape(self.kernel.shape).astype(self.kernel[...].dtype)
+
+    def __call__(self, x: jax.Array, out_sharding=None) -> jax.Array:
+        y = conv_with(self, x, self.merged_kernel())
+        return y if self.bias is None else y + self.bias[...].astype(y.dtype)
+
+
 def check_rank(rank: Any, in_features: int, out_features: int) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"svfit rank must be a positive int, got {rank!r}")
@@ -102,20 +157,22 @@ def rank_for(s: np.ndarray, rank: int | None, energy: float | None) -> int:
 
 def apply_svfit(model: nnx.Module, targets: str = ".*", rank: int | None = None, energy: float | None = None) -> list[str]:
     """Replace, in place, every ``nnx.Linear`` whose path matches ``targets`` (in full) by an
-    :class:`SVFitLinear` equal to it; returns the paths. ValueError (naming the pattern and the
-    Linear paths) when nothing matches, and for a bad rank or energy."""
+    :class:`SVFitLinear` equal to it, and every ``nnx.Conv`` by an :class:`SVFitConv`; returns
+    the paths. ValueError (naming the pattern and the Linear and Conv paths) when nothing
+    matches, and for a bad rank or energy."""
     if rank is not None:
         check_rank(rank, math.inf, math.inf)
     try:
         pattern = re.compile(targets)
     except (re.error, TypeError) as e:
         raise ValueError(f"svfit targets {targets!r} is not a regular expression: {e}") from None
-    found = [(p, n) for p, n in nnx.iter_graph(model) if type(n) is nnx.Linear]
+    found = [(p, n) for p, n in nnx.iter_graph(model) if type(n) in (nnx.Linear, nnx.Conv)]
     chosen = [(p, n) for p, n in found if pattern.fullmatch(path_str(p))]
     if not chosen:
-        raise ValueError(f"svfit targets {targets!r} match none of the model's Linear layers: "
+        raise ValueError(f"svfit targets {targets!r} match none of the model's Linear or Conv layers: "
                          f"{', '.join(path_str(p) for p, _ in found) or '(none)'}")
-    new = [(p, SVFitLinear.from_linear(n, rank=rank, energy=energy)) for p, n in chosen]
+    new = [(p, SVFitConv.from_conv(n, rank=rank, energy=energy) if isinstance(n, nnx.Conv)
+            else SVFitLinear.from_linear(n, rank=rank, energy=energy)) for p, n in chosen]
     for path, layer in new:
         parent = model
         for key in path[:-1]:
@@ -126,12 +183,19 @@ def apply_svfit(model: nnx.Module, targets: str = ".*", rank: int | None = None,
 
 def merge_svfit(model: nnx.Module) -> list[str]:
     """Replace every :class:`SVFitLinear` by the ``nnx.Linear`` with kernel
-    ``W_e + U_r diag(σ) V_rᵀ`` (one matmul at inference); returns the paths."""
+    ``W_e + U_r diag(σ) V_rᵀ`` (one matmul at inference), every :class:`SVFitConv` by the
+    ``nnx.Conv`` with that kernel reshaped; returns the paths."""
     done = []
     for path, node in list(nnx.iter_graph(model)):
-        if isinstance(node, SVFitLinear):
+        if isinstance(node, SVFitConv):
+            lin = nnx.Conv(node.in_features, node.out_features, node.kernel_size, strides=node.strides,
+                           padding=node.padding, input_dilation=node.input_dilation,
+                           kernel_dilation=node.kernel_dilation, use_bias=node.bias is not None, dtype=node.dtype,
+                           param_dtype=node.param_dtype, precision=node.precision, rngs=nnx.Rngs(0))
+        elif isinstance(node, SVFitLinear):
             lin = nnx.Linear(node.in_features, node.out_features, use_bias=node.bias is not None, dtype=node.dtype,
                              param_dtype=node.param_dtype, precision=node.precision, rngs=nnx.Rngs(0))
+        if isinstance(node, (SVFitConv, SVFitLinear)):
             lin.kernel[...] = node.merged_kernel()
             if node.bias is not None:
                 lin.bias[...] = node.bias[...]

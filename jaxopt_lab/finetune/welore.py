@@ -26,11 +26,16 @@ smallest ``θ`` among the normalized singular values that reaches it.
 
 With ``threshold=0`` and ``min_reduction=0`` every matrix is an LRC at full rank: the model is
 unchanged (up to rounding).
+
+An ``nnx.Conv`` is taken as its kernel matrix ``(kh kw c_in) x c_out`` (the view of
+:class:`~jaxopt_lab.finetune.LoRAConv`): its spectrum, rank and factors are that matrix's, and
+an LRC becomes a :class:`WeLoreConv`, one convolution with ``(A B)`` reshaped to the kernel.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -42,6 +47,7 @@ import optax
 from flax import nnx
 
 from jaxopt_lab.finetune.lora import FROZEN, TRAINABLE, _set_child, path_str
+from jaxopt_lab.finetune.lora_conv import check_plain, conv_with
 
 A_NAME, B_NAME = "welore_a", "welore_b"
 
@@ -77,18 +83,60 @@ class WeLoreLinear(nnx.Module):
         return y if self.bias is None else y + self.bias[...]
 
 
+class WeLoreConv(nnx.Module):
+    """``y = conv(x, reshape(A B)) + b``: a low-rank component replacing a plain ``nnx.Conv``,
+    ``A`` ``(kh kw c_in) x k``, ``B`` ``k x c_out``, the conv's settings kept."""
+
+    def __init__(self, conv: nnx.Conv, rank: int):
+        check_plain(conv, "WeLore")
+        m, n = math.prod(conv.kernel_size) * conv.in_features, conv.out_features
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(m, n):
+            raise ValueError(f"welore rank must be an int in [1, {min(m, n)}], got {rank!r}")
+        self.in_features, self.out_features, self.rank = conv.in_features, n, rank
+        for name in ("kernel_size", "strides", "padding", "input_dilation", "kernel_dilation", "dtype", "precision"):
+            setattr(self, name, getattr(conv, name))
+        self.kernel_shape = tuple(conv.kernel[...].shape)
+        self.welore_a = nnx.Param(jnp.zeros((m, rank), conv.param_dtype))
+        self.welore_b = nnx.Param(jnp.zeros((rank, n), conv.param_dtype))
+        self.bias = nnx.Param(jnp.zeros((n,), conv.param_dtype)) if conv.bias is not None else None
+
+    @classmethod
+    def from_conv(cls, conv: nnx.Conv, rank: int) -> "WeLoreConv":
+        """The best rank-``rank`` factors of ``conv``'s kernel matrix, as :meth:`WeLoreLinear.from_linear`."""
+        out = cls(conv, rank)
+        w = np.asarray(conv.kernel[...], np.float64).reshape(-1, out.out_features)
+        u, s, vt = np.linalg.svd(w, full_matrices=False)
+        root = np.sqrt(s[:rank])
+        dt = conv.kernel[...].dtype
+        out.welore_a[...] = jnp.asarray(u[:, :rank] * root, dt)
+        out.welore_b[...] = jnp.asarray(root[:, None] * vt[:rank], dt)
+        if conv.bias is not None:
+            out.bias[...] = conv.bias[...]
+        return out
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = conv_with(self, x, (self.welore_a[...] @ self.welore_b[...]).reshape(self.kernel_shape))
+        return y if self.bias is None else y + self.bias[...].astype(y.dtype)
+
+
+def _matrix(layer) -> np.ndarray:
+    """A Linear's kernel, or a conv's as its ``(kh kw c_in) x c_out`` matrix, in float64."""
+    w = np.asarray(layer.kernel[...], np.float64)
+    return w.reshape(-1, w.shape[-1])
+
+
 def spectra(model: nnx.Module, targets: str = ".*") -> dict[str, tuple[np.ndarray, tuple[int, int]]]:
     """``{path: (singular values (float64, descending), (in, out))}`` of the ``nnx.Linear``
-    layers whose path matches ``targets`` in full; ValueError when none does."""
+    and ``nnx.Conv`` layers (a conv: its kernel matrix, ``in = kh kw c_in``) whose path matches
+    ``targets`` in full; ValueError when none does."""
     try:
         pattern = re.compile(targets)
     except (re.error, TypeError) as e:
         raise ValueError(f"welore targets {targets!r} is not a regular expression: {e}") from None
-    found = [(path_str(p), n) for p, n in nnx.iter_graph(model) if type(n) is nnx.Linear]
-    out = {p: (np.linalg.svd(np.asarray(n.kernel[...], np.float64), compute_uv=False), (n.in_features, n.out_features))
-           for p, n in found if pattern.fullmatch(p)}
+    found = [(path_str(p), n) for p, n in nnx.iter_graph(model) if type(n) in (nnx.Linear, nnx.Conv)]
+    out = {p: (np.linalg.svd(_matrix(n), compute_uv=False), _matrix(n).shape) for p, n in found if pattern.fullmatch(p)}
     if not out:
-        raise ValueError(f"welore targets {targets!r} match none of the model's Linear layers: "
+        raise ValueError(f"welore targets {targets!r} match none of the model's Linear or Conv layers: "
                          f"{', '.join(p for p, _ in found) or '(none)'}")
     return out
 
@@ -149,8 +197,8 @@ class WeLoreReport:
 
 def apply_welore(model: nnx.Module, targets: str = ".*", *, threshold: float | None = None,
                  compression_target: float | None = None, min_reduction: float | None = None) -> WeLoreReport:
-    """Compress, in place, the Linear layers matching ``targets``: the LRCs become
-    :class:`WeLoreLinear` factor pairs, the N-LRCs stay. Exactly one of ``threshold`` (θ) and
+    """Compress, in place, the Linear and Conv layers matching ``targets``: the LRCs become
+    :class:`WeLoreLinear` (:class:`WeLoreConv`) factor pairs, the N-LRCs stay. Exactly one of ``threshold`` (θ) and
     ``compression_target`` (share of the targeted parameters to remove) is given."""
     if (threshold is None) == (compression_target is None):
         raise ValueError("apply_welore needs exactly one of threshold and compression_target, got "
@@ -160,11 +208,13 @@ def apply_welore(model: nnx.Module, targets: str = ".*", *, threshold: float | N
     ranks = welore_ranks(spec, theta, min_reduction)
     for path, node in list(nnx.iter_graph(model)):
         p = path_str(path)
-        if p in ranks and ranks[p] is not None and type(node) is nnx.Linear:
+        if p in ranks and ranks[p] is not None and type(node) in (nnx.Linear, nnx.Conv):
             parent = model
             for key in path[:-1]:
                 parent = parent[key] if isinstance(key, int) else getattr(parent, key)
-            _set_child(parent, path[-1], WeLoreLinear.from_linear(node, ranks[p]))
+            new = (WeLoreConv.from_conv(node, ranks[p]) if type(node) is nnx.Conv
+                   else WeLoreLinear.from_linear(node, ranks[p]))
+            _set_child(parent, path[-1], new)
     before = sum(m * n for _, (m, n) in spec.values())
     return WeLoreReport(threshold=theta, ranks={p: k for p, k in ranks.items() if k is not None},
                         dense=[p for p, k in ranks.items() if k is None], compression=compression(spec, ranks),

@@ -1,5 +1,7 @@
 """The CNN fine-tuning configs (digits 0-4 -> 5-9), shrunk: they build from a pretrained run, LoRA on
-the convs starts at the pretrained model, and only the adapters and the head hold optimizer state."""
+the convs starts at the pretrained model, and only the adapters and the head hold optimizer state;
+the methods on the convs' kernel matrices (LoRA-Pro, LoRA-GGPO, IST, EVA, SVFit, WeLore) start at the
+pretrained model (WeLore: at its compression) and train only their own leaves and the head."""
 
 import os
 
@@ -46,8 +48,11 @@ def params_by_path(model):
             jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]}
 
 
-def test_the_config_has_four_methods_times_three_seeds(variants):
-    assert sorted(variants) == sorted(f"{m}_s{s}" for m in ("full", "lora", "galore", "probe") for s in range(3))
+METHODS = ("full", "lora", "galore", "probe", "lora_pro", "lora_ggpo", "ist", "eva", "svfit", "welore", "snella")
+
+
+def test_the_config_has_eleven_methods_times_three_seeds(variants):
+    assert sorted(variants) == sorted(f"{m}_s{s}" for m in METHODS for s in range(3))
     assert {variants[f"lora_s{s}"].run.seed for s in range(3)} == {0, 1, 2}
     assert all(v.data["classes"] == [5, 6, 7, 8, 9] for v in variants.values())
 
@@ -97,3 +102,21 @@ def test_galore_projects_the_conv_kernels(variants):
     shapes = {tuple(x.shape) for x in jax.tree.leaves(state) if hasattr(x, "shape")}
     # the (36 x 16) matrix of convs/1 keeps rank-8 moments (its smaller side projected), not full-size ones
     assert (8, 9 * C0) in shapes and (9 * C0, C1) not in shapes and (C1, 9 * C0) not in shapes
+
+
+@pytest.mark.parametrize("method, trainable", [
+    ("lora_pro", r"convs/\d/lora/lora_[ab]"), ("lora_ggpo", r"convs/\d/lora/lora_[ab]"),
+    ("ist", r"convs/\d/lora/lora_[ab]"), ("eva", r"convs/\d/lora/lora_[ab]"), ("svfit", r"convs/\d/svfit_s"),
+    ("welore", r"convs/\d/welore_[ab]"),
+    ("snella", r"convs/\d/lora/(lora_[ab]|snella_(alpha|gamma|beta))")])
+def test_the_conv_matrix_methods_start_at_the_pretrained_model_and_train_their_leaves(variants, method, trainable):
+    import re
+
+    full, exp = build(variants["full_s0"]), build(variants[f"{method}_s0"])
+    x = exp.data.x_test[:16]
+    if method not in ("welore", "snella"):  # WeLore starts at its compression, SNELLA with its nonzero update
+        np.testing.assert_allclose(np.asarray(exp.model(x)), np.asarray(full.model(x)), rtol=1e-4, atol=1e-5)
+    params = nnx.state(exp.model, nnx.Param)
+    labels = dict(zip(params_by_path(exp.model), jax.tree.leaves(exp.trainable(params))))
+    want = {p for p in labels if re.fullmatch(trainable, p) or p.startswith("head/")}
+    assert {p for p, lab in labels.items() if lab == "trainable"} == want and len(want) > 2
