@@ -24,7 +24,8 @@ A federated config (``experiments/fed_digits.toml``) is recognized by its
                        the trigger's arguments (clients_per_round, buffer_size,
                        concurrency, period, q_min, q_max), the rule's arguments
                        (learning_rate, momentum, alpha, staleness, a, b, weighting,
-                       normalize; fedcompass gets num_clients from [federated]),
+                       normalize; fedcompass gets num_clients from [federated], fedfix
+                       also its period and the clients' total example count),
                        pseudo_gradient, eval_every (server steps between evaluations)
 
 Every method runs until ``sim_time`` simulated seconds, evaluating test
@@ -255,6 +256,10 @@ def build_method(cfg: Mapping[str, Any], method: Mapping[str, Any], setup: dict[
     rule_args = {k: method[k] for k in RULE_KEYS if k in method}
     if method["rule"] == "fedcompass":  # the official alpha_i = alpha s(tau_i) / N needs N
         rule_args["num_clients"] = fed["num_clients"]
+    if method["rule"] == "fedfix" and method.get("normalize", "clients") == "clients":
+        # the official unnormalized weights p_i d_i need the window, N and all clients' examples
+        rule_args.update(period=method.get("period"), num_clients=fed["num_clients"],
+                         total_examples=float(np.sum(setup["sizes"])))
     local, rule, context = _build_client(cfg, method, setup, rule_args)
     if rule is None:
         rule = _rules()[method["rule"]](**rule_args)

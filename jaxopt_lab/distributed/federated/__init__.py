@@ -21,7 +21,8 @@ FedProx        ``fedprox()`` + ``prox_mu`` clients  ``SyncRound(m)``
 FedAdam        ``chain(scale_by_fedavg(), adam)``   ``SyncRound(m)``
 FedAsync       ``fedasync(alpha, "hinge", a, b)``   ``every_arrival()``, ``pseudo_gradient="current"``
 FedBuff        ``fedbuff(lr)``                      ``Buffer(K)``, ``concurrency >= K``
-FedFix         ``fedfix(lr)``                       ``TimeWindow(dt)``
+FedFix         ``fedfix(lr, period=dt,              ``TimeWindow(dt)``
+               total_examples=n)``
 FedCompass     ``fedcompass(N, alpha=0.9)``         ``Compass(q_min, q_max)``, ``pseudo_gradient="current"``
 FedAMD         ``fedamd(lr, num_clients=N)`` +      ``SyncRound(m)`` (any), ``client_context=fedamd_context``
                ``fedamd_local_update`` clients

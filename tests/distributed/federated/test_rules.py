@@ -54,16 +54,44 @@ def test_fedbuff_is_the_staleness_weighted_buffer_mean(arrivals):
         np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6)
 
 
-def test_fedfix_weights_each_arrival_by_its_data_and_its_windows_in_flight(arrivals):
+def test_fedfix_is_the_official_unnormalized_aggregation_by_default(arrivals):
+    # Accenture/Labs-Federated-Learning FL/server.py: agg_weights = ceil(tau_i / delta_t) * P, P = n / sum(n) over
+    # all M clients ("ratio") or 1 / M ("uniform"); aggregation: new = g + lr_g * sum_i d_i (received_i - sent_i)
+    theta, stacked, extra = arrivals
+    theta64 = {k: v.astype(np.float64) for k, v in theta.items()}
+    keep, period, total, m = [0, 1, 3], 2.0, 50.0, 10
+    n, elapsed = np.array([3.0, 1.0, 4.0]), np.array([2.0, 6.0, 2.0])
+    d = np.ceil(elapsed / period)  # windows in flight (1, 3, 1)
+    for weighting, p in (("examples", n / total), ("uniform", np.full(3, 1 / m))):
+        sent = [{k: theta64[k] for k in theta} for _ in keep]  # pseudo-gradient Delta_i = sent_i - received_i
+        received = [{k: sent[j][k] - stacked[k][i] for k in theta} for j, i in enumerate(keep)]
+        new = {k: theta64[k] + 0.5 * sum(d[j] * p[j] * (received[j][k] - sent[j][k]) for j in range(3)) for k in theta}
+        rule = fl.fedfix(0.5, weighting=weighting, period=period, num_clients=m, total_examples=total)
+        got = _apply(rule, theta, stacked, extra)
+        for k in theta:
+            np.testing.assert_allclose(theta64[k] + got[k], new[k], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="needs period"):
+        fl.fedfix(total_examples=total)
+    with pytest.raises(ValueError, match="needs total_examples"):
+        fl.fedfix(period=period)
+    with pytest.raises(ValueError, match="needs num_clients"):
+        fl.fedfix(weighting="uniform", period=period)
+    with pytest.raises(ValueError, match="period must be"):
+        fl.fedfix(period=-1.0, total_examples=total)
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        fl.fedfix(normalize="group")
+
+
+def test_fedfix_window_normalized_weights_each_arrival_by_its_data_and_its_windows_in_flight(arrivals):
     theta, stacked, extra = arrivals
     keep, n, d = [0, 1, 3], np.array([3.0, 1.0, 4.0]), np.array([2.0, 6.0, 2.0])  # d: elapsed time (windows x period)
     for weighting, c in (("examples", n * d), ("uniform", d)):
         ref = {k: -0.5 * sum(w * stacked[k][i] for w, i in zip(c / c.sum(), keep)) for k in theta}
-        got = _apply(fl.fedfix(0.5, weighting=weighting), theta, stacked, extra)
+        got = _apply(fl.fedfix(0.5, weighting=weighting, normalize="window"), theta, stacked, extra)
         for k in theta:
             np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="fedfix needs elapsed_time"):
-        _apply(fl.fedfix(), theta, stacked, {k: v for k, v in extra.items() if k != "elapsed_time"})
+        _apply(fl.fedfix(normalize="window"), theta, stacked, {k: v for k, v in extra.items() if k != "elapsed_time"})
     with pytest.raises(ValueError, match="weighting must be one of"):
         fl.fedfix(weighting="time")
 
@@ -189,7 +217,8 @@ def test_server_momentum_and_adam_chain_after_the_aggregation(arrivals):
 def test_no_arrival_gives_a_zero_update(arrivals):
     theta, stacked, extra = arrivals
     extra = dict(extra, mask=jnp.zeros((4,), bool))
-    for rule in (fl.fedavg(), fl.fedbuff(), fl.fedfix(), fl.fedcompass(10), fl.fedcompass(normalize="group"), fl.fedasync(0.5)):
+    for rule in (fl.fedavg(), fl.fedbuff(), fl.fedfix(period=1.0, total_examples=9.0), fl.fedfix(normalize="window"),
+                 fl.fedcompass(10), fl.fedcompass(normalize="group"), fl.fedasync(0.5)):
         for v in _apply(rule, theta, stacked, extra).values():
             np.testing.assert_array_equal(v, 0.0)
 

@@ -165,7 +165,8 @@ def test_fedbuff_buffer_of_two_follows_the_hand_built_schedule():
 def test_fedfix_aggregates_each_window_and_skips_empty_ones():
     sizes = [4, 6]
     clients, data, _, _ = pb.make_clients(sizes, seed=7)
-    sim = fl.FederatedSimulator(pb.local_update(data, batch_size=4), fl.fedfix(), fl.TimeWindow(0.8),
+    rule = fl.fedfix(period=0.8, total_examples=float(sum(sizes)))  # the official unnormalized weights
+    sim = fl.FederatedSimulator(pb.local_update(data, batch_size=4), rule, fl.TimeWindow(0.8),
                                 num_clients=2, num_examples=sizes, speeds=[1.0, 1 / 2.2], **pb.FAST)
     params0 = pb.init_params()
     state, rec = sim.run(sim.init(params0, 0), 6)
@@ -177,14 +178,14 @@ def test_fedfix_aggregates_each_window_and_skips_empty_ones():
     np.testing.assert_array_equal(rec.version, [0, 1, 2, 3, 3, 4])
     np.testing.assert_array_equal(rec.applied, [False, True, True, True, False, True])
 
-    # weights n_i d_i / sum n_j d_j, d_i = windows in flight: 2 for client 0 (1.0 s), 3 for client 1 (2.2 s)
+    # weights p_i d_i, p_i = n_i / sum_j n_j, d_i = windows in flight: 2 for client 0 (1.0 s), 3 for client 1 (2.2 s)
     windows = {0: 2, 1: 3}
     elapsed = np.asarray(rec.time)[:, None] - np.asarray(rec.dispatch_time)
     np.testing.assert_allclose(elapsed[np.asarray(rec.mask)],
                                [0.8 * windows[c] for c in np.asarray(rec.client)[np.asarray(rec.mask)]], rtol=1e-5)
 
     def window(theta, items):
-        n = sum(sizes[c] * windows[c] for c, *_ in items)
+        n = sum(sizes)
         return {k: theta[k] - sum(sizes[c] * windows[c] / n * (sent[k] - x[k]) for c, _, sent, x in items)
                 for k in theta}
 
