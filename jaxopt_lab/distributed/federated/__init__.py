@@ -24,7 +24,8 @@ FedBuff        ``fedbuff(lr)``                      ``Buffer(K)``, ``concurrency
 FedFix         ``fedfix(lr, period=dt,              ``TimeWindow(dt)``
                total_examples=n)``
 FedCompass     ``fedcompass(N, alpha=0.9)``         ``Compass(q_min, q_max)``, ``pseudo_gradient="current"``
-FedAMD         ``fedamd(lr, num_clients=N)`` +      ``SyncRound(m)`` (any), ``client_context=fedamd_context``
+FedAMD         ``fedamd(lr, num_clients=N,          ``SyncRound(m)`` (any), ``client_context=fedamd_context``
+               initial_anchors=...)`` +
                ``fedamd_local_update`` clients
 FedSpeed       ``fedspeed(num_clients=N)`` +        ``SyncRound(m)``, ``client_context=fedspeed_context``
                ``fedspeed_local_update`` clients
@@ -99,6 +100,7 @@ from jaxopt_lab.distributed.federated.fedamd import (
     FedAMDState,
     fedamd,
     fedamd_context,
+    fedamd_initial_anchors,
     fedamd_is_anchor,
     fedamd_local_update,
     scale_by_fedamd,
@@ -198,6 +200,7 @@ __all__ = [
     "every_arrival",
     "fedamd",
     "fedamd_context",
+    "fedamd_initial_anchors",
     "fedamd_is_anchor",
     "fedamd_local_update",
     "fedasync",

@@ -15,12 +15,15 @@ sent and :math:`c_t` the control variate it was sent with it:
 
   .. math::
 
-     x_0 = \theta_t,\quad v_0 = c_t,\qquad
-     x_{k+1} = x_k - \eta_l v_k,\qquad
-     v_{k+1} = \nabla f_i(x_{k+1}; B_k) - \nabla f_i(x_k; B_k) + v_k
+     x_{-1} = x_0 = \theta_t,\quad v_{-1} = c_t,\qquad
+     v_k = \nabla f_i(x_k; B_k) - \nabla f_i(x_{k-1}; B_k) + v_{k-1},\qquad
+     x_{k+1} = x_k - \eta_l v_k
 
-  (both gradients of step k on the same minibatch :math:`B_k`) and returns
-  :math:`x_K` (pseudo-gradient :math:`\theta_t - x_K`).
+  (both gradients of step k on step k's minibatch :math:`B_k`; step 0's
+  difference is zero, so :math:`x_1 = \theta_t - \eta_l c_t` and :math:`B_0` is
+  drawn but unused), as the official ``fedamd_train_iter`` (HarliWu/FedAMD,
+  ``algo/fedamd.py``) orders it, and returns :math:`x_K` (pseudo-gradient
+  :math:`\theta_t - x_K`).
 
 The server steps with the miners only and refreshes the control variate from the anchors:
 
@@ -31,18 +34,22 @@ The server steps with the miners only and refreshes the control variate from the
 
 with :math:`w_i` uniform over the step's miners (``weighting="examples"``: by
 example counts), a step without miner leaving :math:`\theta` unchanged, and
-:math:`\mathcal{A}` the clients that have been an anchor at least once.
+:math:`\mathcal{A}` the clients that have an anchor gradient.
 
-What is implemented, and what is assumed (the paper's Algorithm 1 as we read it):
+What is implemented, and what is assumed (the paper's Algorithm 1, and the official
+code ``main_fmnist.py`` / ``algo/fedamd.py`` of HarliWu/FedAMD):
 
+- before the first round every client's anchor gradient is its full-batch
+  gradient at :math:`\theta_0` (official: ``full_batch_grad`` of all workers,
+  computed before training), so :math:`c_0 = \frac1N\sum_i \nabla f_i(\theta_0)`:
+  pass ``initial_anchors=fedamd_initial_anchors(loss_fn, data, params0)`` to
+  :func:`fedamd`. ``initial_anchors=None`` (opt-in) starts from an empty table
+  instead, saving those N gradients: :math:`c` then averages the clients that
+  have been an anchor so far (zero before any), and miners do not move until
+  some client has been one;
 - the miners' direction is the recursive estimator above, started from the
   global control variate (not the SVRG form :math:`g_i(x) - g_i(\text{anchor}) + c`);
-  its first step moves along :math:`c_t` alone, so miners do not move until
-  some client has been an anchor;
-- :math:`c` averages the latest anchor gradients of the clients seen so far
-  (the paper's :math:`\frac1N\sum_i a_i` once every client has been an anchor;
-  before that, unseen clients are left out rather than counted as zero);
-  the anchor gradients enter :math:`c` after the server step they arrive in;
+- the anchor gradients enter :math:`c` after the server step they arrive in;
 - :math:`p` is a constant (the paper also studies time-varying schedules), and the
   anchor/miner draw is a hash of the dispatch's training key
   (:func:`fedamd_is_anchor`);
@@ -54,7 +61,9 @@ Usage (synchronous rounds; any trigger works, under asynchronous ones a client
 uses the control variate of its dispatch)::
 
     local = fl.fedamd_local_update(loss_fn, clients, optax.sgd(0.1), batch_size=16, anchor_prob=0.3)
-    sim = fl.FederatedSimulator(local, fl.fedamd(1.0, num_clients=100), fl.SyncRound(10),
+    anchors = fl.fedamd_initial_anchors(loss_fn, clients, params0)
+    rule = fl.fedamd(1.0, num_clients=100, initial_anchors=anchors)
+    sim = fl.FederatedSimulator(local, rule, fl.SyncRound(10),
                                 num_clients=100, local_steps=..., client_context=fl.fedamd_context)
 """
 
@@ -106,7 +115,26 @@ def fedamd_context(rule_state):
     return control_variate(found[0])
 
 
-def scale_by_fedamd(num_clients: int, weighting: str = "uniform") -> optax.GradientTransformationExtraArgs:
+def fedamd_initial_anchors(loss_fn, data: ClientData, params, *, anchor_batch_size: int | None = None):
+    """Every client's anchor gradient at ``params`` (the official warm start, computed before training):
+    the gradient of its mean loss over its first ``anchor_batch_size`` examples (all by default),
+    stacked along a leading axis of size N. Pass it to :func:`fedamd` as ``initial_anchors``."""
+    if anchor_batch_size is not None:
+        anchor_batch_size = check_int("anchor_batch_size", anchor_batch_size, 1)
+    walk = ClientWalk(data, optax.sgd(0.0), 1, False)
+    big = walk.max_size if anchor_batch_size is None else min(anchor_batch_size, walk.max_size)
+    grad = jax.grad(functools.partial(walk.mean_loss, loss_fn))
+
+    def one(client_id):
+        rows = client_id * walk.max_size + jnp.arange(big)
+        return grad(params, rows, jnp.arange(big) < jnp.minimum(walk.sizes[client_id], big))
+
+    return jax.jit(jax.vmap(one))(jnp.arange(int(data.sizes.shape[0])))
+
+
+def scale_by_fedamd(
+    num_clients: int, weighting: str = "uniform", *, initial_anchors
+) -> optax.GradientTransformationExtraArgs:
     """The FedAMD server direction (the miners' mean pseudo-gradient) and anchor table.
 
     Reads the extra arguments ``mask``, ``client_ids``, ``num_examples`` and
@@ -116,14 +144,29 @@ def scale_by_fedamd(num_clients: int, weighting: str = "uniform") -> optax.Gradi
     Args:
       num_clients: N, the rows of the anchor table.
       weighting: ``"uniform"`` over the step's miners (the paper) or ``"examples"``.
+      initial_anchors: the anchor table's start: every client's gradient at the initial
+        model, stacked (:func:`fedamd_initial_anchors`; the official code), or ``None``
+        for an empty table (opt-in: skips the N gradients; see the module docstring).
     """
     n = check_int("num_clients", num_clients, 1)
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if initial_anchors is not None:
+        rows = {jnp.shape(a)[0] if jnp.ndim(a) else None for a in jax.tree.leaves(initial_anchors)}
+        if rows != {n}:
+            raise ValueError(f"initial_anchors must stack one gradient per client (leading axis {n}), "
+                             f"got leading axes {sorted(map(str, rows))}")
 
     def init_fn(params):
-        return FedAMDState(jax.tree.map(lambda p: jnp.zeros((n,) + jnp.shape(p), jnp.result_type(p)), params),
-                           jnp.zeros((n,), bool), jnp.zeros((), jnp.int32))
+        if initial_anchors is None:
+            return FedAMDState(jax.tree.map(lambda p: jnp.zeros((n,) + jnp.shape(p), jnp.result_type(p)), params),
+                               jnp.zeros((n,), bool), jnp.zeros((), jnp.int32))
+        try:
+            table = jax.tree.map(lambda p, a: jnp.asarray(a, jnp.result_type(p)).reshape((n,) + jnp.shape(p)),
+                                 params, initial_anchors)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"initial_anchors must be the parameters' tree with a leading axis {n}: {e}") from None
+        return FedAMDState(table, jnp.ones((n,), bool), jnp.zeros((), jnp.int32))
 
     def update_fn(updates, state, params=None, **extra):
         del params
@@ -148,13 +191,17 @@ def scale_by_fedamd(num_clients: int, weighting: str = "uniform") -> optax.Gradi
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def fedamd(learning_rate: optax.ScalarOrSchedule = 1.0, *, num_clients: int, weighting: str = "uniform",
-           momentum: float | None = None) -> optax.GradientTransformationExtraArgs:
-    """FedAMD's server rule: ``chain(scale_by_fedamd(num_clients, weighting), sgd(learning_rate, momentum))``.
+def fedamd(learning_rate: optax.ScalarOrSchedule = 1.0, *, num_clients: int, initial_anchors,
+           weighting: str = "uniform", momentum: float | None = None) -> optax.GradientTransformationExtraArgs:
+    """FedAMD's server rule: ``chain(scale_by_fedamd(num_clients, weighting, initial_anchors=...),
+    sgd(learning_rate, momentum))`` (official: ``learning_rate`` 1, no momentum).
 
     Run it with :func:`fedamd_local_update` clients and ``client_context=fedamd_context``.
+    ``initial_anchors``: :func:`fedamd_initial_anchors` at the initial model (official), or None
+    (opt-in empty table); see :func:`scale_by_fedamd`.
     """
-    return optax.chain(scale_by_fedamd(num_clients, weighting), optax.sgd(learning_rate, momentum=momentum))
+    return optax.chain(scale_by_fedamd(num_clients, weighting, initial_anchors=initial_anchors),
+                       optax.sgd(learning_rate, momentum=momentum))
 
 
 def fedamd_local_update(
@@ -172,7 +219,7 @@ def fedamd_local_update(
     An anchor (:func:`fedamd_is_anchor`) returns ``params`` unchanged and
     ``aux = {"anchor": True, "grad": grad of the mean loss over its first
     anchor_batch_size examples (all by default) at params}``; a miner runs
-    ``num_steps`` recursive variance-reduced steps from ``v_0 = c`` (module
+    ``num_steps`` recursive variance-reduced steps from ``v_{-1} = c`` (module
     docstring) with minibatches walked as in
     :func:`~jaxopt_lab.distributed.federated.make_local_update` and returns
     ``aux = {"anchor": False, "grad": zeros}``.
@@ -203,16 +250,15 @@ def fedamd_local_update(
         # miner: recursive variance-reduced local steps
         v0 = jax.tree.map(lambda p, ci: jnp.asarray(ci, p.dtype), params, c)
 
-        def step(s, carry):
-            x, v, opt_state = carry
-            updates, opt_state = optimizer.update(v, opt_state, x)
-            x_new = optax.apply_updates(x, updates)
+        def step(s, carry):  # official order: v_s from step s's batch at x_s and x_{s-1}, then the step
+            x, x_prev, v, opt_state = carry
             idx, valid = walk.batch(rows, n, s)
-            v = jax.tree.map(lambda gn, go, vv: gn - go + vv, grad(x_new, idx, valid), grad(x, idx, valid), v)
-            return x_new, v, opt_state
+            v = jax.tree.map(lambda gn, go, vv: gn - go + vv, grad(x, idx, valid), grad(x_prev, idx, valid), v)
+            updates, opt_state = optimizer.update(v, opt_state, x)
+            return optax.apply_updates(x, updates), x, v, opt_state
 
         steps = jnp.where(anchor, 0, num_steps)
-        x, _, _ = jax.lax.fori_loop(0, steps, step, (params, v0, optimizer.init(params)))
+        x, _, _, _ = jax.lax.fori_loop(0, steps, step, (params, params, v0, optimizer.init(params)))
         aux = {"anchor": anchor, "grad": jax.tree.map(lambda g: jnp.where(anchor, g, jnp.zeros_like(g)), g_anchor)}
         return x, aux
 

@@ -27,16 +27,17 @@ def _anchor_table(key, num_dispatches, p):
 
 
 def _np_miner(theta, c, x, y, steps, batch_size, lr=pb.LR):
-    """x_{k+1} = x_k - lr v_k; v_{k+1} = g(x_{k+1}; B_k) - g(x_k; B_k) + v_k, v_0 = c (in-order batches)."""
-    xk, v = dict(theta), dict(c)
+    """The official fedamd_train_iter (HarliWu/FedAMD algo/fedamd.py), in-order batches: per batch B_s,
+    v <- v - g(last; B_s) + g(x; B_s), last <- x, x <- x - lr v; v starts at c, last at theta."""
+    xk, last, v = dict(theta), dict(theta), dict(c)
     per_pass = max(-(-len(y) // batch_size), 1)
     for s in range(steps):
         b = s % per_pass
         xb, yb = x[b * batch_size:(b + 1) * batch_size], y[b * batch_size:(b + 1) * batch_size]
-        xn = {k: xk[k] - lr * v[k] for k in xk}
-        gn, go = pb.np_grad(xn, xb, yb), pb.np_grad(xk, xb, yb)
-        v = {k: gn[k] - go[k] + v[k] for k in v}
-        xk = xn
+        gl, gx = pb.np_grad(last, xb, yb), pb.np_grad(xk, xb, yb)
+        v = {k: v[k] - gl[k] + gx[k] for k in v}
+        last = xk
+        xk = {k: xk[k] - lr * v[k] for k in xk}
     return xk
 
 
@@ -46,11 +47,17 @@ def _np_context(table, has):
     return {k: v[has].mean(0) for k, v in table.items()}
 
 
-def _replay(rec, key, params0, clients, p):
-    """Server steps of FedAMD in float64, from the recorded schedule. Returns (theta, c)."""
+def _replay(rec, key, params0, clients, p, warm=True):
+    """Server steps of FedAMD in float64, from the recorded schedule. Returns (theta, c). ``warm``: every
+    client's full-batch gradient at theta_0 fills the anchor table first (official main_fmnist.py)."""
     theta = pb.to_np(params0)
     table = {k: np.zeros((len(SIZES),) + v.shape) for k, v in theta.items()}
     has = np.zeros(len(SIZES), bool)
+    if warm:
+        for cid, (x, y) in enumerate(clients):
+            for k, g in pb.np_grad(theta, x, y).items():
+                table[k][cid] = g
+        has[:] = True
     history = [(theta, _np_context(table, has))]  # (model, control variate) of each version
     n_anchor = 0
     is_anchor = _anchor_table(key, int(np.asarray(rec.dispatch_id).max()) + 1, p)
@@ -82,24 +89,30 @@ def _replay(rec, key, params0, clients, p):
     return theta, history[-1][1], n_anchor
 
 
-def _sim(data, trigger, p, **kw):
+def _sim(data, trigger, p, warm=True, **kw):
     local = fl.fedamd_local_update(pb.loss_fn, data, optax.sgd(pb.LR), BATCH, p, shuffle=False)
-    return fl.FederatedSimulator(local, fl.fedamd(ETA_G, num_clients=len(SIZES)), trigger, num_clients=len(SIZES),
+    anchors = fl.fedamd_initial_anchors(pb.loss_fn, data, pb.init_params()) if warm else None
+    rule = fl.fedamd(ETA_G, num_clients=len(SIZES), initial_anchors=anchors)
+    return fl.FederatedSimulator(local, rule, trigger, num_clients=len(SIZES),
                                  num_examples=SIZES, local_steps=STEPS, client_context=fl.fedamd_context,
                                  **kw, **pb.FAST)
 
 
-@pytest.mark.parametrize("trigger", ["sync", "buffer"])
+@pytest.mark.parametrize("trigger", ["sync", "buffer", "sync-empty-table"])
 def test_fedamd_matches_a_numpy_replay(problem, trigger):
     clients, data = problem
-    if trigger == "sync":
-        sim = _sim(data, fl.SyncRound(3), 0.4)
+    warm = trigger != "sync-empty-table"
+    if trigger != "buffer":
+        sim = _sim(data, fl.SyncRound(3), 0.4, warm=warm)
     else:  # asynchronous: each client uses the model and control variate of its dispatch
         sim = _sim(data, fl.Buffer(2), 0.4, concurrency=3, speeds="lognormal", speed_sigma=1.0)
     params0 = pb.init_params()
     state0 = sim.init(params0, seed=2)
+    theta0 = pb.to_np(params0)
+    c0 = {k: np.mean([pb.np_grad(theta0, x, y)[k] * warm for x, y in clients], 0) for k in theta0}
+    pb.assert_close(fl.fedamd_context(state0.rule_state), c0, tol=1e-5)  # official: c_0 = mean_i grad f_i(theta_0)
     state, rec = sim.run(state0, 6)
-    theta, c, n_anchor = _replay(rec, np.asarray(state0.key), params0, clients, 0.4)
+    theta, c, n_anchor = _replay(rec, np.asarray(state0.key), params0, clients, 0.4, warm)
     assert 0 < n_anchor < int(np.asarray(rec.mask).sum())  # both kinds occurred
     if trigger == "buffer":
         assert np.asarray(rec.staleness).max() > 0
@@ -137,7 +150,9 @@ def test_miner_identities(problem):
 
 def test_fedamd_without_client_context_is_a_clear_error(problem):
     _, data = problem
-    rule = fl.fedamd(num_clients=4)
+    rule = fl.fedamd(num_clients=4, initial_anchors=None)
+    with pytest.raises(ValueError, match="initial_anchors must stack"):
+        fl.fedamd(num_clients=4, initial_anchors={"w": np.zeros((3, 3))})
     with pytest.raises(ValueError, match="client_aux"):
         rule.update({"w": np.zeros((2, 3))}, rule.init({"w": np.zeros(3)}), None, mask=np.ones(2, bool))
     with pytest.raises(ValueError, match="anchor_prob"):
