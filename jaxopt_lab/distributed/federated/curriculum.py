@@ -12,14 +12,17 @@ uniformly, without replacement, from the first :math:`m_t` examples of that orde
 
 .. math::
 
-   m_t = \min\bigl(n, \max(1, \lceil n\, g(t) \rceil)\bigr), \qquad
+   m_t = \min\bigl(n, \max(1, \lfloor n\, g(t) \rfloor)\bigr), \qquad
    g(t) = b + (1 - b)\, h\!\left(\frac{t}{aT}\right) \ (\text{capped at } 1),
 
 with :math:`n` the client's examples, :math:`b` the starting fraction, :math:`a`
 the fraction of the steps after which all data is in play, and :math:`h` the
 pacing family of Wu et al.: ``linear`` :math:`x`, ``quad`` :math:`x^2`, ``root``
 :math:`\sqrt x`, ``step`` :math:`\lfloor x \rfloor`, ``exp``
-:math:`(e^{10x} - 1)/(e^{10} - 1)`, ``log`` :math:`1 + 0.1 \log(x + e^{-10})`.
+:math:`(e^{10x} - 1)/(e^{10} - 1)`, ``log`` :math:`1 + 0.1 \log(x + e^{-10})`. The pool
+size is truncated (:math:`\lfloor\cdot\rfloor`) as Wu et al.'s official
+``get_pacing_function`` (google-research/understanding-curricula, ``utils.py``:
+``int(rate * step + index_start)`` with ``index_start = b * N``) does.
 
 The score is, by default, the loss of the model the client was sent on each of its
 examples (the global model is the expert a client has; the paper's loss-based scoring),
@@ -29,10 +32,13 @@ pre-trained expert) to fix them instead. Use it as an option of the local update
     local = fl.make_local_update(loss_fn, clients, optax.sgd(0.1), 16,
                                  curriculum=fl.curriculum("curriculum", "linear", a=0.8, b=0.2))
 
-Assumptions (our reading; no official code is public): the pacing runs over each
-dispatch's local steps (:math:`T` = ``num_steps``), and batches are drawn uniformly from
-the current pool at every step (Wu et al.'s sampling). With :math:`b = 1` the pool is
-the whole client from the first step, so the three orderings train identically.
+Assumptions (our reading; we found no code of the federated paper): the pacing runs over
+each dispatch's local steps (:math:`T` = ``num_steps``), and every step draws its batch
+uniformly from the current pool. Wu et al.'s code instead walks a shuffled loader over
+the pool and recomputes the pool after each pass through it, and never lets the pool go
+below a hard-coded floor (``max(m_t, 256)`` examples); here the pool follows :math:`m_t`
+at every step, down to one example. With :math:`b = 1` the pool is the whole client from
+the first step, so the three orderings train identically.
 """
 
 from __future__ import annotations
@@ -114,7 +120,7 @@ def pool_size(pacing: str, a: float, b: float, t, num_steps, n):
     """:math:`m_t`: how many of the ordered examples step ``t`` draws from."""
     x = t.astype(jnp.float32) / (jnp.float32(a) * jnp.maximum(num_steps, 1).astype(jnp.float32))
     frac = pacing_fraction(pacing, x, b)
-    m = jnp.ceil(frac * n.astype(jnp.float32) - 1e-4).astype(jnp.int32)  # 1e-4: float32 products of exact integers
+    m = jnp.floor(frac * n.astype(jnp.float32) + 1e-4).astype(jnp.int32)  # 1e-4: float32 products of exact integers
     return jnp.clip(m, 1, jnp.maximum(n, 1))
 
 

@@ -51,8 +51,8 @@ def _np_client(theta, x, y, key, steps, ordering, pacing, a, b, max_size, lr=pb.
     rank[order] = np.arange(n)
     p = {k: v.copy() for k, v in theta.items()}
     for t in range(steps):
-        g = min(1.0, b + (1 - b) * _np_h(pacing, t / (a * steps)))
-        m = int(min(n, max(1, math.ceil(g * n - 1e-4))))
+        # Wu et al.'s official get_pacing_function: int(index_start + (N - index_start) h), index_start = b N
+        m = min(n, max(1, int(b * n + (n - b * n) * _np_h(pacing, t / (a * steps)))))
         u = np.asarray(_rng.uniform(key, cm._BATCH_STREAM, t, size=max_size))[:n]
         pool = np.flatnonzero(rank < m)
         pick = pool[np.argsort(u[pool], kind="stable")[:BATCH]]
@@ -72,6 +72,15 @@ def test_paced_client_matches_a_numpy_replay(problem, ordering, pacing):
         out = local(params0, cid, STEPS, KEY)
         ref = _np_client(pb.to_np(params0), *clients[cid], KEY, STEPS, ordering, pacing, a, b, data.max_size)
         pb.assert_close(out, ref, tol=1e-5)
+
+
+@pytest.mark.parametrize("pacing", ["linear", "quad", "root", "step", "exp", "log"])
+def test_pool_size_is_the_official_truncated_pacing(pacing):
+    # google-research/understanding-curricula utils.get_pacing_function: int(rate * f(step) + b N)
+    for n, steps, a, b in ((10, 10, 0.5, 0.2), (7, 13, 0.8, 0.3), (23, 6, 1.5, 0.35)):
+        got = [int(cm.pool_size(pacing, a, b, np.int32(t), np.int32(steps), np.int32(n))) for t in range(steps)]
+        ref = [min(n, max(1, int(b * n + (n - b * n) * _np_h(pacing, t / (a * steps))))) for t in range(steps)]
+        assert got == ref, (n, steps, a, b)
 
 
 def test_pool_grows_from_b_to_all():
