@@ -19,6 +19,13 @@ baseline of the FZooS code does, ``optimizers.py: rgf_opt``); with
 gradient along a basis (exact for a linear :math:`f_k`). ``scale="mean"`` uses
 :math:`\frac1q` instead of :math:`\frac dq` (the FZooS code's baseline).
 
+The estimator, the uniform server mean and the global step 1 are those of the
+authors' code (noobyzy/FedZO, ``ObjFunc.GradEst``: ``d / (mu q) (f(x + mu u) - f(x)) u``
+summed over q sphere directions; ``alg_FedZO.py``: the mean of the participants' model
+changes added to the model). That code evaluates :math:`f_k` on a fresh minibatch of
+``local_bs`` examples at every local step; :func:`client_objective` evaluates the
+client's whole data (the official run with ``local_bs`` at least the client's size).
+
 The objective is ``value_fn(params, client_id) -> scalar`` (e.g.
 :func:`client_objective`: a client's mean loss over its data). Queries are
 counted: the client returns ``aux = {"queries": q_k}`` and :func:`count_queries`
