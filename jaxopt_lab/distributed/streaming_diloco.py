@@ -121,7 +121,7 @@ def streaming_diloco(
     sync_every: int = 100,
     num_fragments: int = 4,
     overlap: int = 0,
-    merge_alpha: float | None = None,
+    merge_alpha: float = 0.0,
     fragment_pattern: str = "strided",
     compressor: Any = None,
     seed: int = 0,
@@ -132,24 +132,30 @@ def streaming_diloco(
     The parameters are split into P = ``num_fragments`` fragments, by default
     in the paper's strided pattern (transformer block i in fragment i mod P,
     see :func:`strided_fragments`; ``fragment_pattern="contiguous"``: runs of
-    consecutive leaves balanced by size, :func:`balanced_fragments`). Fragment p is synchronized every H =
-    ``sync_every`` steps at offset :math:`t_p = p\,H/P`, so the all-reduces of
-    the fragments are spread over the H steps instead of all at once. At a
-    synchronization of fragment p at step t:
+    consecutive leaves balanced by size, :func:`balanced_fragments`). The
+    schedule is torchft's (``torchft/local_sgd.py``, ``DiLoCo._step_post_hook``):
+    every H/P steps (H = ``sync_every``) one fragment, in the order 0, 1, ...,
+    P-1, 0, ..., finishes a synchronization, so fragment p's result is merged
+    at steps :math:`(p+1)\,H/P + kH`, and its outer gradient is sent
+    :math:`\tau` = ``overlap`` steps earlier, at :math:`(p+1)\,H/P - \tau + kH`.
+    At the send of fragment p at step t:
 
     .. math::
         \Delta_p = \frac1W \sum_w Q\bigl(\theta^{g}_p - \theta_{w,p}^{(t)}\bigr), \qquad
         \theta^g_p \leftarrow \theta^g_p + \mathrm{OuterOpt}_p(\Delta_p)
 
     with Q the ``compressor`` (quantization before the all-reduce; none: exact).
-    The result is merged into the worker's parameters :math:`\tau` =
-    ``overlap`` steps later, while the worker kept training in between:
+    The result is merged into the worker's parameters τ steps later, while the
+    worker kept training in between (torchft's ``lerp_`` with
+    ``fragment_update_alpha``):
 
     .. math:: \theta_{w,p} \leftarrow \alpha\,\theta_{w,p}^{(t+\tau)} + (1-\alpha)\,\theta^g_p .
 
-    Without overlap (τ = 0) the default α is 0: the worker takes the new
-    global fragment, as in DiLoCo; with overlap it is 0.5, the paper's mixing
-    factor. With P = 1, τ = 0 and no compressor this is DiLoCo (tested).
+    The default α = 0 is torchft's (``fragment_update_alpha=0.0``): the worker
+    takes the new global fragment, and with τ > 0 its last τ local steps on
+    that fragment are dropped. The paper mixes with α = 0.5 when it overlaps;
+    pass ``merge_alpha=0.5`` for that. With P = 1, τ = 0 and no compressor this
+    is DiLoCo (tested).
 
     Bytes: each fragment synchronization adds the compressor's payload bytes
     (``tree_bytes`` of the fragment without one); on the wire ``W-1`` times the
@@ -179,9 +185,11 @@ def streaming_diloco(
       outer: outer optimizer, one state per fragment (default Nesterov SGD 0.7, 0.9).
       sync_every: H.
       num_fragments: P; must divide H.
-      overlap: τ, inner steps between sending a fragment and merging its result; τ < H/P.
-      merge_alpha: α, the weight of the local parameters in the merge; None:
-        0 without overlap, 0.5 with it.
+      overlap: τ, inner steps between sending a fragment and merging its result
+        (torchft's ``fragment_sync_delay``); τ < H/P.
+      merge_alpha: α, the weight of the local parameters in the merge
+        (torchft's ``fragment_update_alpha``, default 0.0 as there; the paper
+        uses 0.5 with overlap).
       fragment_pattern: ``"strided"`` (the paper's, default) or ``"contiguous"``.
       compressor: a ``jaxopt_lab.distributed.compression`` compressor applied to
         the outer gradient before the all-reduce, or None.
@@ -195,8 +203,6 @@ def streaming_diloco(
         raise ValueError(f"num_fragments={num_fragments} must divide sync_every={sync_every}")
     if not isinstance(overlap, int) or isinstance(overlap, bool) or not 0 <= overlap < sync_every // num_fragments:
         raise ValueError(f"overlap must be an int in [0, H/P = {sync_every // num_fragments}), got {overlap!r}")
-    if merge_alpha is None:
-        merge_alpha = 0.5 if overlap else 0.0
     if isinstance(merge_alpha, bool) or not isinstance(merge_alpha, (int, float)) or not 0.0 <= merge_alpha <= 1.0:
         raise ValueError(f"merge_alpha must be a number in [0, 1], got {merge_alpha!r}")
     if fragment_pattern not in FRAGMENT_PATTERNS:
@@ -211,9 +217,9 @@ def streaming_diloco(
         leaves, treedef = jax.tree.flatten(tree)
         return leaves, treedef, fragment_assignment(tree, num_fragments, fragment_pattern)
 
-    def next_sync_after(step):
-        r = (step + 1) % sync_every  # fragment p synchronizes when t % H == p·H/P (t >= 1)
-        return jnp.where(r % spacing == 0, r // spacing, NO_SYNC).astype(jnp.int32)
+    def next_sync_after(step):  # fragment p sends when (t + τ) % H == (p+1)·H/P % H
+        r = (step + 1 + overlap) % sync_every
+        return jnp.where(r % spacing == 0, (r // spacing - 1) % num_fragments, NO_SYNC).astype(jnp.int32)
 
     def init_fn(params):
         leaves, _, groups = fragments_of(params)
@@ -261,7 +267,7 @@ def streaming_diloco(
                                  jax.lax.axis_index(axis_name))
         touched = set()  # leaves the step may change beyond the inner update
         for p, group in enumerate(groups):
-            offset = p * spacing
+            arrival = ((p + 1) * spacing) % sync_every  # t % H of fragment p's merge; its send is τ earlier
             anchor_p = [anchor_leaves[i] for i in group]
             local_p = [local_leaves[i] for i in group]
 
@@ -282,7 +288,7 @@ def streaming_diloco(
 
             carry = (anchor_p, outer_states[p], comp_states[p], sent)
             if sync is None:  # decided in the graph (under vmap: every fragment's all-reduce runs)
-                due = (step % sync_every == offset % sync_every) & (step >= max(offset, 1))
+                due = (step + overlap) % sync_every == arrival  # first send (p+1)·H/P - τ >= 1
                 carry = jax.lax.cond(due, synchronize, lambda c: c, carry)
             else:  # decided by the caller, at trace time
                 due = sync == p
@@ -298,7 +304,7 @@ def streaming_diloco(
                     continue
                 merge = True
             else:
-                merge = ((step - overlap) % sync_every == offset % sync_every) & (step - overlap >= max(offset, 1))
+                merge = step % sync_every == arrival  # first at (p+1)·H/P, after the first send
             touched.update(group)
             alpha = merge_alpha if weight is None else jnp.where(absent[p], 0.0, merge_alpha)  # missed it: global
             for i in group:

@@ -227,15 +227,20 @@ def exponential(num_workers: int, one_peer: bool = True) -> Topology:
 
     W must be a power of two, τ = log2 W.
 
+    Directions are those of the authors' code, Bluefog (``bluefog/common/topology_util.py``:
+    ``ExponentialTwoGraph`` has the edges i → i + 2^k, and
+    ``GetDynamicOnePeerSendRecvRanks`` makes worker i send to i + 2^k and
+    receive from i − 2^k at round k): worker i receives from i − 2^k.
+
     * ``one_peer=True`` (default), the time-varying one-peer exponential graph:
       at gossip round t worker i averages with the single peer at offset
-      :math:`2^{t \bmod \tau}`, :math:`x_i \leftarrow (x_i + x_{(i + 2^{t \bmod \tau}) \bmod W})/2`.
+      :math:`-2^{t \bmod \tau}`, :math:`x_i \leftarrow (x_i + x_{(i - 2^{t \bmod \tau}) \bmod W})/2`.
       One message per round; after τ consecutive rounds every worker holds the
       exact average (the period product is :math:`\mathbf{1}\mathbf{1}^\top/W`).
       The per-round matrices are doubly stochastic but not symmetric (except at
       offset W/2).
     * ``one_peer=False``, the static exponential graph: worker i averages with
-      the peers at offsets :math:`2^0, \dots, 2^{\tau - 1}`, weights
+      the peers at offsets :math:`-2^0, \dots, -2^{\tau - 1}`, weights
       :math:`1/(\tau+1)`; τ messages per round.
 
     Raises:
@@ -246,9 +251,9 @@ def exponential(num_workers: int, one_peer: bool = True) -> Topology:
         raise ValueError(f"exponential needs num_workers to be a power of two, got {w}")
     tau = w.bit_length() - 1
     if not one_peer:
-        return _uniform(f"exponential({w}, static)", w, [_shift(w, 2**k) for k in range(tau)])
+        return _uniform(f"exponential({w}, static)", w, [_shift(w, -(2**k)) for k in range(tau)])
     identity = tuple(range(w))
-    phases = tuple((MixingTerm(identity, 0.5), MixingTerm(_shift(w, 2**k), 0.5)) for k in range(tau))
+    phases = tuple((MixingTerm(identity, 0.5), MixingTerm(_shift(w, -(2**k)), 0.5)) for k in range(tau))
     return Topology(f"exponential({w})", w, phases)
 
 

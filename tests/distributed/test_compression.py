@@ -254,8 +254,10 @@ def test_top_k_error_feedback_matches_reference_and_loses_nothing():
 # --- DGC --------------------------------------------------------------------------------------
 
 
-def dgc_ref(grads, momentum, clip_norm, schedule, per_stage):
-    """Float64 reference of Lin et al. (2018): clip, u = m u + g, v = v + u, send top-k of v, mask u and v."""
+def dgc_ref(grads, momentum, clip_norm, schedule, per_stage, compress_vectors=False):
+    """Float64 reference of Lin et al. (2018) as synxlin/deep-gradient-compression runs it: clip, u = m u + g,
+    v = v + u, send top-k of v, mask u and v (DGCSGDMemory); tensors with dim() <= 1, and every tensor at
+    compress ratio 1, go dense with plain momentum (train.py / DGCSGDMemory.compensate(accumulate=False))."""
     u = {k: np.zeros(g.shape) for k, g in grads[0].items()}
     v = {k: np.zeros(g.shape) for k, g in grads[0].items()}
     out = []
@@ -267,6 +269,9 @@ def dgc_ref(grads, momentum, clip_norm, schedule, per_stage):
         sent, nnz = {}, {}
         for k in g:
             u[k] = momentum * u[k] + g[k]
+            if s == 0 or (g[k].ndim < 2 and not compress_vectors):
+                sent[k], nnz[k] = u[k].copy(), None  # dense
+                continue
             v[k] = v[k] + u[k]
             kk = max(1, math.ceil(round((1 - s) * v[k].size, 6)))
             thr = np.sort(np.abs(v[k]).ravel())[::-1][kk - 1]
@@ -277,28 +282,47 @@ def dgc_ref(grads, momentum, clip_norm, schedule, per_stage):
     return out
 
 
-def test_dgc_matches_float64_reference_and_warmup_schedule():
+def check_dgc(grads, compressor, ref):
+    compress = jax.jit(compressor.compress)
+    state = compressor.init(grads[0])
+    seen = []
+    for t in range(len(grads)):
+        dec, state, nbytes = compress(grads[t], state, KEY, jnp.int32(t))
+        sent, nnz, u, v = ref[t]
+        for k in sent:
+            if nnz[k] is not None:
+                assert np.count_nonzero(dec[k]) == nnz[k]
+            np.testing.assert_allclose(dec[k], sent[k], rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(state.momentum[k], u[k], rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(state.accumulation[k], v[k], rtol=1e-5, atol=1e-5)
+        assert int(nbytes) == sum(grads[t][k].size * 4 if n is None else n * (4 + 4) for k, n in nnz.items())
+        seen.append(nnz)
+    return seen
+
+
+@pytest.mark.parametrize("compress_vectors", [False, True])
+def test_dgc_matches_float64_reference_and_warmup_schedule(compress_vectors):
     rng = np.random.default_rng(6)
     steps, per_stage, m, clip = 12, 2, 0.9, 30.0
     grads = [{"w": rng.normal(size=(10, 100)).astype(np.float32), "b": rng.normal(size=(3,)).astype(np.float32)}
              for _ in range(steps)]
-    compressor = dgc(momentum=m, clip_norm=clip, warmup_steps_per_stage=per_stage)
-    compress = jax.jit(compressor.compress)
-    state = compressor.init(grads[0])
-    ref = dgc_ref(grads, m, clip, DGC_SPARSITY_SCHEDULE, per_stage)
+    compressor = dgc(momentum=m, clip_norm=clip, warmup_steps_per_stage=per_stage, compress_vectors=compress_vectors)
+    ref = dgc_ref(grads, m, clip, DGC_SPARSITY_SCHEDULE, per_stage, compress_vectors)
     assert np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in grads[0].values())) > clip  # clipping is active
+    seen = check_dgc(grads, compressor, ref)
     expected_w = [250, 250, 63, 63, 16, 16, 4, 4, 1, 1, 1, 1]  # ceil((1 - s) 1000) per stage, then 99.9% for good
-    expected_b = [1] * steps  # max(1, ceil(0.25 * 3)) = 1
-    for t in range(steps):
-        dec, state, nbytes = compress(grads[t], state, KEY, jnp.int32(t))
-        sent, nnz, u, v = ref[t]
-        assert (nnz["w"], nnz["b"]) == (expected_w[t], expected_b[t])
-        for k in sent:
-            assert np.count_nonzero(dec[k]) == nnz[k]
-            np.testing.assert_allclose(dec[k], sent[k], rtol=1e-5, atol=1e-5)
-            np.testing.assert_allclose(state.momentum[k], u[k], rtol=1e-5, atol=1e-5)
-            np.testing.assert_allclose(state.accumulation[k], v[k], rtol=1e-5, atol=1e-5)
-        assert int(nbytes) == (nnz["w"] + nnz["b"]) * (4 + 4)
+    expected_b = [1] * steps if compress_vectors else [None] * steps  # max(1, ceil(0.25 * 3)) = 1, or dense
+    assert [n["w"] for n in seen] == expected_w and [n["b"] for n in seen] == expected_b
+
+
+def test_dgc_stage_at_sparsity_zero_is_dense_momentum():
+    # the official code's compress_ratio == 1 (e.g. its warm-up coefficients [1, 1, ...]): no compression,
+    # plain momentum, nothing accumulated or masked
+    rng = np.random.default_rng(7)
+    grads = [{"w": rng.normal(size=(4, 8)).astype(np.float32)} for _ in range(6)]
+    compressor = dgc(momentum=0.9, clip_norm=1e9, sparsity_schedule=(0.0, 0.9), warmup_steps_per_stage=3)
+    seen = check_dgc(grads, compressor, dgc_ref(grads, 0.9, 1e9, (0.0, 0.9), 3))
+    assert [n["w"] for n in seen] == [None] * 3 + [4] * 3
 
 
 # --- EControl ---------------------------------------------------------------------------------
@@ -356,6 +380,7 @@ def test_econtrol_with_identity_sends_the_gradient():
      "sparsity_schedule must be a non-empty sequence of numbers in [0, 1), got (0.5, 1.0)"),
     (lambda: dgc(sparsity_schedule=()), "sparsity_schedule must be a non-empty sequence of numbers in [0, 1), got ()"),
     (lambda: dgc(warmup_steps_per_stage=0), "warmup_steps_per_stage must be an int >= 1, got 0"),
+    (lambda: dgc(compress_vectors=1), "compress_vectors must be a bool, got 1"),
     (lambda: econtrol(eta=1.5), "eta must be in [0, 1], got 1.5"),
     (lambda: econtrol(compressor="top_k"), "compressor must be a Compressor, got 'top_k'"),
 ])

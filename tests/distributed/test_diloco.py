@@ -67,6 +67,38 @@ def test_diloco_matches_float64_reference_and_sends_one_hth_of_ddp():
     np.testing.assert_array_equal(wire_bytes(state), [rounds * 2 * 3 * 6] * W)  # one ring all-reduce per round
 
 
+def test_inner_optimizer_state_is_kept_across_synchronizations():
+    # torchft (local_sgd.py DiLoCo: the inner optimizer is never touched at a sync) and MaxText
+    # (diloco.py: "inner optimizer state is retained") keep the inner momentum; a reset would differ
+    H, rounds, lr, beta, outer_lr, mu = 3, 3, 0.05, 0.9, 0.7, 0.9
+    tx = diloco(optax.sgd(lr, momentum=beta), optax.sgd(outer_lr, momentum=mu, nesterov=True), sync_every=H)
+    params, _ = run(RUNNER, tx, H * rounds, W)
+
+    def replay(reset):
+        x, y = (a.astype(np.float64) for a in worker_data(W))
+        anchor = {k: v.astype(np.float64) for k, v in init_params().items()}
+        momentum = {k: np.zeros_like(v) for k, v in anchor.items()}
+        buf = {k: np.zeros((W,) + v.shape) for k, v in anchor.items()}
+        for _ in range(rounds):
+            local = {k: np.broadcast_to(v, (W,) + v.shape).copy() for k, v in anchor.items()}
+            if reset:
+                buf = {k: np.zeros_like(v) for k, v in buf.items()}
+            for _ in range(H):
+                r = np.einsum("wnd,wd->wn", x, local["w"]) + local["b"][:, None] - y
+                g = {"w": np.einsum("wn,wnd->wd", r, x) / x.shape[1], "b": r.mean(axis=1)}
+                buf = {k: beta * buf[k] + g[k] for k in local}  # torch SGD momentum buffer
+                local = {k: local[k] - lr * buf[k] for k in local}
+            delta = {k: (anchor[k] - local[k]).mean(axis=0) for k in anchor}
+            momentum = {k: mu * momentum[k] + delta[k] for k in anchor}
+            anchor = {k: anchor[k] - outer_lr * (mu * momentum[k] + delta[k]) for k in anchor}
+        return anchor
+
+    kept, reset = replay(False), replay(True)
+    for k in kept:
+        np.testing.assert_allclose(params[k], np.broadcast_to(kept[k], params[k].shape), rtol=2e-5, atol=2e-6)
+    assert np.abs(kept["w"] - reset["w"]).max() > 1e-3  # a reset would be caught
+
+
 def step_with_presence(tx):
     """One worker step of ``tx`` on the least-squares loss, with ``present`` passed through."""
 

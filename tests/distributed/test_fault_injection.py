@@ -109,14 +109,15 @@ def test_diloco_absent_workers_lose_no_update_and_rejoin_from_the_global_paramet
     assert (np.abs(everyone["w"] - local["w"]).max(axis=(1, 2))[1:] > 1e-3).all()
 
 
-# Streaming DiLoCo: fragments [b] (offset 0) and [w] (offset H_S/P), overlap 1, merge weight ALPHA
+# Streaming DiLoCo: fragments [b] (merged at H_S/P + kH_S) and [w] (merged at H_S + kH_S), torchft's
+# schedule; overlap 1 (each sent one step before its merge), merge weight ALPHA
 H_S, P, TAU, ALPHA = 4, 2, 1, 0.5
 STEPS_S = 3 * H_S + TAU + 1  # past the last merge
 
 
 def streaming_replay(x, y, p0, present):
     """Streaming DiLoCo in float64 for all seeds (cf. test_streaming_diloco's reference), with absences."""
-    offsets = {"b": 0, "w": H_S // P}
+    arrivals = {"b": H_S // P, "w": H_S}
     anchor = {k: v.copy() for k, v in p0.items()}
     momentum = {k: np.zeros_like(v) for k, v in p0.items()}
     local = {k: np.repeat(v[:, None], W, axis=1) for k, v in p0.items()}
@@ -124,10 +125,10 @@ def streaming_replay(x, y, p0, present):
     for t in range(1, present.shape[1] + 1):
         gw, gb = numpy_grads(local["w"], local["b"], x, y)
         local = {"w": local["w"] - LR * gw, "b": local["b"] - LR * gb}
-        for k, off in offsets.items():
+        for k, arrival in arrivals.items():
             per_seed = lambda v: v.reshape((-1,) + (1,) * (anchor[k].ndim - 1))  # noqa: E731
             per_worker = lambda v: v.reshape(v.shape + (1,) * (local[k].ndim - 2))  # noqa: E731
-            if t % H_S == off % H_S and t >= max(off, 1):  # fragment k is sent by those present
+            if (t + TAU) % H_S == arrival % H_S:  # fragment k is sent by those present
                 here = present[:, t - 1].astype(np.float64)
                 count = here.sum(axis=1)
                 delta = (per_worker(here) * (anchor[k][:, None] - local[k])).sum(axis=1) / per_seed(np.maximum(count, 1))
@@ -136,7 +137,7 @@ def streaming_replay(x, y, p0, present):
                 momentum[k] = np.where(per_seed(count > 0), new_m, momentum[k])
                 anchor[k] = np.where(per_seed(count > 0), new_a, anchor[k])
                 missed[k] = ~present[:, t - 1]
-            if (t - TAU) % H_S == off % H_S and t - TAU >= max(off, 1):  # its result arrives
+            if t % H_S == arrival % H_S:  # its result arrives
                 merged = ALPHA * local[k] + (1 - ALPHA) * anchor[k][:, None]
                 local[k] = np.where(per_worker(missed[k]), anchor[k][:, None], merged)  # missed it: the global one
     return local, anchor
@@ -147,7 +148,7 @@ def test_streaming_diloco_absent_workers_lose_no_update_and_rejoin_from_the_glob
     x, y, p0, _ = seeded_problems()
     present = np.random.default_rng(1).random((SEEDS, STEPS_S, W)) < 0.5
     present[0] = True
-    present[1, H_S // P - 1] = False  # nobody at fragment w's first synchronization
+    present[1, H_S - TAU - 1] = False  # nobody at fragment w's first synchronization (sent at t = H_S - TAU)
     runner = RUNNERS[mode]()
     tx = streaming_diloco(optax.sgd(LR), optax.sgd(OUTER_LR, momentum=MU, nesterov=True), sync_every=H_S,
                           num_fragments=P, overlap=TAU, merge_alpha=ALPHA, axis_name=runner.axis_name)

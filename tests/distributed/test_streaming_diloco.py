@@ -14,6 +14,26 @@ W = 4
 RUNNER = WorkerRunner(W)
 
 
+def torchft_events(steps, H, P, tau):
+    """Per step t = 1..steps, the (kind, fragment) events of torchft's ``DiLoCo._step_post_hook``.
+
+    Written from torchft/local_sgd.py: a local counter runs 1..H/P; at H/P - τ the
+    fragment ``manager_step % P`` is prepared (pseudo-gradient sent), at H/P it is
+    synced (outer step, then ``lerp_`` of global toward local by α) and the
+    manager step advances.
+    """
+    events, local_step, manager_step = {}, 0, 0
+    for t in range(1, steps + 1):
+        local_step += 1
+        if local_step == H // P - tau:
+            events.setdefault(t, []).append(("send", manager_step % P))
+        if local_step == H // P:
+            events.setdefault(t, []).append(("merge", manager_step % P))
+            manager_step, local_step = manager_step + 1, 0
+    return events
+
+
+
 def test_one_fragment_no_overlap_alpha0_is_diloco():
     outer = optax.sgd(0.7, momentum=0.9, nesterov=True)
     a, _ = run(RUNNER, streaming_diloco(optax.adam(0.05), outer, sync_every=3, num_fragments=1, merge_alpha=0.0), 8, W)
@@ -34,9 +54,14 @@ def per_step_bytes(tx, steps):
 
 
 def test_fragments_sync_on_a_staggered_schedule():
-    # leaves in tree order: b (1 float), w (5 floats) -> fragments [b], [w]; H=4, offsets 0 and 2
+    # leaves in tree order: b (1 float), w (5 floats) -> fragments [b], [w]; H=4, τ=1: as torchft,
+    # fragment 0 is sent at H/P - τ = 1 (merged at 2), fragment 1 at 2H/P - τ = 3 (merged at 4)
     tx = streaming_diloco(optax.sgd(0.05), optax.sgd(0.7), sync_every=4, num_fragments=2, overlap=1)
-    np.testing.assert_array_equal(per_step_bytes(tx, 8), [0, 20, 0, 4, 0, 20, 0, 4])
+    np.testing.assert_array_equal(per_step_bytes(tx, 8), [4, 0, 20, 0, 4, 0, 20, 0])
+    expected = np.zeros(8)
+    for t, evs in torchft_events(8, 4, 2, 1).items():
+        expected[t - 1] += sum((4, 20)[p] for kind, p in evs if kind == "send")
+    np.testing.assert_array_equal(per_step_bytes(tx, 8), expected)
 
 
 def test_matches_float64_reference_with_overlap_and_merge():
@@ -48,18 +73,20 @@ def test_matches_float64_reference_with_overlap_and_merge():
     local = {k: np.broadcast_to(v, (W,) + v.shape).copy() for k, v in p0.items()}
     anchor = dict(p0)
     mom = {k: np.zeros_like(v) for k, v in p0.items()}
-    offsets = {"b": 0, "w": H // P}  # fragment 0 = [b], fragment 1 = [w]
+    names, deltas = ["b", "w"], {}  # fragment 0 = [b], fragment 1 = [w]
+    events = torchft_events(steps, H, P, tau)
     for t in range(1, steps + 1):
         r = np.einsum("wnd,wd->wn", x, local["w"]) + local["b"][:, None] - y
         g = {"w": np.einsum("wn,wnd->wd", r, x) / x.shape[1], "b": r.mean(axis=1)}
         local = {k: local[k] - lr * g[k] for k in local}
-        for k, off in offsets.items():
-            if t % H == off % H and t >= max(off, 1):  # send fragment k
-                delta = (anchor[k] - local[k]).mean(axis=0)
-                mom[k] = mu * mom[k] + delta
-                anchor[k] = anchor[k] - olr * (mu * mom[k] + delta)
-            if (t - tau) % H == off % H and t - tau >= max(off, 1):  # its result arrives
-                local[k] = alpha * local[k] + (1 - alpha) * anchor[k]
+        for kind, p in events.get(t, []):
+            k = names[p]
+            if kind == "send":  # torchft prepare_sync: pseudo-gradient anchor - local, averaged
+                deltas[k] = (anchor[k] - local[k]).mean(axis=0)
+            else:  # perform_sync: outer Nesterov step on the anchor, then lerp_(local, alpha)
+                mom[k] = mu * mom[k] + deltas[k]
+                anchor[k] = anchor[k] - olr * (mu * mom[k] + deltas[k])
+                local[k] = anchor[k] + alpha * (local[k] - anchor[k])
     for k in local:
         np.testing.assert_allclose(params[k], local[k], rtol=2e-5, atol=2e-6)
 
@@ -95,22 +122,22 @@ def reference_blocks(fragments, H, tau, alpha, lr, olr, mu, steps):
     p0 = {**{str(i): b["w"].astype(np.float64) for i, b in enumerate(p0["blocks"])}, "head": p0["head"].astype(np.float64)}
     local = {k: np.broadcast_to(v, (W,) + v.shape).copy() for k, v in p0.items()}
     anchor, mom = dict(p0), {k: np.zeros_like(v) for k, v in p0.items()}
-    spacing = H // len(fragments)
+    events = torchft_events(steps, H, len(fragments), tau)
+    deltas = {}
     for t in range(1, steps + 1):
         w = sum(local[str(i)] for i in range(BLOCKS))
         r = np.einsum("wnd,wd->wn", x, w) + local["head"][:, None] - y
         gw = np.einsum("wn,wnd->wd", r, x) / x.shape[1]
         g = {**{str(i): gw for i in range(BLOCKS)}, "head": r.mean(axis=1)}
         local = {k: local[k] - lr * g[k] for k in local}
-        for p, units in enumerate(fragments):
-            off = p * spacing
-            for k in units:
-                if t % H == off % H and t >= max(off, 1):
-                    delta = (anchor[k] - local[k]).mean(axis=0)
-                    mom[k] = mu * mom[k] + delta
-                    anchor[k] = anchor[k] - olr * (mu * mom[k] + delta)
-                if (t - tau) % H == off % H and t - tau >= max(off, 1):
-                    local[k] = alpha * local[k] + (1 - alpha) * anchor[k]
+        for kind, p in events.get(t, []):
+            for k in fragments[p]:
+                if kind == "send":
+                    deltas[k] = (anchor[k] - local[k]).mean(axis=0)
+                else:
+                    mom[k] = mu * mom[k] + deltas[k]
+                    anchor[k] = anchor[k] - olr * (mu * mom[k] + deltas[k])
+                    local[k] = anchor[k] + alpha * (local[k] - anchor[k])
     return local
 
 
@@ -119,13 +146,14 @@ def reference_blocks(fragments, H, tau, alpha, lr, olr, mu, steps):
     [("strided", [["0", "2", "head"], ["1", "3"]]),  # block i -> i mod 2, then the loose head
      ("contiguous", [["0", "1"], ["2", "3", "head"]])],  # sizes 5,5,5,5,1 cut in two runs
 )
-@pytest.mark.parametrize("tau", [0, 1])
-def test_fragment_patterns_match_float64_reference(pattern, fragments, tau):
+@pytest.mark.parametrize("tau, alpha", [(0, None), (1, None), (1, 0.5)])  # None: the default, torchft's 0.0
+def test_fragment_patterns_match_float64_reference(pattern, fragments, tau, alpha):
     H, lr, olr, mu, steps = 4, 0.02, 0.7, 0.9, 9
+    kwargs = {} if alpha is None else {"merge_alpha": alpha}
     tx = streaming_diloco(optax.sgd(lr), optax.sgd(olr, momentum=mu, nesterov=True), H, 2, tau,
-                          fragment_pattern=pattern)
+                          fragment_pattern=pattern, **kwargs)
     params = run_blocks(tx, steps)
-    expected = reference_blocks(fragments, H, tau, 0.5 if tau else 0.0, lr, olr, mu, steps)  # default alpha
+    expected = reference_blocks(fragments, H, tau, 0.0 if alpha is None else alpha, lr, olr, mu, steps)
     for i in range(BLOCKS):
         np.testing.assert_allclose(params["blocks"][i]["w"], expected[str(i)], rtol=2e-5, atol=2e-6)
     np.testing.assert_allclose(params["head"], expected["head"], rtol=2e-5, atol=2e-6)
