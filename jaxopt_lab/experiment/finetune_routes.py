@@ -44,7 +44,7 @@ ROUTES = ("lora", "svfit", "welore", "snella")  # what trains: exactly one of th
 TABLES = ("eva", "svfit", "welore", "snella")  # the tables this module handles (model.lora: build.py)
 
 _SVFIT = {"targets": ".*", "rank": None, "energy": None, "train_also": ""}
-_WELORE = {"targets": ".*", "threshold": None, "compression_target": None, "min_reduction": None, "train_also": ""}
+_WELORE = {"targets": ".*", "threshold": None, "compression_target": None, "min_reduction": 0.4999, "train_also": ""}
 _SNELLA_ALLOC = {"allocation": True, "total_steps": None, "target_ratio": 0.8, "init_warmup": 0, "final_warmup": 0,
                  "mask_interval": 1, "beta1": 0.85, "beta2": 0.85}
 _EVA = {"rho": 2.0, "tau": 0.99, "whiten": False, "adjust_scaling_factors": True, "max_steps": 1000, "batches": 8,
