@@ -70,7 +70,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxopt_lab.finetune.lora import _set_child, flatten_with_paths, lora_pairs, path_str
+from jaxopt_lab.finetune.lora import _set_child, flatten_with_paths, lora_a_init, lora_pairs, path_str
 from jaxopt_lab.finetune.lora_conv import check_plain, conv_with
 from jaxopt_lab.transforms import _validation as check
 
@@ -109,8 +109,8 @@ def sparsify(k: jax.Array, ratio: jax.Array, magnitude_weighted: bool = True) ->
 
 class _Factors(nnx.Module):
     def __init__(self, in_features, out_features, rank, kernel, ratio, dtype, rngs):
-        if kernel == "linear":  # LoRA's start: B = 0, the model unchanged
-            self.lora_a = nnx.LoRAParam(nnx.initializers.he_uniform()(rngs.params(), (in_features, rank), dtype))
+        if kernel == "linear":  # LoRA's start (the official TuningModule "lora": kaiming_uniform(a=√5) A), B = 0
+            self.lora_a = nnx.LoRAParam(lora_a_init(rngs.params(), (in_features, rank), dtype))
             self.lora_b = nnx.LoRAParam(jnp.zeros((rank, out_features), dtype))
         else:  # U(±1), rescaled by SNELLALinear to the official init
             self.lora_a = nnx.LoRAParam(jax.random.uniform(rngs.params(), (in_features, rank), dtype, -1.0, 1.0))

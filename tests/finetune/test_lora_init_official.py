@@ -52,3 +52,20 @@ def test_same_spread_as_torch_lora_a():
 def test_flax_default_stays_available():
     layer = LoRALinear(64, 80, lora_rank=64, a_initializer=nnx.initializers.he_uniform(), rngs=nnx.Rngs(0))
     assert np.abs(np.asarray(layer.lora.lora_a[...])).max() > 1.5 * kaiming_uniform_bound(64)
+
+
+def test_snella_linear_kernel_a_is_the_official_lora_init():
+    from jaxopt_lab.finetune import SNELLALinear
+
+    layer = SNELLALinear(64, 80, rank=64, kernel="linear", rngs=nnx.Rngs(0))  # SNELL TuningModule "lora"
+    check_uniform(layer.lora.lora_a[...], kaiming_uniform_bound(64))
+    np.testing.assert_array_equal(np.asarray(layer.lora.lora_b[...]), 0.0)
+
+
+def test_snella_distance_factors_are_the_official_3d_kaiming_init():
+    from jaxopt_lab.finetune import SNELLALinear
+
+    # SNELL KLoRA: kaiming_uniform_(In_Qs (heads, in, q/2), a=sqrt(5)): torch's fan_in of a 3-d tensor is in * q/2
+    layer = SNELLALinear(64, 96, rank=64, heads=2, kernel="distance", rngs=nnx.Rngs(0))
+    check_uniform(layer.lora.lora_a[...], kaiming_uniform_bound(64 * 32))
+    check_uniform(layer.lora.lora_b[...], kaiming_uniform_bound(96 * 32))
