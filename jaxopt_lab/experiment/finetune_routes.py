@@ -4,7 +4,7 @@ pretrained model train, and how the model is changed before they do.
 Each is a table of ``[model]`` (with ``model.init_from`` the pretrained run); at most one of
 ``lora``, ``svfit``, ``welore``, ``snella`` is given, ``eva`` only beside ``lora``:
 
-- ``model.eva = {rho, tau, whiten, max_steps, batches, batch_size}``: EVA
+- ``model.eva = {rho, tau, whiten, adjust_scaling_factors, max_steps, batches, batch_size}``: EVA
   (:func:`jaxopt_lab.finetune.eva_init`) re-initializes the LoRA adapters of ``model.lora``
   (its rank is the per-layer budget) from the activations of ``batches`` training batches of
   ``batch_size`` (default ``train.batch_size``): the run's own first batches,
@@ -44,10 +44,11 @@ ROUTES = ("lora", "svfit", "welore", "snella")  # what trains: exactly one of th
 TABLES = ("eva", "svfit", "welore", "snella")  # the tables this module handles (model.lora: build.py)
 
 _SVFIT = {"targets": ".*", "rank": None, "energy": None, "train_also": ""}
-_WELORE = {"targets": ".*", "threshold": None, "compression_target": None, "min_reduction": None, "train_also": ""}
+_WELORE = {"targets": ".*", "threshold": None, "compression_target": None, "min_reduction": 0.4999, "train_also": ""}
 _SNELLA_ALLOC = {"allocation": True, "total_steps": None, "target_ratio": 0.8, "init_warmup": 0, "final_warmup": 0,
                  "mask_interval": 1, "beta1": 0.85, "beta2": 0.85}
-_EVA = {"rho": 2.0, "tau": 0.99, "whiten": False, "max_steps": 1000, "batches": 8, "batch_size": None}
+_EVA = {"rho": 2.0, "tau": 0.99, "whiten": False, "adjust_scaling_factors": True, "max_steps": 1000, "batches": 8,
+        "batch_size": None}
 
 
 def _snella_module_defaults() -> dict[str, Any]:
@@ -130,8 +131,9 @@ def pop_tables(kwargs: dict[str, Any], seed: int) -> dict[str, dict[str, Any]]:
             _int("model.eva.batches", t["batches"], 1)
             if "batch_size" in t:
                 _int("model.eva.batch_size", t["batch_size"], 1)
-            if not isinstance(t["whiten"], bool):
-                raise ConfigError(f"model.eva.whiten must be true or false, got {t['whiten']!r}")
+            for flag in ("whiten", "adjust_scaling_factors"):
+                if not isinstance(t[flag], bool):
+                    raise ConfigError(f"model.eva.{flag} must be true or false, got {t[flag]!r}")
     except ValueError as e:  # the library's own checks name the value
         raise ConfigError(f"model.{next(iter(tables))}: {e}" if len(tables) == 1 else f"model: {e}") from None
     return out
@@ -183,7 +185,7 @@ def apply_eva(module: nnx.Module, table: Mapping[str, Any], dataset: Any, batch_
     batches = [dataset.batch(i, size, seed)[0] for i in range(table["batches"])]
     try:
         result = eva_init(module, batches, rho=table["rho"], tau=table["tau"], whiten=table["whiten"],
-                          max_steps=table["max_steps"])
+                          adjust_scaling_factors=table["adjust_scaling_factors"], max_steps=table["max_steps"])
     except ValueError as e:
         raise ConfigError(f"model.eva: {e}") from None
     return {"ranks": dict(result.ranks), "steps": result.steps, "converged": result.converged}

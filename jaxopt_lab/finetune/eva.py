@@ -19,6 +19,9 @@ a component has converged once its cosine similarity with the previous minibatch
 ``ξ_{l,i} = σ_{l,i}² / Σ_j ||X_l[:, j] - mean_j||²`` of all layers' components are sorted
 together and layer ``l`` gets as many ranks as it has components among the top ``r * L``
 (eq. 4 of the paper). A layer that gets rank 0 is not adapted (its adapter is removed).
+A layer whose rank changes from ``r`` to ``r_l`` gets ``alpha_l = alpha * r_l / r`` (PEFT's
+``adjust_scaling_factors=True``, its default, in ``_load_eva_state_dict``), so every adapter
+keeps the scale ``alpha / r`` whatever its new rank.
 
 Use: :func:`jaxopt_lab.finetune.apply_lora` (rank ``r``), then :func:`eva_init` with a few
 batches; the adapters are rebuilt in place with their new ranks and EVA's ``A``.
@@ -29,6 +32,9 @@ incremental step is exact (``numpy.linalg.svd`` in float64) where PEFT uses
 dataloader) with a ``max_steps`` cap instead of an endless loop; every position of every
 sequence is used (PEFT's causal-LM default without padding); layers with equal inputs are
 not de-duplicated (the ranking and the components are the same, only the work is repeated).
+A layer keeps at most ``min(round(rho * r), in, out)`` components: PEFT refuses more
+components than input features, and :class:`~jaxopt_lab.finetune.LoRALinear` a rank above
+``min(in, out)`` (PEFT would allow a rank above ``out``).
 
 Conv layers (:class:`~jaxopt_lab.finetune.LoRAConv`, the kernel as a ``(kh kw c_in) x c_out``
 matrix): the activations are the layer's input patches, one row per output position
@@ -173,7 +179,8 @@ def check_eva_args(rho: Any, tau: Any, max_steps: Any) -> None:
 
 
 def eva_init(model: nnx.Module, batches: Sequence[Any], forward: Callable[[nnx.Module, Any], Any] | None = None, *,
-             rho: float = 2.0, tau: float = 0.99, whiten: bool = False, max_steps: int = 1000) -> EVAResult:
+             rho: float = 2.0, tau: float = 0.99, whiten: bool = False, adjust_scaling_factors: bool = True,
+             max_steps: int = 1000) -> EVAResult:
     """Initialize the LoRA adapters of ``model`` (made by :func:`apply_lora`, all of one rank
     ``r``) with EVA, in place.
 
@@ -187,6 +194,9 @@ def eva_init(model: nnx.Module, batches: Sequence[Any], forward: Callable[[nnx.M
       tau: the cosine-similarity threshold of convergence (PEFT's default 0.99).
       whiten: divide each ``A`` column by the square root of its singular value (PEFT's
         ``whiten``).
+      adjust_scaling_factors: a layer whose rank moves from ``r`` to ``r_l`` gets
+        ``alpha * r_l / r``, keeping its scale ``alpha / r`` (PEFT's default, True); False keeps
+        ``alpha``, so the scale becomes ``alpha / r_l``.
       max_steps: at most this many minibatches; when reached before convergence, the current
         components are used and a warning says so.
 
@@ -194,6 +204,8 @@ def eva_init(model: nnx.Module, batches: Sequence[Any], forward: Callable[[nnx.M
       :class:`EVAResult`.
     """
     check_eva_args(rho, tau, max_steps)
+    if not isinstance(adjust_scaling_factors, bool):
+        raise ValueError(f"eva adjust_scaling_factors must be True or False, got {adjust_scaling_factors!r}")
     adapted = adapted_layers(model)
     if not adapted:
         raise ValueError("eva_init needs a LoRA-adapted model (apply_lora first): it has no LoRALinear or LoRAConv layer")
@@ -241,7 +253,7 @@ def eva_init(model: nnx.Module, batches: Sequence[Any], forward: Callable[[nnx.M
     if any(p.components is None for p in pcas.values()):
         raise ValueError("eva_init: some layers never saw as many tokens in a batch as components "
                          f"({n_comp}); use larger batches")
-    _rebuild(model, layers, pcas, rank_dist, whiten)
+    _rebuild(model, layers, pcas, rank_dist, whiten, adjust_scaling_factors)
     return EVAResult(ranks=rank_dist, explained_variance_ratio={k: p.explained_variance_ratio for k, p in pcas.items()},
                      steps=steps, converged=done)
 
@@ -251,7 +263,7 @@ def _matrix_shape(layer) -> tuple[int, int]:
     return layer.lora.lora_a.shape[0], layer.lora.lora_b.shape[1]
 
 
-def _rebuild(model, layers, pcas, rank_dist, whiten):
+def _rebuild(model, layers, pcas, rank_dist, whiten, adjust_scaling_factors):
     for path, parent, key, layer in _parents(model, layers):
         r = rank_dist[path]
         if isinstance(layer, LoRAConv):
@@ -271,7 +283,8 @@ def _rebuild(model, layers, pcas, rank_dist, whiten):
             new = base
         else:
             make = LoRAConv.from_conv if isinstance(layer, LoRAConv) else LoRALinear.from_linear
-            new = make(base, rank=r, alpha=layer.alpha, dropout=layer.lora_dropout.rate, rngs=nnx.Rngs(0))
+            alpha = layer.alpha * r / layer.lora_rank if adjust_scaling_factors and r != layer.lora_rank else layer.alpha
+            new = make(base, rank=r, alpha=alpha, dropout=layer.lora_dropout.rate, rngs=nnx.Rngs(0))
             a = pcas[path].components[:r].copy()
             if whiten:
                 a = a / np.sqrt(pcas[path].singular_values[:r])[:, None]

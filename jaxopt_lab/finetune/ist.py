@@ -12,7 +12,8 @@ The LoRA pairs are grouped by layer (``layer_pattern`` over their paths: ``block
 
 1. Every ``interval`` steps (not at step 0), the score moves by a REINFORCE estimate. With
    ``p = σ(s)``, ``rl_steps`` sets ``S_k`` of ``⌊L · suppress_ratio⌋`` layers are drawn
-   without replacement with probabilities ∝ ``p``; the loss ``ℓ_k`` is measured with the
+   without replacement with probabilities ∝ ``p``, a set equal to an earlier one of the same
+   update redrawn (the official ``while self.tensor_in_list(selects, select)``); the loss ``ℓ_k`` is measured with the
    adapters of ``S_k`` scaled by ``suppression`` (0.25) — here, their ``B`` factors scaled,
    which is the same forward; the rewards are ``r_k = exp(-ℓ_k)`` centred,
    ``r̂_k = r_k - mean_j r_j``, and::
@@ -28,11 +29,12 @@ Defaults are the official code's: ``rl_steps=3``, ``rl_lr=10``, ``suppression=0.
 
 As an optax transformation the losses of step 1 come from a ``loss_fn(params) -> scalar``
 keyword argument of ``update`` (the official code evaluates a separate batch of the training
-set; pass a closure over such a batch). Differences from the official code, both forced by a
-pure transformation: (a) the ``S_k`` are drawn independently (the official loop redraws a set
-equal to an earlier one); (b) an inactive layer's factors get a zero gradient through
-``inner`` instead of being skipped, so a stateful ``inner`` (Adam) decays their moments on
-those steps (PyTorch skips parameters with no gradient). ``official_min_one=False`` keeps the
+set; pass a closure over such a batch). Differences from the official code: (a) where fewer
+than ``rl_steps`` distinct sets exist (``C(L, ⌊L · suppress_ratio⌋) < rl_steps``), where the
+official loop never ends, a set may repeat after ``MAX_REDRAWS`` redraws; (b) forced by a pure
+transformation: an inactive layer's factors get a zero gradient through ``inner`` instead of
+being skipped, so a stateful ``inner`` (Adam) decays their moments on those steps (PyTorch
+skips parameters with no gradient). ``official_min_one=False`` keeps the
 official ``int(L · ratio)`` even when it is 0 (then nothing trains). Leaves that are not LoRA
 factors (a ``train_also`` head) train every step.
 """
@@ -50,6 +52,7 @@ from jaxopt_lab.finetune.lora import flatten_with_paths, lora_pairs
 from jaxopt_lab.transforms import _validation as check
 
 DEFAULT_LAYER_PATTERN = r"blocks/(\d+)/"
+MAX_REDRAWS = 1000  # redraws of a probe set equal to an earlier one (the official loop has no bound)
 
 
 class ISTState(NamedTuple):
@@ -88,6 +91,29 @@ def choose(key: jax.Array, weights: jax.Array, n: int) -> jax.Array:
     ∝ ``weights`` (``torch.multinomial(weights, n)``'s distribution)."""
     idx = jax.random.choice(key, weights.shape[0], (n,), replace=False, p=weights / jnp.sum(weights))
     return jnp.zeros(weights.shape, jnp.float32).at[idx].set(1.0)
+
+
+def choose_distinct(key: jax.Array, weights: jax.Array, n: int, sets: int) -> jax.Array:
+    """``sets`` masks (sets, L) as :func:`choose` draws them, the ``k``-th from
+    ``jax.random.split(key, sets)[k]``, redrawn (keys ``fold_in(key_k, 1), fold_in(key_k, 2), ...``)
+    while it equals an earlier one, at most :data:`MAX_REDRAWS` times: the official IST loop's
+    distinct suppression sets."""
+    masks = []
+    for k, key_k in enumerate(jax.random.split(key, sets)):
+        def repeated(m, masks=tuple(masks)):
+            return jnp.any(jnp.stack([jnp.all(m == e) for e in masks])) if masks else jnp.asarray(False)
+
+        def cond(c, repeated=repeated):
+            m, tries = c
+            return repeated(m) & (tries < MAX_REDRAWS)
+
+        def body(c, key_k=key_k):
+            _, tries = c
+            return choose(jax.random.fold_in(key_k, tries + 1), weights, n), tries + 1
+
+        m, _ = jax.lax.while_loop(cond, body, (choose(key_k, weights, n), jnp.zeros([], jnp.int32)))
+        masks.append(m)
+    return jnp.stack(masks)
 
 
 def _count(L: int, ratio: float, min_one: bool) -> int:
@@ -164,7 +190,7 @@ def ist(inner: optax.GradientTransformation, layer_pattern: str = DEFAULT_LAYER_
 
         def probe(scores):
             p = jax.nn.sigmoid(scores)
-            masks = jnp.stack([choose(k, p, n_sup) for k in jax.random.split(k_score, rl_steps)])
+            masks = choose_distinct(k_score, p, n_sup, rl_steps)
             losses = jnp.stack([jnp.asarray(loss_fn(suppressed(masks[k])), jnp.float32) for k in range(rl_steps)])
             rewards = jnp.exp(-losses)
             rewards = rewards - jnp.mean(rewards)

@@ -6,7 +6,11 @@ pretrained kernel ``W`` frozen and trains a low-rank correction::
     y = x W + b + s * dropout(x) A B,      s = alpha / rank,
 
 with ``A`` (in x rank) drawn at random and ``B`` (rank x out) zero, so the adapted model
-starts equal to the pretrained one. :class:`LoRALinear` is flax's ``nnx.LoRALinear`` (the
+starts equal to the pretrained one. ``A`` is drawn as the official code draws it (microsoft/LoRA
+``loralib/layers.py`` ``Linear.reset_parameters`` and PEFT ``LoraLayer.reset_lora_parameters``:
+``nn.init.kaiming_uniform_(lora_A, a=sqrt(5))``), uniform on ``[-1/sqrt(in), 1/sqrt(in)]``
+(:data:`lora_a_init`); flax's ``nnx.LoRA`` default, he-uniform on ``[-sqrt(6/in), sqrt(6/in)]``
+(sqrt(6) times wider), is opt-in through ``a_initializer=nnx.initializers.he_uniform()``. :class:`LoRALinear` is flax's ``nnx.LoRALinear`` (the
 kernel and bias keep ``nnx.Linear``'s paths, the factors live at ``.../lora/lora_a`` and
 ``.../lora/lora_b`` as ``nnx.LoRAParam``) with the ``alpha / rank`` scale, dropout on the
 adapter's input, and merge/unmerge.
@@ -45,6 +49,10 @@ from flax import nnx
 TRAINABLE = "trainable"
 FROZEN = "frozen"
 
+# PyTorch's kaiming_uniform_(a=sqrt(5)) on A (fan_in = in): gain^2 = 2 / (1 + a^2) = 1/3, bound
+# sqrt(3 * gain^2 / fan_in) = 1 / sqrt(fan_in); A is (in x r) here, so fan_in is axis -2.
+lora_a_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
 
 class LoRALinear(nnx.LoRALinear):
     """``nnx.LoRALinear`` with LoRA's ``alpha / rank`` scale, input dropout and merging.
@@ -58,14 +66,18 @@ class LoRALinear(nnx.LoRALinear):
         (scale 1). 0 switches the adapter off exactly.
       dropout: dropout rate on the adapter's input, in [0, 1); active only when the module
         is in training mode (``model.train()``; ``nnx.Dropout``'s ``deterministic`` flag).
-      rngs: initialisation of ``A`` (he-uniform, flax's default) and, with dropout, its stream.
+      rngs: initialisation of ``A`` and, with dropout, its stream.
+      a_initializer: ``A``'s initializer; default :data:`lora_a_init`, uniform on
+        ``[-1/sqrt(in), 1/sqrt(in)]`` as microsoft/LoRA and PEFT (``kaiming_uniform_(a=sqrt(5))``);
+        ``nnx.initializers.he_uniform()`` is flax's ``nnx.LoRA`` default (sqrt(6) times wider).
       **kwargs: the rest of ``nnx.Linear``'s arguments (use_bias, dtype, ...).
     """
 
     def __init__(self, in_features: int, out_features: int, *, lora_rank: int, alpha: float | None = None,
-                 dropout: float = 0.0, rngs: nnx.Rngs, **kwargs):
+                 dropout: float = 0.0, rngs: nnx.Rngs, a_initializer=lora_a_init, **kwargs):
         check_lora_args(lora_rank, alpha, dropout, in_features, out_features)
-        super().__init__(in_features, out_features, lora_rank=lora_rank, rngs=rngs, **kwargs)
+        super().__init__(in_features, out_features, lora_rank=lora_rank, rngs=rngs, a_initializer=a_initializer,
+                         **kwargs)
         self.lora_rank = int(lora_rank)
         self.alpha = float(lora_rank if alpha is None else alpha)
         self.scale = self.alpha / self.lora_rank

@@ -7,8 +7,9 @@ matrix::
 
     y = conv(x, W) + b + s * conv(dropout(x), (A B).reshape(kh, kw, c_in, c_out)),   s = alpha / rank,
 
-with ``A`` ((kh kw c_in) x r, he-uniform) and ``B`` (r x c_out, zero), so the adapted model
-starts equal to the pretrained one. This is PEFT's ``lora.Conv2d`` (``lora_A`` a conv with
+with ``A`` ((kh kw c_in) x r) uniform on ``[-1/sqrt(kh kw c_in), 1/sqrt(kh kw c_in)]`` (PEFT's
+``kaiming_uniform_(a=sqrt(5))`` on its ``lora_A`` conv, whose fan-in is ``c_in kh kw``) and
+``B`` (r x c_out, zero), so the adapted model starts equal to the pretrained one. This is PEFT's ``lora.Conv2d`` (``lora_A`` a conv with
 the layer's kernel size into r channels, ``lora_B`` a 1x1 conv into c_out: the same
 function, ``conv(conv(x, A), B) = conv(x, A B)``), with the factors stored as the matrices
 above, at ``.../lora/lora_a`` and ``.../lora/lora_b`` like :class:`~jaxopt_lab.finetune.LoRALinear`,
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxopt_lab.finetune.lora import check_lora_args
+from jaxopt_lab.finetune.lora import check_lora_args, lora_a_init
 
 
 class LoRAConv(nnx.Conv):
@@ -40,16 +41,21 @@ class LoRAConv(nnx.Conv):
       alpha: the scale is ``alpha / lora_rank``; None: ``lora_rank``. 0 switches the adapter off.
       dropout: on the adapter's input, training mode only, in [0, 1).
       rngs: initialisation of ``A`` and, with dropout, its stream.
+      a_initializer: ``A``'s initializer (on the ``(kh kw c_in) x r`` matrix); default
+        :data:`~jaxopt_lab.finetune.lora.lora_a_init` (PEFT's); ``nnx.initializers.he_uniform()``
+        is flax's ``nnx.LoRA`` default.
       **kwargs: the rest of ``nnx.Conv``'s arguments.
     """
 
     def __init__(self, in_features: int, out_features: int, kernel_size, *, lora_rank: int,
-                 alpha: float | None = None, dropout: float = 0.0, rngs: nnx.Rngs, **kwargs):
+                 alpha: float | None = None, dropout: float = 0.0, rngs: nnx.Rngs, a_initializer=lora_a_init,
+                 **kwargs):
         super().__init__(in_features, out_features, kernel_size, rngs=rngs, **kwargs)
         _check_plain(self)
         fan_in = math.prod(self.kernel_size) * in_features
         check_lora_args(lora_rank, alpha, dropout, fan_in, out_features)
-        self.lora = nnx.LoRA(fan_in, lora_rank, out_features, param_dtype=self.param_dtype, rngs=rngs)
+        self.lora = nnx.LoRA(fan_in, lora_rank, out_features, param_dtype=self.param_dtype,
+                             a_initializer=a_initializer, rngs=rngs)
         self.lora_rank = int(lora_rank)
         self.alpha = float(lora_rank if alpha is None else alpha)
         self.scale = self.alpha / self.lora_rank

@@ -46,7 +46,10 @@ VTAB scripts' (``scripts/vtab/snella32``): ρ₀ = 0.01, ρ* = 0.8, β₁ = β�
 Differences from the official code: the allocator counts optimizer steps (the official one is
 called once per epoch with the epoch number — set ``total_steps`` and the intervals in steps);
 volumes are not truncated to integers; the importance uses the parameters before the step (the
-official update reads them after it, with the same gradient).
+official update reads them after it, with the same gradient). Not here: the official ViT
+scripts' ``Dropout(0.1)`` on the adapter's input and ``DropPath(0.1)`` on its output (their
+``--no_drop_out`` / ``--no_drop_path`` are off); the official SNELL built with ratio 0 is
+``KLoRA``, the plain ``K`` (here ``magnitude_weighted=False`` with ratio 0).
 
 The ratios live in the model as parameters (``.../lora/snella_ratio``), frozen for the
 training method; :func:`snella_allocation` moves them by ``new - old`` (so, like LoRA-GGPO, it
@@ -70,7 +73,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxopt_lab.finetune.lora import _set_child, flatten_with_paths, lora_pairs, path_str
+from jaxopt_lab.finetune.lora import _set_child, flatten_with_paths, lora_a_init, lora_pairs, path_str
 from jaxopt_lab.finetune.lora_conv import check_plain, conv_with
 from jaxopt_lab.transforms import _validation as check
 
@@ -99,18 +102,20 @@ def snella_kernel(a: jax.Array, b: jax.Array, kernel: str = "mixk", heads: int =
 
 
 def sparsify(k: jax.Array, ratio: jax.Array, magnitude_weighted: bool = True) -> jax.Array:
-    """``K`` with the entries at or below the ``ratio`` quantile of ``|K|`` zeroed (ratio 0: none),
-    times their detached magnitude (``magnitude_weighted``, the official rule) or 1."""
+    """``K`` with the entries at or below the ``ratio`` quantile of ``|K|`` zeroed, times their
+    detached magnitude (``magnitude_weighted``: the official ``SNELL``/``SNELLA.sparsify``,
+    ``K * F.threshold(|K|, quantile(|K|, ratio), 0)``, which at ratio 0 still zeroes the entries
+    equal to the smallest ``|K|``) or 1 (the paper's ``M ⊙ K``; ratio 0: nothing zeroed)."""
     mag = jax.lax.stop_gradient(jnp.abs(k))
     thres = jnp.quantile(mag.reshape(-1), jnp.clip(ratio, 0.0, 1.0))
-    keep = jnp.where(ratio > 0, mag > thres, True)
+    keep = mag > thres if magnitude_weighted else jnp.where(ratio > 0, mag > thres, True)
     return k * jnp.where(keep, mag if magnitude_weighted else 1.0, 0.0).astype(k.dtype)
 
 
 class _Factors(nnx.Module):
     def __init__(self, in_features, out_features, rank, kernel, ratio, dtype, rngs):
-        if kernel == "linear":  # LoRA's start: B = 0, the model unchanged
-            self.lora_a = nnx.LoRAParam(nnx.initializers.he_uniform()(rngs.params(), (in_features, rank), dtype))
+        if kernel == "linear":  # LoRA's start (the official TuningModule "lora": kaiming_uniform(a=√5) A), B = 0
+            self.lora_a = nnx.LoRAParam(lora_a_init(rngs.params(), (in_features, rank), dtype))
             self.lora_b = nnx.LoRAParam(jnp.zeros((rank, out_features), dtype))
         else:  # U(±1), rescaled by SNELLALinear to the official init
             self.lora_a = nnx.LoRAParam(jax.random.uniform(rngs.params(), (in_features, rank), dtype, -1.0, 1.0))

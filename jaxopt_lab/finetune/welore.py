@@ -2,19 +2,24 @@
 the low-rank components only.
 
 Jaiswal et al. 2024, "From GaLore to WeLore: How Low-Rank Weights Non-uniformly Emerge from
-Low-Rank Gradients" (https://arxiv.org/abs/2407.11239; code VITA-Group/welore, not read here:
-it was not reachable, so this follows the paper's description, Sec. 4).
+Low-Rank Gradients" (https://arxiv.org/abs/2407.11239; official code VITA-Group/WeLore, which
+this module follows: ``utils.py`` ``adaptive_rank_pruning``, ``lib/rank_reduction.py``
+``do_rank_reduction``, ``lib/LowRankLayer.py``).
 
 Each targeted pretrained matrix ``W`` (in x out, ``n = min(in, out)``) has singular values
-``s_1 >= ... >= s_n``; its heavy-tailed normalized spectrum ``ŝ_i = s_i / s_1`` decides its
-rank under one global threshold ``θ`` shared by all matrices::
+``s_1 >= ... >= s_n``; its min-max normalized spectrum
+``ŝ_i = (s_i - s_n) / (s_1 - s_n)`` (in [0, 1]) decides its rank under one global threshold
+``θ`` shared by all matrices: the components with ``ŝ_i < θ`` are pruned::
 
-    k(W) = max(1, #{i : ŝ_i >= θ}),         rank reduction ratio  RRR(W) = 1 - k / n.
+    k(W) = n - #{i : ŝ_i < θ},         rank reduction ratio  RRR(W) = 1 - k / n
 
+(a flat spectrum, ``s_1 = s_n``, keeps its full rank: the official code's 0/0 compares False).
 Matrices whose singular values decay fast get small ranks, flat spectra keep large ones (the
 non-uniform rank reduction). ``W`` is a **low-rank component** (LRC) when
-``RRR >= min_reduction`` (default: the break-even ``k (in + out) < in * out``, where the factors
-hold fewer numbers than ``W``); it is then replaced by the pair::
+``RRR > min_reduction`` (strictly; default 0.4999, the official fine-tuning scripts'
+``--min_ratio``; ``min_reduction=None`` instead takes the break-even ``k (in + out) < in * out``,
+where the factors hold fewer numbers than ``W``, which is not the official rule); it is then
+replaced by the pair::
 
     W ≈ A B,    A = U_k diag(√s_k)  (in x k),    B = diag(√s_k) V_kᵀ  (k x out),
 
@@ -24,8 +29,11 @@ frozen. Fine-tuning trains only the LRC factors (``welore_a``, ``welore_b``;
 ``compression`` (the share of the targeted matrices' parameters removed), the threshold is the
 smallest ``θ`` among the normalized singular values that reaches it.
 
-With ``threshold=0`` and ``min_reduction=0`` every matrix is an LRC at full rank: the model is
-unchanged (up to rounding).
+Differences from the official code: ``compression_target`` (choose θ for a share of the
+targeted parameters removed) replaces its per-model table of θ calibrated on LLaMA-2; the
+official scripts factor LLaMA's bias-free ``*proj`` layers in bfloat16 and also train the
+RMSNorm weights (everything but the embeddings, the head and the N-LRCs), which here is
+``train_also``.
 
 An ``nnx.Conv`` is taken as its kernel matrix ``(kh kw c_in) x c_out`` (the view of
 :class:`~jaxopt_lab.finetune.LoRAConv`): its spectrum, rank and factors are that matrix's, and
@@ -148,19 +156,28 @@ def _check_unit(name: str, value: Any, *, closed_low: bool = True) -> None:
         raise ValueError(f"welore {name} must be in {'[0, 1]' if closed_low else '(0, 1]'}, got {value!r}")
 
 
+MIN_REDUCTION = 0.4999  # the official fine-tuning scripts' --min_ratio
+
+
 def welore_ranks(spec: dict[str, tuple[np.ndarray, tuple[int, int]]], threshold: float,
-                 min_reduction: float | None = None) -> dict[str, int | None]:
+                 min_reduction: float | None = MIN_REDUCTION) -> dict[str, int | None]:
     """``{path: k}`` for the LRCs and ``{path: None}`` for the N-LRCs under ``threshold`` θ."""
     _check_unit("threshold", threshold)
     if min_reduction is not None:
         _check_unit("min_reduction", min_reduction)
     out = {}
     for path, (s, (m, n)) in spec.items():
-        norm = s / s[0] if s[0] > 0 else np.zeros_like(s)
-        k = max(1, int(np.sum(norm >= threshold)))
-        lrc = (1 - k / len(s) >= min_reduction) if min_reduction is not None else k * (m + n) < m * n
-        out[path] = k if lrc else None
+        k = len(s) - int(np.sum(normalized(s) < threshold))
+        lrc = (1 - k / len(s) > min_reduction) if min_reduction is not None else k * (m + n) < m * n
+        out[path] = k if lrc and k >= 1 else None
     return out
+
+
+def normalized(s: np.ndarray) -> np.ndarray:
+    """The official min-max normalization ``(s - min s) / (max s - min s)``; a flat spectrum
+    (max = min, where the official code's 0/0 gives NaN, never below θ) maps to ones."""
+    lo, hi = float(np.min(s)), float(np.max(s))
+    return (s - lo) / (hi - lo) if hi > lo else np.ones_like(s)
 
 
 def compression(spec: dict[str, tuple[np.ndarray, tuple[int, int]]], ranks: dict[str, int | None]) -> float:
@@ -171,11 +188,12 @@ def compression(spec: dict[str, tuple[np.ndarray, tuple[int, int]]], ranks: dict
 
 
 def threshold_for(spec: dict[str, tuple[np.ndarray, tuple[int, int]]], target: float,
-                  min_reduction: float | None = None) -> float:
+                  min_reduction: float | None = MIN_REDUCTION) -> float:
     """The smallest θ among the normalized singular values (and 0) whose compression is at
     least ``target``; ValueError when even θ = 1 (rank 1 everywhere) does not reach it."""
     _check_unit("compression", target)
-    candidates = np.unique(np.concatenate([[0.0]] + [s / s[0] for s, _ in spec.values() if s[0] > 0]))
+    # the components with normalized value < θ are pruned: each pruned set is reached first at one of these values
+    candidates = np.unique(np.concatenate([[0.0]] + [normalized(s) for s, _ in spec.values()]))
     for theta in candidates:  # compression grows with θ; at most a few thousand values here
         if compression(spec, welore_ranks(spec, float(theta), min_reduction)) >= target - 1e-12:
             return float(theta)
@@ -196,10 +214,12 @@ class WeLoreReport:
 
 
 def apply_welore(model: nnx.Module, targets: str = ".*", *, threshold: float | None = None,
-                 compression_target: float | None = None, min_reduction: float | None = None) -> WeLoreReport:
+                 compression_target: float | None = None, min_reduction: float | None = MIN_REDUCTION) -> WeLoreReport:
     """Compress, in place, the Linear and Conv layers matching ``targets``: the LRCs become
     :class:`WeLoreLinear` (:class:`WeLoreConv`) factor pairs, the N-LRCs stay. Exactly one of ``threshold`` (θ) and
-    ``compression_target`` (share of the targeted parameters to remove) is given."""
+    ``compression_target`` (share of the targeted parameters to remove) is given. A matrix is an
+    LRC when its rank reduction ratio is > ``min_reduction`` (default 0.4999, the official
+    fine-tuning scripts'; None: the break-even rule, see the module docstring)."""
     if (threshold is None) == (compression_target is None):
         raise ValueError("apply_welore needs exactly one of threshold and compression_target, got "
                          f"threshold={threshold!r}, compression_target={compression_target!r}")

@@ -81,7 +81,7 @@ def test_eva_init_matches_the_svd_of_each_layers_inputs_and_keeps_the_model():
     assert res.ranks == expected and sum(expected.values()) == 6
     for name, layer in lora_layers(model):
         rk = expected[name]
-        assert layer.lora_rank == rk and layer.alpha == 4.0
+        assert layer.lora_rank == rk and layer.alpha == 4.0 * rk / r  # PEFT adjust_scaling_factors: scale stays 4 / r
         a = np.asarray(layer.lora.lora_a[...], np.float64)
         np.testing.assert_allclose(np.abs(np.sum(a.T * comps[name][:rk], 1)), 1.0, atol=1e-4)
         np.testing.assert_array_equal(np.asarray(layer.lora.lora_b[...]), 0.0)

@@ -37,7 +37,7 @@ def _kernel_np(a, b, kernel, heads=2, alpha=1.0, gamma=1.0, beta=0.0):
 
 def _sparsify_np(k, ratio, weighted=True):
     mag = np.abs(k)
-    keep = mag > np.quantile(mag, ratio) if ratio > 0 else np.ones_like(mag, bool)
+    keep = mag > np.quantile(mag, ratio) if ratio > 0 or weighted else np.ones_like(mag, bool)  # official: always
     return k * np.where(keep, mag if weighted else 1.0, 0.0)
 
 
