@@ -124,3 +124,49 @@ def test_fira_matches_official_fira(problem, monkeypatch, weight_decay):
     galore_path = _run_ours(galore(LR, rank=RANK, update_proj_gap=GAP, scale=1.0, eps=EPS, weight_decay=weight_decay,
                                    label_fn=_label_all), w0, grads)
     assert np.abs(galore_path - expected).max() > 1e-3
+
+
+@pytest.mark.parametrize("fused", ["reference", False], ids=["default", "unfused"])
+def test_fira_after_a_zero_first_gradient_matches_official_fira(problem, monkeypatch, fused):
+    # a zero first gradient (e.g. behind a zero-initialized layer): the official FiraAdamW stores the residual's
+    # norm, 0, and limits the next step against it (max(‖S‖ / (0 + 1e-8), γ) / γ), so the residual stays near
+    # γ·1e-8 from then on. A refresh every step: the basis drawn from the zero gradient is never used.
+    from fira.gradient_projection import GradientProjector
+
+    _patch_signs(monkeypatch, GradientProjector)
+    w0, grads = problem
+    grads = [np.zeros_like(grads[0])] + grads[1:]
+    p = torch.nn.Parameter(torch.tensor(w0))
+    opt = fira_pkg.FiraAdamW([{"params": [p], "rank": RANK, "update_proj_gap": 1, "proj_type": "std", "alpha": 1.0}],
+                             lr=LR, eps=EPS, weight_decay=0.0)
+    expected = []
+    for g in grads:
+        p.grad = torch.tensor(g)
+        opt.step()
+        expected.append(p.detach().numpy().copy())
+    expected = np.stack(expected)
+    ours = _run_ours(fira(LR, rank=RANK, update_proj_gap=1, eps=EPS, label_fn=_label_all, fused=fused), w0, grads)
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
+    # the residual is held at ~1e-8: the official trajectory is GaLore's (α = 1), not Fira's with a free residual
+    galore_path = _run_ours(galore(LR, rank=RANK, update_proj_gap=1, scale=1.0, eps=EPS, label_fn=_label_all), w0, grads)
+    np.testing.assert_allclose(expected, galore_path, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [0.25, 2.0])
+def test_galore_side_larger_matches_galore_torch_reverse_std(problem, monkeypatch, scale):
+    # proj_type="reverse_std" projects the larger side (left for tall, right for wide; left for a square matrix)
+    from galore_torch.galore_projector import GaLoreProjector
+
+    _patch_signs(monkeypatch, GaLoreProjector)
+    w0, grads = problem
+    p = torch.nn.Parameter(torch.tensor(w0))
+    opt = galore_torch.GaLoreAdamW([{"params": [p], "rank": RANK, "update_proj_gap": GAP, "proj_type": "reverse_std",
+                                     "scale": scale}], lr=LR, eps=EPS, weight_decay=WD)
+    expected = []
+    for g in grads:
+        p.grad = torch.tensor(g)
+        opt.step()
+        expected.append(p.detach().numpy().copy())
+    ours = _run_ours(galore(LR, rank=RANK, update_proj_gap=GAP, scale=scale, eps=EPS, weight_decay=WD, side="larger",
+                            label_fn=_label_all), w0, grads)
+    np.testing.assert_allclose(ours, np.stack(expected), rtol=1e-5, atol=1e-6)
