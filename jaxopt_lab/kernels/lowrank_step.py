@@ -310,7 +310,8 @@ def lowrank_step(g, p, mu, nu, previous_norm, *, transpose: bool = False, b1: fl
 
     Returns ``(update, mu, nu, previous_norm)``: the update in G's layout and
     dtype (before bias correction and learning rate, as the official code
-    splits Adam), the new moments (r × k) and Fira's limiter norm. See
+    splits Adam), the new moments (r × k) and Fira's limiter norm (pass
+    ``lowrank_step_reference.NO_PREVIOUS_NORM`` before the first step). See
     :mod:`jaxopt_lab.kernels.lowrank_step_reference` for the equations.
     """
     low, g2 = lowrank_project(g, p, transpose=transpose, impl=impl)

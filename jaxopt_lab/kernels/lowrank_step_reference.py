@@ -13,7 +13,7 @@ The step, pass by pass::
       GaLore:             M = αN, s = 0
       Fira:               φ_j = ‖N_{:,j}‖/(‖R_{:,j}‖+1e-8)
                           ‖S‖² = Σ_j φ_j² (g2_j − 2α‖R_j‖² + α² R_jᵀ(PᵀP)R_j)   (S = (G − αPR)·diag φ)
-                          c = 1/limiter,  limiter = max(‖S‖/‖S_prev‖, γ)/γ  (1 on the first step)
+                          c = 1/limiter,  limiter = max(‖S‖/(‖S_prev‖+1e-8), γ)/γ  (1 on the first step)
                           M = αN − cα φ⊙R,  s = cφ
     Pass 2 (reads G once more for Fira, writes the update once):
                           U = P M + G·diag(s)  =  αPN + c·S
@@ -66,13 +66,22 @@ def apply_reference(g, p: jax.Array, m: jax.Array, col_scale, *, transpose: bool
     return out.astype(out_dtype or (g.dtype if g is not None else jnp.float32))
 
 
+# ``previous_norm`` before the first step: "none yet" (a norm is >= 0, and 0 is a real previous norm).
+NO_PREVIOUS_NORM = -1.0
+
+
 def norm_growth_limiter(norm, previous_norm, growth_limit):
-    """Fira's norm-growth limiter: the divisor ``max(‖S‖/‖S_prev‖, γ)/γ`` (1 before any previous step).
+    """Fira's norm-growth limiter: the divisor ``max(‖S‖/(‖S_prev‖ + 1e-8), γ)/γ`` (1 on the first step).
 
     Dividing S by it caps the growth of ‖S‖ at γ per step; the caller stores
-    ``norm / limiter`` as the next ``previous_norm`` (0 means "none yet").
+    ``norm / limiter`` as the next ``previous_norm``. Before the first step
+    ``previous_norm`` is :data:`NO_PREVIOUS_NORM` (< 0). As the official Fira
+    and APOLLO code (``"scaling_grad" in state``: any stored norm, 0 included),
+    a first step whose norm is 0 (e.g. an exactly zero gradient) stores 0, and
+    the next step is limited against it: ``‖S‖`` becomes ``γ·1e-8`` and grows
+    by at most γ per step from there.
     """
-    return jnp.where(previous_norm > 0, jnp.maximum(norm / (previous_norm + 1e-8), growth_limit) / growth_limit, 1.0)
+    return jnp.where(previous_norm >= 0, jnp.maximum(norm / (previous_norm + 1e-8), growth_limit) / growth_limit, 1.0)
 
 
 # Below this fraction of ‖G·diag φ‖², ‖S‖² from the identity loses digits to cancellation (its relative error

@@ -141,19 +141,21 @@ def _check_rank(rank, where: str = "") -> None:
         raise ValueError(f"rank must be > 0, got {rank}{where}")
 
 
-def resolve_rank(rank, shape, path: str, *, from_label: bool = False) -> int:
+def resolve_rank(rank, shape, path: str, *, from_label: bool = False, cap: bool = True) -> int:
     """``rank`` as an int in [1, min(shape)]: an int as given, a float as a fraction of min(shape).
 
     The method's ``rank`` argument applies to every selected matrix, so a
     matrix smaller than it is projected at full rank ``min(m, n)``, as
     ``optax.contrib.galore`` does; a rank a label function gives one matrix
-    (``from_label``) that is larger than it is an error.
+    (``from_label``) that is larger than it is an error. With ``cap=False``
+    (a projector whose ``rank_above_dim``: random Gaussian) an int rank is
+    kept as given.
     """
     smaller = min(shape)
     _check_rank(rank, f" for {path}")
     if isinstance(rank, float):
         return max(1, int(round(rank * smaller)))
-    if rank > smaller:
+    if rank > smaller and cap:
         if from_label:
             raise ValueError(f"the label function gives {path} {tuple(shape)} rank {rank}, larger than its "
                              f"smaller dimension {smaller}")
@@ -190,7 +192,9 @@ def leaf_specs(updates, *, rank, update_proj_gap: int, side: str, label_fn, proj
         if jnp.issubdtype(leaf.dtype, jnp.complexfloating):
             raise ValueError(f"the label function selected {name} of dtype {leaf.dtype}: only real matrices can be "
                              "projected (leave complex parameters to the inner optimizer with label_fn)")
-        r = resolve_rank(rank, shape, name) if label is True else resolve_rank(label, shape, name, from_label=True)
+        cap = not projector.rank_above_dim
+        r = (resolve_rank(rank, shape, name, cap=cap) if label is True
+             else resolve_rank(label, shape, name, from_label=True, cap=cap))
         m, n = shape
         transpose = (m >= n) if side == "smaller" else (m < n)
         chosen.append((index, name, shape, transpose, r))

@@ -12,7 +12,7 @@ every T steps):
     N   = m / (√v + ε),  m, v Adam's moments of R        (r × k, no bias correction)
     s_j = ‖N_{:,j}‖ / (‖R_{:,j}‖ + 1e-8)                 (channel-wise; one factor per column j)
     S_t = G · diag(s)                                   (the FULL gradient, scaled)
-    S_t ← S_t / (max(‖S_t‖ / ‖S_{t−1}‖, γ) / γ)          (Fira's norm-growth limiter, γ = 1.01)
+    S_t ← S_t / (max(‖S_t‖ / (‖S_{t−1}‖ + 1e-8), γ) / γ)   (Fira's norm-growth limiter, γ = 1.01)
     ΔW  = √α · S_t
 
 and, as for every method of the official Adam split, the bias correction
@@ -23,13 +23,21 @@ uses rank 1 and one tensor-wise factor ``s = ‖N‖ / (‖R‖ + 1e-8)`` with �
 
 As in the official code: the channel norms are taken over the rank axis (one
 factor per non-projected channel), the limiter compares with the previous
-step's limited norm, the update is multiplied by √α (``scale``), Adam's
+step's limited norm (the first step's stored unlimited, even a zero one), the update is multiplied by √α (``scale``), Adam's
 moments are kept across projection refreshes, ε = 1e-6, T = 200. Parameters
 that are not projected get plain Adam (same split).
 
 Only the key of P is stored (see
 :func:`~jaxopt_lab.lowrank.random_projector`), so a projected matrix's state
 is 2·r·k floats plus a key and one float for the limiter.
+
+The one thing that cannot be the official code's: the random stream. The
+official ``GradientProjector`` draws P with a torch ``Generator`` seeded with
+the parameter's 1-based index in the optimizer, advanced by ``next_seed`` at
+each refresh; here P comes from a JAX key folded from ``seed``, the matrix's
+position and the step. Same distribution (i.i.d. N(0, 1/r), P of d × r, d the
+projected side: ``(m, r)`` for a wide matrix, ``(r, n)`` transposed for a tall
+one), different draws.
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ from jaxopt_lab.kernels.lowrank_step_reference import norm_growth_limiter
 from jaxopt_lab.lowrank._adam import scale_by_adam_bias_correction, scale_by_adam_moments
 from jaxopt_lab.lowrank._projected import scale_by_projected
 from jaxopt_lab.lowrank._weight_decay import decay_updated_weights
-from jaxopt_lab.lowrank.fira import FiraLimiterState
+from jaxopt_lab.lowrank.fira import FiraLimiterState, init_limiter_state
 from jaxopt_lab.transforms import _validation as check
 
 SCALE_TYPES = ("channel", "tensor")
@@ -80,8 +88,12 @@ def scale_by_apollo(
     """APOLLO's direction: the full gradient scaled by low-rank Adam's channel factors, limited.
 
     Args:
-      rank: rank r of the auxiliary space, an int (capped at min(m, n) per matrix)
-        or a fraction of the smaller dimension in (0, 1].
+      rank: rank r of the auxiliary space, an int or a fraction of the
+        smaller dimension in (0, 1]. With the random projector an int rank
+        is used as given, also above the projected dimension (a d × r
+        Gaussian P, as the official code draws it: rank 256 on a 64 × 256
+        matrix keeps 256 × 256 moments); with a basis projector (``"svd"``)
+        it is capped at min(m, n).
       update_proj_gap: refresh period T of the random projection.
       scale: α; the update is multiplied by √α (official code).
       scale_type: ``"channel"`` (one factor per column of the oriented
@@ -102,7 +114,7 @@ def scale_by_apollo(
         inner=optax.scale_by_adam() if inner is None else inner,
         rank=rank, update_proj_gap=update_proj_gap, projector=projector, side=side,
         label_fn=label_fn, stagger=stagger, seed=seed, finish=_apollo_finish(scale, scale_type, growth_limit),
-        init_extra=lambda spec: FiraLimiterState(jnp.zeros([], jnp.float32)),
+        init_extra=init_limiter_state,
     )
 
 

@@ -8,12 +8,15 @@ projection, rescaled by how much the low-rank optimizer rescales each channel
 
     φ_j  = ‖N_{:,j}‖ / (‖R_{:,j}‖ + 1e-8)              (one factor per kept column j)
     S_t  = (G − α P R) · diag(φ)                     (the scaled residual)
-    S_t ← S_t / (max(‖S_t‖ / ‖S_{t−1}‖, γ) / γ)       (limiter, γ = 1.01, from step 2)
+    S_t ← S_t / (max(‖S_t‖ / (‖S_{t−1}‖ + 1e-8), γ) / γ)   (limiter, γ = 1.01, from step 2)
     ΔW_t = α · P N + S_t
 
 As in the official code, the limiter compares ‖S_t‖ with the previous step's
-limited norm (stored in the state) and the residual uses the same α as the
-projected update (α = 1 by default, the official value). With a full-rank
+limited norm (stored in the state), the first step stores its norm unlimited,
+even a zero one (after a first step with an exactly zero gradient, e.g. behind
+a zero-initialized layer, the residual is held near γ·1e-8 and grows by at
+most γ per step, as in the official ``FiraAdamW``), and the residual uses the
+same α as the projected update (α = 1 by default, the official value). With a full-rank
 projector the residual is zero and Fira equals GaLore.
 """
 
@@ -24,7 +27,7 @@ from typing import Any, NamedTuple, Optional
 import jax.numpy as jnp
 import optax
 
-from jaxopt_lab.kernels.lowrank_step_reference import norm_growth_limiter
+from jaxopt_lab.kernels.lowrank_step_reference import NO_PREVIOUS_NORM, norm_growth_limiter
 from jaxopt_lab.lowrank._adam import scale_by_adam_bias_correction, scale_by_adam_moments
 from jaxopt_lab.lowrank._fused import fira_fused_finish, fused_impl, fused_prepare
 from jaxopt_lab.lowrank._projected import scale_by_projected
@@ -33,7 +36,13 @@ from jaxopt_lab.transforms import _validation as check
 
 
 class FiraLimiterState(NamedTuple):
-    previous_norm: jnp.ndarray  # ‖S_{t−1}‖ after limiting; 0 before the first step
+    previous_norm: jnp.ndarray  # ‖S_{t−1}‖ after limiting; NO_PREVIOUS_NORM (−1) before the first step
+
+
+def init_limiter_state(spec=None) -> FiraLimiterState:
+    """The limiter's state before the first step (no previous norm: the first step is not limited)."""
+    del spec
+    return FiraLimiterState(jnp.full([], NO_PREVIOUS_NORM, jnp.float32))
 
 
 def _fira_finish(scale: float, growth_limit: float):
@@ -88,7 +97,7 @@ def scale_by_fira(
         inner=optax.scale_by_adam() if inner is None else inner,
         rank=rank, update_proj_gap=update_proj_gap, projector=projector, side=side,
         label_fn=label_fn, stagger=stagger, seed=seed,
-        init_extra=lambda spec: FiraLimiterState(jnp.zeros([], jnp.float32)), **hooks,
+        init_extra=init_limiter_state, **hooks,
     )
 
 

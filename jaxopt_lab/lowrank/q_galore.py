@@ -45,7 +45,8 @@ projected matrices and bitsandbytes' kernel for the others.
 
 Defaults follow the official code (``VITA-Group/Q-GaLore``): queue size 5,
 cosine threshold 0.4, γ = 2, int4 projection in groups of 256, int8 weights in
-groups of 256, α = 0.25 and T = 200 (its pre-training scripts).
+groups of 256, α = 0.25 and T = 200 (its pre-training scripts), weight decay
+1e-2 and ε = 1e-8 (the ``QGaLoreAdamW8bit`` constructor, bitsandbytes' AdamW8bit).
 
 ``refresh="robust"`` (opt-in) changes two things of the lazy refresh. The
 similarity is taken in absolute value, ``|c_k|``: a singular vector's sign is
@@ -251,7 +252,7 @@ def q_galore(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    weight_decay: float = 0.0,
+    weight_decay: float = 1e-2,
     projector: Any = None,
     queue_size: int = 5,
     cos_threshold: float = 0.4,
@@ -277,7 +278,10 @@ def q_galore(
     The other arguments are those of :func:`scale_by_q_galore`.
 
     Args:
-      learning_rate, b1, b2, eps, weight_decay: AdamW's.
+      learning_rate, b1, b2, eps: AdamW's (defaults: the official
+        ``QGaLoreAdamW8bit``'s, bitsandbytes' AdamW8bit's).
+      weight_decay: λ; default 1e-2, the official ``QGaLoreAdamW8bit``
+        constructor's (its pre-training scripts pass 0).
       adam_state: ``"8bit"`` (default, as the official optimizer:
         :func:`~jaxopt_lab.lowrank.scale_by_adam_8bit`, the moments of every
         state tensor of at least ``min_8bit_size`` values, projected or

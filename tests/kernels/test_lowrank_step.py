@@ -12,6 +12,7 @@ import pytest
 
 from jaxopt_lab.kernels import _pallas_compat as compat
 from jaxopt_lab.kernels.lowrank_step import lowrank_apply, lowrank_project, lowrank_step
+from jaxopt_lab.kernels.lowrank_step_reference import NO_PREVIOUS_NORM
 from jaxopt_lab.lowrank import scale_by_fira, scale_by_galore
 from jaxopt_lab.lowrank._adam import scale_by_adam_moments
 
@@ -60,7 +61,7 @@ def test_fused_step_matches_the_unfused_transform(residual, transpose):
     params = {"w": jnp.zeros(shape)}
     state = tx.init(params)
     mu = nu = jnp.zeros((rank, 40), jnp.float32)  # moments r × k, k = 40 either way
-    previous = jnp.zeros([], jnp.float32)
+    previous = jnp.full([], NO_PREVIOUS_NORM, jnp.float32)
     step = jax.jit(functools.partial(lowrank_step, transpose=transpose, b1=b1, b2=b2, eps=eps, scale=scale,
                                      residual=residual, impl="interpret"))
     base = RNG.standard_normal(shape)

@@ -28,12 +28,12 @@ _basis = jax.jit(random_matrix, static_argnums=(1, 2))
 VARIANTS = {"w": ("channel", 3, 2.0), "t": ("tensor", 1, 128.0)}  # (scale type, rank, α): APOLLO on w, APOLLO-Mini on t
 
 
-def _reference(bases):
-    """float64 APOLLO-AdamW; ``bases[t][name]`` is the (oriented) P the transform used at step t."""
+def _reference(bases, grads=GRADS, variants=VARIANTS):
+    """float64 APOLLO-AdamW as the official ``APOLLOAdamW.step``; ``bases[t][name]`` is the (oriented) P used at step t."""
     p = {k: np.asarray(v, np.float64) for k, v in PARAMS.items()}
     mom = {k: [0.0, 0.0] for k in p}
-    prev = {k: 0.0 for k in VARIANTS}
-    for step, g in enumerate(GRADS, start=1):
+    prev = {k: None for k in variants}  # official: state["scaled_grad"] absent before the first step
+    for step, g in enumerate(grads, start=1):
         bc = np.sqrt(1 - B2**step) / (1 - B1**step)
         g = {k: np.asarray(v, np.float64) for k, v in g.items()}
         new = {}
@@ -50,14 +50,14 @@ def _reference(bases):
             if k == "b":
                 direction = n
             else:
-                scale_type, _, alpha = VARIANTS[k]
+                scale_type, _, alpha = variants[k]
                 if scale_type == "channel":
                     s = np.linalg.norm(n, axis=0) / (np.linalg.norm(y, axis=0) + 1e-8)
                 else:
                     s = np.linalg.norm(n) / (np.linalg.norm(y) + 1e-8)
                 scaled = x * s
                 norm = np.linalg.norm(scaled)
-                limiter = max(norm / (prev[k] + 1e-8), GAMMA) / GAMMA if prev[k] > 0 else 1.0
+                limiter = max(norm / (prev[k] + 1e-8), GAMMA) / GAMMA if prev[k] is not None else 1.0
                 scaled, prev[k] = scaled / limiter, norm / limiter
                 direction = np.sqrt(alpha) * scaled
                 direction = direction if k == "w" else direction.T
@@ -66,31 +66,43 @@ def _reference(bases):
     return p
 
 
-def test_apollo_and_apollo_mini_match_float64_reference():
+CASES = {
+    "growing": (GRADS, 3),
+    # a zero first gradient: the official code stores the norm 0 and limits the next step against it
+    "zero_first": ([jax.tree.map(jnp.zeros_like, GRADS[0])] + GRADS[1:], 3),
+    # rank 10 above w's projected side (8): the official random projector draws an 8 × 10 P (no cap)
+    "rank_above_dim": (GRADS, 10),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_apollo_and_apollo_mini_match_float64_reference(case):
+    grads, rank = CASES[case]
+    variants = {**VARIANTS, "w": ("channel", rank, 2.0)}
     # one optax.partition: APOLLO (channel-wise, rank 3, α = 2) on w and b, APOLLO-Mini on t
-    tx = optax.partition({"apollo": apollo(LR, rank=3, update_proj_gap=2, scale=2.0, weight_decay=WD),
+    tx = optax.partition({"apollo": apollo(LR, rank=rank, update_proj_gap=2, scale=2.0, weight_decay=WD),
                           "mini": apollo_mini(LR, update_proj_gap=2, weight_decay=WD)},
                          {"w": "apollo", "b": "apollo", "t": "mini"})
     state, params = tx.init(PARAMS), PARAMS
     step = jax.jit(tx.update)
     bases = []
-    for g in GRADS:
+    for g in grads:
         updates, state = step(g, state, params)
         params = optax.apply_updates(params, updates)
         lows = {"w": state.inner_states["apollo"].inner_state[0], "t": state.inner_states["mini"].inner_state[0]}
-        bases.append({k: np.asarray(_basis(RandomState(*(f[k] for f in lows[k].projectors)), d, VARIANTS[k][1]), np.float64)
+        bases.append({k: np.asarray(_basis(RandomState(*(f[k] for f in lows[k].projectors)), d, variants[k][1]), np.float64)
                       for k, d in (("w", 8), ("t", 6))})
     for k, low in lows.items():
         assert isinstance(low.projectors, RandomState) and low.projectors.key[k].shape == (2,)  # only a key
-        assert low.inner.mu[k].shape == ((3, 12) if k == "w" else (1, 10))
+        assert low.inner.mu[k].shape == ((rank, 12) if k == "w" else (1, 10))
     assert not np.array_equal(bases[0]["w"], bases[2]["w"]) and np.array_equal(bases[0]["w"], bases[1]["w"])  # T = 2
-    expected = _reference(bases)
+    expected = _reference(bases, grads, variants)
     for k in PARAMS:
         np.testing.assert_allclose(np.asarray(params[k]), expected[k], rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"label_fn": {"w": True, "t": 7, "b": False}},
+    ({"label_fn": {"w": True, "t": 7, "b": False}, "projector": "svd"},  # a random P may be d × r for r > d
      r"the label function gives \['t'\] \(10, 6\) rank 7, larger than its smaller dimension 6"),
     ({"rank": 0}, "rank must be > 0, got 0"),
     ({"rank": -3}, "rank must be > 0, got -3"),

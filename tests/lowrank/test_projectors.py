@@ -32,18 +32,43 @@ def test_dct_matrix_is_orthonormal_dct_ii():
     np.testing.assert_allclose(D, ref, atol=1e-6)
 
 
-def test_dct_projector_keeps_the_columns_with_largest_projection_norms():
-    p = dct_projector()
-    state = p.init(jnp.asarray(G), 5, None)
-    D = np.asarray(dct_matrix(24), np.float64)
-    scores = np.linalg.norm(D.T @ G, axis=1)
-    assert set(np.asarray(state.indices).tolist()) == set(np.argsort(-scores)[:5].tolist())
+def _official_dct3(n):
+    """The official ``dct3_matrix(n)`` (ista_daslab_optimizers/utils/dct.py), in float64: Q[a, b] =
+    sqrt(2/n) cos(π a (2b + 1) / (2n)), row 0 times sqrt(1/2)."""
+    a, b = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    q = np.sqrt(2 / n) * np.cos(np.pi * a * (2 * b + 1) / (2 * n))
+    q[0, :] *= np.sqrt(0.5)
+    return q
+
+
+@pytest.mark.parametrize("basis", ["dct3", "dct2", None], ids=["dct3", "dct2", "default"])
+@pytest.mark.parametrize("tall", [False, True], ids=["wide", "tall"])
+def test_dct_projector_keeps_the_official_top_l1_columns(basis, tall):
+    # the official FFTLowRankProjector.change_subspace: S = QᵀA (wide, rows ranked) or A Q (tall, columns ranked),
+    # top r by the ℓ1 norm (ell_norm=1); Q = dct3_matrix (sim_type="matmul", the default) or its transpose
+    # (sim_type="makhoul"). Our oriented G is A (wide) or Aᵀ (tall): d = 24 either way.
+    p = dct_projector() if basis is None else dct_projector(basis)
+    Q = _official_dct3(24) if basis in ("dct3", None) else _official_dct3(24).T
+    A = G.astype(np.float64).T if tall else G.astype(np.float64)  # (40, 24) or (24, 40)
+    S = A @ Q if tall else Q.T @ A
+    scores = np.abs(S).sum(axis=0 if tall else 1)
+    g = jnp.asarray(A.T if tall else A, jnp.float32)
+    state = p.init(g, 5, None)
+    want = np.argsort(-scores)[:5]
+    assert np.asarray(state.indices).tolist() == want.tolist()  # sorted by decreasing score
+    assert set(want.tolist()) != set(np.argsort(-np.linalg.norm(S, axis=0 if tall else 1))[:5].tolist())  # not ℓ2
     assert state.indices.dtype == jnp.int32  # only indices are stored
-    P = D[:, np.asarray(state.indices)]
-    np.testing.assert_allclose(P.T @ P, np.eye(5), atol=1e-5)  # selected columns orthonormal
-    np.testing.assert_allclose(np.asarray(p.project(state, jnp.asarray(G), 5)), P.T @ G, rtol=1e-4, atol=1e-4)
+    P = Q[:, want]
+    np.testing.assert_allclose(P.T @ P, np.eye(5), atol=1e-6)
+    # low = Q[:, i]ᵀ A (wide) or (A Q[:, i])ᵀ (tall), back = P low
+    np.testing.assert_allclose(np.asarray(p.project(state, g, 5)), P.T @ np.asarray(g, np.float64), rtol=1e-4, atol=1e-4)
     low = RNG.standard_normal((5, 40)).astype(np.float32)
     np.testing.assert_allclose(np.asarray(p.project_back(state, jnp.asarray(low), 24)), P @ low, rtol=1e-4, atol=1e-4)
+
+
+def test_dct_projector_names_a_bad_basis():
+    with pytest.raises(ValueError, match="basis must be one of \\('dct3', 'dct2'\\), got 'dct4'"):
+        dct_projector("dct4")
 
 
 @pytest.mark.parametrize("make", [svd_projector, lambda: randomized_svd_projector(oversample=8, power_iterations=3)],

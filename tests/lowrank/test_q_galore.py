@@ -253,20 +253,24 @@ def _bnb_adam(lr, b1, b2, eps):
     return step
 
 
+@pytest.mark.parametrize("wd", [0.1, None], ids=["decay", "default_decay"])
 @pytest.mark.parametrize("shape", [(6, 16), (16, 6)], ids=["wide", "tall"])
-def test_q_galore_step_matches_the_official_adamw8bit_arithmetic(shape):
+def test_q_galore_step_matches_the_official_adamw8bit_arithmetic(shape, wd):
     # eps = 1e-2 makes its place visible: beside bitsandbytes' corrected √v̂, not GaLore's uncorrected √v.
     # The 2 × 16 low-rank moments are below min_8bit_size (4096): float32 in the official AdamW8bit and in
     # our default alike (its 8-bit moments: tests/lowrank/test_adam8bit.py)
-    lr, wd, eps = 0.05, 0.1, 1e-2
+    # wd None: q_galore's default against QGaLoreAdamW8bit's constructor default, weight_decay=1e-2
+    lr, eps = 0.05, 1e-2
+    decay = {} if wd is None else {"weight_decay": wd}
+    wd = 1e-2 if wd is None else wd
     grads = _parity_grads(shape)[:8]
     w0 = np.random.default_rng(5).standard_normal(shape)
     deltas, _ = _official_replay(grads, 4, inner=_bnb_adam(lr, 0.9, 0.999, eps))
     w = w0.copy()
     for d in deltas:
         w = (w + d) * (1 - lr * wd)  # p.data = saved + project_back(step); p.data.add_(p.data, alpha=-lr*wd)
-    tx = q_galore(lr, rank=P_RANK, update_proj_gap=P_GAP, scale=P_ALPHA, eps=eps, weight_decay=wd, queue_size=P_QUEUE,
-                  cos_threshold=P_THRESHOLD, label_fn={"w": True}, proj_group_size=4)
+    tx = q_galore(lr, rank=P_RANK, update_proj_gap=P_GAP, scale=P_ALPHA, eps=eps, queue_size=P_QUEUE,
+                  cos_threshold=P_THRESHOLD, label_fn={"w": True}, proj_group_size=4, **decay)
     params = {"w": jnp.asarray(w0, jnp.float32)}
     state, step = tx.init(params), jax.jit(tx.update)
     for g in grads:

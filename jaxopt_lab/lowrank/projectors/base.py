@@ -69,6 +69,11 @@ class Projector(NamedTuple):
         a projector can be stored in int4).
       leading_vector: ``(state, d, rank) -> (d,)``, the first column of ``P``
         (the leading singular vector for SVD projectors), used by lazy refresh.
+      rank_above_dim: whether a rank above the projected dimension d is kept
+        as given (a random Gaussian P of d × r is defined for any r, and the
+        official APOLLO draws it at the rank asked for); otherwise an int
+        rank above min(m, n) projects at full rank (a basis has at most d
+        columns).
     """
 
     name: str
@@ -77,6 +82,7 @@ class Projector(NamedTuple):
     project_back: Callable[[Any, Array, int], Array]
     stores_basis: bool
     leading_vector: Callable[[Any, int, int], Array]
+    rank_above_dim: bool = False
 
 
 class BasisState(NamedTuple):

@@ -3,7 +3,8 @@ Memory, AdamW-level Performance").
 
 P has i.i.d. N(0, 1/r) entries, so E[P Pᵀ] = I: projecting back is unbiased.
 Only a key is stored: P is regenerated from it whenever it is used, and a
-refresh draws a new key.
+refresh draws a new key. As in the official APOLLO (``random_projector.py``),
+the rank is not capped at the projected dimension: P is d × r for any r.
 """
 
 from __future__ import annotations
@@ -42,4 +43,4 @@ def random_projector() -> Projector:
     def leading_vector(state, d, rank):
         raise ValueError("a random projection has no leading singular vector (lazy refresh needs an SVD projector)")
 
-    return Projector("random", init, project, project_back, False, leading_vector)
+    return Projector("random", init, project, project_back, False, leading_vector, rank_above_dim=True)
