@@ -70,8 +70,9 @@ def scale_by_sso(
     \theta_t`, :math:`m` steps :math:`\theta^{k+1} = \theta^k - \alpha_k \nabla
     s_t(\theta^k)`, each :math:`\alpha_k` from the Armijo backtracking of the
     official ``LSOpt``: start from ``expand`` :math:`\times` the previous step
-    size (the first inner step of every outer step starts from ``inner_lr``,
-    the official ``reset_lr_on_step``), accept when :math:`s_t(\theta^k - \alpha
+    size (for the first inner step of every outer step the previous one is
+    ``inner_lr``, the official ``reset_lr_on_step``: that step starts from
+    ``expand * inner_lr``), accept when :math:`s_t(\theta^k - \alpha
     d) \le s_t(\theta^k) - c\,\alpha \lVert d\rVert^2`, else
     :math:`\alpha \leftarrow \beta\alpha`, at most ``max_backtracks`` times or
     until :math:`\alpha <` ``min_step`` (the step is then taken with that
@@ -151,7 +152,8 @@ def scale_by_sso(
             theta, alpha, evals = carry
             s0, d = value_and_grad(theta)
             dd = _tree_vdot(d, d)
-            alpha = jnp.where(k == 0, lr0, alpha * jnp.asarray(expand, jnp.float32))
+            # LSOpt.step starts from expand_coeff * state['step_size'], the first one too (after the reset to 10)
+            alpha = jnp.where(k == 0, lr0, alpha) * jnp.asarray(expand, jnp.float32)
             step = lambda a: jax.tree.map(lambda t, g: t - a.astype(t.dtype) * g, theta, d)  # noqa: E731
 
             if not line_search:
