@@ -43,9 +43,9 @@ def _refuse_complex(tree, what="SSO"):
 
 def scale_by_sso(
     eta: float = 1.0,
-    m: int = 10,
+    m: int = 5,
     inner_lr: float = 10.0,
-    c: float = 0.5,
+    c: float = 0.1,
     beta: float = 0.9,
     expand: float = 1.0,
     max_backtracks: int = 100,
@@ -89,10 +89,13 @@ def scale_by_sso(
 
     Args:
       eta: the official outer :math:`\eta > 0` (the target-space step is
-        :math:`1/(2\eta)` times the gradient of the loss as passed).
-      m: inner steps per expensive gradient, an int >= 1.
+        :math:`1/(2\eta)` times the gradient of the loss as passed). The official
+        runs set it per loss (``loaders/load_optim.py``: ``1 / optimal_stepsize``, e.g.
+        1/2 for the logistic loss); it cannot be known here, so the default is 1.
+      m: inner steps per expensive gradient, an int >= 1 (official 5: ``parser.py`` ``--m``).
       inner_lr: the line search's starting step size (official 10), > 0.
-      c: Armijo constant in (0, 1) (official 0.5).
+      c: Armijo constant in (0, 1) (official 0.1: ``parser.py`` ``--c``, which
+        ``loaders/load_optim.py`` passes to ``LSOpt``, whose own default is 0.5).
       beta: backtracking factor in (0, 1) (official 0.9).
       expand: growth of the step size between inner steps, >= 1 (the official
         ``expand_coeff ** (1 / n_batches_per_epoch)``; 1 keeps it).
@@ -181,7 +184,7 @@ def scale_by_sso(
 def sso(
     learning_rate: optax.ScalarOrSchedule = 1.0,
     eta: float = 1.0,
-    m: int = 10,
+    m: int = 5,
     inner_lr: float = 10.0,
     line_search: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
@@ -193,7 +196,7 @@ def sso(
     Args:
       learning_rate: multiplier of SSO's step, float >= 0 or a schedule.
       eta: the official outer :math:`\\eta > 0`.
-      m: inner steps per expensive gradient.
+      m: inner steps per expensive gradient (official 5).
       inner_lr: the Armijo search's starting step (or the fixed inner step).
       line_search: Armijo inner steps (default) or fixed ones.
     """

@@ -2,6 +2,8 @@
 
 import jax
 import jax.numpy as jnp
+import inspect
+
 import numpy as np
 import pytest
 
@@ -21,7 +23,7 @@ def _loss_grad_z(z, y):  # mean logistic loss in the logits z
     return (1 / (1 + np.exp(-z)) - y) / z.shape[0]
 
 
-def _reference(x, y, theta, eta, m, lr0, c=0.5, beta=0.9, max_bt=100, min_step=1e-6, line_search=True, expand=1.0):
+def _reference(x, y, theta, eta, m, lr0, c=0.1, beta=0.9, max_bt=100, min_step=1e-6, line_search=True, expand=1.0):
     """The official SGD_FMDOpt step with LSOpt inner steps, float64: LSOpt.step starts every search from
     expand_coeff times the stored step size, which reset_lr_on_step sets to lr0 before the first."""
     z0 = x @ theta
@@ -88,3 +90,10 @@ def test_errors():
         tx.update(p, tx.init(p), p)
     with pytest.raises(ValueError, match="complex"):
         tx.init({"w": jnp.zeros(2, jnp.complex64)})
+
+
+def test_defaults_are_the_official_run_defaults():
+    # parser.py of the official repo: --m 5, --c 0.1, --beta_update 0.9; SGD_FMDOpt resets the step to 10
+    got = {k: v.default for k, v in inspect.signature(scale_by_sso).parameters.items()}
+    assert got["m"] == 5 and got["c"] == 0.1 and got["beta"] == 0.9 and got["inner_lr"] == 10.0
+    assert inspect.signature(sso).parameters["m"].default == 5
