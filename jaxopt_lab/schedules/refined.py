@@ -18,8 +18,9 @@ import optax
 METHODS = ("sgd", "adam")
 # Exponent p of the norm in w_t = ĝ_t^{-p} Σ_{s>t} ĝ_s^{-p}, per method.
 _POWER = {"sgd": 2.0, "adam": 1.0}
-# Default median-filter width as a fraction of the run length (at least 1 step).
-DEFAULT_SMOOTHING_FRACTION = 0.01
+# Default median-filter width as a fraction of the run length: the authors' scripts' sigma2 = 0.1
+# (facebookresearch/adaptive_scheduling), made odd as they do: 2 * (int(0.1 * T) // 2) + 1.
+DEFAULT_SMOOTHING_FRACTION = 0.1
 
 
 def _as_norms(grad_norms: Any) -> np.ndarray:
@@ -41,7 +42,7 @@ def _as_norms(grad_norms: Any) -> np.ndarray:
 
 def _check_window(smoothing_window: Any, n: int) -> int:
     if smoothing_window is None:
-        return max(1, round(DEFAULT_SMOOTHING_FRACTION * n))
+        return 2 * (int(DEFAULT_SMOOTHING_FRACTION * n) // 2) + 1
     if isinstance(smoothing_window, bool) or not isinstance(smoothing_window, (int, np.integer)):
         raise ValueError(f"smoothing_window must be an integer >= 1 or None, got {smoothing_window!r}")  # noqa: TRY004
     if smoothing_window < 1:
@@ -56,18 +57,25 @@ def _check_method(method: Any) -> str:
 
 
 def median_smooth(values: np.ndarray, window: int) -> np.ndarray:
-    """Running median of width ``window``, centred, edges padded with the nearest value.
+    """Running median of width ``window`` as the authors filter the norms (their README's recipe).
 
-    Output ``i`` is the median of ``values[i - (window - 1) // 2 : i + window // 2 + 1]``
-    (indices clipped into range, i.e. "nearest" padding). ``window=1`` is the identity.
+    ``scipy.ndimage.median_filter(np.pad(values, (0, 2 * window), mode="reflect"),
+    size=window, mode="nearest")[:-2 * window]``: the end is extended by a mirror
+    image of the last values (so the last medians see the trend, not copies of the
+    last value), the start by its first value. Output ``i`` is the median of
+    ``window`` consecutive values of that extension, ``window // 2`` before ``i``
+    and ``(window - 1) // 2`` after (scipy's centring); for an even ``window`` it
+    is the upper of the two middle values (scipy's rank ``window // 2``), not
+    their mean. ``window=1`` is the identity.
     """
     values = np.asarray(values, dtype=np.float64)
     if window == 1:
         return values.copy()
-    before, after = (window - 1) // 2, window // 2
-    padded = np.pad(values, (before, after), mode="edge")
+    n = values.size
+    extended = np.pad(values, (0, 2 * window), mode="reflect")
+    padded = np.pad(extended, (window // 2, (window - 1) // 2), mode="edge")
     windows = np.lib.stride_tricks.sliding_window_view(padded, window)
-    return np.median(windows, axis=-1)
+    return np.sort(windows, axis=-1)[:, window // 2][:n]  # scipy's rank window // 2: the upper median
 
 
 def refined_schedule_weights(
@@ -98,9 +106,12 @@ def refined_schedule_weights(
     schedule is exactly linear decay to zero: :math:`\eta_t = (T - t)/(T - 1)`.
     The last weight is always 0.
 
-    The median filter is centred with "nearest" edge padding (see
-    :func:`median_smooth`); ``smoothing_window=1`` disables it and ``None``
-    uses ``max(1, round(0.01 * T))``. The computation is in float64.
+    The median filter is the authors' (facebookresearch/adaptive_scheduling:
+    README's ``median_filter`` recipe, ``find_schedule.py``
+    ``find_closed_form_schedule``, its plotting script's ``sigma2 = 0.1`` and
+    ``sched / max(sched)``): see :func:`median_smooth`. ``smoothing_window=1``
+    disables it and ``None`` uses their width ``2 * (int(0.1 * T) // 2) + 1``
+    (odd, about a tenth of the run). The computation is in float64.
 
     Args:
       grad_norms: the previous run's per-step norms, at least 2, finite and > 0.

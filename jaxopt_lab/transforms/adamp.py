@@ -257,7 +257,7 @@ def adamp(
 
 
 def scale_by_sgdp(
-    momentum: float = 0.9,
+    momentum: float = 0.0,
     dampening: float = 0.0,
     weight_decay: float = 0.0,
     nesterov: bool = False,
@@ -337,7 +337,7 @@ def scale_by_sgdp(
 
 def sgdp(
     learning_rate: optax.ScalarOrSchedule,
-    momentum: float = 0.9,
+    momentum: float = 0.0,
     dampening: float = 0.0,
     weight_decay: float = 0.0,
     nesterov: bool = False,
@@ -356,7 +356,7 @@ def sgdp(
     with :math:`\Pi` the projection and :math:`p_t, r` as in
     :func:`scale_by_sgdp` (which documents ``channel_axis``: -1 for flax
     kernels, 0 for torch-layout weights). Argument order and meaning are the
-    reference ``SGDP``'s; the default momentum here is 0.9 (the reference has 0).
+    reference ``SGDP``'s, defaults included (momentum 0, as in clovaai/AdamP ``SGDP.__init__``).
 
     Args:
       learning_rate: :math:`\eta`, a float >= 0 or an optax schedule.

@@ -6,9 +6,9 @@ Clients", ICLR 2024, https://openreview.net/forum?id=g0mlwqs8pi
 Mishchenko's adaptive gradient descent ("Adaptive Gradient Descent without
 Descent", ICML 2020, https://arxiv.org/abs/1910.09529) with an amplifier
 :math:`\delta` on the growth term and a factor :math:`\gamma` on the locality
-term. Defaults follow the paper and the authors' code
-(github.com/jlylekim/auto-tuned-FL, ``src/adsgd.py``). See
-:func:`scale_by_delta_sgd`.
+term. Defaults follow the authors' code
+(github.com/jlylekim/auto-tuned-FL, ``src/adsgd.py``, with the values its
+``src/options.py`` passes). See :func:`scale_by_delta_sgd`.
 
 In federated learning Δ-SGD is the *client* optimizer: Algorithm 1 restarts
 :math:`\eta` and :math:`\theta` at every round (``init`` again per round).
@@ -48,49 +48,55 @@ def _sq_norm(a_leaves, b_leaves) -> jax.Array:
 
 def scale_by_delta_sgd(
     initial_step_size: float = 0.2,
-    delta: float = 0.1,
+    delta: float = 0.02,
     gamma: float = 2.0,
     initial_theta: float = 1.0,
+    eps: float = 1e-8,
 ) -> optax.GradientTransformationExtraArgs:
-    r"""Scale the gradient by Δ-SGD's locality-adaptive step size (Algorithm 1 of Kim et al.).
+    r"""Scale the gradient by Δ-SGD's locality-adaptive step size (Kim et al., as the authors' code runs it).
 
-    At step :math:`t = 0, 1, \dots` with parameters :math:`x_t` and gradient
-    :math:`g_t = \nabla f(x_t)`, the step size is :math:`\eta_0` at
-    :math:`t = 0` and, for :math:`t \ge 1`,
+    At step :math:`t = 0, 1, \dots` with parameters :math:`x_t`, gradient
+    :math:`g_t = \nabla f(x_t)` and :math:`\eta_{-1} = \eta_0` (``initial_step_size``),
+    :math:`\theta_{-1} = \theta_0` (``initial_theta``), :math:`x_{-1} = x_0`:
 
     .. math::
-        \eta_t &= \min\Bigl\{ \sqrt{1 + \delta\,\theta_{t-1}}\;\eta_{t-1},\;
-                  \frac{\gamma\,\|x_t - x_{t-1}\|}{2\,\|g_t - g_{t-1}\|} \Bigr\},
-        \qquad \theta_t = \frac{\eta_t}{\eta_{t-1}}, \\
-        u_t &= \eta_t\, g_t \qquad (x_{t+1} = x_t - \eta_t g_t \text{ in } :func:`delta_sgd`),
+        \eta_t &= \begin{cases}
+            \min\Bigl\{ \sqrt{1 + \delta\,\theta_{t-1}}\;\eta_{t-1},\;
+                  \dfrac{\gamma\,\|x_t - x_{t-1}\|}{2\,\|g_t - g_{t-1}\|} \Bigr\} + \epsilon
+              & \text{if } \|x_t - x_{t-1}\| > 0 \text{ and } \|g_t - g_{t-1}\| > 0, \\
+            \sqrt{1 + \delta\,\theta_{t-1}}\;\eta_{t-1} & \text{otherwise,}
+          \end{cases} \\
+        \theta_t &= \frac{\eta_t}{\eta_{t-1}}, \qquad
+        u_t = \eta_t\, g_t \qquad (x_{t+1} = x_t - \eta_t g_t \text{ in } :func:`delta_sgd`).
 
-    with :math:`\theta_0` = ``initial_theta``. The norms are global: over all
-    leaves of the parameter tree at once, as in the authors' code. The first
+    This is the authors' code (github.com/jlylekim/auto-tuned-FL, ``src/adsgd.py``
+    ``Adsgd.step`` with ``compute_dif_norms``; its ``damping`` is :math:`2/\gamma`,
+    its ``amplifier`` :math:`\delta`, its ``eps`` :math:`\epsilon`), defaults
+    included: those its ``src/options.py`` and ``run.sh`` run with (``lr=0.2``,
+    ``amplifier=0.02``, ``damping=1``, ``lr_eps=1e-8``). The norms are global:
+    over all leaves of the parameter tree at once, as in that code. The first
     term lets the step grow at most geometrically; the second is
     :math:`\gamma / (2 L_t)` for the local smoothness estimate
-    :math:`L_t = \|g_t - g_{t-1}\| / \|x_t - x_{t-1}\|`.
+    :math:`L_t = \|g_t - g_{t-1}\| / \|x_t - x_{t-1}\|`. Where that quotient is
+    undefined the growth term is taken, as in the code: at :math:`t = 0`
+    (:math:`x_{-1} = x_0`, the code's copy of the model made before the first
+    step), so the first step is :math:`\eta_0\sqrt{1 + \delta\theta_0}`, not
+    Algorithm 1's :math:`\eta_0`; and where :math:`\|g_t - g_{t-1}\| = 0 <
+    \|x_t - x_{t-1}\|` (no curvature seen). One deliberate difference: when the
+    parameters did not move at a later step (:math:`x_t = x_{t-1}`, :math:`t
+    \ge 1`: a zero gradient, an exactly converged iterate, a step rounded away),
+    :math:`\eta` and :math:`\theta` are *held*; the code takes the growth term
+    there, which grows :math:`\eta` geometrically while the parameters stand
+    still, to ``inf`` and then NaN parameters (``inf * 0``). Whenever the
+    parameters move, the step is the code's.
 
-    Where the quotient is undefined:
-
-    * :math:`\|g_t - g_{t-1}\| = 0 < \|x_t - x_{t-1}\|` (no curvature seen): the
-      locality bound is :math:`+\infty`, so :math:`\eta_t` takes the growth term
-      (Malitsky & Mishchenko's convention; the authors' code does the same).
-    * :math:`\|x_t - x_{t-1}\| = 0` (the parameters did not move: a zero
-      gradient, a learning rate of 0, a step rounded away in low precision): no
-      smoothness information, so :math:`\eta` and :math:`\theta` are *held*.
-      The authors' code takes the growth term here instead, which lets
-      :math:`\eta` grow without bound (to ``inf``, then NaN parameters) while the
-      parameters stand still; the literal rule would give :math:`\eta = 0`
-      forever.
-
-    :math:`g_{t-1}` is the gradient this transformation saw at the previous
-    step (a different minibatch than :math:`g_t` under SGD). The authors' code
-    instead evaluates :math:`\nabla f(x_{t-1})` again *on the current
-    minibatch* (a second backward pass): pass it as the extra argument
-    ``prev_grads`` to use that; the stored one is then ignored. The authors'
-    code also takes the growth term at :math:`t = 0` (:math:`\eta =
-    \eta_0\sqrt{1 + \delta\theta_0}`) and adds ``1e-8`` to a step set by the
-    locality term; this follows Algorithm 1 (:math:`\eta_0` first, no epsilon).
+    :math:`g_{t-1}` is by default the gradient this transformation saw at the
+    previous step (a different minibatch than :math:`g_t` under SGD). The
+    authors' code evaluates :math:`\nabla f(x_{t-1})` again *on the current
+    minibatch* (a second backward pass through its ``prev_net``); a gradient
+    transformation cannot evaluate gradients itself, so pass that gradient as
+    the extra argument ``prev_grads`` to get the code's step exactly (the
+    stored one is then ignored).
 
     The step size and the norms are float32 (also for float64 parameters); the
     result has the gradients' dtypes. The state keeps one copy of the
@@ -98,12 +104,15 @@ def scale_by_delta_sgd(
 
     Args:
       initial_step_size: :math:`\eta_0 > 0` (paper and code: 0.2).
-      delta: :math:`\delta > 0`, the amplifier of the growth term (paper: 0.1;
-        the code's command-line default is 0.02, its CIFAR-100 runs use 0.1).
+      delta: :math:`\delta > 0`, the amplifier of the growth term (default
+        0.02, the code's ``amplifier`` default, with which its ``run.sh`` runs;
+        the paper states 0.1).
       gamma: :math:`\gamma > 0`, the factor of the locality term (paper: 2,
         i.e. step :math:`1/L_t`; the code's ``damping = 2/\gamma = 1``).
         Malitsky & Mishchenko's analysis needs :math:`\gamma \le 1`.
       initial_theta: :math:`\theta_0 > 0` (paper and code: 1).
+      eps: :math:`\epsilon \ge 0`, added to the step size when the locality
+        term is defined (the code's ``lr_eps``, 1e-8; 0 gives Algorithm 1's min).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update(grads, state,
@@ -113,6 +122,7 @@ def scale_by_delta_sgd(
     check.positive("delta", delta)
     check.positive("gamma", gamma)
     check.positive("initial_theta", initial_theta)
+    check.non_negative("eps", eps)
 
     def init_fn(params):
         return DeltaSGDState(
@@ -151,10 +161,11 @@ def scale_by_delta_sgd(
         eta_prev, theta_prev = state.step_size, state.theta
         f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
         growth = jnp.sqrt(1 + f32(delta) * theta_prev) * eta_prev
-        locality = f32(gamma) * dx / (2 * jnp.where(dg > 0, dg, 1))
-        adapted = jnp.where(dg > 0, jnp.minimum(growth, locality), growth)
-        # t = 0: η_0 as it is; parameters that did not move: hold η and θ.
-        hold = (state.count == 0) | (dx == 0)
+        defined = (dx > 0) & (dg > 0)
+        locality = f32(gamma) * dx / (2 * jnp.where(defined, dg, 1))
+        adapted = jnp.where(defined, jnp.minimum(growth, locality) + f32(eps), growth)
+        # parameters that stood still after the first step: hold eta and theta (the code would grow eta to inf)
+        hold = (state.count > 0) & (dx == 0)
         eta = jnp.where(hold, eta_prev, adapted)
         theta = jnp.where(hold, theta_prev, adapted / eta_prev)
 
@@ -178,9 +189,10 @@ def scale_by_delta_sgd(
 def delta_sgd(
     learning_rate: optax.ScalarOrSchedule = 1.0,
     initial_step_size: float = 0.2,
-    delta: float = 0.1,
+    delta: float = 0.02,
     gamma: float = 2.0,
     initial_theta: float = 1.0,
+    eps: float = 1e-8,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Δ-SGD (Kim et al., ICLR 2024): :math:`x_{t+1} = x_t - \lambda_t\, \eta_t\, \nabla f(x_t)`.
 
@@ -188,12 +200,12 @@ def delta_sgd(
     :math:`\eta_t`) and ``optax.scale_by_learning_rate(learning_rate)``.
     Δ-SGD has no learning rate to tune: :math:`\lambda` = ``learning_rate``
     is a multiplier (a float or an optax schedule), 1 by default, which gives
-    the paper's method (as optax's ``contrib.dog`` does for DoG).
+    the method itself (as optax's ``contrib.dog`` does for DoG).
 
     Args:
       learning_rate: :math:`\lambda \ge 0`, a multiplier of the adaptive step (1: the paper).
-      initial_step_size, delta, gamma, initial_theta: as in
-        :func:`scale_by_delta_sgd` (defaults: the paper's 0.2, 0.1, 2, 1).
+      initial_step_size, delta, gamma, initial_theta, eps: as in
+        :func:`scale_by_delta_sgd` (defaults: the authors' code's 0.2, 0.02, 2 (``damping=1``), 1, 1e-8).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
@@ -201,6 +213,8 @@ def delta_sgd(
     """
     check.non_negative("learning_rate", learning_rate)
     return optax.chain(
-        scale_by_delta_sgd(initial_step_size=initial_step_size, delta=delta, gamma=gamma, initial_theta=initial_theta),
+        scale_by_delta_sgd(
+            initial_step_size=initial_step_size, delta=delta, gamma=gamma, initial_theta=initial_theta, eps=eps
+        ),
         optax.scale_by_learning_rate(learning_rate),
     )

@@ -2,8 +2,9 @@ r"""Gradient-regularized Newton steps with (approximate) Hessians: gradient-norm
 
 "Gradient-Normalized Smoothness for Optimization with Approximate Hessians"
 (2025; abstract in the project's paper notes). The official code's
-``grad_norm_smooth`` (Algorithm 1: gradient-regularized Newton method with the
-adaptive search over :math:`\gamma_k`) is what the default reproduces, with its
+``grad_norm_smooth`` (github.com/epfml/grad-norm-smooth, ``src/methods.py``,
+Algorithm 1: gradient-regularized Newton method with the adaptive search over
+:math:`\gamma_k`) is what the default reproduces, with its
 exact Hessian; the Hessian approximations (diagonal, low-rank, matrix-free HVP
 with conjugate gradients) are opt-in, built from
 :mod:`jaxopt_lab.diagnostics`' Hessian-vector products.
@@ -49,15 +50,16 @@ def scale_by_gradient_normalized_smoothness(
     rank: int = 8,
     num_samples: int = 8,
     cg_iters: int = 50,
-    max_search: int = 40,
+    max_search: int = 41,
     adaptive_search: bool = True,
     seed: int = 0,
+    eps: float = 1e-8,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Algorithm 1 of the paper: a gradient-regularized Newton step with an adaptive search.
 
     With :math:`g_k = \nabla f(x_k)` (the incoming gradient), the Hessian or
     its approximation :math:`H_k`, and :math:`\lambda = \lVert g_k\rVert /
-    \gamma`:
+    (\gamma + \epsilon)`:
 
     .. math::
         \Delta = -(H_k + \lambda I)^{-1} g_k, \qquad
@@ -65,13 +67,23 @@ def scale_by_gradient_normalized_smoothness(
         f(x_k) - f(x_k + \Delta) \ge \frac{\lVert\nabla f(x_k + \Delta)\rVert^2}{8\lambda}.
 
     The search starts from the previous :math:`\gamma_k`; on acceptance
-    :math:`\gamma_{k+1} = 2\gamma`, on rejection (or when :math:`H_k + \lambda
-    I` is not positive definite) :math:`\gamma \leftarrow \max(\gamma/2,
-    \gamma_{\min})` and the solve is repeated, at most ``max_search`` times
-    (official 40; exhausted, the step is 0). ``adaptive_search=False`` takes
-    the first trial. Each trial costs one loss and gradient evaluation
-    (``loss_fn``); the official code reuses the accepted trial's gradient for
+    :math:`\gamma_{k+1} = \max(2\gamma, \gamma_{\min})`, on rejection
+    :math:`\gamma \leftarrow \gamma/2` (no floor) and the solve is repeated,
+    at most ``max_search`` trials in all; when none is accepted the *last*
+    trial is taken (and :math:`\gamma` keeps its last halving). These are the
+    official code's rules: its loop ``for i in range(40 + 1)`` (41 trials, the
+    default here) ends with ``x_k += delta_x`` whether or not the last trial
+    passed. ``adaptive_search=False`` takes the first trial and keeps
+    :math:`\gamma`. Each trial costs one loss and gradient evaluation
+    (``loss_fn``); the official code reuses the taken trial's gradient for
     the next step, an optax step recomputes it.
+
+    One deliberate difference: when :math:`H_k + \lambda I` is not positive
+    definite (a nonconvex loss; the paper's setting is convex) the trial
+    counts as rejected (:math:`\gamma` halves, the solve is repeated with a
+    larger :math:`\lambda`; such a trial's step is 0). The official code
+    leaves the search on the failed Cholesky and adds the previous trial's
+    ``delta_x`` (at the first trial of the first step: an undefined variable).
 
     ``hessian`` chooses :math:`H_k` (all from Hessian-vector products,
     :func:`jaxopt_lab.diagnostics.hvp`, or the ``hvp_fn`` passed to
@@ -101,9 +113,11 @@ def scale_by_gradient_normalized_smoothness(
       rank: rank of the ``"lowrank"`` approximation, int >= 1 (capped at d).
       num_samples: Hutchinson samples for ``"diagonal"``, int >= 1.
       cg_iters: conjugate-gradient iterations for ``"hvp"``, int >= 1.
-      max_search: trials per step, int >= 1.
+      max_search: trials per step, int >= 1 (official 41: ``range(40 + 1)``).
       adaptive_search: the acceptance test (default) or the first trial.
       seed: seed of the random probes.
+      eps: :math:`\epsilon \ge 0` in :math:`\lambda = \lVert g\rVert /
+        (\gamma + \epsilon)` (official 1e-8).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``
@@ -112,6 +126,7 @@ def scale_by_gradient_normalized_smoothness(
     """
     check.positive("gamma_0", gamma_0)
     check.non_negative("gamma_min", gamma_min)
+    check.non_negative("eps", eps)
     if hessian not in HESSIANS:
         raise ValueError(f"hessian must be one of {HESSIANS}, got {hessian!r}")
     rank = check.static_int("rank", rank, 1)
@@ -183,6 +198,7 @@ def scale_by_gradient_normalized_smoothness(
 
         value_and_grad = jax.value_and_grad(lambda v: loss_fn(unravel(v.astype(x_flat.dtype))))
         gmin = jnp.asarray(gamma_min, ct)
+        eps_ = jnp.asarray(eps, ct)
 
         def cond(c):
             i, _, done, _, _ = c
@@ -190,7 +206,7 @@ def scale_by_gradient_normalized_smoothness(
 
         def body(c):
             i, gamma, _, _, trials = c
-            lam = g_norm / gamma
+            lam = g_norm / (gamma + eps_)
             delta, ok = solve(lam)
             delta = jnp.where(ok, delta, 0.0)
             f_t, g_t = value_and_grad(x + delta)
@@ -198,8 +214,9 @@ def scale_by_gradient_normalized_smoothness(
             g_t = g_t.astype(ct)
             progress = f_k - f_t >= jnp.vdot(g_t, g_t) / (8.0 * lam)
             accept = ok & (progress | (not adaptive_search))
-            new_gamma = jnp.where(accept, gamma * 2.0 if adaptive_search else gamma, jnp.maximum(gamma * 0.5, gmin))
-            return i + 1, new_gamma, accept, jnp.where(accept, delta, 0.0), trials + ok.astype(jnp.int32)
+            new_gamma = jnp.where(accept, jnp.maximum(gamma * 2.0, gmin) if adaptive_search else gamma, gamma * 0.5)
+            # the official loop adds the last trial's step even when it was not accepted
+            return i + 1, new_gamma, accept, delta, trials + ok.astype(jnp.int32)
 
         start = (jnp.zeros([], jnp.int32), state.gamma.astype(ct), g_norm == 0, jnp.zeros_like(g), jnp.zeros([], jnp.int32))
         _, gamma, _, delta, trials = jax.lax.while_loop(cond, body, start)

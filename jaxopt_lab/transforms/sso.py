@@ -43,9 +43,9 @@ def _refuse_complex(tree, what="SSO"):
 
 def scale_by_sso(
     eta: float = 1.0,
-    m: int = 10,
+    m: int = 5,
     inner_lr: float = 10.0,
-    c: float = 0.5,
+    c: float = 0.1,
     beta: float = 0.9,
     expand: float = 1.0,
     max_backtracks: int = 100,
@@ -70,8 +70,9 @@ def scale_by_sso(
     \theta_t`, :math:`m` steps :math:`\theta^{k+1} = \theta^k - \alpha_k \nabla
     s_t(\theta^k)`, each :math:`\alpha_k` from the Armijo backtracking of the
     official ``LSOpt``: start from ``expand`` :math:`\times` the previous step
-    size (the first inner step of every outer step starts from ``inner_lr``,
-    the official ``reset_lr_on_step``), accept when :math:`s_t(\theta^k - \alpha
+    size (for the first inner step of every outer step the previous one is
+    ``inner_lr``, the official ``reset_lr_on_step``: that step starts from
+    ``expand * inner_lr``), accept when :math:`s_t(\theta^k - \alpha
     d) \le s_t(\theta^k) - c\,\alpha \lVert d\rVert^2`, else
     :math:`\alpha \leftarrow \beta\alpha`, at most ``max_backtracks`` times or
     until :math:`\alpha <` ``min_step`` (the step is then taken with that
@@ -88,10 +89,13 @@ def scale_by_sso(
 
     Args:
       eta: the official outer :math:`\eta > 0` (the target-space step is
-        :math:`1/(2\eta)` times the gradient of the loss as passed).
-      m: inner steps per expensive gradient, an int >= 1.
+        :math:`1/(2\eta)` times the gradient of the loss as passed). The official
+        runs set it per loss (``loaders/load_optim.py``: ``1 / optimal_stepsize``, e.g.
+        1/2 for the logistic loss); it cannot be known here, so the default is 1.
+      m: inner steps per expensive gradient, an int >= 1 (official 5: ``parser.py`` ``--m``).
       inner_lr: the line search's starting step size (official 10), > 0.
-      c: Armijo constant in (0, 1) (official 0.5).
+      c: Armijo constant in (0, 1) (official 0.1: ``parser.py`` ``--c``, which
+        ``loaders/load_optim.py`` passes to ``LSOpt``, whose own default is 0.5).
       beta: backtracking factor in (0, 1) (official 0.9).
       expand: growth of the step size between inner steps, >= 1 (the official
         ``expand_coeff ** (1 / n_batches_per_epoch)``; 1 keeps it).
@@ -151,7 +155,8 @@ def scale_by_sso(
             theta, alpha, evals = carry
             s0, d = value_and_grad(theta)
             dd = _tree_vdot(d, d)
-            alpha = jnp.where(k == 0, lr0, alpha * jnp.asarray(expand, jnp.float32))
+            # LSOpt.step starts from expand_coeff * state['step_size'], the first one too (after the reset to 10)
+            alpha = jnp.where(k == 0, lr0, alpha) * jnp.asarray(expand, jnp.float32)
             step = lambda a: jax.tree.map(lambda t, g: t - a.astype(t.dtype) * g, theta, d)  # noqa: E731
 
             if not line_search:
@@ -179,7 +184,7 @@ def scale_by_sso(
 def sso(
     learning_rate: optax.ScalarOrSchedule = 1.0,
     eta: float = 1.0,
-    m: int = 10,
+    m: int = 5,
     inner_lr: float = 10.0,
     line_search: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
@@ -191,7 +196,7 @@ def sso(
     Args:
       learning_rate: multiplier of SSO's step, float >= 0 or a schedule.
       eta: the official outer :math:`\\eta > 0`.
-      m: inner steps per expensive gradient.
+      m: inner steps per expensive gradient (official 5).
       inner_lr: the Armijo search's starting step (or the fixed inner step).
       line_search: Armijo inner steps (default) or fixed ones.
     """

@@ -21,10 +21,15 @@ NORMS = [3.0, 1.0, 2.5, 0.5, 4.0, 2.0, 1.5, 0.8, 5.0, 1.2]
 def reference_weights(norms, window, power):
     """Plain-Python float64 version of ŵ_t = ĝ_t^{-p} Σ_{s>t} ĝ_s^{-p}, normalized to max 1."""
     n = len(norms)
+    # the authors' padding: the end mirrored (np.pad "reflect", 2 * window values), the start repeated
+    ext = [float(v) for v in norms]
+    while len(ext) < n + 2 * window:  # reflect about the last value, bouncing off both ends
+        ext = ext + ext[-2::-1]
+    ext = ext[: n + 2 * window]
     smoothed = []
     for i in range(n):
-        idx = [min(max(j, 0), n - 1) for j in range(i - (window - 1) // 2, i + window // 2 + 1)]
-        smoothed.append(statistics.median([float(norms[j]) for j in idx]))
+        idx = [max(j, 0) for j in range(i - window // 2, i + (window - 1) // 2 + 1)]
+        smoothed.append(statistics.median_high([ext[j] for j in idx]))  # scipy's rank window // 2
     w = []
     for t in range(n):
         tail = sum(smoothed[s] ** -power for s in range(t + 1, n))
@@ -50,11 +55,21 @@ def test_hand_computed_sgd_no_smoothing():
     np.testing.assert_allclose(refined_schedule_weights([1.0, 2.0, 1.0], 1, "adam"), [1.0, 1 / 3, 0.0])
 
 
-def test_median_smooth_matches_scipy_for_odd_windows():
+def test_median_smooth_is_the_authors_recipe():
+    # facebookresearch/adaptive_scheduling README: median_filter(np.pad(g, (0, pad), mode='reflect'),
+    # size=width, mode='nearest')[:-pad] with pad = 2 * width
     ndimage = pytest.importorskip("scipy.ndimage")
     x = np.random.default_rng(0).uniform(0.1, 5.0, size=37)
-    for k in (1, 3, 5, 9):
-        np.testing.assert_allclose(median_smooth(x, k), ndimage.median_filter(x, size=k, mode="nearest"))
+    for k in (1, 2, 3, 4, 5, 9, 21):
+        want = ndimage.median_filter(np.pad(x, (0, 2 * k), mode="reflect"), size=k, mode="nearest")[: -2 * k]
+        np.testing.assert_allclose(median_smooth(x, k), want, rtol=0, atol=0)
+
+
+def test_default_window_is_the_authors_tenth_of_the_run():
+    # sigma2 = 0.1 in their scripts: width 2 * (int(0.1 * T) // 2) + 1 (odd)
+    norms = np.random.default_rng(1).uniform(0.5, 3.0, size=57)
+    np.testing.assert_allclose(refined_schedule_weights(norms), refined_schedule_weights(norms, smoothing_window=5))
+    assert not np.allclose(refined_schedule_weights(norms), refined_schedule_weights(norms, smoothing_window=1))
 
 
 def test_median_filter_removes_spike():

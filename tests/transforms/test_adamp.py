@@ -208,7 +208,7 @@ def test_defaults_are_the_reference_defaults():
     s = inspect.signature(sgdp).parameters
     assert list(s)[:8] == ["learning_rate", "momentum", "dampening", "weight_decay", "nesterov", "eps", "delta", "wd_ratio"]
     assert {k: s[k].default for k in list(s)[1:]} == dict(
-        momentum=0.9, dampening=0, weight_decay=0, nesterov=False, eps=1e-8, delta=0.1, wd_ratio=0.1, channel_axis=-1
+        momentum=0.0, dampening=0, weight_decay=0, nesterov=False, eps=1e-8, delta=0.1, wd_ratio=0.1, channel_axis=-1
     )
 
 
@@ -277,3 +277,13 @@ def test_matches_torch_implementations(runs, optimizer, package):
     for k in weights:
         np.testing.assert_allclose(got[k], expected[k], rtol=1e-10, atol=1e-12, err_msg=k)
         np.testing.assert_allclose(out[k], got[k], rtol=1e-5, atol=2e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_default_run_matches_reference_defaults(optimizer):
+    """Only the learning rate given: the numpy reference with clovaai/AdamP's defaults (SGDP: momentum 0)."""
+    _, factory, ref_cls = OPTIMIZERS[optimizer]
+    weights, grads, expected = reference_run(lambda: ref_cls(lr=0.1), seed=1)
+    out = run_jax(factory(0.1, channel_axis=0), weights, grads)
+    for k in weights:
+        np.testing.assert_allclose(out[k], expected[k], rtol=1e-5, atol=2e-6, err_msg=k)

@@ -1,4 +1,9 @@
-"""Δ-SGD (Kim et al., ICLR 2024) against a float64 numpy version of its step-size rule."""
+"""Δ-SGD (Kim et al., ICLR 2024) against a float64 numpy version of the authors' step-size rule.
+
+The reference follows ``Adsgd.step`` of github.com/jlylekim/auto-tuned-FL (``src/adsgd.py``): the
+growth term wherever ``||x_t - x_{t-1}||`` or ``||g_t - g_{t-1}||`` is zero (so at the first step,
+whose previous model is a copy of the current one), else the min of both terms plus ``eps``.
+"""
 
 import functools
 import math
@@ -23,7 +28,7 @@ CURV = np.linspace(0.5, 3.0, SIZE)
 STEPS = 8
 TARGETS = _RNG.normal(size=(STEPS, SIZE))
 X0 = _RNG.normal(size=SIZE)
-HP = dict(initial_step_size=0.05, delta=0.1, gamma=2.0, initial_theta=1.0)
+HP = dict(initial_step_size=0.05, delta=0.1, gamma=2.0, initial_theta=1.0, eps=1e-3)
 
 
 def to_tree(v, dtype=jnp.float32):
@@ -44,21 +49,24 @@ def jax_grad(p, t):
     return jax.tree.map(lambda x, a, c: a * (x - c), p, curv, target)
 
 
-def numpy_delta_sgd(steps, learning_rate, initial_step_size, delta, gamma, initial_theta, same_batch=False):
+def numpy_delta_sgd(steps, learning_rate, initial_step_size, delta, gamma, initial_theta, eps, same_batch=False):
     """The rule in float64 on the flat vector; parameters and step sizes after each step, and the branches taken."""
     x, eta, theta = X0.astype(np.float64), initial_step_size, initial_theta
-    x_prev = g_prev = None
+    x_prev, g_prev = x.copy(), np.zeros_like(x)  # the code's prev_net: a copy of the model
     xs, etas, branches = [], [], []
     for t in range(steps):
         g = np_grad(x, t)
-        if t > 0:
-            g_old = np_grad(x_prev, t) if same_batch else g_prev
-            dx, dg = np.linalg.norm(x - x_prev), np.linalg.norm(g - g_old)
-            growth = math.sqrt(1 + delta * theta) * eta
-            locality = gamma * dx / (2 * dg) if dg > 0 else math.inf
-            new = min(growth, locality)
+        g_old = np_grad(x_prev, t) if same_batch else g_prev
+        dx, dg = np.linalg.norm(x - x_prev), np.linalg.norm(g - g_old)
+        growth = math.sqrt(1 + delta * theta) * eta
+        if dx > 0 and dg > 0:
+            locality = gamma * dx / (2 * dg)
+            new = min(growth, locality) + eps
             branches.append("growth" if growth <= locality else "locality")
-            theta, eta = new / eta, new
+        else:
+            new = growth
+            branches.append("undefined")
+        theta, eta = new / eta, new
         x_prev, g_prev = x, g
         x = x - learning_rate * eta * g
         xs.append(x)
@@ -96,7 +104,7 @@ def test_matches_numpy_rule_and_jits_once(learning_rate, eta0, same_batch):
     hp = {**HP, "initial_step_size": eta0}
     want_x, want_eta, branches = numpy_delta_sgd(STEPS, learning_rate, same_batch=same_batch, **hp)
     # the run exercises both terms of the min (else a wrong term could go unnoticed)
-    assert "growth" in branches and "locality" in branches, branches
+    assert "growth" in branches and "locality" in branches and branches[0] == "undefined", branches
     if same_batch:  # the extra argument prev_grads changes the result: it must be the one used
         assert not np.allclose(numpy_delta_sgd(STEPS, learning_rate, **hp)[0], want_x, rtol=1e-3)
     got_x, got_eta, traces, cache = run_jax(delta_sgd(learning_rate, **hp), STEPS, same_batch=same_batch)
@@ -105,7 +113,8 @@ def test_matches_numpy_rule_and_jits_once(learning_rate, eta0, same_batch):
     assert traces == 1 and cache == 1
 
 
-def test_paper_defaults_and_first_step():
+def test_official_defaults_and_first_step():
+    # src/options.py of the authors' code: lr 0.2, amplifier 0.02, damping 1 (gamma 2), theta 1, lr_eps 1e-8
     tx = scale_by_delta_sgd()
     p = to_tree(X0)
     s = tx.init(p)
@@ -113,24 +122,33 @@ def test_paper_defaults_and_first_step():
     assert float(s.step_size) == pytest.approx(0.2) and float(s.theta) == 1.0
     g = jax_grad(p, 0)
     u, s = tx.update(g, s, p)
-    # Algorithm 1's first step uses eta_0 itself
-    np.testing.assert_allclose(to_vec(u), 0.2 * np_grad(X0, 0), rtol=1e-6)
-    assert int(s.count) == 1 and float(s.step_size) == pytest.approx(0.2)
+    # the code's first step: its previous model is a copy, so the growth term sqrt(1 + delta theta) eta_0
+    eta1 = 0.2 * math.sqrt(1.02)
+    np.testing.assert_allclose(to_vec(u), eta1 * np_grad(X0, 0), rtol=1e-6)
+    assert int(s.count) == 1 and float(s.step_size) == pytest.approx(eta1, rel=1e-6)
+    # a second step from the defaults against the reference with delta 0.02 and eps 1e-8
+    want_x, want_eta, _ = numpy_delta_sgd(3, 1.0, 0.2, 0.02, 2.0, 1.0, 1e-8)
+    got_x, got_eta, _, _ = run_jax(delta_sgd(), 3)
+    np.testing.assert_allclose(got_eta, want_eta, rtol=2e-5)
+    np.testing.assert_allclose(got_x, want_x, rtol=2e-5, atol=2e-6)
 
 
 def test_undefined_quotients():
-    tx = scale_by_delta_sgd(initial_step_size=0.1, delta=0.5, initial_theta=2.0)
+    tx = scale_by_delta_sgd(initial_step_size=0.1, delta=0.5, initial_theta=2.0, eps=0.0)
     p0, p1 = to_tree(X0), to_tree(X0 + 0.1)
     g0, g1 = jax_grad(p0, 0), jax_grad(p0, 1)
     _, s = tx.update(g0, tx.init(p0), p0)
-    # parameters that did not move: eta and theta held (the literal rule would give 0 forever)
-    u, held = tx.update(g1, s, p0)
-    assert float(held.step_size) == pytest.approx(0.1) and float(held.theta) == pytest.approx(2.0)
-    np.testing.assert_allclose(to_vec(u), 0.1 * to_vec(g1), rtol=1e-6)
-    # moved, but the same gradient (no curvature seen): the growth term sqrt(1 + delta theta) eta
+    eta1, theta1 = 0.1 * math.sqrt(1 + 0.5 * 2.0), math.sqrt(2.0)
+    assert float(s.step_size) == pytest.approx(eta1, rel=1e-6) and float(s.theta) == pytest.approx(theta1, rel=1e-6)
+    growth = eta1 * math.sqrt(1 + 0.5 * theta1)
+    # parameters that did not move after the first step: eta and theta held (the code's growth would reach inf)
+    u, still = tx.update(g1, s, p0)
+    assert float(still.step_size) == pytest.approx(eta1, rel=1e-6) and float(still.theta) == pytest.approx(theta1)
+    np.testing.assert_allclose(to_vec(u), eta1 * to_vec(g1), rtol=1e-6)
+    # moved, but the same gradient (no curvature seen): the growth term too
     _, grown = tx.update(g0, s, p1)
-    assert float(grown.step_size) == pytest.approx(0.1 * math.sqrt(1 + 0.5 * 2.0), rel=1e-6)
-    assert float(grown.theta) == pytest.approx(math.sqrt(2.0), rel=1e-6)
+    assert float(grown.step_size) == pytest.approx(growth, rel=1e-6)
+    assert float(grown.theta) == pytest.approx(growth / eta1, rel=1e-6)
 
 
 def test_bfloat16_params_keep_dtypes():
@@ -152,6 +170,7 @@ def test_bfloat16_params_keep_dtypes():
         (dict(delta=-0.1), "delta must be > 0, got -0.1"),
         (dict(gamma=float("nan")), "gamma must be > 0, got nan"),
         (dict(initial_theta=0), "initial_theta must be > 0, got 0"),
+        (dict(eps=-1e-8), "eps must be >= 0, got -1e-08"),
         (dict(learning_rate=-1.0), "learning_rate must be >= 0, got -1.0"),
     ],
 )

@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxopt_lab.transforms.gradient_normalized_smoothness import (
@@ -31,21 +32,21 @@ def h64(w):
     return X.T @ (X * (p * (1 - p))[:, None]) / len(Y) + 0.1 * np.eye(len(w))
 
 
-def reference(w, steps, gamma=1.0, gamma_min=1e-9):
-    """The official grad_norm_smooth loop (exact Hessian, Euclidean norm), float64."""
+def reference(w, steps, gamma=1.0, gamma_min=1e-9, max_iter=40, eps=1e-8):
+    """The official grad_norm_smooth loop (epfml/grad-norm-smooth src/methods.py; exact Hessian, Euclidean
+    norm, warnings=False), float64: range(max_iter + 1) trials, the last one taken even if it fails."""
     ws, gammas = [], []
     for _ in range(steps):
         g = g64(w)
         gn = np.linalg.norm(g)
-        step = np.zeros_like(w)
-        for _ in range(40):
-            lam = gn / gamma
+        for _ in range(max_iter + 1):
+            lam = gn / (gamma + eps)
             delta = np.linalg.solve(h64(w) + lam * np.eye(len(w)), -g)
             if f64(w) - f64(w + delta) >= g64(w + delta) @ g64(w + delta) / (8 * lam):
-                step, gamma = delta, gamma * 2
+                gamma = max(gamma * 2, gamma_min)
                 break
-            gamma = max(gamma / 2, gamma_min)
-        w = w + step
+            gamma *= 0.5
+        w = w + delta
         ws.append(w.copy())
         gammas.append(gamma)
     return ws, gammas
@@ -79,6 +80,24 @@ def test_dense_matches_the_official_loop(gamma_0):
     w0 = np.full(4, 2.0)
     expected, gammas = reference(w0, 4, gamma=gamma_0)
     got, state = _dense(gamma_0)
+    for a, e in zip(got, expected):
+        np.testing.assert_allclose(a, e, rtol=2e-4, atol=2e-5)
+    assert float(state[0].gamma) == pytest.approx(gammas[-1], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, ref",
+    [
+        (dict(gamma_0=1e6, max_search=2), dict(gamma=1e6, max_iter=1)),  # exhausted: the last trial is taken
+        (dict(gamma_0=1.0, gamma_min=10.0), dict(gamma=1.0, gamma_min=10.0)),  # the floor applies on acceptance
+    ],
+    ids=["exhausted", "gamma_min"],
+)
+def test_search_rules_of_the_official_loop(kwargs, ref):
+    w0 = np.full(4, 2.0)
+    expected, gammas = reference(w0, 2, **ref)
+    got, state = _run(optax.chain(scale_by_gradient_normalized_smoothness(**kwargs), optax.scale_by_learning_rate(1.0)), 2, w0)
+    assert np.abs(expected[0] - w0).max() > 1e-2  # a real step in both cases
     for a, e in zip(got, expected):
         np.testing.assert_allclose(a, e, rtol=2e-4, atol=2e-5)
     assert float(state[0].gamma) == pytest.approx(gammas[-1], rel=1e-6)

@@ -2,6 +2,8 @@
 
 import jax
 import jax.numpy as jnp
+import inspect
+
 import numpy as np
 import pytest
 
@@ -21,8 +23,9 @@ def _loss_grad_z(z, y):  # mean logistic loss in the logits z
     return (1 / (1 + np.exp(-z)) - y) / z.shape[0]
 
 
-def _reference(x, y, theta, eta, m, lr0, c=0.5, beta=0.9, max_bt=100, min_step=1e-6, line_search=True):
-    """The official SGD_FMDOpt step with LSOpt inner steps (expand 1), float64."""
+def _reference(x, y, theta, eta, m, lr0, c=0.1, beta=0.9, max_bt=100, min_step=1e-6, line_search=True, expand=1.0):
+    """The official SGD_FMDOpt step with LSOpt inner steps, float64: LSOpt.step starts every search from
+    expand_coeff times the stored step size, which reset_lr_on_step sets to lr0 before the first."""
     z0 = x @ theta
     gz = _loss_grad_z(z0, y)
     n = z0.size
@@ -37,7 +40,7 @@ def _reference(x, y, theta, eta, m, lr0, c=0.5, beta=0.9, max_bt=100, min_step=1
     t, alpha = theta.copy(), lr0
     for k in range(m):
         d = ds(t)
-        alpha = lr0 if k == 0 else alpha
+        alpha = (lr0 if k == 0 else alpha) * expand
         if line_search:
             for _ in range(max_bt):
                 if s(t - alpha * d) <= s(t) - c * alpha * d @ d:
@@ -49,13 +52,16 @@ def _reference(x, y, theta, eta, m, lr0, c=0.5, beta=0.9, max_bt=100, min_step=1
     return t, alpha
 
 
-@pytest.mark.parametrize("eta,m,lr0,line_search", [(1.0, 5, 10.0, True), (0.05, 3, 10.0, True), (1.0, 4, 0.5, False)])
-def test_one_outer_step_matches_reference(eta, m, lr0, line_search):
+@pytest.mark.parametrize(
+    "eta,m,lr0,line_search,expand",
+    [(1.0, 5, 10.0, True, 1.0), (0.05, 3, 10.0, True, 1.0), (1.0, 4, 0.5, False, 1.0), (1.0, 4, 0.05, True, 1.8)],
+)
+def test_one_outer_step_matches_reference(eta, m, lr0, line_search, expand):
     x, y, theta = _problem()
-    expected, alpha = _reference(x, y, theta, eta, m, lr0, line_search=line_search)
+    expected, alpha = _reference(x, y, theta, eta, m, lr0, line_search=line_search, expand=expand)
     xf = jnp.asarray(x, jnp.float32)
     params = {"w": jnp.asarray(theta, jnp.float32)}
-    tx = scale_by_sso(eta=eta, m=m, inner_lr=lr0, line_search=line_search)
+    tx = scale_by_sso(eta=eta, m=m, inner_lr=lr0, line_search=line_search, expand=expand)
     z0 = xf @ params["w"]
     gz = jnp.asarray(_loss_grad_z(np.asarray(z0, np.float64), y), jnp.float32)
     step = jax.jit(lambda p, s: tx.update(p, s, p, targets_fn=lambda q: xf @ q["w"], target_grad=gz))
@@ -84,3 +90,10 @@ def test_errors():
         tx.update(p, tx.init(p), p)
     with pytest.raises(ValueError, match="complex"):
         tx.init({"w": jnp.zeros(2, jnp.complex64)})
+
+
+def test_defaults_are_the_official_run_defaults():
+    # parser.py of the official repo: --m 5, --c 0.1, --beta_update 0.9; SGD_FMDOpt resets the step to 10
+    got = {k: v.default for k, v in inspect.signature(scale_by_sso).parameters.items()}
+    assert got["m"] == 5 and got["c"] == 0.1 and got["beta"] == 0.9 and got["inner_lr"] == 10.0
+    assert inspect.signature(sso).parameters["m"].default == 5
