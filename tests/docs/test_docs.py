@@ -10,9 +10,8 @@ ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 
 
 def test_docs_build_without_warnings(tmp_path):
-    # -j 2: Sphinx reads and writes the pages in two processes (CI has 2 cores; this test's own process idles)
     out = subprocess.run(
-        [sys.executable, "-m", "sphinx", "-E", "-W", "--keep-going", "-q", "-b", "html", "-j", "2",
+        [sys.executable, "-m", "sphinx", "-E", "-W", "--keep-going", "-q", "-b", "html",
          "-d", str(tmp_path / "doctrees"), os.path.join(ROOT, "docs", "source"), str(tmp_path / "html")],
         capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"},
     )
