@@ -141,7 +141,7 @@ def gossip(
     inner: optax.GradientTransformation,
     topology: Topology,
     axis_name: AxisName = "workers",
-    order: str = "atc",
+    order: str = "cta",
     track_consensus: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Decentralized SGD (D-SGD / D-PSGD, Lian et al. 2017) for one worker of a named axis.
@@ -151,18 +151,21 @@ def gossip(
     parameters :math:`x_i`) and mixes with its neighbours through the doubly
     stochastic matrix :math:`M` of ``topology`` at gossip round :math:`t`:
 
-    * ``order="atc"`` (adapt-then-combine, default): the local step first, then
+    * ``order="cta"`` (combine-then-adapt, default: Algorithm 1 of Lian et
+      al., which has no public code): gossip of the current parameters, plus
+      the local update computed at :math:`x_i`,
+
+      .. math:: x_i \leftarrow \sum_j M^{(t)}_{ij}\, x_j + u_i ;
+
+    * ``order="atc"`` (adapt-then-combine, opt-in): the local step first, then
       gossip of the result,
 
-      .. math:: x_i \leftarrow \sum_j M^{(t)}_{ij} \,(x_j + u_j);
+      .. math:: x_i \leftarrow \sum_j M^{(t)}_{ij} \,(x_j + u_j).
 
-    * ``order="cta"`` (combine-then-adapt, the form in Lian et al.): gossip of
-      the current parameters, plus the local update computed at
-      :math:`x_i`,
+      This is the form of DmSGD (Ying et al. 2021) and of DFedSAM's mixing
+      step, and the one for which the complete graph is data parallelism.
 
-      .. math:: x_i \leftarrow \sum_j M^{(t)}_{ij}\, x_j + u_i .
-
-    With the complete graph (:math:`M = \mathbf{1}\mathbf{1}^\top/W`), ATC,
+    With the complete graph (:math:`M = \mathbf{1}\mathbf{1}^\top/W`), ``order="atc"``,
     inner SGD and identical starting parameters this is exactly data-parallel
     SGD (tested). Time-varying topologies (the one-peer exponential graph) use
     the phase ``t mod period``, ``t`` = ``state.step``.
@@ -190,7 +193,7 @@ def gossip(
         "exponential", "complete"), built over the axis's size.
       axis_name: the worker axis (a single name: vmap, or shard_map with one
         worker per device).
-      order: ``"atc"`` or ``"cta"``.
+      order: ``"cta"`` (default, the paper's) or ``"atc"``.
       track_consensus: whether to compute the consensus distance each update.
 
     Returns:

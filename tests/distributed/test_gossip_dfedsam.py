@@ -17,7 +17,7 @@ W, D = 4, 5  # workers (default); parameter size, split into leaves u (3) and v 
 
 def test_rho_zero_one_local_step_is_gossip_sgd():
     runner = WorkerRunner(W)
-    gp, gs = run(runner, gossip(optax.sgd(0.1), ring(W)), 4, W)
+    gp, gs = run(runner, gossip(optax.sgd(0.1), ring(W), order="atc"), 4, W)  # DFedSAM mixes after its local step
     dp, ds = run(runner, dfedsam(optax.sgd(0.1), ring(W), rho=0.0, local_steps=1), 4, W)
     for k in gp:
         np.testing.assert_allclose(dp[k], gp[k], rtol=1e-6, atol=1e-7)
