@@ -53,6 +53,7 @@ import jaxopt_lab.lowrank
 import jaxopt_lab.transforms
 from jaxopt_lab.finetune import ist, lora_ggpo, lora_pro, scale_by_lora_pro, snella_allocation
 from jaxopt_lab.lowrank.adam8bit import create_dynamic_map, dequantize_blockwise, quantize_blockwise, quantize_codes
+from jaxopt_lab.lowrank.fira import init_limiter_state
 from jaxopt_lab.lowrank.kernels_as_matrices import kernels_as_matrices
 from jaxopt_lab.lowrank.memory import optimizer_state_bytes, state_bytes_report
 from jaxopt_lab.transforms.adamp import adamp, scale_by_adamp, scale_by_sgdp, sgdp
@@ -989,7 +990,7 @@ def test_complex_parameters_are_supported_or_refused_clearly(case):
 
 NOT_TRANSFORMS = {optimizer_state_bytes, state_bytes_report, stochastic_round_int8, stochastic_round_uint8, conv_patches,
                   select_leaf, target_projection_grad, conv_projection, create_dynamic_map, quantize_codes,
-                  quantize_blockwise, dequantize_blockwise}
+                  quantize_blockwise, dequantize_blockwise, init_limiter_state}
 
 
 def test_every_public_transform_is_in_the_battery():
