@@ -13,7 +13,7 @@ draw with today:
   :func:`jaxopt_lab.experiment.federated_run.plot` (its ``accuracy.png``);
 * federated under heterogeneity (``fed_heterogeneity_a0.1``, ``_a1.0``): the same
   plot over ``runs/fed_het_a{alpha}`` and the methods run alone later into
-  ``runs/fed_het_a{alpha}_NAME`` (FedBR);
+  ``runs/fed_het_a{alpha}_NAME`` (FedBR; the curricula, rerun, replace the first run's);
 * asynchronous Local-SGD: ``results.json`` by ``scripts/async_local_sgd_lm.py``'s
   own ``plot``;
 * DiPaCo: ``runs/dipaco/results.json`` by ``scripts/dipaco_lm.py``'s own ``plot``.
@@ -90,8 +90,9 @@ def fed_digits(runs: str, out: str) -> str:
 
 def fed_heterogeneity(alpha: str) -> Callable[[str, str], str]:
     """The heterogeneity run's accuracy figure at one skew: the methods of ``runs/fed_het_a{alpha}`` and
-    those run alone later into ``runs/fed_het_a{alpha}_NAME`` (``make_tables.FED_HET_LATER``: FedBR),
-    the same config and seeds, so the figure has every row of the README table."""
+    those run alone later into ``runs/fed_het_a{alpha}_NAME`` (``make_tables.FED_HET_LATER``: FedBR added,
+    the curricula rerun in place of the first run's), the same config and seeds, so the figure has every
+    row of the README table."""
 
     def draw(runs: str, out: str) -> str:
         from jaxopt_lab.experiment.federated_run import plot
@@ -102,7 +103,8 @@ def fed_heterogeneity(alpha: str) -> Callable[[str, str], str]:
         for name in make_tables.FED_HET_LATER:
             later = os.path.join(runs, f"fed_het_a{alpha}_{name}")
             later_cfg = _finished_config(later)
-            results += _method_results(later, later_cfg["methods"])
+            rerun = {r.name: r for r in _method_results(later, later_cfg["methods"])}
+            results = [rerun.pop(r.name, r) for r in results] + list(rerun.values())
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         return plot(results, cfg, out)
 

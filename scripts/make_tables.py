@@ -192,13 +192,16 @@ FED_HET_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx, μ = 0.1", "fedspeed":
                  "local_adam": "local SGD + Adam scaling (lr 0.005)",
                  "fedlex_lr10": "FedLEx, client lr 0.5 (10×)",
                  "fedbr": "FedBR (official μ 0.5, λ 1, FedDecorr 0.1)"}
-# methods added to the config after the full runs, run alone (--only NAME) into fed_het_a{alpha}_NAME
-FED_HET_LATER = ("fedbr",)
+# methods run alone after the full runs into fed_het_a{alpha}_NAME, the same config and seeds: FedBR (added to
+# the config later, --only fedbr) and the three curricula (rerun after their pacing took Wu et al.'s floor,
+# --only curriculum,anti_curriculum,random_curriculum); a later run's row replaces the first run's
+FED_HET_LATER = ("fedbr", "curricula")
 
 
 def fed_heterogeneity(runs: str) -> str:
     """The two skews' ``summary.md`` (runs/fed_het_a0.1, runs/fed_het_a1.0) side by side, then the
-    rows of the methods run alone later (runs/fed_het_a0.1_fedbr, ...: the same config and seeds)."""
+    rows of the methods run alone later (runs/fed_het_a0.1_fedbr, ..._curricula: the same config and seeds;
+    a later row replaces the first run's row of the same method, in place)."""
     rows: dict[str, dict[str, list[str]]] = {}
     for a in ("0.1", "1.0"):
         path = os.path.join(runs, f"fed_het_a{a}", "summary.md")

@@ -84,8 +84,12 @@ def dfedsam(
 
     With ``rho=0``, ``K=1``, ``Q=1`` this is :func:`~jaxopt_lab.distributed.gossip.gossip`
     with ``order="atc"`` (tested). The inner optimizer's state is kept per
-    worker across rounds and not mixed. The local steps run in a
-    ``lax.fori_loop``.
+    worker across rounds and not mixed. The paper's local optimizer is plain
+    SGD, which has no state, and no official code is public; FedML-style
+    reimplementations build a fresh (momentum) SGD each round, which is
+    ``inner=optax.sgd(η)`` plus restarting the buffer: with a stateful inner,
+    this transform's momentum instead carries over between rounds. The local
+    steps run in a ``lax.fori_loop``.
 
     Communication: per round, Q gossip rounds of ``topology.messages(s) *
     tree_bytes(params)`` bytes each, counted in ``state.bytes_sent`` (payload =
