@@ -1,7 +1,8 @@
 """The main job's training throughput against one single-worker jitted step, in one run.
 
     python scripts/bench_main_job.py [--config experiments/diloco_vs_ddp_fast.toml] [--repeats 20]
-    python scripts/bench_main_job.py --workers 8 --preset nano --batch-size 4
+    python scripts/bench_main_job.py --config experiments/diloco_gpt_small.toml --set workers.mode=vmap \
+        --set train.batch_size=2 --repeats 5 --ddp   # GPT-2 small, 8 workers vmapped on one device
 
 For each variant of the config (DDP, DiLoCo, Streaming DiLoCo, gossip) it
 builds the trainer's own compiled step (W workers, ``workers.mode``), and
@@ -47,17 +48,24 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default="experiments/diloco_vs_ddp_fast.toml")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--set", action="append", default=[], help="config overrides (key=value), applied to every variant")
+    ap.add_argument("--ddp", action="store_true",
+                    help="also time data parallelism with the first variant's inner optimizer (for a config without "
+                         "a data_parallel variant, e.g. diloco_gpt_small.toml)")
     args = ap.parse_args(argv)
     variants = config_lib.load_variants(args.config, args.set)
+    first = next(iter(variants.values()))
+    if args.ddp and not any(c.method["name"] == "data_parallel" for c in variants.values()):
+        if "inner" not in first.method:
+            ap.error(f"--ddp needs a method with an inner optimizer; {args.config}'s is {first.method['name']!r}")
+        ddp = {"name": "data_parallel", "inner": first.method["inner"]}
+        variants = {"ddp": config_lib.from_dict({**first.to_dict(), "method": ddp}), **variants}
     print(f"device: {jax.devices()[0].device_kind} ({jax.devices()[0].platform}) x{jax.device_count()}  "
           f"JAX {jax.__version__}  config {args.config} {' '.join(args.set)}")
 
-    first = next(iter(variants.values()))
-    w, b, ctx = first.workers.count, first.train.batch_size, first.data["context"]
-    tokens = w * b * ctx
-
     # Baseline: one single-worker jitted AdamW step on W x b sequences (same tokens, no worker axis).
     exp = build(first)
+    w, b, ctx = first.workers.count, first.train.batch_size, exp.data.context
+    tokens = w * b * ctx
     graphdef, params, rest = nnx.split(exp.model, nnx.Param, ...)
     tx = optax.adamw(3e-3, b2=0.95, weight_decay=0.1)
     x, y = exp.data.batch(0, w * b, 0)
@@ -79,6 +87,7 @@ def main(argv=None) -> int:
     print(f"{'single-worker adamw':24s} {t_base * 1e3:8.2f} {tokens / t_base:11.0f} {1.0:8.2f}x   "
           f"({w * b} x {ctx} tokens in one step)")
     for name, cfg in variants.items():
+        name = name or cfg.method["name"]  # a config without variants
         trainer = Trainer(build(cfg), run_dir=f"/tmp/bench_main_job_{name}")
         xs, ys = trainer.batch(0)
 
