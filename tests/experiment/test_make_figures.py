@@ -70,7 +70,7 @@ def test_fed_figure_from_per_seed_records(tmp_path):
     assert (tmp_path / "docs" / "fed_digits.png").stat().st_size > 10_000
 
 
-def fed_run(base, methods, alpha):
+def fed_run(base, methods, alpha, first_accuracy=0.5):
     base.mkdir(parents=True)
     cfg = {"run": {"seed": 0}, "federated": {"num_clients": 10, "dirichlet_alpha": alpha, "speeds": "homogeneous",
                                              "speed_sigma": 1.0, "max_speed_spread": 10.0, "num_seeds": 1,
@@ -81,24 +81,31 @@ def fed_run(base, methods, alpha):
     for m in methods:
         (base / m).mkdir()
         records = [{"seed": 0, "step": t, "sim_time": 10.0 * t, "client_updates": 10 * t, "mean_staleness": 0.0,
-                    "eval_accuracy": 0.5 + 0.1 * t} for t in range(1, 5)]
+                    "eval_accuracy": first_accuracy + 0.1 * t} for t in range(1, 5)]
         (base / m / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def test_fed_heterogeneity_figure_needs_and_draws_the_later_fedbr_run(tmp_path, monkeypatch):
+def test_fed_heterogeneity_figure_needs_and_draws_the_later_runs(tmp_path, monkeypatch):
     runs = tmp_path / "runs"
-    fed_run(runs / "fed_het_a0.1", ["fedavg", "fedprox"], 0.1)
+    fed_run(runs / "fed_het_a0.1", ["fedavg", "curriculum", "fedprox"], 0.1)
     log = []
     assert make_figures.draw(["fed_heterogeneity_a0.1"], str(runs), str(tmp_path / "docs"), log.append) == [
         "fed_heterogeneity_a0.1"]
     assert os.path.join("fed_het_a0.1_fedbr", "config.toml") in log[0] and "--only fedbr" in log[0]
     fed_run(runs / "fed_het_a0.1_fedbr", ["fedbr"], 0.1)
+    fed_run(runs / "fed_het_a0.1_curricula", ["curriculum"], 0.1, first_accuracy=0.2)
     seen = []
     import jaxopt_lab.experiment.federated_run as fr
 
-    monkeypatch.setattr(fr, "plot", lambda results, cfg, out: seen.append([r.name for r in results]) or out)
+    def record(results, cfg, out):
+        seen.append([(r.name, r.runs[0].records[0]["eval_accuracy"]) for r in results])
+        return out
+
+    monkeypatch.setattr(fr, "plot", record)
     assert make_figures.draw(["fed_heterogeneity_a0.1"], str(runs), str(tmp_path / "docs"), log.append) == []
-    assert seen == [["fedavg", "fedprox", "fedbr"]]
+    # FedBR is added; the curricula rerun replaces the first run's curriculum in place
+    assert [name for name, _ in seen[0]] == ["fedavg", "curriculum", "fedprox", "fedbr"]
+    assert [acc for _, acc in seen[0]] == pytest.approx([0.6, 0.3, 0.6, 0.6])
 
 
 def test_dipaco_figure_from_results_json(tmp_path):
