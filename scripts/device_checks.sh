@@ -51,9 +51,13 @@ step workers 45 bash -c "python3 scripts/bench_workers.py --mode vmap --workers 
 step main_job 90 python3 scripts/bench_main_job.py --repeats 20
 # BENCHMARKS.md "The main job on one GPU", GPT-2 small: 8 workers vmapped on the one GPU, DDP and DiLoCo
 # (2 x 1024 tokens per worker) against one single-worker jitted step; random GPT-2 ids stand in for OpenWebText
-small_data="$(mktemp -d)"
-python3 -c "import numpy as np; r = np.random.default_rng(0)
-for split, n in (('train', 4_000_000), ('val', 100_000)): r.integers(0, 50257, n, dtype=np.uint16).tofile('$small_data/' + split + '.bin')"
-step small_gpt 180 python3 scripts/bench_main_job.py --config experiments/diloco_gpt_small.toml --ddp --repeats 5 \
-  --set "data.path=$small_data" --set workers.mode=vmap --set train.batch_size=2
+small_gpt() {
+  local data; data="$(mktemp -d)"
+  python3 -c "import sys, numpy as np; r = np.random.default_rng(0)
+for split, n in (('train', 4_000_000), ('val', 100_000)): r.integers(0, 50257, n, dtype=np.uint16).tofile(f'{sys.argv[1]}/{split}.bin')" "$data" \
+  && python3 scripts/bench_main_job.py --config experiments/diloco_gpt_small.toml --ddp --repeats 5 \
+       --set "data.path=$data" --set workers.mode=vmap --set train.batch_size=2
+}
+export -f small_gpt
+step small_gpt 180 bash -c small_gpt
 cat "$out/summary.txt"
